@@ -1,0 +1,40 @@
+"""Scheduling policies behind one interface; :func:`make_scheduler` builds one by name."""
+
+from __future__ import annotations
+
+from .baselines import FCFSScheduler, RPMScheduler
+from .interface import Job, Prices, QueueRejected, Scheduler, TenantStats
+from .vtc import LCFScheduler, VTCPredictScheduler, VTCScheduler
+
+POLICIES = ("vtc", "vtc-predict", "fcfs", "lcf", "rpm")
+
+
+def make_scheduler(policy: str, prices: Prices | None = None, rpm_limit: int = 60) -> Scheduler:
+    """Build a scheduler for ``policy`` (one of :data:`POLICIES`)."""
+    if policy == "vtc":
+        return VTCScheduler(prices)
+    if policy == "vtc-predict":
+        return VTCPredictScheduler(prices)
+    if policy == "lcf":
+        return LCFScheduler(prices)
+    if policy == "fcfs":
+        return FCFSScheduler(prices)
+    if policy == "rpm":
+        return RPMScheduler(prices, rpm_limit=rpm_limit)
+    raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+
+
+__all__ = [
+    "POLICIES",
+    "FCFSScheduler",
+    "Job",
+    "LCFScheduler",
+    "Prices",
+    "QueueRejected",
+    "RPMScheduler",
+    "Scheduler",
+    "TenantStats",
+    "VTCPredictScheduler",
+    "VTCScheduler",
+    "make_scheduler",
+]

@@ -1,0 +1,199 @@
+"""The scheduler contract shared by every policy.
+
+A scheduler decides *which waiting request goes next* whenever a backend has room. It is pure:
+synchronous, no asyncio or aiohttp, time passed in as ``now`` (seconds, any monotonic origin). The
+live gateway and the fairness lab's discrete-event simulator drive the same classes.
+
+Life of a :class:`Job` as seen by a policy::
+
+    submit(job, now)          job waits in its tenant's FIFO queue (may raise QueueRejected)
+    peek(now) -> job | None   the job that pop() would return next; nothing changes
+    pop(now)  -> job | None   dispatch: remove the job and charge what is charged up front
+    on_output(job, n, now)    n more output tokens were generated for a running job
+    finish(job, now, ran)     the job ended (any reason); reconcile its charge with the truth
+    cancel(job, now) -> bool  a *queued* job left (client gone, timeout): nothing stays charged
+
+Charging invariant: after ``finish`` a job has cost its tenant exactly
+``(w_in * prompt_tokens + w_out * output_tokens) / weight`` counter units, where ``prompt_tokens``
+and ``output_tokens`` hold the actual counts set by the caller before ``finish`` (a job that
+never ran upstream finishes with both at zero and costs nothing). ``job.charged`` always holds
+what the job has cost so far, so counters stay consistent on every path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One request as the scheduler sees it. Identity is object identity."""
+
+    tenant: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival: float
+    model: str = ""
+    seq: int = 0  # global arrival order, set by submit()
+    output_tokens: int = 0  # generated so far (caller updates through on_output)
+    predicted_output: int = 0  # vtc-predict: output tokens charged at dispatch
+    charged: float = 0.0  # counter units charged to the tenant for this job so far
+    dispatched_at: float | None = None
+    payload: Any = field(default=None, repr=False)  # opaque to the scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """Token prices: a tenant's service is ``input * prompt + output * completion`` tokens."""
+
+    input: float = 1.0
+    output: float = 2.0
+
+    def cost(self, prompt_tokens: int, output_tokens: int) -> float:
+        return self.input * prompt_tokens + self.output * output_tokens
+
+
+class QueueRejected(Exception):
+    """submit() refused the job (per-tenant request-rate cap). ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class TenantStats:
+    name: str
+    weight: float
+    counter: float
+    queued: int
+    service: float  # tokens served at their prices: output as generated, prompt at finish
+
+
+class Scheduler(ABC):
+    """Base of every policy: tenants, weights, queues and the charging ledger.
+
+    Subclasses implement the ordering (``_push``, ``_remove``, ``peek``, ``pop``); the ledger
+    (how much each job and tenant has been charged) lives here so that every policy reports
+    counters and service the same way.
+    """
+
+    name: str = "base"
+
+    def __init__(self, prices: Prices | None = None) -> None:
+        self.prices = prices or Prices()
+        self._weights: dict[str, float] = {}
+        self._counters: dict[str, float] = {}
+        self._service: dict[str, float] = {}
+        self._seq = 0
+
+    # -- tenants -----------------------------------------------------------------------------
+    def set_tenant(self, tenant: str, weight: float = 1.0) -> None:
+        """Add a tenant or change its weight; its counter is kept."""
+        if not weight > 0:
+            raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight!r}")
+        self._weights[tenant] = float(weight)
+        self._counters.setdefault(tenant, 0.0)
+        self._service.setdefault(tenant, 0.0)
+
+    def weight(self, tenant: str) -> float:
+        return self._weights.get(tenant, 1.0)
+
+    def counter(self, tenant: str) -> float:
+        return self._counters.get(tenant, 0.0)
+
+    def service(self, tenant: str) -> float:
+        return self._service.get(tenant, 0.0)
+
+    def tenants(self) -> Iterable[str]:
+        return self._weights.keys()
+
+    def stats(self) -> list[TenantStats]:
+        return [
+            TenantStats(t, self._weights[t], self._counters[t], self.queued(t), self._service[t])
+            for t in self._weights
+        ]
+
+    # -- queue operations --------------------------------------------------------------------
+    def submit(self, job: Job, now: float) -> None:
+        if job.tenant not in self._weights:
+            self.set_tenant(job.tenant)
+        self._seq += 1
+        job.seq = self._seq
+        self._admit(job, now)
+
+    @abstractmethod
+    def _admit(self, job: Job, now: float) -> None:
+        """Put a submitted job in its queue (the policy's arrival rule)."""
+
+    @abstractmethod
+    def peek(self, now: float) -> Job | None:
+        """The job that ``pop(now)`` would return, or None when nothing waits."""
+
+    @abstractmethod
+    def pop(self, now: float) -> Job | None:
+        """Dispatch the next job: remove it from its queue and charge its up-front cost."""
+
+    @abstractmethod
+    def cancel(self, job: Job, now: float) -> bool:
+        """Remove a still-queued job; True if it was queued. Nothing stays charged for it."""
+
+    @abstractmethod
+    def queued(self, tenant: str) -> int:
+        """Number of waiting jobs of a tenant."""
+
+    @abstractmethod
+    def total_queued(self) -> int: ...
+
+    @abstractmethod
+    def backlogged(self) -> Iterable[str]:
+        """Tenants with at least one waiting job."""
+
+    # -- charging ----------------------------------------------------------------------------
+    def _charge(self, job: Job, units: float) -> None:
+        """Add ``units`` counter units to the job's tenant (negative refunds)."""
+        if units:
+            job.charged += units
+            self._counters[job.tenant] += units
+            self._on_counter_change(job.tenant, units)
+
+    def _on_counter_change(self, tenant: str, delta: float) -> None:
+        """Hook for policies that index tenants by counter."""
+
+    def _dispatched(self, job: Job, now: float) -> None:
+        """Charge at dispatch: the prompt (and, for vtc-predict, the predicted output)."""
+        job.dispatched_at = now
+        w = self._weights[job.tenant]
+        self._charge(job, self.prices.cost(job.prompt_tokens, job.predicted_output) / w)
+
+    def on_output(self, job: Job, n: int, now: float) -> None:
+        """``n`` more output tokens were generated; charge those beyond any prediction."""
+        if n <= 0:
+            return
+        before = max(job.output_tokens, job.predicted_output)
+        job.output_tokens += n
+        beyond = max(job.output_tokens, job.predicted_output) - before
+        if beyond:
+            self._charge(job, self.prices.output * beyond / self._weights[job.tenant])
+        self._service[job.tenant] += self.prices.output * n
+
+    def finish(self, job: Job, now: float, ran: bool = True) -> None:
+        """Reconcile: the job's total charge becomes the cost of its actual tokens.
+
+        ``ran=False`` means the backend never processed the job (refused before streaming):
+        everything charged for it is refunded.
+        """
+        if job.dispatched_at is None:
+            return  # never left the queue: nothing was charged
+        w = self._weights.get(job.tenant, 1.0)
+        target = self.prices.cost(job.prompt_tokens, job.output_tokens) / w if ran else 0.0
+        self._charge(job, target - job.charged)
+        if ran:
+            self._service[job.tenant] += self.prices.input * job.prompt_tokens
+        self._finished(job, now)
+
+    def _finished(self, job: Job, now: float) -> None:
+        """Hook: a job finished (predictors learn here)."""

@@ -1,0 +1,191 @@
+"""Virtual Token Counter (Sheng et al., OSDI 2024) and its relatives ``lcf`` and ``vtc-predict``.
+
+Each tenant t has a counter c[t]; dispatch serves the backlogged tenant with the smallest counter
+and charges ``w_in * prompt / weight`` (plus the prediction for ``vtc-predict``); every output
+token charges ``w_out / weight``. A tenant whose queue was empty is lifted on arrival:
+
+* others backlogged: ``c[t] = max(c[t], min(c[k] for backlogged k))``;
+* none backlogged:   ``c[t] = max(c[t], c[last])``, ``last`` the tenant that most recently left
+  the backlogged set (its counter now).
+
+``lcf`` (least counter first) is VTC without the lift.
+
+Finding the smallest counter is O(log T): backlogged tenants sit in a heap keyed by
+``(counter, seq of head job)``. Output tokens only *raise* counters, which leaves heap keys
+stale-but-low; ``_top`` repairs stale entries lazily when they reach the top (a key that is
+correct at the top is the true minimum, since every true key is >= its stored key). Changes
+that *lower* a key or change the head (refunds, cancelling the head job) push a fresh entry
+under a new version and the old one is skipped when met. So a per-token charge is O(1) and a
+pick is amortised O(log T); nothing scans all tenants.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+
+from .interface import Job, Prices, Scheduler
+
+
+class _Queue:
+    __slots__ = ("jobs", "version")
+
+    def __init__(self) -> None:
+        self.jobs: OrderedDict[int, Job] = OrderedDict()  # seq -> job, FIFO
+        self.version = 0
+
+    def head(self) -> Job:
+        return next(iter(self.jobs.values()))
+
+
+class VTCScheduler(Scheduler):
+    name = "vtc"
+    lift = True
+
+    def __init__(self, prices: Prices | None = None) -> None:
+        super().__init__(prices)
+        self._queues: dict[str, _Queue] = {}
+        # heap entries: (counter key, head seq, version, tenant)
+        self._heap: list[tuple[float, int, int, str]] = []
+        self._total = 0
+        self._last_left: str | None = None
+
+    # -- heap maintenance --------------------------------------------------------------------
+    def _push(self, tenant: str, q: _Queue) -> None:
+        q.version += 1
+        heapq.heappush(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
+
+    def _top(self) -> tuple[str, _Queue] | None:
+        heap = self._heap
+        while heap:
+            key, seq, version, tenant = heap[0]
+            q = self._queues.get(tenant)
+            if q is None or version != q.version or not q.jobs:
+                heapq.heappop(heap)
+                continue
+            counter = self._counters[tenant]
+            if key != counter:
+                heapq.heapreplace(heap, (counter, seq, version, tenant))
+                continue
+            return tenant, q
+        return None
+
+    def _on_counter_change(self, tenant: str, delta: float) -> None:
+        # Raising a counter leaves a stale-low key that _top repairs; lowering needs a new entry.
+        if delta < 0:
+            q = self._queues.get(tenant)
+            if q is not None and q.jobs:
+                self._push(tenant, q)
+
+    # -- policy ------------------------------------------------------------------------------
+    def _admit(self, job: Job, now: float) -> None:
+        tenant = job.tenant
+        q = self._queues.get(tenant)
+        if q is None:
+            q = self._queues[tenant] = _Queue()
+        if not q.jobs:
+            if self.lift:
+                self._lift(tenant)
+            q.jobs[job.seq] = job
+            self._push(tenant, q)
+        else:
+            q.jobs[job.seq] = job
+        self._total += 1
+
+    def _lift(self, tenant: str) -> None:
+        top = self._top()
+        if top is not None:
+            floor = self._counters[top[0]]
+        elif self._last_left is not None:
+            floor = self._counters[self._last_left]
+        else:
+            return
+        if floor > self._counters[tenant]:
+            self._counters[tenant] = floor
+
+    def peek(self, now: float) -> Job | None:
+        top = self._top()
+        return top[1].head() if top is not None else None
+
+    def pop(self, now: float) -> Job | None:
+        top = self._top()
+        if top is None:
+            return None
+        tenant, q = top
+        _, job = q.jobs.popitem(last=False)
+        self._total -= 1
+        heapq.heappop(self._heap)
+        if q.jobs:
+            self._push(tenant, q)
+        else:
+            self._last_left = tenant
+        self._predict(job)
+        self._dispatched(job, now)
+        return job
+
+    def _predict(self, job: Job) -> None:
+        """vtc-predict hook: set ``job.predicted_output`` before the dispatch charge."""
+
+    def cancel(self, job: Job, now: float) -> bool:
+        q = self._queues.get(job.tenant)
+        if q is None or q.jobs.pop(job.seq, None) is None:
+            return False
+        self._total -= 1
+        if q.jobs:
+            self._push(tenant=job.tenant, q=q)  # the head may have changed
+        else:
+            q.version += 1
+            self._last_left = job.tenant
+        return True
+
+    def queued(self, tenant: str) -> int:
+        q = self._queues.get(tenant)
+        return len(q.jobs) if q is not None else 0
+
+    def total_queued(self) -> int:
+        return self._total
+
+    def backlogged(self) -> Iterable[str]:
+        return [t for t, q in self._queues.items() if q.jobs]
+
+
+class LCFScheduler(VTCScheduler):
+    """Least counter first: VTC without the counter lift (a returning tenant keeps its low
+    counter and is served exclusively until it catches up)."""
+
+    name = "lcf"
+    lift = False
+
+
+class VTCPredictScheduler(VTCScheduler):
+    """VTC charging a predicted output length at dispatch; the rest as generated, refund at end.
+
+    The prediction is the moving average of the tenant's last ``window`` actual output lengths,
+    bounded by the request's ``max_tokens``; with no history it is ``max_tokens`` (the
+    over-charge is refunded when the job finishes).
+    """
+
+    name = "vtc-predict"
+
+    def __init__(self, prices: Prices | None = None, window: int = 10) -> None:
+        super().__init__(prices)
+        self.window = window
+        self._history: dict[str, deque[int]] = {}
+
+    def prediction(self, tenant: str, max_tokens: int) -> int:
+        hist = self._history.get(tenant)
+        if not hist:
+            return max_tokens
+        return min(max_tokens, round(sum(hist) / len(hist)))
+
+    def _predict(self, job: Job) -> None:
+        job.predicted_output = self.prediction(job.tenant, job.max_tokens)
+
+    def _finished(self, job: Job, now: float) -> None:
+        if job.dispatched_at is None:
+            return
+        hist = self._history.get(job.tenant)
+        if hist is None:
+            hist = self._history[job.tenant] = deque(maxlen=self.window)
+        hist.append(job.output_tokens)
