@@ -83,9 +83,13 @@ class AdmissionController:
         skip = set(exclude)
         best: BackendSlots | None = None
         for b in self._backends.values():
-            if model in b.models and b.name not in skip and b.fits(tokens):
-                if best is None or b.load < best.load:
-                    best = b
+            if (
+                model in b.models
+                and b.name not in skip
+                and b.fits(tokens)
+                and (best is None or b.load < best.load)
+            ):
+                best = b
         return best
 
     def reserve(self, backend: BackendSlots, tokens: int) -> Reservation:

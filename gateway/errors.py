@@ -5,9 +5,9 @@
     ├── Unauthorized          401 authentication_error    missing or unknown API key
     ├── ModelNotFound         404 not_found_error         model served by no backend
     ├── PayloadTooLarge       413 invalid_request_error   body over limits.max_body_bytes
-    ├── RateLimited           429 rate_limit_error        tenant queue full / rpm cap (Retry-After)
-    ├── BackendError          502 upstream_error          backend refused, failed or broke the stream
-    └── Unavailable           503 service_unavailable     queue timeout, no healthy backend, draining
+    ├── RateLimited           429 rate_limit_error        queue full / rpm cap (Retry-After)
+    ├── BackendError          502 upstream_error          backend refused or broke the stream
+    └── Unavailable           503 service_unavailable     queue timeout, draining
 
 Every path that answers an error builds one of these and renders it with :func:`error_body`
 (``{"error": {"message", "type", "param", "code"}}``, ``code`` the integer HTTP status, as vLLM

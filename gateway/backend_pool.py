@@ -1,0 +1,180 @@
+"""The backends behind the gateway: discovery, health, failure marking.
+
+At start-up each backend is asked for its models (``GET /v1/models``, which also gives
+``max_model_len``) and, when ``max_kv_tokens`` is not configured, its KV capacity
+(``vllm:cache_config_info`` on ``/metrics``: ``num_gpu_blocks * block_size``). A backend that
+cannot be reached starts *down* and is probed again by the health loop.
+
+A backend is marked down after ``failure_threshold`` consecutive failures to take a request
+(refused, 5xx before streaming); the health loop (``GET /health`` every ``health_interval_s``)
+brings it back and wakes the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .admission import AdmissionController, BackendSlots
+from .config import BackendConfig
+from .upstream import AiohttpUpstream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BackendState:
+    config: BackendConfig
+    slots: BackendSlots
+    max_model_len: dict[str, int | None] = field(default_factory=dict)
+    discovered: bool = False
+    failures: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # kind -> count
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+
+class BackendPool:
+    failure_threshold = 3
+
+    def __init__(
+        self,
+        configs: tuple[BackendConfig, ...],
+        upstream: AiohttpUpstream,
+        admission: AdmissionController,
+        on_capacity: Callable[[BackendSlots], None],
+        health_interval: float = 5.0,
+    ) -> None:
+        self.upstream = upstream
+        self.admission = admission
+        self._on_capacity = on_capacity
+        self.health_interval = health_interval
+        self.states: dict[str, BackendState] = {}
+        for cfg in configs:
+            slots = BackendSlots(
+                name=cfg.name,
+                models=frozenset(cfg.models),
+                max_num_seqs=cfg.max_num_seqs,
+                max_kv_tokens=cfg.max_kv_tokens or cfg.max_num_seqs * (cfg.max_model_len or 8192),
+                healthy=False,
+            )
+            self.states[cfg.name] = BackendState(cfg, slots)
+            admission.add(slots)
+
+    # -- discovery ---------------------------------------------------------------------------
+    async def discover_all(self) -> None:
+        await asyncio.gather(*(self._discover(s) for s in self.states.values()))
+
+    async def _discover(self, st: BackendState) -> None:
+        cfg = st.config
+        try:
+            models = await self.upstream.models(cfg.url)
+            kv = None if cfg.max_kv_tokens is not None else await self.upstream.kv_capacity(cfg.url)
+        except Exception as exc:  # any failure: stay down, the health loop retries
+            log.warning(
+                "backend %s: discovery failed (%s); marked down", cfg.name, exc.__class__.__name__
+            )
+            st.slots.healthy = False
+            return
+        served = {m.id: m.max_model_len for m in models}
+        names = cfg.models or tuple(served)
+        st.max_model_len = {n: cfg.max_model_len or served.get(n) for n in names}
+        st.slots.models = frozenset(names)
+        if kv is not None:
+            st.slots.max_kv_tokens = kv
+        elif cfg.max_kv_tokens is None:
+            longest = max((v for v in st.max_model_len.values() if v), default=8192)
+            st.slots.max_kv_tokens = cfg.max_num_seqs * longest
+            log.warning(
+                "backend %s: no vllm:cache_config_info on /metrics; KV budget set to "
+                "max_num_seqs * max_model_len = %d tokens",
+                cfg.name,
+                st.slots.max_kv_tokens,
+            )
+        st.discovered = True
+        st.failures = 0
+        st.slots.healthy = True
+        log.info(
+            "backend %s up: models=%s max_num_seqs=%d max_kv_tokens=%d",
+            cfg.name,
+            sorted(st.slots.models),
+            st.slots.max_num_seqs,
+            st.slots.max_kv_tokens,
+        )
+        self._on_capacity(st.slots)
+
+    # -- health ------------------------------------------------------------------------------
+    def record_failure(self, name: str, kind: str) -> None:
+        st = self.states.get(name)
+        if st is None:
+            return
+        st.errors[kind] = st.errors.get(kind, 0) + 1
+        if kind in ("unreachable", "error_before_stream"):
+            st.failures += 1
+            if st.failures >= self.failure_threshold and st.slots.healthy:
+                st.slots.healthy = False
+                log.warning(
+                    "backend %s marked down after %d consecutive failures", name, st.failures
+                )
+
+    def record_success(self, name: str) -> None:
+        st = self.states.get(name)
+        if st is not None:
+            st.failures = 0
+
+    async def health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            await self.check_once()
+
+    async def check_once(self) -> None:
+        for st in list(self.states.values()):
+            if not st.discovered:
+                await self._discover(st)
+                continue
+            ok = await self.upstream.healthy(st.url)
+            if ok and not st.slots.healthy:
+                st.failures = 0
+                st.slots.healthy = True
+                log.info("backend %s healthy again", st.name)
+                self._on_capacity(st.slots)
+            elif not ok and st.slots.healthy:
+                st.slots.healthy = False
+                log.warning("backend %s failed its health check; marked down", st.name)
+
+    # -- queries -----------------------------------------------------------------------------
+    def max_model_len(self, model: str) -> int | None:
+        """The smallest context length among backends serving ``model`` (None: unknown)."""
+        lens = [
+            st.max_model_len.get(model) for st in self.states.values() if model in st.slots.models
+        ]
+        known = [n for n in lens if n]
+        return min(known) if known else None
+
+    def serves(self, model: str) -> bool:
+        return any(model in st.slots.models for st in self.states.values())
+
+    def models(self) -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for st in self.states.values():
+            for m in sorted(st.slots.models):
+                if m not in seen:
+                    seen[m] = {
+                        "id": m,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "vllm",
+                        "root": m,
+                        "parent": None,
+                        "max_model_len": self.max_model_len(m),
+                    }
+        return list(seen.values())

@@ -1,0 +1,143 @@
+"""``vtc-gateway``: serve, check-config, lab, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from .config import ConfigError, GatewayConfig, embedded_default, load_config, with_listen
+
+log = logging.getLogger("gateway")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vtc-gateway", description="Fair-share (VTC) gateway for OpenAI-compatible LLM servers"
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config file (default: embedded simulated backend)")
+    serve.add_argument("--host", help="listen address (overrides the config)")
+    serve.add_argument("--port", type=int, help="listen port, 0 for a free one (overrides config)")
+    serve.add_argument(
+        "--sim-profile",
+        default="h100-llama3-8b",
+        help="profile of the embedded simulated backend (no --config only)",
+    )
+    serve.add_argument(
+        "--sim-speed",
+        type=float,
+        default=1.0,
+        help="speed of the embedded simulated backend (no --config only)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    check = sub.add_parser(
+        "check-config", help="validate a config file and print it, keys redacted"
+    )
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_check_config)
+
+    try:
+        from .lab.cli import register as register_lab
+    except ImportError:  # pragma: no cover - lab extras missing
+        pass
+    else:
+        register_lab(sub)
+    try:
+        from .bench import register as register_bench
+    except ImportError:
+        pass
+    else:
+        register_bench(sub)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args))
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    print(json.dumps(config.redacted(), indent=2))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config: GatewayConfig | None = None
+    if args.config:
+        try:
+            config = with_listen(load_config(args.config), args.host, args.port)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(config, args))
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _embedded_sim(args: argparse.Namespace) -> AsyncIterator[str]:
+    from backends.sim.server import SimConfig, SimServer
+
+    cfg = SimConfig(host="127.0.0.1", port=0, profile=args.sim_profile, speed=args.sim_speed)
+    async with SimServer(cfg) as sim:
+        log.info("embedded simulated backend at %s (profile %s)", sim.url, args.sim_profile)
+        yield str(sim.url)
+
+
+async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None:
+    from .server import STATE, create_app
+
+    async with contextlib.AsyncExitStack() as stack:
+        if config is None:
+            sim_url = await stack.enter_async_context(_embedded_sim(args))
+            config = embedded_default(
+                sim_url,
+                host=args.host or "127.0.0.1",
+                port=args.port if args.port is not None else 8080,
+            )
+        app = create_app(config)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, config.listen.host, config.listen.port)
+        await site.start()
+        host, port = _bound(runner, config)
+        print(f"listening on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        app[STATE].draining = True
+        log.info("shutting down")
+
+
+def _bound(runner: web.AppRunner, config: GatewayConfig) -> tuple[str, int]:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return config.listen.host, int(addr[1])
+    return config.listen.host, config.listen.port
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

