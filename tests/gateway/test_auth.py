@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from gateway.auth import Authenticator
+from gateway.config import parse_config
+from gateway.errors import Unauthorized
+
+BACKENDS = [{"name": "b0", "url": "http://127.0.0.1:8000"}]
+
+
+def _auth(**extra: object) -> Authenticator:
+    return Authenticator(
+        parse_config(
+            {
+                "backends": BACKENDS,
+                "tenants": [
+                    {"name": "a", "api_keys": ["key-a"]},
+                    {"name": "b", "api_keys": ["sha256:" + hashlib.sha256(b"key-b").hexdigest()]},
+                ],
+                **extra,
+            }
+        )
+    )
+
+
+def test_raw_and_hashed_keys_map_to_their_tenant() -> None:
+    auth = _auth()
+    assert auth.tenant_for("Bearer key-a") == "a"
+    assert auth.tenant_for("bearer  key-b ") == "b"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "Bearer", "Bearer ", "Basic key-a", "key-a", "Bearer key-a extra", "Bearer key-c"],
+)
+def test_missing_malformed_or_unknown_keys_are_401(header: str | None) -> None:
+    with pytest.raises(Unauthorized) as info:
+        _auth().tenant_for(header)
+    assert info.value.status == 401
+    assert "key-a" not in info.value.message
+
+
+def test_anonymous_tenant_serves_keyless_requests() -> None:
+    auth = _auth(auth={"anonymous_tenant": "a"})
+    assert auth.tenant_for(None) == "a"
+    assert auth.tenant_for("Bearer key-b") == "b"

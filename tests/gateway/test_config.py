@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.cli import main
+from gateway.config import ConfigError, key_digest, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = {
+    "backends": [{"name": "b0", "url": "http://127.0.0.1:8000"}],
+    "tenants": [{"name": "a", "api_keys": ["k-a"]}],
+}
+
+
+def test_minimal_config_gets_defaults() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.scheduler.policy == "vtc"
+    assert (cfg.scheduler.input_price, cfg.scheduler.output_price) == (1.0, 2.0)
+    assert cfg.backends[0].max_num_seqs == 256
+    assert cfg.backends[0].max_kv_tokens is None
+    assert cfg.tenants[0].weight == 1.0
+
+
+def test_every_problem_is_reported_with_its_key_path() -> None:
+    raw = {
+        "listen": {"port": 70000, "hots": "x"},
+        "backends": [{"name": "b0", "url": "ftp://x", "max_num_seqs": 0}],
+        "tenants": [
+            {"name": "a", "weight": -2},
+            {"name": "a", "weight": "heavy", "api_keys": "not-a-list"},
+        ],
+        "scheduler": {"policy": "round-robin"},
+        "limits": {"queue_timeout_s": 0},
+        "surprise": 1,
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    text = "\n".join(info.value.problems)
+    for expected in (
+        "listen.port: must be <= 65535, got 70000",
+        "listen.hots: unknown key",
+        "backends[0].url: must be an http(s):// URL, got 'ftp://x'",
+        "backends[0].max_num_seqs: must be an integer >= 1, got 0",
+        "tenants[0].weight: must be a number > 0, got -2",
+        "tenants[1].weight: must be a number > 0, got 'heavy'",
+        "tenants[1].api_keys: must be a list of non-empty strings, got '<redacted>'",
+        "tenants[1].name: duplicate name, got 'a'",
+        "scheduler.policy: must be one of",
+        "limits.queue_timeout_s: must be a number > 0, got 0",
+        "surprise: unknown key",
+    ):
+        assert expected in text, expected
+    assert "not-a-list" not in text  # secrets are not echoed
+
+
+def test_shared_key_between_tenants_is_rejected() -> None:
+    raw = {
+        "backends": MINIMAL["backends"],
+        "tenants": [
+            {"name": "a", "api_keys": ["same"]},
+            {"name": "b", "api_keys": ["sha256:" + hashlib.sha256(b"same").hexdigest()]},
+        ],
+    }
+    with pytest.raises(ConfigError, match=r"tenants\[1\]\.api_keys\[0\]: key also belongs"):
+        parse_config(raw)
+
+
+def test_key_digest_accepts_raw_and_hashed_forms() -> None:
+    digest = hashlib.sha256(b"secret").digest()
+    assert key_digest("secret") == digest
+    assert key_digest("sha256:" + digest.hex()) == digest
+
+
+def test_anonymous_tenant_must_exist() -> None:
+    with pytest.raises(ConfigError, match="auth.anonymous_tenant"):
+        parse_config({**MINIMAL, "auth": {"anonymous_tenant": "ghost"}})
+
+
+def test_example_config_is_valid_and_check_config_redacts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = REPO / "deploy" / "gateway.yaml"
+    cfg = load_config(path)
+    assert {t.name for t in cfg.tenants} == {"team-search", "team-chat", "batch-jobs"}
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sk-chat-example" not in out
+    assert "sha256:" in out
+
+
+def test_check_config_exits_2_listing_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"backends": [], "tenants": [{"name": "x", "weight": 0}]}))
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "backends: at least one backend is required" in err
+    assert "tenants[0].weight: must be a number > 0, got 0" in err
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("backends: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
