@@ -146,7 +146,9 @@ def by_tenant(
 
 
 def service_rates(
-    groups: Mapping[str, Sequence[RequestRecord]], ticks: Sequence[float], window: float,
+    groups: Mapping[str, Sequence[RequestRecord]],
+    ticks: Sequence[float],
+    window: float,
     prices: Prices,
 ) -> dict[str, list[float]]:
     """Service rate (weighted tokens/s) per tenant at each tick, over a centred window."""
@@ -158,7 +160,9 @@ def service_rates(
 
 
 def demand_rates(
-    groups: Mapping[str, Sequence[RequestRecord]], ticks: Sequence[float], window: float,
+    groups: Mapping[str, Sequence[RequestRecord]],
+    ticks: Sequence[float],
+    window: float,
     prices: Prices,
 ) -> dict[str, list[float]]:
     """Demand rate per tenant at each tick: cost of requests sent inside the window per second."""
@@ -254,24 +258,35 @@ def accumulated_gap(
             s = _backlog_start(ps, t)
             if s is not None:
                 starts[name] = max(s, since)
-        names = sorted(starts)
-        best = 0.0
-        cache: dict[tuple[str, float], float] = {}
-
-        def acc(name: str, a: float, t: float = t) -> float:
-            key = (name, a)
-            if key not in cache:
-                cache[key] = sum(service_in(r, a, t, prices) for r in groups[name])
-                cache[key] /= w.get(name, 1.0)
-            return cache[key]
-
-        for i, a_name in enumerate(names):
-            for b_name in names[i + 1 :]:
-                a = max(starts[a_name], starts[b_name])
-                if a < t:
-                    best = max(best, abs(acc(a_name, a) - acc(b_name, a)))
-        out.append(best)
+        out.append(_max_pair_gap(groups, starts, t, prices, w))
     return out
+
+
+def _max_pair_gap(
+    groups: Mapping[str, Sequence[RequestRecord]],
+    starts: Mapping[str, float],
+    t: float,
+    prices: Prices,
+    weights: Mapping[str, float],
+) -> float:
+    """Max over pairs of backlogged tenants of their weighted service gap since both started."""
+    cache: dict[tuple[str, float], float] = {}
+
+    def acc(name: str, a: float) -> float:
+        key = (name, a)
+        if key not in cache:
+            total = sum(service_in(r, a, t, prices) for r in groups[name])
+            cache[key] = total / weights.get(name, 1.0)
+        return cache[key]
+
+    names = sorted(starts)
+    best = 0.0
+    for i, a_name in enumerate(names):
+        for b_name in names[i + 1 :]:
+            a = max(starts[a_name], starts[b_name])
+            if a < t:
+                best = max(best, abs(acc(a_name, a) - acc(b_name, a)))
+    return best
 
 
 # -- throughput, latency, bound ----------------------------------------------------------------

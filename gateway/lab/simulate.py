@@ -142,12 +142,13 @@ class _Run:
             self.jobs[req_id] = (job, reservation, index)
             self.engine.add_request(req_id, job.prompt_tokens, job.max_tokens, job.max_tokens, now)
 
-    def step(self, now: float, arrivals: Sequence[int], next_arrival: int) -> tuple[float, int]:
+    def step(self, now: float, next_arrival: int) -> tuple[float, int]:
         """Run one engine step from ``now``; returns (end time, index of the next arrival)."""
         res = self.engine.step(now)
         end = res.end
         i = next_arrival
-        while i < len(arrivals) and self.workload.requests[i].arrival_s < end:
+        reqs = self.workload.requests
+        while i < len(reqs) and reqs[i].arrival_s < end:
             self.arrive(i)
             i += 1
         sched, records = self.sched, self.records
@@ -193,7 +194,7 @@ def simulate(
             run.arrive(i)
             i += 1
         if engine.has_unfinished():
-            now, i = run.step(now, reqs, i)
+            now, i = run.step(now, i)
             steps += 1
             if progress is not None and steps % 2000 == 0:
                 progress(run.done, n)

@@ -148,9 +148,7 @@ def _arrivals(c: ClientSpec, duration: float, rng: random.Random) -> Iterator[fl
         raise ValueError(f"client {c.name!r}: arrival must be 'uniform' or 'poisson'")
 
 
-def synthesize(
-    name: str, duration: float, clients: list[ClientSpec], seed: int = 42
-) -> Workload:
+def synthesize(name: str, duration: float, clients: list[ClientSpec], seed: int = 42) -> Workload:
     """Generate a workload from client specs; one independent seeded stream per client."""
     requests: list[WorkloadRequest] = []
     for i, c in enumerate(clients):
@@ -318,8 +316,16 @@ def _tokens_spec(value: Any, where: str) -> int | tuple[int, int]:
 
 
 _CLIENT_KEYS = {
-    "name", "weight", "rate", "rate_end", "arrival", "prompt_tokens", "output_tokens",
-    "on_off", "start", "end",
+    "name",
+    "weight",
+    "rate",
+    "rate_end",
+    "arrival",
+    "prompt_tokens",
+    "output_tokens",
+    "on_off",
+    "start",
+    "end",
 }
 
 
@@ -370,15 +376,18 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
 
 
 def load_workload(
-    spec: str, seed: int = 42, weights: Mapping[str, float] | None = None
+    spec: str, seed: int | None = None, weights: Mapping[str, float] | None = None
 ) -> Workload:
-    """A built-in workload by name, or a ``.csv`` / ``.yaml`` / ``.yml`` file."""
+    """A built-in workload by name, or a ``.csv`` / ``.yaml`` / ``.yml`` file.
+
+    ``seed`` (default 42, or the YAML file's own ``seed``) makes synthetic arrivals reproducible.
+    """
     if spec in BUILTIN:
-        wl = BUILTIN[spec](seed)
+        wl = BUILTIN[spec](42 if seed is None else seed)
     elif spec.endswith(".csv"):
         wl = load_csv(spec)
     elif spec.endswith((".yaml", ".yml")):
-        wl = load_yaml(spec, seed=None)
+        wl = load_yaml(spec, seed=seed)
     else:
         known = ", ".join(BUILTIN)
         raise ValueError(f"unknown workload {spec!r}: a name ({known}) or a .csv/.yaml file")

@@ -1,0 +1,190 @@
+"""Results of a lab run: ``results.json``, a markdown table, and a progress bar.
+
+``results.json`` (the same shape for ``lab simulate`` and ``lab replay``, so any tool can
+recompute the metrics from the per-request records)::
+
+    {"workload": NAME, "duration_s": D, "prices": {"input": 1, "output": 2},
+     "tenants": {NAME: {"weight": W}},
+     "policies": {POLICY: {"summary": {"max_diff", "avg_diff", "diff_var", "max_acc_gap",
+                                       "bound_2u", "throughput_tok_s", "rejected"},
+                           "requests": [{"tenant", "arrival_s", "first_token_s", "finish_s",
+                                         "prompt_tokens", "output_tokens", "status"}]}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from gateway.scheduler import Prices
+
+from . import metrics as m
+from .workloads import Workload
+
+
+@dataclass(slots=True)
+class PolicyRun:
+    """One policy's outcome: its records and their summary."""
+
+    records: list[m.RequestRecord]
+    summary: m.Summary
+
+
+@dataclass(slots=True)
+class LabResults:
+    workload: str
+    duration_s: float
+    prices: Prices
+    tenants: dict[str, float]
+    policies: dict[str, PolicyRun]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "duration_s": self.duration_s,
+            "prices": {"input": self.prices.input, "output": self.prices.output},
+            "tenants": {t: {"weight": w} for t, w in self.tenants.items()},
+            "policies": {
+                p: {
+                    "summary": run.summary.to_json(),
+                    "requests": [r.to_json() for r in run.records],
+                }
+                for p, run in self.policies.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> LabResults:
+        prices = Prices(float(doc["prices"]["input"]), float(doc["prices"]["output"]))
+        policies = {}
+        for p, body in doc["policies"].items():
+            s = body["summary"]
+            summary = m.Summary(
+                max_diff=float(s["max_diff"]),
+                avg_diff=float(s["avg_diff"]),
+                diff_var=float(s["diff_var"]),
+                max_acc_gap=float(s["max_acc_gap"]),
+                bound_2u=float(s["bound_2u"]),
+                throughput_tok_s=float(s["throughput_tok_s"]),
+                rejected=int(s["rejected"]),
+            )
+            records = [m.RequestRecord.from_json(r) for r in body["requests"]]
+            policies[p] = PolicyRun(records, summary)
+        tenants = {t: float(v["weight"]) for t, v in doc["tenants"].items()}
+        return cls(str(doc["workload"]), float(doc["duration_s"]), prices, tenants, policies)
+
+
+def build_results(
+    workload: Workload,
+    runs: Mapping[str, Sequence[m.RequestRecord]],
+    prices: Prices,
+    batch_tokens: int,
+) -> LabResults:
+    """Summarise each policy's records (``batch_tokens``: M of the 2U bound, the KV budget)."""
+    policies = {}
+    for policy, records in runs.items():
+        summary = m.summarize(
+            records,
+            workload.tenants,
+            workload.duration_s,
+            prices,
+            batch_tokens,
+            longest_prompt=workload.longest_prompt(),
+        )
+        policies[policy] = PolicyRun(list(records), summary)
+    return LabResults(workload.name, workload.duration_s, prices, dict(workload.tenants), policies)
+
+
+def write_json(results: LabResults, path: Path) -> None:
+    path.write_text(json.dumps(results.to_json(), separators=(",", ":")) + "\n")
+
+
+def load_json(path: Path) -> LabResults:
+    return LabResults.from_json(json.loads(path.read_text()))
+
+
+# -- markdown ----------------------------------------------------------------------------------
+def _num(x: float, digits: int = 2) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def tenant_service(results: LabResults, policy: str) -> dict[str, float]:
+    """Weighted tokens served to each tenant in ``[warmup, T]``, divided by its weight."""
+    ticks = m.Ticks.for_duration(results.duration_s)
+    groups = m.by_tenant(results.policies[policy].records, results.tenants)
+    return {
+        t: sum(m.service_in(r, ticks.warmup, ticks.duration, results.prices) for r in recs)
+        / results.tenants.get(t, 1.0)
+        for t, recs in groups.items()
+    }
+
+
+def markdown(results: LabResults) -> str:
+    """The side-by-side tables: fairness/throughput, first-token latency, service per tenant."""
+    lines = [
+        f"### {results.workload} ({results.duration_s:g} s)",
+        "",
+        "| policy | Max Diff | Avg Diff | Diff Var | max acc. gap | 2·U | throughput (tok/s) "
+        "| rejected |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p, run in results.policies.items():
+        s = run.summary
+        lines.append(
+            f"| {p} | {_num(s.max_diff)} | {_num(s.avg_diff)} | {_num(s.diff_var)} "
+            f"| {_num(s.max_acc_gap, 0)} | {_num(s.bound_2u, 0)} | {_num(s.throughput_tok_s, 1)} "
+            f"| {s.rejected} |"
+        )
+    policies = list(results.policies)
+    lat = {
+        p: m.latency_percentiles(m.by_tenant(run.records, results.tenants))
+        for p, run in results.policies.items()
+    }
+    svc = {p: tenant_service(results, p) for p in policies}
+    lines += [
+        "",
+        "First-token latency p50 / p99 (s), and service received after the warm-up divided by "
+        "the tenant's weight (weighted tokens):",
+        "",
+        "| tenant | weight | " + " | ".join(f"{p} latency | {p} service" for p in policies) + " |",
+        "|---|---:|" + "---:|---:|" * len(policies),
+    ]
+    for t, w in results.tenants.items():
+        cells = []
+        for p in policies:
+            p50, p99 = lat[p].get(t, (math.nan, math.nan))
+            cells.append(f"{_num(p50)} / {_num(p99)} | {_num(svc[p].get(t, 0.0), 0)}")
+        lines.append(f"| {t} | {w:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- progress ----------------------------------------------------------------------------------
+class ProgressBar:
+    """``label [#####.....] done/total`` on stderr, redrawn at most every 0.2 s."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        final = done >= total
+        if not final and now - self._last < 0.2:
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        filled = int(frac * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if final else ""
+        self.stream.write(f"\r{self.label:>14} [{bar}] {done}/{total}{end}")
+        self.stream.flush()
