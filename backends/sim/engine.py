@@ -468,7 +468,7 @@ class EngineCore:
         if (
             waiting
             and not preempted
-            and (not running or self._steps_since_admit >= cfg.admit_every_n_steps)
+            and (not running or self._steps_since_admit + 1 >= cfg.admit_every_n_steps)
         ):
             max_seqs = cfg.max_num_seqs
             reserve = cfg.reserve_full_kv
