@@ -58,6 +58,8 @@ class Dispatcher:
         self._tenants: dict[str, TenantLimits] = {}
         self.running: dict[str, int] = {}  # tenant -> in-flight jobs
         self.dispatched_total = 0
+        #: Called with each job as it is dispatched (tests, tracing); must not raise.
+        self.on_dispatch: Callable[[Job], None] | None = None
 
     # -- tenants and pools -------------------------------------------------------------------
     def set_tenant(self, name: str, weight: float, max_queued: int) -> None:
@@ -175,4 +177,6 @@ class Dispatcher:
             assert popped is job
             self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
             self.dispatched_total += 1
+            if self.on_dispatch is not None:
+                self.on_dispatch(job)
             fut.set_result(Grant(backend, admission.reserve(backend, tokens)))
