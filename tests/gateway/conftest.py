@@ -63,9 +63,9 @@ async def gateway_stack(
             await server.close()
 
 
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
     """Wait until ``cond()`` holds, checking after every event-loop turn (bounded)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")

@@ -77,7 +77,7 @@ def test_key_digest_accepts_raw_and_hashed_forms() -> None:
 
 
 def test_anonymous_tenant_must_exist() -> None:
-    with pytest.raises(ConfigError, match="auth.anonymous_tenant"):
+    with pytest.raises(ConfigError, match=r"auth\.anonymous_tenant"):
         parse_config({**MINIMAL, "auth": {"anonymous_tenant": "ghost"}})
 
 

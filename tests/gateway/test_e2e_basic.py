@@ -22,7 +22,9 @@ async def test_chat_stream_and_non_stream_with_usage() -> None:
         try:
             messages = [{"role": "user", "content": "Say something."}]
             resp = await client.chat.completions.create(
-                model=MODEL, messages=messages, max_tokens=12,
+                model=MODEL,
+                messages=messages,
+                max_tokens=12,
                 extra_body={"ignore_eos": True},
             )
             assert resp.object == "chat.completion"
@@ -31,8 +33,12 @@ async def test_chat_stream_and_non_stream_with_usage() -> None:
             assert text and resp.choices[0].finish_reason == "length"
 
             stream = await client.chat.completions.create(
-                model=MODEL, messages=messages, max_tokens=12, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                model=MODEL,
+                messages=messages,
+                max_tokens=12,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
             )
             chunks = [c async for c in stream]
             assert chunks[0].choices[0].delta.role == "assistant"
@@ -54,13 +60,18 @@ async def test_completions_stream_plain_and_continuous_usage() -> None:
         client = _client(stack.url, "key-b")
         try:
             resp = await client.completions.create(
-                model=MODEL, prompt="Once upon a time", max_tokens=8,
+                model=MODEL,
+                prompt="Once upon a time",
+                max_tokens=8,
                 extra_body={"ignore_eos": True},
             )
             assert resp.object == "text_completion" and resp.usage is not None
             assert resp.usage.completion_tokens == 8
             stream = await client.completions.create(
-                model=MODEL, prompt=[1, 2, 3, 4], max_tokens=8, stream=True,
+                model=MODEL,
+                prompt=[1, 2, 3, 4],
+                max_tokens=8,
+                stream=True,
                 stream_options={"include_usage": True, "continuous_usage_stats": True},
                 extra_body={"ignore_eos": True},
             )
@@ -101,23 +112,46 @@ async def test_error_paths_401_400_404_413() -> None:
             chat = "/v1/chat/completions"
             msgs = [{"role": "user", "content": "hi"}]
             _err(await http.post(chat, json={"model": MODEL, "messages": msgs}), 401)
-            _err(await http.post(chat, json={"model": MODEL, "messages": msgs},
-                                 headers={"Authorization": "Bearer nope"}), 401)
+            _err(
+                await http.post(
+                    chat,
+                    json={"model": MODEL, "messages": msgs},
+                    headers={"Authorization": "Bearer nope"},
+                ),
+                401,
+            )
             _err(await http.post(chat, content=b"{not json", headers=ok_auth), 400)
             _err(await http.post(chat, content=b"[1, 2]", headers=ok_auth), 400)
             _err(await http.post(chat, content=b"\xff\xfe", headers=ok_auth), 400)
-            e = _err(await http.post(chat, json={"model": "nope", "messages": msgs},
-                                     headers=ok_auth), 404)
+            e = _err(
+                await http.post(chat, json={"model": "nope", "messages": msgs}, headers=ok_auth),
+                404,
+            )
             assert e["param"] == "model"
-            e = _err(await http.post(chat, json={"model": MODEL, "messages": msgs,
-                                                 "max_tokens": 0}, headers=ok_auth), 400)
+            e = _err(
+                await http.post(
+                    chat, json={"model": MODEL, "messages": msgs, "max_tokens": 0}, headers=ok_auth
+                ),
+                400,
+            )
             assert e["param"] == "max_tokens"
-            _err(await http.post(chat, json={"model": MODEL, "messages": msgs, "n": 2},
-                                 headers=ok_auth), 400)
-            _err(await http.post(chat, json={"model": MODEL, "messages": "hi"},
-                                 headers=ok_auth), 400)
-            e = _err(await http.post(chat, json={"model": MODEL, "messages": msgs,
-                                                 "max_tokens": 10**7}, headers=ok_auth), 400)
+            _err(
+                await http.post(
+                    chat, json={"model": MODEL, "messages": msgs, "n": 2}, headers=ok_auth
+                ),
+                400,
+            )
+            _err(
+                await http.post(chat, json={"model": MODEL, "messages": "hi"}, headers=ok_auth), 400
+            )
+            e = _err(
+                await http.post(
+                    chat,
+                    json={"model": MODEL, "messages": msgs, "max_tokens": 10**7},
+                    headers=ok_auth,
+                ),
+                400,
+            )
             assert "maximum context length" in str(e["message"])
             _err(await http.post(chat, content=b"x" * 5000, headers=ok_auth), 413)
         assert stack.state.dispatcher.total_queued() == 0
@@ -127,21 +161,35 @@ async def test_error_paths_401_400_404_413() -> None:
 
 
 async def test_request_that_can_never_fit_the_kv_budget_is_400() -> None:
-    async with gateway_stack(backend={"max_kv_tokens": 100}) as stack:
-        async with httpx.AsyncClient(base_url=stack.url) as http:
-            e = _err(await http.post(
-                "/v1/completions", headers={"Authorization": "Bearer key-a"},
-                json={"model": MODEL, "prompt": "hello", "max_tokens": 200}), 400)
-            assert "KV tokens" in str(e["message"])
+    async with (
+        gateway_stack(backend={"max_kv_tokens": 100}) as stack,
+        httpx.AsyncClient(base_url=stack.url) as http,
+    ):
+        e = _err(
+            await http.post(
+                "/v1/completions",
+                headers={"Authorization": "Bearer key-a"},
+                json={"model": MODEL, "prompt": "hello", "max_tokens": 200},
+            ),
+            400,
+        )
+        assert "KV tokens" in str(e["message"])
 
 
 async def test_queue_full_is_429_with_retry_after_and_timeout_is_503() -> None:
-    gw = {"tenants": tenants(("a", 1), ("b", 1), max_queued=1),
-          "limits": {"queue_timeout_s": 0.5, "health_interval_s": 60}}
+    gw = {
+        "tenants": tenants(("a", 1), ("b", 1), max_queued=1),
+        "limits": {"queue_timeout_s": 0.5, "health_interval_s": 60},
+    }
     async with gateway_stack(gateway=gw, backend={"max_num_seqs": 1}, sim={"speed": 1.0}) as st:
         async with httpx.AsyncClient(base_url=st.url, timeout=30) as http:
-            body = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True,
-                    "stream": True}
+            body = {
+                "model": MODEL,
+                "prompt": "x",
+                "max_tokens": 2000,
+                "ignore_eos": True,
+                "stream": True,
+            }
             hdr = {"Authorization": "Bearer key-a"}
             async with http.stream("POST", "/v1/completions", json=body, headers=hdr) as running:
                 assert running.status_code == 200
@@ -161,9 +209,17 @@ async def test_queue_full_is_429_with_retry_after_and_timeout_is_503() -> None:
 async def test_unknown_fields_pass_through_to_backend() -> None:
     async with gateway_stack() as stack, httpx.AsyncClient(base_url=stack.url) as http:
         resp = await http.post(
-            "/v1/completions", headers={"Authorization": "Bearer key-a"},
-            json={"model": MODEL, "prompt": "a b c", "max_tokens": 5, "ignore_eos": True,
-                  "top_k": 3, "min_tokens": 5, "some_vendor_extra": {"x": 1}},
+            "/v1/completions",
+            headers={"Authorization": "Bearer key-a"},
+            json={
+                "model": MODEL,
+                "prompt": "a b c",
+                "max_tokens": 5,
+                "ignore_eos": True,
+                "top_k": 3,
+                "min_tokens": 5,
+                "some_vendor_extra": {"x": 1},
+            },
         )
         assert resp.status_code == 200, resp.text
         assert json.loads(resp.text)["usage"]["completion_tokens"] == 5

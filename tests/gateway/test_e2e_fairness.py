@@ -21,13 +21,19 @@ SEQS = 4
 
 
 def _body(stream: bool = True) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True,
-            "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 async def _send(http: httpx.AsyncClient, key: str) -> int:
-    async with http.stream("POST", "/v1/completions", json=_body(),
-                           headers={"Authorization": f"Bearer {key}"}) as resp:
+    async with http.stream(
+        "POST", "/v1/completions", json=_body(), headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
         assert resp.status_code == 200
         events = 0
         async for line in resp.aiter_lines():
@@ -78,8 +84,10 @@ async def test_vtc_keeps_steady_tenant_within_bound_of_flooder_fcfs_does_not() -
 async def test_weights_two_to_one_give_two_to_one_dispatches() -> None:
     order: list[str] = []
     gw = {"tenants": tenants(("a", 2), ("b", 1))}
-    async with gateway_stack(gateway=gw, backend={"max_num_seqs": SEQS, "max_kv_tokens": _kv()},
-                             ) as stack:
+    async with gateway_stack(
+        gateway=gw,
+        backend={"max_num_seqs": SEQS, "max_kv_tokens": _kv()},
+    ) as stack:
         d = stack.state.dispatcher
 
         def record(job: Job) -> None:

@@ -11,21 +11,40 @@ from gateway.tokenizer import TokenCounter
 
 
 def _chunk(content: str | None, completion: int, prompt: int = 7, **extra: Any) -> bytes:
-    choices = [] if content is None else [
-        {"index": 0, "delta": {"content": content}, "logprobs": None,
-         "finish_reason": extra.pop("finish", None)}
-    ]
-    obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-           "choices": choices,
-           "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                     "total_tokens": prompt + completion}}
+    choices = (
+        []
+        if content is None
+        else [
+            {
+                "index": 0,
+                "delta": {"content": content},
+                "logprobs": None,
+                "finish_reason": extra.pop("finish", None),
+            }
+        ]
+    )
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
     return json.dumps(obj).encode()
 
 
-def _run(body: dict[str, Any], chunks: list[bytes]) -> tuple[ChunkProcessor, list[int], list[bytes]]:
+def _run(
+    body: dict[str, Any], chunks: list[bytes]
+) -> tuple[ChunkProcessor, list[int], list[bytes]]:
     charged: list[int] = []
-    proc = ChunkProcessor(Job("t", 5, 10, 0.0), client_format(body, chat=True), charged.append,
-                          TokenCounter())
+    proc = ChunkProcessor(
+        Job("t", 5, 10, 0.0), client_format(body, chat=True), charged.append, TokenCounter()
+    )
     out = [o for o in (proc.feed(c) for c in chunks) if o is not None]
     return proc, charged, out
 
@@ -57,8 +76,10 @@ def test_include_usage_keeps_only_the_final_usage_chunk() -> None:
 
 
 def test_continuous_usage_passes_bytes_through() -> None:
-    body = {"stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     _, _, out = _run(body, STREAM)
     assert out == [b"data: " + c + b"\n\n" for c in STREAM]
 
@@ -75,13 +96,16 @@ def test_non_stream_is_assembled() -> None:
 
 def test_without_usage_the_delta_text_is_counted() -> None:
     plain = [json.dumps({"choices": [{"index": 0, "delta": {"content": "hello world"}}]}).encode()]
-    proc, charged, _ = _run({"stream": True}, plain)
+    _, charged, _ = _run({"stream": True}, plain)
     assert charged == [2]
 
 
 def test_upstream_body_forces_streaming_usage_and_keeps_unknown_fields() -> None:
-    sent = json.loads(upstream_body({"model": "m", "stream": False, "top_k": 5,
-                                     "stream_options": {"include_usage": False}}))
+    sent = json.loads(
+        upstream_body(
+            {"model": "m", "stream": False, "top_k": 5, "stream_options": {"include_usage": False}}
+        )
+    )
     assert sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert sent["top_k"] == 5

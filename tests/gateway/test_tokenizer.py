@@ -59,7 +59,11 @@ def test_completion_prompt_forms(counter: TokenCounter) -> None:
         ({"messages": "hi"}, True, "messages"),
         ({"messages": [{"content": "x"}]}, True, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 3}]}, True, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"text": 5}]}]}, True, "messages[0].content[0]"),
+        (
+            {"messages": [{"role": "user", "content": [{"text": 5}]}]},
+            True,
+            "messages[0].content[0]",
+        ),
         ({}, False, "prompt"),
         ({"prompt": []}, False, "prompt"),
         ({"prompt": ["a", "b"]}, False, "prompt"),
