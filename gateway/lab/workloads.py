@@ -135,7 +135,12 @@ def _arrivals(c: ClientSpec, duration: float, rng: random.Random) -> Iterator[fl
     elif c.arrival == "uniform":
         if c.rate <= 0:
             return
-        t = start + rng.random() / c.rate if c.rate_end is None else start
+        if c.rate_end is None:  # int(rate * span) requests, evenly spaced, random phase
+            offset = start + rng.random() / c.rate
+            for k in range(int(c.rate * span + 1e-9)):
+                yield offset + k / c.rate
+            return
+        t = start
         while True:
             r = rate_at(t)
             if r <= 0:
