@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ MODEL = "sim-llama-3-8b"
 @dataclass
 class Stack:
     url: str  # gateway base URL
-    sim_url: str
+    sims: list[SimServer]  # backends, in config order
     app: web.Application
 
     @property
@@ -45,11 +45,23 @@ async def gateway_stack(
     gateway: dict[str, Any] | None = None,
     backend: dict[str, Any] | None = None,
     sim: dict[str, Any] | None = None,
+    more_backends: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (),
 ) -> AsyncIterator[Stack]:
-    sim_cfg = SimConfig(port=0, **{"speed": 4.0, **(sim or {})})
-    async with SimServer(sim_cfg) as srv:
+    """Simulated backend(s) and a gateway in front. ``sim``/``backend`` configure the first
+    backend (SimConfig fields / gateway backend entry); ``more_backends`` adds (sim, backend)
+    pairs named sim1, sim2, ..."""
+    specs = [(sim or {}, backend or {}), *more_backends]
+    async with contextlib.AsyncExitStack() as stack:
+        servers = []
+        entries = []
+        for i, (sim_kw, backend_kw) in enumerate(specs):
+            srv = await stack.enter_async_context(
+                SimServer(SimConfig(port=0, **{"speed": 4.0, **sim_kw}))
+            )
+            servers.append(srv)
+            entries.append({"name": "sim" if i == 0 else f"sim{i}", "url": srv.url, **backend_kw})
         raw: dict[str, Any] = {
-            "backends": [{"name": "sim", "url": str(srv.url), **(backend or {})}],
+            "backends": entries,
             "tenants": tenants(("a", 1), ("b", 1)),
             "limits": {"health_interval_s": 60},
         }
@@ -57,10 +69,8 @@ async def gateway_stack(
         app = create_app(parse_config(raw))
         server = TestServer(app, handler_cancellation=True)
         await server.start_server()
-        try:
-            yield Stack(str(server.make_url("")).rstrip("/"), str(srv.url), app)
-        finally:
-            await server.close()
+        stack.push_async_callback(server.close)
+        yield Stack(str(server.make_url("")).rstrip("/"), servers, app)
 
 
 async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
