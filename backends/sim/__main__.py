@@ -35,15 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, help="default: the profile's")
     p.add_argument("--kv-cache-tokens", type=int, help="default: the profile's")
     p.add_argument("--max-model-len", type=int, help="default: the profile's (8192 for llama3)")
-    p.add_argument("--speed", type=float, default=1.0,
-                   help="simulated-time scale; 2 = twice as fast, 0 = no delays at all")
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="simulated-time scale; 2 = twice as fast, 0 = no delays at all",
+    )
     p.add_argument("--no-delay", action="store_true", help="same as --speed 0")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--median-output-tokens", type=int, default=128,
-                   help="median output length when ignore_eos is not set")
-    p.add_argument("--fault", action="append", default=[], metavar="KIND[;key=value...]",
-                   help="server-wide fault, repeatable: refuse, error_500, drop_mid, stall_mid, "
-                        "slow_first, malformed_sse, error_mid; keys p, after, delay")
+    p.add_argument(
+        "--median-output-tokens",
+        type=int,
+        default=128,
+        help="median output length when ignore_eos is not set",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND[;key=value...]",
+        help="server-wide fault, repeatable: refuse, error_500, drop_mid, stall_mid, "
+        "slow_first, malformed_sse, error_mid; keys p, after, delay",
+    )
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -80,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, run until SIGINT/SIGTERM; exit status 2 for bad flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         config = config_from_args(args)
     except (ValueError, KeyError) as exc:

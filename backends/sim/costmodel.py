@@ -161,8 +161,9 @@ PROFILES: dict[str, Profile] = {
                 "A10G 24GB, Llama-2-7B, the VTC paper's S-LoRA engine: 10k-token KV pool, "
                 "max_tokens reserved at admission, admission every 10 steps"
             ),
-            cost=CostModel(l_floor=28.0 * _MS, a=22.0 * _MS, b=160 * _US, k=800 * _NS,
-                           overhead=5.0 * _MS),
+            cost=CostModel(
+                l_floor=28.0 * _MS, a=22.0 * _MS, b=160 * _US, k=800 * _NS, overhead=5.0 * _MS
+            ),
             kv_cache_tokens=10_000,
             max_num_seqs=256,
             max_num_batched_tokens=4096,

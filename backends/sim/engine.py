@@ -308,10 +308,8 @@ class EngineCore:
         if problem is not None:
             raise ValueError(problem)
         if not 1 <= output_len <= max_tokens:
-            raise ValueError(f"output_len must be in [1, max_tokens={max_tokens}], got {output_len}")
-        reserve = (
-            self.blocks_for(prompt_tokens + max_tokens) if self.config.reserve_full_kv else 0
-        )
+            raise ValueError(f"output_len must be in [1, max_tokens], got {output_len}")
+        reserve = self.blocks_for(prompt_tokens + max_tokens) if self.config.reserve_full_kv else 0
         req = _Request(req_id, prompt_tokens, max_tokens, output_len, arrival, reserve)
         self._requests[req_id] = req
         self._waiting.append(req)

@@ -38,8 +38,17 @@ class EngineDead(Exception):
 class RequestStream:
     """Outputs of one request, handed from the engine loop to its single consumer."""
 
-    __slots__ = ("_error", "_event", "_items", "arrival", "first_token_at", "last_token_at",
-                 "prompt_tokens", "queued", "req_id")
+    __slots__ = (
+        "_error",
+        "_event",
+        "_items",
+        "arrival",
+        "first_token_at",
+        "last_token_at",
+        "prompt_tokens",
+        "queued",
+        "req_id",
+    )
 
     def __init__(self, req_id: str, prompt_tokens: int, arrival: float) -> None:
         self.req_id = req_id
@@ -111,8 +120,14 @@ class LoopStats:
 class EngineLoop:
     """Runs an :class:`EngineCore` in (scaled) real time; see the module docstring."""
 
-    def __init__(self, core: EngineCore, *, speed: float = 1.0,
-                 metrics: SimMetrics | None = None, max_catch_up: float = 0.5) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        *,
+        speed: float = 1.0,
+        metrics: SimMetrics | None = None,
+        max_catch_up: float = 0.5,
+    ) -> None:
         if speed < 0:
             raise ValueError(f"speed must be >= 0, got {speed}")
         self.core = core
@@ -166,8 +181,9 @@ class EngineLoop:
         """The error that stopped the engine, ``None`` while it runs."""
         return self._dead
 
-    def submit(self, req_id: str, prompt_tokens: int, max_tokens: int,
-               output_len: int) -> RequestStream:
+    def submit(
+        self, req_id: str, prompt_tokens: int, max_tokens: int, output_len: int
+    ) -> RequestStream:
         """Queue a request in the engine and return its stream.
 
         Raises ``ValueError`` (see :meth:`EngineCore.add_request`) or :class:`EngineDead`.

@@ -14,12 +14,74 @@ from backends.sim.engine import EngineCore
 
 __all__ = ["SimMetrics"]
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+_ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class SimMetrics:
@@ -34,14 +96,18 @@ class SimMetrics:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, labels, registry=reg).labels(*values)
 
-        gauge("vllm:num_requests_running", "Number of requests in model execution batches."
-              ).set_function(lambda: core.num_running)
-        gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed."
-              ).set_function(lambda: core.num_waiting)
-        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
-              ).set_function(lambda: core.kv_usage)
-        gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage (deprecated alias)."
-              ).set_function(lambda: core.kv_usage)
+        gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches."
+        ).set_function(lambda: core.num_running)
+        gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed."
+        ).set_function(lambda: core.num_waiting)
+        gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
+        ).set_function(lambda: core.kv_usage)
+        gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage (deprecated alias).").set_function(
+            lambda: core.kv_usage
+        )
 
         cfg = core.config
         info = {
@@ -53,8 +119,12 @@ class SimMetrics:
             "num_gpu_blocks": str(cfg.num_blocks),
             "engine": engine,
         }
-        Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-              tuple(info), registry=reg).labels(**info).set(1)
+        Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            tuple(info),
+            registry=reg,
+        ).labels(**info).set(1)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, labels, registry=reg).labels(*values)
@@ -67,8 +137,10 @@ class SimMetrics:
             "vllm:num_preemptions", "Cumulative number of preemption from the engine."
         )
         self._success = Counter(
-            "vllm:request_success", "Count of successfully processed requests.",
-            (*labels, "finished_reason"), registry=reg,
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            (*labels, "finished_reason"),
+            registry=reg,
         )
         self._success_children = {
             reason: self._success.labels(model_name, engine, reason)
@@ -78,15 +150,26 @@ class SimMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=reg).labels(*values)
 
-        self.ttft = histogram("vllm:time_to_first_token_seconds",
-                              "Histogram of time to first token in seconds.", _LATENCY_BUCKETS)
-        self.e2e = histogram("vllm:e2e_request_latency_seconds",
-                             "Histogram of e2e request latency in seconds.", _E2E_BUCKETS)
-        self.queue_time = histogram("vllm:request_queue_time_seconds",
-                                    "Histogram of time spent in WAITING phase for request.",
-                                    _E2E_BUCKETS)
-        self.itl = histogram("vllm:time_per_output_token_seconds",
-                             "Histogram of time per output token in seconds.", _ITL_BUCKETS)
+        self.ttft = histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            _LATENCY_BUCKETS,
+        )
+        self.e2e = histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            _E2E_BUCKETS,
+        )
+        self.queue_time = histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            _E2E_BUCKETS,
+        )
+        self.itl = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            _ITL_BUCKETS,
+        )
 
     def on_finished(self, reason: str) -> None:
         """Count a finished request by reason (``stop``, ``length`` or ``abort``)."""

@@ -30,8 +30,14 @@ ERROR_TYPES: dict[int, str] = {
     503: "ServiceUnavailableError",
 }
 
-_NUMERIC_SAMPLING = ("temperature", "top_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "min_p")
+_NUMERIC_SAMPLING = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+)
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

@@ -119,8 +119,13 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         cfg = state.core.config
         parsed: GenerateRequest = await _offload(
             request.content_length or 0,
-            lambda: parse_generate(body, chat=chat, served_models=(state.config.model,),
-                                   max_model_len=cfg.max_model_len, counter=state.counter),
+            lambda: parse_generate(
+                body,
+                chat=chat,
+                served_models=(state.config.model,),
+                max_model_len=cfg.max_model_len,
+                counter=state.counter,
+            ),
         )
         problem = state.core.check_request(parsed.prompt_tokens, parsed.max_tokens)
         if problem is not None:
@@ -137,12 +142,16 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             min_tokens=parsed.min_tokens,
             stop=parsed.stop,
         )
-        builder = ResponseBuilder(chat=chat, model=parsed.model,
-                                  prompt_tokens=parsed.prompt_tokens,
-                                  continuous_usage=parsed.continuous_usage)
+        builder = ResponseBuilder(
+            chat=chat,
+            model=parsed.model,
+            prompt_tokens=parsed.prompt_tokens,
+            continuous_usage=parsed.continuous_usage,
+        )
         try:
-            stream = state.engine.submit(builder.id, parsed.prompt_tokens, parsed.max_tokens,
-                                         text.num_tokens)
+            stream = state.engine.submit(
+                builder.id, parsed.prompt_tokens, parsed.max_tokens, text.num_tokens
+            )
         except ValueError as exc:
             raise SimError(400, str(exc)) from exc
         except EngineDead as exc:
@@ -157,9 +166,15 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         state.engine.abort(builder.id)  # no-op when finished; frees the KV when not
 
 
-async def _stream(request: web.Request, state: SimState, parsed: GenerateRequest,
-                  text: GeneratedText, builder: ResponseBuilder, stream: RequestStream,
-                  fault: FaultSpec | None) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    state: SimState,
+    parsed: GenerateRequest,
+    text: GeneratedText,
+    builder: ResponseBuilder,
+    stream: RequestStream,
+    fault: FaultSpec | None,
+) -> web.StreamResponse:
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
     mid = fault.kind if fault is not None and fault.kind in _MID_STREAM_FAULTS else None
@@ -192,8 +207,12 @@ async def _stream(request: web.Request, state: SimState, parsed: GenerateRequest
                     if chat:
                         buf += builder.role_chunk()
                 if out.finished:
-                    buf += builder.token_chunk(text.deltas[idx], out.num_output_tokens,
-                                               text.finish_reason, text.stop_reason)
+                    buf += builder.token_chunk(
+                        text.deltas[idx],
+                        out.num_output_tokens,
+                        text.finish_reason,
+                        text.stop_reason,
+                    )
                     if parsed.include_usage:
                         buf += builder.usage_chunk(out.num_output_tokens)
                     buf += DONE
@@ -206,8 +225,9 @@ async def _stream(request: web.Request, state: SimState, parsed: GenerateRequest
         return resp  # the client left; the caller's finally aborts the engine request
 
 
-async def _mid_stream_fault(request: web.Request, state: SimState, req_id: str, kind: str,
-                            resp: web.StreamResponse) -> None:
+async def _mid_stream_fault(
+    request: web.Request, state: SimState, req_id: str, kind: str, resp: web.StreamResponse
+) -> None:
     state.engine.abort(req_id)
     if kind == "drop_mid":
         _close_connection(request)
@@ -219,9 +239,14 @@ async def _mid_stream_fault(request: web.Request, state: SimState, req_id: str, 
         await resp.write_eof()
 
 
-async def _complete(request: web.Request, state: SimState, text: GeneratedText,
-                    builder: ResponseBuilder, stream: RequestStream,
-                    fault: FaultSpec | None) -> web.StreamResponse:
+async def _complete(
+    request: web.Request,
+    state: SimState,
+    text: GeneratedText,
+    builder: ResponseBuilder,
+    stream: RequestStream,
+    fault: FaultSpec | None,
+) -> web.StreamResponse:
     kind = fault.kind if fault is not None else None
     after = fault.after if fault is not None else 0
     while True:
@@ -244,10 +269,14 @@ async def _complete(request: web.Request, state: SimState, text: GeneratedText,
                 await asyncio.sleep(fault.delay)
             if out.finished:
                 if kind == "malformed_sse":
-                    return web.Response(body=b'{"id": "cmpl-garbage", "choices": [',
-                                        content_type="application/json")
-                return _json(builder.full_response(text.text, out.num_output_tokens,
-                                                   text.finish_reason, text.stop_reason))
+                    return web.Response(
+                        body=b'{"id": "cmpl-garbage", "choices": [', content_type="application/json"
+                    )
+                return _json(
+                    builder.full_response(
+                        text.text, out.num_output_tokens, text.finish_reason, text.stop_reason
+                    )
+                )
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
@@ -268,14 +297,27 @@ async def handle_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     name = state.config.model
     permission = {
-        "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
-        "created": state.created, "allow_create_engine": False, "allow_sampling": True,
-        "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-        "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False,
+        "id": f"modelperm-{uuid.uuid4().hex}",
+        "object": "model_permission",
+        "created": state.created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
     }
     card = {
-        "id": name, "object": "model", "created": state.created, "owned_by": "vllm",
-        "root": name, "parent": None, "max_model_len": state.core.config.max_model_len,
+        "id": name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "vllm",
+        "root": name,
+        "parent": None,
+        "max_model_len": state.core.config.max_model_len,
         "permission": [permission],
     }
     return _json({"object": "list", "data": [card]})
@@ -295,20 +337,28 @@ async def handle_tokenize(request: web.Request) -> web.Response:
         try:
             if "messages" in body:
                 messages = body["messages"]
-                tokens = await _offload(request.content_length or 0,
-                                        lambda: _chat_token_ids(counter, messages))
+                tokens = await _offload(
+                    request.content_length or 0, lambda: _chat_token_ids(counter, messages)
+                )
             elif "prompt" in body:
                 prompt = body["prompt"]
-                tokens = await _offload(request.content_length or 0,
-                                        lambda: _prompt_token_ids(counter, prompt))
+                tokens = await _offload(
+                    request.content_length or 0, lambda: _prompt_token_ids(counter, prompt)
+                )
             else:
                 raise SimError(400, "either 'prompt' or 'messages' is required")
         except PromptError as exc:
             raise SimError(400, str(exc), exc.param) from exc
     except SimError as exc:
         return _error(exc)
-    return _json({"count": len(tokens), "max_model_len": state.core.config.max_model_len,
-                  "tokens": tokens, "token_strs": None})
+    return _json(
+        {
+            "count": len(tokens),
+            "max_model_len": state.core.config.max_model_len,
+            "tokens": tokens,
+            "token_strs": None,
+        }
+    )
 
 
 #: Stand-in id for chat template tokens (cl100k ``<|im_start|>``).
@@ -425,8 +475,9 @@ class SimServer:
     def __init__(self, config: SimConfig | None = None, *, shutdown_timeout: float = 2.0) -> None:
         self.config = config if config is not None else SimConfig(port=0)
         self.app = create_app(self.config)
-        self._runner = web.AppRunner(self.app, handler_cancellation=True,
-                                     shutdown_timeout=shutdown_timeout, access_log=None)
+        self._runner = web.AppRunner(
+            self.app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None
+        )
         self._port: int | None = None
 
     @property

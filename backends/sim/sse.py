@@ -37,8 +37,11 @@ def sse_event(obj: Any) -> bytes:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "total_tokens": prompt + completion,
-            "completion_tokens": completion}
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+    }
 
 
 class ResponseBuilder:
@@ -46,8 +49,9 @@ class ResponseBuilder:
 
     __slots__ = ("chat", "continuous_usage", "created", "id", "model", "prompt_tokens")
 
-    def __init__(self, *, chat: bool, model: str, prompt_tokens: int,
-                 continuous_usage: bool = False) -> None:
+    def __init__(
+        self, *, chat: bool, model: str, prompt_tokens: int, continuous_usage: bool = False
+    ) -> None:
         self.chat = chat
         self.model = model
         self.prompt_tokens = prompt_tokens
@@ -74,58 +78,109 @@ class ResponseBuilder:
 
     def role_chunk(self) -> bytes:
         """The chat role chunk (chat only), sent right before the first token's chunk."""
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None}
+        choice = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
         return sse_event(self._chunk([choice], 0))
 
-    def token_chunk(self, text: str, completion_tokens: int, finish_reason: str | None = None,
-                    stop_reason: str | None = None) -> bytes:
+    def token_chunk(
+        self,
+        text: str,
+        completion_tokens: int,
+        finish_reason: str | None = None,
+        stop_reason: str | None = None,
+    ) -> bytes:
         """The chunk of one output token; ``finish_reason`` set on the last one."""
         choice: dict[str, Any]
         if self.chat:
-            choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
             if finish_reason is not None:
                 choice["stop_reason"] = stop_reason
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                      "stop_reason": stop_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": stop_reason,
+            }
         return sse_event(self._chunk([choice], completion_tokens))
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
         """The ``include_usage`` chunk: ``choices: []`` and the final usage."""
-        return sse_event({
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": _usage(self.prompt_tokens, completion_tokens),
-        })
+        return sse_event(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": _usage(self.prompt_tokens, completion_tokens),
+            }
+        )
 
-    def full_response(self, text: str, completion_tokens: int, finish_reason: str,
-                      stop_reason: str | None) -> dict[str, Any]:
+    def full_response(
+        self, text: str, completion_tokens: int, finish_reason: str, stop_reason: str | None
+    ) -> dict[str, Any]:
         """The non-streaming body (``chat.completion`` or ``text_completion``)."""
         usage: dict[str, Any] = _usage(self.prompt_tokens, completion_tokens)
         usage["prompt_tokens_details"] = None
         if self.chat:
-            message = {"role": "assistant", "content": text, "refusal": None,
-                       "annotations": None, "audio": None, "function_call": None,
-                       "tool_calls": [], "reasoning_content": None}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": text,
+                "refusal": None,
+                "annotations": None,
+                "audio": None,
+                "function_call": None,
+                "tool_calls": [],
+                "reasoning_content": None,
+            }
             return {
-                "id": self.id, "object": "chat.completion", "created": self.created,
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": finish_reason, "stop_reason": stop_reason}],
-                "service_tier": None, "system_fingerprint": None, "usage": usage,
-                "prompt_logprobs": None, "kv_transfer_params": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": finish_reason,
+                        "stop_reason": stop_reason,
+                    }
+                ],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage,
+                "prompt_logprobs": None,
+                "kv_transfer_params": None,
             }
         return {
-            "id": self.id, "object": "text_completion", "created": self.created,
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": finish_reason, "stop_reason": stop_reason,
-                         "prompt_logprobs": None}],
-            "service_tier": None, "system_fingerprint": None, "usage": usage,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                    "stop_reason": stop_reason,
+                    "prompt_logprobs": None,
+                }
+            ],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": usage,
             "kv_transfer_params": None,
         }

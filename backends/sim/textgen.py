@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 __all__ = ["GeneratedText", "TextGenerator", "prompt_digest"]
 
-_WORDS = (
+_VOCABULARY = (
     "the of and to in is that for it as was with be by on not he this are or his from at "
     "which but have an they you were her she there been one all we their has would when if "
     "so no will more other what about up out can time only into some could them these may "
@@ -34,7 +34,8 @@ _WORDS = (
     "here between both life being under never day same another know while last might us "
     "great old year off come since against go came right used take three engine token batch "
     "cache model server request stream fair share queue counter tenant backend gateway"
-).split()
+)
+_WORDS = tuple(_VOCABULARY.split())
 
 
 def prompt_digest(prompt: object) -> str:

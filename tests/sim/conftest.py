@@ -15,12 +15,12 @@ from backends.sim.config import SimConfig
 from backends.sim.server import SimServer
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Wait for ``cond()`` on engine state, re-checking every 5 ms; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
+async def wait_until(cond: Callable[[], bool], limit: float = 5.0, what: str = "") -> None:
+    """Wait for ``cond()`` on engine state, re-checking every 5 ms; fail after ``limit`` s."""
+    deadline = time.monotonic() + limit
     while not cond():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or cond}")
+            pytest.fail(f"timed out after {limit}s waiting for {what or cond}")
         await asyncio.sleep(0.005)
 
 
@@ -51,6 +51,6 @@ def parse_sse(raw: str) -> list[Any]:
         if not block:
             continue
         assert block.startswith("data: "), block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         events.append("[DONE]" if payload == "[DONE]" else json.loads(payload))
     return events

@@ -61,9 +61,7 @@ def test_paper_profile_models_the_paper_engine() -> None:
 
 
 def test_profiles_and_unknown_name() -> None:
-    assert {"h100-llama3-8b", "a100-llama3-8b", "h100-llama2-7b", "a10g-llama2-7b"} <= set(
-        PROFILES
-    )
+    assert {"h100-llama3-8b", "a100-llama3-8b", "h100-llama2-7b", "a10g-llama2-7b"} <= set(PROFILES)
     with pytest.raises(KeyError, match="known profiles"):
         get_profile("tpu-v9")
 

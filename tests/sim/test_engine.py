@@ -16,8 +16,12 @@ COST = CostModel(l_floor=0.01, a=0.0, b=1e-5)
 
 
 def make(**kw: int | bool) -> EngineCore:
-    base: dict[str, int | bool] = {"max_num_seqs": 8, "max_num_batched_tokens": 64,
-                                   "kv_cache_tokens": 1024, "max_model_len": 512}
+    base: dict[str, int | bool] = {
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 64,
+        "kv_cache_tokens": 1024,
+        "max_model_len": 512,
+    }
     base.update(kw)
     return EngineCore(EngineConfig(**base), COST)  # type: ignore[arg-type]
 
@@ -37,7 +41,7 @@ def test_engine_module_is_pure() -> None:
     for name in ("engine.py", "costmodel.py"):
         src = Path(__file__).parents[2] / "backends" / "sim" / name
         tree = ast.parse(src.read_text())
-        imported = set()
+        imported: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 imported.update(a.name.split(".")[0] for a in node.names)
@@ -181,8 +185,14 @@ def test_abort_waiting_request() -> None:
 
 def test_reserve_full_kv_and_admission_gating() -> None:
     core = EngineCore(
-        EngineConfig(max_num_seqs=16, max_num_batched_tokens=1024, kv_cache_tokens=1024,
-                     max_model_len=512, admit_every_n_steps=3, reserve_full_kv=True),
+        EngineConfig(
+            max_num_seqs=16,
+            max_num_batched_tokens=1024,
+            kv_cache_tokens=1024,
+            max_model_len=512,
+            admit_every_n_steps=3,
+            reserve_full_kv=True,
+        ),
         COST,
     )
     core.add_request("a", 20, 100, 100, 0.0)
@@ -238,8 +248,10 @@ def test_hot_loop_is_fast() -> None:
     # ~1,500 requests over 600 s on an H100 profile must simulate in a few seconds.
     from backends.sim.calibrate import Arrival
 
-    arrivals = [Arrival(i * 0.4, f"c{i % 7}", 100 + (i * 37) % 900, 50 + (i * 53) % 500)
-                for i in range(1500)]
+    arrivals = [
+        Arrival(i * 0.4, f"c{i % 7}", 100 + (i * 37) % 900, 50 + (i * 53) % 500)
+        for i in range(1500)
+    ]
     t0 = time.perf_counter()
     stats = run_virtual(get_profile("h100-llama3-8b"), arrivals, 700.0)
     assert stats.completed == 1500
