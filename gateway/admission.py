@@ -102,10 +102,11 @@ class AdmissionController:
         b = self._backends.get(reservation.backend)
         if b is None:  # backend removed by a reload while the request ran
             return
+        if b.in_flight < 1 or b.reserved_tokens < reservation.tokens:
+            # checked before touching the counts: a refused release leaves them as they were
+            raise AssertionError(f"backend {b.name!r}: released more than was reserved")
         b.in_flight -= 1
         b.reserved_tokens -= reservation.tokens
-        if b.in_flight < 0 or b.reserved_tokens < 0:
-            raise AssertionError(f"backend {b.name!r}: released more than was reserved")
 
     def in_flight(self) -> int:
         return sum(b.in_flight for b in self._backends.values())

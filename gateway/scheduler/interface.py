@@ -193,7 +193,7 @@ class Scheduler(ABC):
         self._charge(job, target - job.charged)
         if ran:
             self._service[job.tenant] += self.prices.input * job.prompt_tokens
-        self._finished(job, now)
+        self._finished(job, now, ran)
 
-    def _finished(self, job: Job, now: float) -> None:
-        """Hook: a job finished (predictors learn here)."""
+    def _finished(self, job: Job, now: float, ran: bool) -> None:
+        """Hook: a dispatched job finished (predictors learn here, from jobs that ran)."""

@@ -163,7 +163,8 @@ class VTCPredictScheduler(VTCScheduler):
 
     The prediction is the moving average of the tenant's last ``window`` actual output lengths,
     bounded by the request's ``max_tokens``; with no history it is ``max_tokens`` (the
-    over-charge is refunded when the job finishes).
+    over-charge is refunded when the job finishes). Jobs finished with ``ran=False`` never
+    produced output and do not enter the history.
     """
 
     name = "vtc-predict"
@@ -182,9 +183,9 @@ class VTCPredictScheduler(VTCScheduler):
     def _predict(self, job: Job) -> None:
         job.predicted_output = self.prediction(job.tenant, job.max_tokens)
 
-    def _finished(self, job: Job, now: float) -> None:
-        if job.dispatched_at is None:
-            return
+    def _finished(self, job: Job, now: float, ran: bool) -> None:
+        if not ran:
+            return  # refused before it ran: no evidence about the tenant's output lengths
         hist = self._history.get(job.tenant)
         if hist is None:
             hist = self._history[job.tenant] = deque(maxlen=self.window)
