@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from .config import ConfigError, GatewayConfig, embedded_default, load_config, with_listen
+from .errors import Unavailable
 
 log = logging.getLogger("gateway")
 
@@ -116,7 +117,14 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
                 port=args.port if args.port is not None else 8080,
             )
         app = create_app(config)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        lim = config.limits
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=lim.shutdown_timeout_s,
+            keepalive_timeout=lim.idle_timeout_s,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, config.listen.host, config.listen.port)
@@ -128,8 +136,15 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        app[STATE].draining = True
-        log.info("shutting down")
+        # Drain: refuse new work, answer the queue 503, let running streams finish until
+        # limits.shutdown_timeout_s (runner.cleanup waits for them, then cancels the rest).
+        state = app[STATE]
+        state.draining = True
+        failed = state.dispatcher.fail_waiting(Unavailable("gateway is shutting down"))
+        log.info(
+            "shutting down: %d queued request(s) answered 503, %d running get up to %gs",
+            failed, state.admission.in_flight(), lim.shutdown_timeout_s,
+        )
 
 
 def _bound(runner: web.AppRunner, config: GatewayConfig) -> tuple[str, int]:

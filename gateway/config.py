@@ -83,6 +83,8 @@ class LimitsConfig:
     read_timeout_s: float = 300.0
     health_interval_s: float = 5.0
     max_tokens_default: int | None = None  # reservation when a request sets no max_tokens
+    shutdown_timeout_s: float = 30.0  # SIGTERM: how long running streams may finish
+    idle_timeout_s: float = 75.0  # keep-alive connections idle longer are closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +356,12 @@ def parse_config(raw: Any) -> GatewayConfig:
             r.number(
                 lim, "health_interval_s", "limits", d.health_interval_s, minimum=0, exclusive=True
             )
+        ),
+        shutdown_timeout_s=float(
+            r.number(lim, "shutdown_timeout_s", "limits", d.shutdown_timeout_s, minimum=0)
+        ),
+        idle_timeout_s=float(
+            r.number(lim, "idle_timeout_s", "limits", d.idle_timeout_s, minimum=0, exclusive=True)
         ),
         max_tokens_default=r.number(
             lim, "max_tokens_default", "limits", None, integer=True, minimum=1, optional=True

@@ -58,6 +58,7 @@ class Dispatcher:
         self._tenants: dict[str, TenantLimits] = {}
         self.running: dict[str, int] = {}  # tenant -> in-flight jobs
         self.dispatched_total = 0
+        self._waiting: set[Job] = set()  # queued jobs whose handler awaits a grant
         #: Called with each job as it is dispatched (tests, tracing); must not raise.
         self.on_dispatch: Callable[[Job], None] | None = None
 
@@ -104,6 +105,7 @@ class Dispatcher:
             sched.submit(job, self.clock())
         except QueueRejected as exc:
             raise RateLimited(str(exc), retry_after=exc.retry_after) from exc
+        self._waiting.add(job)
         self._pump(job.model)
         try:
             async with asyncio.timeout(queue_timeout):
@@ -118,10 +120,28 @@ class Dispatcher:
             raise
 
     def _withdraw(self, job: Job, fut: asyncio.Future[Grant]) -> None:
+        self._waiting.discard(job)
         if self.pool(job.model).cancel(job, self.clock()):
             return
-        if fut.done() and not fut.cancelled():
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
             self.release(job, fut.result(), ran=False)  # granted as we gave up: give it back
+
+    def fail_waiting(self, exc: Exception, tenant: str | None = None) -> int:
+        """Answer queued jobs (all, or one tenant's) with ``exc`` instead of a grant.
+
+        Used when draining for shutdown and when a reload removes a tenant. Each job leaves
+        its queue uncharged; the handler raises ``exc``. Returns how many were failed.
+        """
+        now = self.clock()
+        failed = 0
+        for job in [j for j in self._waiting if tenant is None or j.tenant == tenant]:
+            self._waiting.discard(job)
+            self.pool(job.model).cancel(job, now)
+            fut: asyncio.Future[Grant] = job.payload
+            if not fut.done():
+                fut.set_exception(exc)
+                failed += 1
+        return failed
 
     def release(self, job: Job, grant: Grant, ran: bool = True) -> None:
         """The job is over: reconcile its charge, free its slot, let the next one in."""
@@ -175,6 +195,7 @@ class Dispatcher:
                 return  # head of the fair order waits for room; later ones wait behind it
             popped = sched.pop(now)
             assert popped is job
+            self._waiting.discard(job)
             self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
             self.dispatched_total += 1
             if self.on_dispatch is not None:
