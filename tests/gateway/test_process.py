@@ -1,0 +1,107 @@
+"""The real ``vtc-gateway serve`` process: embedded default, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import yaml
+
+from backends.sim.config import SimConfig
+from backends.sim.server import SimServer
+
+from .conftest import MODEL
+
+
+@asynccontextmanager
+async def gateway_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("listening on http://"), line
+        yield proc, line.split()[-1]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_serve_without_config_runs_embedded_sim_and_exits_0_on_sigterm() -> None:
+    async with gateway_process() as (proc, url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            r = await http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                },
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["role"] == "assistant"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_sigterm_lets_running_stream_finish_and_answers_queue_503(tmp_path: Path) -> None:
+    async with SimServer(SimConfig(port=0, speed=1.0)) as sim:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "backends": [{"name": "sim", "url": sim.url, "max_num_seqs": 1}],
+                    "tenants": [{"name": "a", "api_keys": ["key-a"]}],
+                    "limits": {"shutdown_timeout_s": 20},
+                }
+            )
+        )
+        async with gateway_process("--config", str(cfg)) as (proc, url):
+            hdr = {"Authorization": "Bearer key-a"}
+            body = {
+                "model": MODEL,
+                "prompt": "x",
+                "max_tokens": 150,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                async with http.stream("POST", "/v1/completions", json=body, headers=hdr) as run:
+                    assert run.status_code == 200
+                    lines = run.aiter_lines()
+                    first = await anext(lines)  # the stream is running on the only slot
+                    assert first.startswith("data: {")
+                    queued = asyncio.create_task(
+                        http.post("/v1/completions", json=body, headers=hdr)
+                    )
+                    for _ in range(1000):  # until the gateway reports it queued (bounded)
+                        metrics = (await http.get("/metrics")).text
+                        if 'vtc_tenant_queued{tenant="a"} 1.0' in metrics or queued.done():
+                            break
+                    proc.send_signal(signal.SIGTERM)
+                    rest = [line async for line in lines if line]
+                    assert rest[-1] == "data: [DONE]"
+                    assert sum(1 for x in rest if x.startswith("data: {")) == 149
+                    refused = await queued
+                    assert refused.status_code == 503
+                    assert "shutting down" in refused.json()["error"]["message"]
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
