@@ -139,6 +139,7 @@ class EngineLoop:
         self._task: asyncio.Task[None] | None = None
         self._dead: EngineDead | None = None
         self._sim_now = 0.0
+        self._period_start: float | None = None
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -222,8 +223,13 @@ class EngineLoop:
         )
 
     def reset_stats(self) -> None:
-        """Zero the timing counters (benchmarks call it after warm-up)."""
+        """Zero the timing counters (benchmarks call it after warm-up).
+
+        A busy period in progress is measured from now on.
+        """
         self._reset_counters()
+        if self._period_start is not None:
+            self._period_start = asyncio.get_running_loop().time()
 
     # ------------------------------------------------------------------ the loop
 
@@ -245,8 +251,8 @@ class EngineLoop:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            period_start = loop.time()
-            deadline = period_start
+            self._period_start = loop.time()
+            deadline = self._period_start
             while core.has_unfinished():
                 result = core.step(self._sim_now)
                 self._sim_now += result.duration
@@ -259,9 +265,9 @@ class EngineLoop:
                     lag = now - deadline
                     if lag > self.max_catch_up:
                         self._reanchors += 1
-                        self._busy_wall += now - period_start
+                        self._busy_wall += now - self._period_start
                         log.debug("engine loop %.3fs behind its plan; re-anchoring", lag)
-                        period_start = deadline = now
+                        self._period_start = deadline = now
                 else:
                     await asyncio.sleep(0)
                     now = loop.time()
@@ -272,7 +278,8 @@ class EngineLoop:
                         self._lag_max = lag
                 self._steps += 1
                 self._deliver(result, now)
-            self._busy_wall += loop.time() - period_start
+            self._busy_wall += loop.time() - self._period_start
+            self._period_start = None
 
     def _deliver(self, result: StepResult, now: float) -> None:
         streams = self._streams

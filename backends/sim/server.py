@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -407,6 +407,33 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def handle_sim_stats(request: web.Request) -> web.Response:
+    """GET /sim/stats (simulator only): engine-loop timing and engine-core counters."""
+    state = request.app[STATE]
+    stats = state.engine.stats()
+    core = state.core
+    return _json(
+        {
+            "speed": state.engine.speed,
+            "loop": {**asdict(stats), "lag_ratio": stats.lag_ratio},
+            "engine": {
+                "num_running": core.num_running,
+                "num_waiting": core.num_waiting,
+                "kv_usage": core.kv_usage,
+                "num_preemptions": core.num_preemptions,
+                "num_steps": core.num_steps,
+                "generated_tokens": core.generated_tokens,
+            },
+        }
+    )
+
+
+async def handle_sim_stats_reset(request: web.Request) -> web.Response:
+    """POST /sim/stats/reset (simulator only): zero the loop timing counters."""
+    request.app[STATE].engine.reset_stats()
+    return web.Response(status=204)
+
+
 async def handle_version(request: web.Request) -> web.Response:
     """GET /version."""
     return _json({"version": VLLM_VERSION})
@@ -462,6 +489,8 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/version", handle_version)
+    app.router.add_get("/sim/stats", handle_sim_stats)
+    app.router.add_post("/sim/stats/reset", handle_sim_stats_reset)
     return app
 
 

@@ -47,7 +47,16 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 class ResponseBuilder:
     """Builds the chunks and the final body of one request (chat or completions)."""
 
-    __slots__ = ("chat", "continuous_usage", "created", "id", "model", "prompt_tokens")
+    __slots__ = (
+        "_fast_prefix",
+        "_fast_suffix",
+        "chat",
+        "continuous_usage",
+        "created",
+        "id",
+        "model",
+        "prompt_tokens",
+    )
 
     def __init__(
         self, *, chat: bool, model: str, prompt_tokens: int, continuous_usage: bool = False
@@ -58,6 +67,14 @@ class ResponseBuilder:
         self.continuous_usage = continuous_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        # Hot path: a mid-stream token chunk without usage is a fixed template around the text.
+        self._fast_prefix = b""
+        self._fast_suffix: bytes | None = None
+        marker = "\x00TEXT\x00"
+        template = self.token_chunk(marker, 0).decode()
+        head, _, tail = template.partition(_dumps(marker))
+        self._fast_prefix = head.encode()
+        self._fast_suffix = tail.encode()
 
     def _chunk(self, choices: list[dict[str, Any]], completion: int) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -94,6 +111,8 @@ class ResponseBuilder:
         stop_reason: str | None = None,
     ) -> bytes:
         """The chunk of one output token; ``finish_reason`` set on the last one."""
+        if finish_reason is None and not self.continuous_usage and self._fast_suffix is not None:
+            return self._fast_prefix + _dumps(text).encode() + self._fast_suffix
         choice: dict[str, Any]
         if self.chat:
             choice = {
