@@ -164,12 +164,21 @@ def demand_rates(
     ticks: Sequence[float],
     window: float,
     prices: Prices,
+    include_rejected: bool = True,
 ) -> dict[str, list[float]]:
-    """Demand rate per tenant at each tick: cost of requests sent inside the window per second."""
+    """Demand rate per tenant at each tick: cost of requests sent inside the window per second.
+
+    ``include_rejected=False`` is the artifact's convention (it drops rejected requests before
+    computing anything), which makes a rate limiter look fairer than it is.
+    """
     half = window / 2.0
     out: dict[str, list[float]] = {}
     for t, recs in groups.items():
-        arrivals = sorted((r.arrival_s, request_cost(r, prices)) for r in recs)
+        arrivals = sorted(
+            (r.arrival_s, request_cost(r, prices))
+            for r in recs
+            if include_rejected or r.status != "rejected"
+        )
         times = [a for a, _ in arrivals]
         prefix = [0.0]
         for _, c in arrivals:
@@ -340,12 +349,13 @@ def summarize(
     prices: Prices,
     batch_tokens: int,
     longest_prompt: int | None = None,
+    demand_includes_rejected: bool = True,
 ) -> Summary:
     """All the table's numbers for one run (``tenants``: name -> weight)."""
     ticks = Ticks.for_duration(duration)
     groups = by_tenant(records, tenants)
     svc = service_rates(groups, ticks.points, ticks.window, prices)
-    dem = demand_rates(groups, ticks.points, ticks.window, prices)
+    dem = demand_rates(groups, ticks.points, ticks.window, prices, demand_includes_rejected)
     mx, avg, var = stats(service_difference(svc, dem, tenants))
     gaps = accumulated_gap(groups, ticks.fine(), prices, tenants, since=ticks.warmup)
     if longest_prompt is None:

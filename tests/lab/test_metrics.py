@@ -61,6 +61,7 @@ def test_service_and_demand_rates_in_windows() -> None:
 def test_demand_counts_rejected_requests() -> None:
     groups = {"a": [rec("a", 1.0, None, None, 10, 5, "rejected")]}
     assert m.demand_rates(groups, [1.0], 2.0, P) == {"a": [10.0]}
+    assert m.demand_rates(groups, [1.0], 2.0, P, include_rejected=False) == {"a": [0.0]}
 
 
 def test_service_difference_formula() -> None:
