@@ -1,5 +1,10 @@
 """API key → tenant.
 
+``Authorization: Bearer <key>`` is the only way to name a tenant, unless the config sets
+``auth.trusted_tenant_header`` (for a gateway behind an authenticating proxy that sets that
+header); otherwise such headers are ignored, so no client can pick its own tenant. A request
+with more than one ``Authorization`` header is refused: which one counts would be ambiguous.
+
 Keys are stored only as SHA-256 digests (a config may hold raw keys or ``sha256:<hex>``); a
 presented key is hashed once and compared against every known digest with
 :func:`hmac.compare_digest`, so neither the answer nor its timing depends on which stored key
@@ -10,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
+from typing import Any
 
 from .config import GatewayConfig
 from .errors import Unauthorized
@@ -21,6 +28,26 @@ class Authenticator:
             (digest, t.name) for t in config.tenants for digest in t.key_digests()
         ]
         self._anonymous = config.auth.anonymous_tenant
+        self._trusted_header = config.auth.trusted_tenant_header
+        self._tenants = frozenset(t.name for t in config.tenants)
+
+    def authenticate(self, headers: Mapping[str, str] | Any) -> str:
+        """Tenant for a request's headers (a multidict); raises :class:`Unauthorized`."""
+        if self._trusted_header is not None:
+            named = headers.get(self._trusted_header)
+            if named is not None:
+                if named not in self._tenants:
+                    raise Unauthorized("unknown tenant in the trusted tenant header")
+                return str(named)
+        getall = getattr(headers, "getall", None)
+        values = (
+            getall("Authorization", [])
+            if getall is not None
+            else ([headers["Authorization"]] if "Authorization" in headers else [])
+        )
+        if len(values) > 1:
+            raise Unauthorized("more than one Authorization header", param="authorization")
+        return self.tenant_for(values[0] if values else None)
 
     def tenant_for(self, authorization: str | None) -> str:
         """Tenant name for an ``Authorization`` header value; raises :class:`Unauthorized`."""

@@ -91,6 +91,8 @@ class LimitsConfig:
 class AuthConfig:
     #: Tenant that requests without a (known) key are served as; None: they get 401.
     anonymous_tenant: str | None = None
+    #: Header naming the tenant, trusted only when set here (an auth proxy sits in front).
+    trusted_tenant_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +371,16 @@ def parse_config(raw: Any) -> GatewayConfig:
     )
 
     au = r.mapping(top.get("auth"), "auth", {f.name for f in fields(AuthConfig)})
-    auth = AuthConfig(anonymous_tenant=r.string(au, "anonymous_tenant", "auth", None))
+    auth = AuthConfig(
+        anonymous_tenant=r.string(au, "anonymous_tenant", "auth", None),
+        trusted_tenant_header=r.string(
+            au,
+            "trusted_tenant_header",
+            "auth",
+            None,
+            lambda v: None if re.match(r"^[A-Za-z0-9-]+$", v) else "must be a header name",
+        ),
+    )
     if auth.anonymous_tenant is not None and auth.anonymous_tenant not in {t.name for t in tenants}:
         r.fail("auth.anonymous_tenant", "must name a tenant in 'tenants'", auth.anonymous_tenant)
 

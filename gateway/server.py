@@ -161,7 +161,7 @@ async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamRe
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.auth.tenant_for(request.headers.get("Authorization"))
+    state.auth.authenticate(request.headers)
     return web.json_response({"object": "list", "data": state.pool.models()})
 
 
@@ -214,7 +214,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     arrival = time.monotonic()
     if state.draining:
         raise Unavailable("gateway is shutting down")
-    tenant = state.auth.tenant_for(request.headers.get("Authorization"))
+    tenant = state.auth.authenticate(request.headers)
     try:
         body = await _read_json(request)
         model, prompt_tokens, reserve = await _validate(state, body, chat)

@@ -47,3 +47,23 @@ def test_anonymous_tenant_serves_keyless_requests() -> None:
     auth = _auth(auth={"anonymous_tenant": "a"})
     assert auth.tenant_for(None) == "a"
     assert auth.tenant_for("Bearer key-b") == "b"
+
+
+def test_repeated_authorization_headers_are_refused() -> None:
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict([("Authorization", "Bearer key-a"), ("Authorization", "Bearer key-b")])
+    with pytest.raises(Unauthorized, match="more than one"):
+        _auth().authenticate(headers)
+    assert _auth().authenticate(CIMultiDict([("Authorization", "Bearer key-b")])) == "b"
+
+
+def test_tenant_header_is_ignored_unless_trusted() -> None:
+    from multidict import CIMultiDict
+
+    spoof = CIMultiDict([("X-Tenant", "b"), ("Authorization", "Bearer key-a")])
+    assert _auth().authenticate(spoof) == "a"
+    trusting = _auth(auth={"trusted_tenant_header": "X-Tenant"})
+    assert trusting.authenticate(spoof) == "b"
+    with pytest.raises(Unauthorized):
+        trusting.authenticate(CIMultiDict([("X-Tenant", "ghost")]))
