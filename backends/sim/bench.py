@@ -9,9 +9,10 @@ core) per measurement, drives it with N concurrent streaming clients (aiohttp, `
 * ``step lag`` = mean per-step delivery lag / mean planned step time (how late each step's
   tokens reach the sockets relative to the step length).
 
-It reports lag at 64 and 256 concurrent streams at ``--speed 1``, then raises ``--speed`` (x2
-each time) at 256 streams until either lag measure exceeds 5%; the largest output-token rate
-measured below that is the simulator's sustainable capacity. A ``--speed 0`` run gives the raw
+It reports lag at 64 and 256 concurrent streams at ``--speed 1``, then at 256 streams doubles
+``--speed`` while both lag measures stay under 5% (or, when speed 1 already lags, halves it until
+they do); the largest output-token rate measured on time is the simulator's sustainable
+capacity. A ``--speed 0`` run gives the raw
 ceiling (no delays). Prints a table and writes JSON with ``--out``.
 """
 
@@ -188,13 +189,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     lag64 = await point(1.0, 64)
     lag256 = await point(1.0, 256)
     best: Measurement | None = lag256 if lag256.on_time else None
-    speed = 2.0
-    while speed <= args.max_speed:
-        m = await point(speed, 256)
-        if not m.on_time:
-            break
-        best = m
-        speed *= 2
+    if best is None:  # too fast for this CPU: slow motion until on time
+        speed = 0.5
+        while speed >= args.min_speed:
+            m = await point(speed, 256)
+            if m.on_time:
+                best = m
+                break
+            speed /= 2
+    else:  # on time: speed up until it lags
+        speed = 2.0
+        while speed <= args.max_speed:
+            m = await point(speed, 256)
+            if not m.on_time:
+                break
+            best = m
+            speed *= 2
     ceiling = await point(0.0, 256)
     report = {
         "machine": {
@@ -230,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window")
     parser.add_argument("--profile", default="h100-llama3-8b")
     parser.add_argument("--max-speed", type=float, default=64.0)
+    parser.add_argument("--min-speed", type=float, default=1 / 16)
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     if args.out:

@@ -211,11 +211,14 @@ class EngineLoop:
     def stats(self) -> LoopStats:
         """Timing since the last :meth:`reset_stats`."""
         steps = self._steps
+        busy = self._busy_wall
+        if self._period_start is not None:  # include the busy period in progress
+            busy += asyncio.get_running_loop().time() - self._period_start
         return LoopStats(
             steps=steps,
             sim_time=self._sim_time,
             planned_wall=self._sim_time / self.speed if self.speed > 0 else 0.0,
-            busy_wall=self._busy_wall,
+            busy_wall=busy,
             lag_mean=self._lag_sum / steps if steps else 0.0,
             lag_max=self._lag_max,
             reanchors=self._reanchors,
