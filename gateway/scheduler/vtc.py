@@ -55,6 +55,18 @@ class VTCScheduler(Scheduler):
     def _push(self, tenant: str, q: _Queue) -> None:
         q.version += 1
         heapq.heappush(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
+        if len(self._heap) > 2 * max(self._total + 32, len(self._queues)):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale entries (left by churn such as submit/cancel with no pick in between).
+        Runs after the heap doubles past max(queued jobs, tenants): amortised O(1) per push."""
+        self._heap = [
+            (self._counters[t], q.head().seq, q.version, t)
+            for t, q in self._queues.items()
+            if q.jobs
+        ]
+        heapq.heapify(self._heap)
 
     def _top(self) -> tuple[str, _Queue] | None:
         heap = self._heap

@@ -456,3 +456,17 @@ def test_predict_total_charge_equals_actual_cost_on_every_path() -> None:
             s.on_output(j, 1, 1)
         s.finish(j, 2)
         assert j.charged == pytest.approx(prices.cost(11, min(actual, 60)) / 3)
+
+
+def test_submit_cancel_churn_keeps_the_heap_bounded() -> None:
+    from gateway.scheduler import Job, VTCScheduler
+
+    s = VTCScheduler()
+    keep = Job("a", 10, 10, 0.0)
+    s.submit(keep, 0.0)
+    for i in range(10_000):
+        j = Job("b", 10, 10, float(i))
+        s.submit(j, float(i))
+        assert s.cancel(j, float(i))
+    assert len(s._heap) <= 2 * 34
+    assert s.pop(1e4) is keep
