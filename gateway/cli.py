@@ -106,7 +106,7 @@ async def _embedded_sim(args: argparse.Namespace) -> AsyncIterator[str]:
 
 
 async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None:
-    from .server import STATE, create_app
+    from .server import STATE, create_admin_app, create_app
 
     async with contextlib.AsyncExitStack() as stack:
         if config is None:
@@ -129,8 +129,15 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, config.listen.host, config.listen.port)
         await site.start()
-        host, port = _bound(runner, config)
+        host, port = _bound(runner, config.listen.host, config.listen.port)
         print(f"listening on http://{host}:{port}", flush=True)
+        if config.listen.admin_port is not None:
+            admin = web.AppRunner(create_admin_app(app), access_log=None)
+            await admin.setup()
+            stack.push_async_callback(admin.cleanup)
+            await web.TCPSite(admin, config.listen.admin_host, config.listen.admin_port).start()
+            ahost, aport = _bound(admin, config.listen.admin_host, config.listen.admin_port)
+            print(f"admin listening on http://{ahost}:{aport}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,15 +150,17 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         failed = state.dispatcher.fail_waiting(Unavailable("gateway is shutting down"))
         log.info(
             "shutting down: %d queued request(s) answered 503, %d running get up to %gs",
-            failed, state.admission.in_flight(), lim.shutdown_timeout_s,
+            failed,
+            state.admission.in_flight(),
+            lim.shutdown_timeout_s,
         )
 
 
-def _bound(runner: web.AppRunner, config: GatewayConfig) -> tuple[str, int]:
+def _bound(runner: web.AppRunner, host: str, port: int) -> tuple[str, int]:
     for addr in runner.addresses:
         if isinstance(addr, tuple) and len(addr) >= 2:
-            return config.listen.host, int(addr[1])
-    return config.listen.host, config.listen.port
+            return host, int(addr[1])
+    return host, port
 
 
 if __name__ == "__main__":  # pragma: no cover

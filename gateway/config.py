@@ -44,6 +44,9 @@ class ConfigError(ValueError):
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    #: When set, /health and /metrics move to this separate listener (keep it private).
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,13 +248,19 @@ def parse_config(raw: Any) -> GatewayConfig:
     top = r.mapping(raw, "", {f.name for f in fields(GatewayConfig)})
     defaults = GatewayConfig()
 
-    lst = r.mapping(top.get("listen"), "listen", {"host", "port"})
+    lst = r.mapping(top.get("listen"), "listen", {f.name for f in fields(ListenConfig)})
     listen = ListenConfig(
         host=r.string(lst, "host", "listen", defaults.listen.host),
         port=r.number(lst, "port", "listen", defaults.listen.port, integer=True, minimum=0),
+        admin_host=r.string(lst, "admin_host", "listen", defaults.listen.admin_host),
+        admin_port=r.number(
+            lst, "admin_port", "listen", None, integer=True, minimum=0, optional=True
+        ),
     )
-    if listen.port > 65535:
-        r.fail("listen.port", "must be <= 65535", listen.port)
+    for key in ("port", "admin_port"):
+        value = getattr(listen, key)
+        if value is not None and value > 65535:
+            r.fail(f"listen.{key}", "must be <= 65535", value)
 
     backends: list[BackendConfig] = []
     raw_backends = top.get("backends", [])

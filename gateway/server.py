@@ -105,9 +105,20 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
+    if config.listen.admin_port is None:
+        app.router.add_get("/health", health)
+        app.router.add_get("/metrics", metrics)
     return app
+
+
+def create_admin_app(main: web.Application) -> web.Application:
+    """``/health`` and ``/metrics`` for a separate (private) listener, sharing ``main``'s state.
+    Used when ``listen.admin_port`` is set; the main listener then does not serve them."""
+    admin = web.Application(middlewares=[_errors_middleware])
+    admin[STATE] = main[STATE]
+    admin.router.add_get("/health", health)
+    admin.router.add_get("/metrics", metrics)
+    return admin
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

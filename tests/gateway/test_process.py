@@ -105,3 +105,29 @@ async def test_sigterm_lets_running_stream_finish_and_answers_queue_503(tmp_path
                     assert refused.status_code == 503
                     assert "shutting down" in refused.json()["error"]["message"]
             assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_admin_listener_serves_metrics_and_health_privately(tmp_path: Path) -> None:
+    async with SimServer(SimConfig(port=0, speed=0)) as sim:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": {"admin_port": 0},
+                    "backends": [{"name": "sim", "url": sim.url}],
+                    "tenants": [{"name": "a", "api_keys": ["key-a"]}],
+                }
+            )
+        )
+        async with gateway_process("--config", str(cfg)) as (proc, url):
+            assert proc.stdout is not None
+            admin = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()[-1]
+            async with httpx.AsyncClient(timeout=30) as http:
+                public = await http.get(url + "/metrics")
+                assert public.status_code == 404
+                assert public.json()["error"]["code"] == 404
+                assert (await http.get(url + "/health")).status_code == 404
+                assert (await http.get(admin + "/health")).json()["status"] == "ok"
+                assert "vtc_backend_up" in (await http.get(admin + "/metrics")).text
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
