@@ -41,6 +41,7 @@ from .relay import DONE, ChunkProcessor, ClientFormat, client_format, upstream_b
 from .scheduler import Job, Prices
 from .tokenizer import PromptError, TokenCounter, get_encoder
 from .upstream import AiohttpUpstream, BackendRejected, BackendUnreachable, StreamBroken
+from .validate import check_fields, output_reservation, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -376,64 +377,17 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     limit = request.app[STATE].config.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    raw = await request.read()
-    try:
-        body = _json_loads(raw)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc.__class__.__name__}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
-
-
-def _json_loads(raw: bytes) -> Any:
-    import json
-
-    return json.loads(raw.decode("utf-8"))
-
-
-def _int_field(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be an integer", param=name)
-    return value
+    return parse_body(await request.read())
 
 
 async def _validate(state: GatewayState, body: dict[str, Any], chat: bool) -> tuple[str, int, int]:
     """Check the body; return (model, prompt token estimate, output tokens to reserve)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string", param="model")
+    fields = check_fields(body, chat)
+    model = fields.model
     if not state.pool.serves(model):
         raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
-    opts = body.get("stream_options")
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise InvalidRequest("'stream_options' must be an object", param="stream_options")
-        if not stream:
-            raise InvalidRequest(
-                "Stream options can only be defined when `stream=True`.", param="stream_options"
-            )
-    n = _int_field(body, "n")
-    if n is not None and n != 1:
-        raise InvalidRequest("only n=1 is supported: send one request per sample", param="n")
-    best_of = _int_field(body, "best_of")
-    if best_of is not None and best_of > 1:
-        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
-    max_tokens = _int_field(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _int_field(body, "max_tokens")
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
-
     try:
-        if len(str(body.get("messages" if chat else "prompt", ""))) > OFFLOAD_TOKENIZE_BYTES:
+        if len(str(body.get(fields.prompt_param, ""))) > OFFLOAD_TOKENIZE_BYTES:
             loop = asyncio.get_running_loop()
             prompt_tokens = await loop.run_in_executor(
                 None, state.counter.count_request, body, chat
@@ -442,34 +396,17 @@ async def _validate(state: GatewayState, body: dict[str, Any], chat: bool) -> tu
             prompt_tokens = state.counter.count_request(body, chat)
     except PromptError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
-
-    context = state.pool.max_model_len(model)
-    if context is not None:
-        if max_tokens is not None and prompt_tokens + max_tokens > context:
-            raise InvalidRequest(
-                f"This model's maximum context length is {context} tokens. However, you "
-                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                f"messages, {max_tokens} in the completion). Please reduce the length of the "
-                "messages or completion.",
-                param=name,
-            )
-        if prompt_tokens >= context:
-            raise InvalidRequest(
-                f"This model's maximum context length is {context} tokens. However, your "
-                f"prompt has {prompt_tokens} tokens. Please reduce the length of the prompt.",
-                param="messages" if chat else "prompt",
-            )
-    if max_tokens is not None:
-        reserve = max_tokens
-    else:
-        default = state.config.limits.max_tokens_default
-        room = (context - prompt_tokens) if context is not None else None
-        reserve = min(x for x in (default, room, 1 << 20) if x is not None)
+    reserve = output_reservation(
+        fields,
+        prompt_tokens,
+        state.pool.max_model_len(model),
+        state.config.limits.max_tokens_default,
+    )
     if not state.admission.can_ever_fit(model, prompt_tokens + reserve):
         raise InvalidRequest(
             f"request needs {prompt_tokens + reserve} KV tokens ({prompt_tokens} prompt + "
             f"{reserve} output), more than any backend serving `{model}` can hold; lower "
-            f"'{name}' or the prompt",
-            param=name,
+            f"'{fields.max_tokens_param}' or the prompt",
+            param=fields.max_tokens_param,
         )
     return model, prompt_tokens, reserve

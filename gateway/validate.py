@@ -1,0 +1,109 @@
+"""Request validation: pure functions from raw bytes to checked fields.
+
+Everything here is synchronous and free of server state so it can be property-tested on its own:
+each function either returns or raises :class:`~gateway.errors.InvalidRequest` naming the
+offending field; nothing else escapes, whatever the input. Fields the gateway does not need
+(sampling parameters, vendor extras) are left untouched for the backend to judge.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRequest
+
+#: Reservation ceiling for a request with no max_tokens on a backend of unknown context length.
+UNBOUNDED_RESERVE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Fields:
+    model: str
+    max_tokens: int | None  # max_completion_tokens or max_tokens, None when absent
+    max_tokens_param: str  # which of the two the client used (for error messages)
+    prompt_param: str  # "messages" or "prompt"
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object body."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc.__class__.__name__}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def _int_field(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be an integer", param=name)
+    return value
+
+
+def check_fields(body: dict[str, Any], chat: bool) -> Fields:
+    """Check the fields the gateway relies on (types and ranges, not the prompt itself)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string", param="model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+        if not stream:
+            raise InvalidRequest(
+                "Stream options can only be defined when `stream=True`.", param="stream_options"
+            )
+    n = _int_field(body, "n")
+    if n is not None and n != 1:
+        raise InvalidRequest("only n=1 is supported: send one request per sample", param="n")
+    best_of = _int_field(body, "best_of")
+    if best_of is not None and best_of > 1:
+        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
+    max_tokens = _int_field(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _int_field(body, "max_tokens")
+    name = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+    return Fields(model, max_tokens, name, "messages" if chat else "prompt")
+
+
+def output_reservation(
+    fields: Fields, prompt_tokens: int, context: int | None, default: int | None
+) -> int:
+    """Output tokens to reserve in the KV budget; raises when the prompt overflows the context.
+
+    ``context`` is the model's context length (None: unknown); ``default`` the configured
+    reservation for requests without ``max_tokens`` (None: the rest of the context).
+    """
+    max_tokens = fields.max_tokens
+    if context is not None:
+        if max_tokens is not None and prompt_tokens + max_tokens > context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"messages, {max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.",
+                param=fields.max_tokens_param,
+            )
+        if prompt_tokens >= context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, your "
+                f"prompt has {prompt_tokens} tokens. Please reduce the length of the prompt.",
+                param=fields.prompt_param,
+            )
+    if max_tokens is not None:
+        return max_tokens
+    room = context - prompt_tokens if context is not None else None
+    return min(x for x in (default, room, UNBOUNDED_RESERVE) if x is not None)
