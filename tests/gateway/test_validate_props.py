@@ -1,0 +1,101 @@
+"""Property tests: the parser and validator answer every input with a value or InvalidRequest."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import InvalidRequest
+from gateway.tokenizer import PromptError, TokenCounter
+from gateway.validate import Fields, check_fields, output_reservation, parse_body
+
+COUNTER = TokenCounter()
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+KEYS = [
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "best_of",
+    "stream",
+    "stream_options",
+    "temperature",
+    "ignore_eos",
+]
+bodies = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6) | st.fixed_dictionaries(
+    {
+        "model": st.just("m"),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system"]), "content": json_values}
+            ),
+            max_size=3,
+        ),
+    },
+    optional={"max_tokens": json_values, "stream": json_values, "n": json_values},
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.binary(max_size=64) | bodies.map(lambda b: json.dumps(b).encode()))
+def test_parse_body_returns_an_object_or_invalid_request(raw: bytes) -> None:
+    try:
+        body = parse_body(raw)
+    except InvalidRequest as exc:
+        assert exc.status == 400
+    else:
+        assert isinstance(body, dict)
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
+    raw = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InvalidRequest):
+        parse_body(raw)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    bodies,
+    st.booleans(),
+    st.one_of(st.none(), st.integers(1, 10_000)),
+    st.one_of(st.none(), st.integers(1, 5000)),
+)
+def test_validation_chain_never_escapes_its_error_types(
+    body: dict[str, Any], chat: bool, context: int | None, default: int | None
+) -> None:
+    try:
+        fields = check_fields(body, chat)
+        prompt_tokens = COUNTER.count_request(body, chat)
+        reserve = output_reservation(fields, prompt_tokens, context, default)
+    except (InvalidRequest, PromptError):
+        return
+    assert isinstance(fields, Fields) and fields.model == body["model"]
+    assert reserve >= 1
+    if context is not None:
+        assert prompt_tokens + reserve <= context
+    if fields.max_tokens is not None:
+        assert reserve == fields.max_tokens
+
+
+def test_reservation_defaults() -> None:
+    f = Fields("m", None, "max_tokens", "prompt")
+    assert output_reservation(f, 100, 4096, None) == 3996
+    assert output_reservation(f, 100, 4096, 256) == 256
+    assert output_reservation(f, 100, None, None) == 1 << 20
