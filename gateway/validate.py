@@ -9,6 +9,7 @@ offending field; nothing else escapes, whatever the input. Fields the gateway do
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,30 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"request body is not valid JSON: {exc.__class__.__name__}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and not _encodable(body):
+        # "\udcff" is valid JSON but no valid text: nothing downstream could encode it
+        raise InvalidRequest("request body contains an unpaired UTF-16 surrogate escape")
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _encodable(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True
 
 
 def _int_field(body: dict[str, Any], name: str) -> int | None:

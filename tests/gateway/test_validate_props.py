@@ -62,6 +62,13 @@ def test_parse_body_returns_an_object_or_invalid_request(raw: bytes) -> None:
         assert exc.status == 400
     else:
         assert isinstance(body, dict)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # forwardable as it is
+
+
+def test_unpaired_surrogate_escapes_are_rejected_paired_ones_kept() -> None:
+    assert parse_body(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        parse_body(b'{"a": ["x", {"b": "\\udcff"}]}')
 
 
 def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
