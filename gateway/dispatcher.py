@@ -68,6 +68,30 @@ class Dispatcher:
         for pool in self._pools.values():
             pool.set_tenant(name, weight)
 
+    def remove_tenant(self, name: str, exc: Exception) -> int:
+        """A reload removed ``name``: forget its limits and answer its queued jobs with ``exc``
+        (uncharged). Its running jobs finish normally; its counter stays in the schedulers, so
+        a tenant that comes back later is not reset to zero. Returns how many were failed."""
+        self._tenants.pop(name, None)
+        failed = self.fail_waiting(exc, tenant=name)
+        self.pump_all()
+        return failed
+
+    def observe_pumps(self, observe: Callable[[float], None]) -> None:
+        """Report the duration in seconds of every dispatch pass (one pump: the scheduler's
+        picks and admission checks) to ``observe``. Per pump call, never per token."""
+        inner = self._pump
+        perf = time.perf_counter
+
+        def timed(model: str) -> None:
+            start = perf()
+            try:
+                inner(model)
+            finally:
+                observe(perf() - start)
+
+        self._pump = timed  # type: ignore[method-assign]
+
     def pool(self, model: str) -> Scheduler:
         sched = self._pools.get(model)
         if sched is None:

@@ -1,15 +1,22 @@
 """Metrics: plain counters updated on the request path, exported in one Prometheus collector.
 
-The hot path only bumps integers in :class:`GatewayStats`; everything derived from scheduler and
-admission state (counters, queue depth, in-flight, capacity) is read when Prometheus scrapes.
-Tenant label values are capped at ``max_tenant_labels`` (first come, first labelled); the rest
-are reported as ``other``. API keys never appear anywhere here.
+The hot path only bumps integers in :class:`GatewayStats` (and observes three latency
+histograms once per request); everything derived from scheduler and admission state (counters,
+service, queue depth, in-flight, capacity, fairness) is read when Prometheus scrapes. Nothing
+here runs per output token. The dispatcher's pump is timed once per call
+(:meth:`~gateway.dispatcher.Dispatcher.observe_pumps`).
+
+Tenant label values are capped at ``max_tenant_labels`` (configured tenants first, then first
+come, first labelled); the rest are reported as ``other``. API keys never appear anywhere here.
+``docs/observability.md`` lists every metric.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,18 +39,29 @@ OUTCOMES = (
     "backend_error",
     "timeout",
 )
+#: Kinds :meth:`~gateway.backend_pool.BackendPool.record_failure` is called with.
+BACKEND_ERROR_KINDS = ("unreachable", "error_before_stream", "stream_broken")
+RELOAD_RESULTS = ("ok", "error")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: One dispatcher pump: a heap peek/pop and an admission check per dispatched request.
+DECISION_BUCKETS = (
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1,
+)  # fmt: skip
+#: Sliding window of the Jain fairness index.
+FAIRNESS_WINDOW_S = 60.0
 
 
 @dataclass
 class GatewayStats:
-    """Per-tenant counters bumped by the request path."""
+    """Per-tenant counters bumped by the request path (and by config reloads)."""
 
     max_tenant_labels: int = 100
     outcomes: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     prompt_tokens: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     completion_tokens: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    reloads: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    last_reload_ok: float = field(default_factory=time.time)  # unix time of the config in force
     _labels: dict[str, str] = field(default_factory=dict)
 
     def label(self, tenant: str) -> str:
@@ -57,6 +75,58 @@ class GatewayStats:
     def outcome(self, tenant: str, outcome: str) -> None:
         self.outcomes[(self.label(tenant), outcome)] += 1
 
+    def reload(self, ok: bool) -> None:
+        self.reloads["ok" if ok else "error"] += 1
+        if ok:
+            self.last_reload_ok = time.time()
+
+
+def jain_index(values: Iterable[float]) -> float:
+    """Jain's fairness index ``(sum x)^2 / (n * sum x^2)``: 1 when all equal, 1/n when one
+    value takes everything; 1 for fewer than two values or all zeros (nothing to compare)."""
+    xs = list(values)
+    sq = sum(x * x for x in xs)
+    if len(xs) < 2 or sq <= 0:
+        return 1.0
+    return sum(xs) ** 2 / (len(xs) * sq)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    t: float
+    service: Mapping[str, float]  # tenant -> service so far, divided by its weight
+    backlogged: frozenset[str]
+
+
+class FairnessWindow:
+    """Jain's index of weight-normalised service over the last ``window_s`` seconds among
+    tenants backlogged in every sample of the window (a tenant with an empty queue is not
+    owed anything). Sampled when Prometheus scrapes; samples closer than ``min_gap_s`` are
+    not stored, so a scrape storm costs nothing extra."""
+
+    def __init__(self, window_s: float = FAIRNESS_WINDOW_S, min_gap_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self.min_gap_s = min_gap_s
+        self._samples: deque[_Sample] = deque()
+
+    def observe(
+        self, now: float, service: Mapping[str, float], backlogged: Iterable[str]
+    ) -> tuple[float, int]:
+        """Add a sample; return (Jain index, number of tenants it covers)."""
+        cur = _Sample(now, dict(service), frozenset(backlogged))
+        samples = self._samples
+        if not samples or now - samples[-1].t >= self.min_gap_s:
+            samples.append(cur)
+        # keep one baseline sample at or before the window's start
+        while len(samples) >= 2 and samples[1].t <= now - self.window_s:
+            samples.popleft()
+        base = samples[0]
+        tenants = set(cur.backlogged)
+        for s in samples:
+            tenants &= s.backlogged
+        deltas = [cur.service.get(t, 0.0) - base.service.get(t, 0.0) for t in sorted(tenants)]
+        return jain_index(deltas), len(deltas)
+
 
 class Recorder:
     """Owns the registry: latency histograms plus a collector over live state."""
@@ -66,6 +136,9 @@ class Recorder:
         stats: GatewayStats,
         dispatcher: Callable[[], Dispatcher],
         pool: Callable[[], BackendPool],
+        *,
+        fairness_window_s: float = FAIRNESS_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = CollectorRegistry()
         self.stats = stats
@@ -85,12 +158,20 @@ class Recorder:
         )
         self.e2e = Histogram(
             "vtc_e2e_request_latency_seconds",
-            "Time from arrival to the end of the response.",
+            "Time from arrival to the end of a successful response.",
             ["tenant"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(stats, dispatcher, pool))
+        self.decision = Histogram(
+            "vtc_scheduler_decision_seconds",
+            "Duration of one dispatcher pump (scheduler picks and admission checks).",
+            buckets=DECISION_BUCKETS,
+            registry=self.registry,
+        )
+        dispatcher().observe_pumps(self.decision.observe)
+        self.fairness = FairnessWindow(fairness_window_s)
+        self.registry.register(_StateCollector(stats, dispatcher, pool, self.fairness, clock))
 
 
 class _StateCollector(Collector):
@@ -99,19 +180,32 @@ class _StateCollector(Collector):
         stats: GatewayStats,
         dispatcher: Callable[[], Dispatcher],
         pool: Callable[[], BackendPool],
+        fairness: FairnessWindow,
+        clock: Callable[[], float],
     ) -> None:
         self._stats = stats
         self._dispatcher = dispatcher
         self._pool = pool
+        self._fairness = fairness
+        self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._tenants()
+        yield from self._backends()
+        yield from self._global()
+
+    def _tenants(self) -> Iterator[Metric]:
         stats = self._stats
         d = self._dispatcher()
         counter = GaugeMetricFamily(
-            "vtc_tenant_counter", "Virtual token counter.", labels=["tenant", "model"]
+            "vtc_tenant_counter",
+            "Virtual token counter (weighted tokens / tenant weight) per model pool.",
+            labels=["tenant", "model"],
         )
         service = CounterMetricFamily(
-            "vtc_tenant_service", "Tokens served at their prices.", labels=["tenant"]
+            "vtc_tenant_service_tokens",
+            "Service received: input_price * prompt + output_price * completion tokens.",
+            labels=["tenant"],
         )
         queued = GaugeMetricFamily(
             "vtc_tenant_queued", "Requests waiting in the gateway.", labels=["tenant"]
@@ -120,58 +214,67 @@ class _StateCollector(Collector):
             "vtc_tenant_in_flight", "Requests running on backends.", labels=["tenant"]
         )
         weight = GaugeMetricFamily("vtc_tenant_weight", "Configured weight.", labels=["tenant"])
+        configured = d.tenant_limits()
         agg_service: defaultdict[str, float] = defaultdict(float)
         agg_queued: defaultdict[str, int] = defaultdict(int)
-        for model, sched in d.pools().items():
-            per_label: defaultdict[str, float] = defaultdict(float)
+        agg_running: defaultdict[str, int] = defaultdict(int)
+        for tenant in configured:
+            lab = stats.label(tenant)
+            agg_queued[lab] += 0
+            agg_running[lab] += 0
+        for model, sched in sorted(d.pools().items()):
+            per_label: dict[str, float] = {}
             for ts in sched.stats():
                 lab = stats.label(ts.name)
-                per_label[lab] = max(per_label[lab], ts.counter) if lab == "other" else ts.counter
+                per_label[lab] = max(per_label.get(lab, ts.counter), ts.counter)
                 agg_service[lab] += ts.service
                 agg_queued[lab] += ts.queued
             for lab, c in per_label.items():
                 counter.add_metric([lab, model], c)
         for lab, v in agg_service.items():
             service.add_metric([lab], v)
-        for lab, v in agg_queued.items():
-            queued.add_metric([lab], v)
-        agg_running: defaultdict[str, int] = defaultdict(int)
+        for lab, n in agg_queued.items():
+            queued.add_metric([lab], n)
         for tenant, n in d.running.items():
             agg_running[stats.label(tenant)] += n
-        for lab, v in agg_running.items():
-            inflight.add_metric([lab], v)
-        for tenant, lim in d.tenant_limits().items():
+        for lab, n in agg_running.items():
+            inflight.add_metric([lab], n)
+        for tenant, lim in configured.items():
             lab = stats.label(tenant)
             if lab != "other":
                 weight.add_metric([lab], lim.weight)
         yield from (counter, service, queued, inflight, weight)
 
         prompt = CounterMetricFamily(
-            "vtc_tenant_prompt_tokens", "Prompt tokens processed.", labels=["tenant"]
+            "vtc_tenant_prompt_tokens", "Prompt tokens of requests that ran.", labels=["tenant"]
         )
         completion = CounterMetricFamily(
-            "vtc_tenant_completion_tokens", "Output tokens delivered.", labels=["tenant"]
+            "vtc_tenant_completion_tokens", "Output tokens generated.", labels=["tenant"]
         )
         for lab, v in _by_label(stats, stats.prompt_tokens).items():
             prompt.add_metric([lab], v)
         for lab, v in _by_label(stats, stats.completion_tokens).items():
             completion.add_metric([lab], v)
         requests = CounterMetricFamily(
-            "vtc_requests", "Requests by outcome.", labels=["tenant", "outcome"]
+            "vtc_requests", "Finished requests by outcome.", labels=["tenant", "outcome"]
         )
-        for (lab, outcome), v in sorted(stats.outcomes.items()):
+        outcomes: dict[tuple[str, str], int] = {
+            (stats.label(t), o): 0 for t in configured for o in OUTCOMES
+        }
+        outcomes.update(stats.outcomes)
+        for (lab, outcome), v in sorted(outcomes.items()):
             requests.add_metric([lab, outcome], v)
-        dispatches = CounterMetricFamily("vtc_dispatches", "Requests dispatched to backends.")
-        dispatches.add_metric([], d.dispatched_total)
-        yield from (prompt, completion, requests, dispatches)
+        yield from (prompt, completion, requests)
 
+    def _backends(self) -> Iterator[Metric]:
         pool = self._pool()
         b_inflight = GaugeMetricFamily(
             "vtc_backend_in_flight", "Sequences in flight.", labels=["backend"]
         )
         b_reserved = GaugeMetricFamily(
-            "vtc_backend_reserved_tokens", "KV tokens reserved.", labels=["backend"]
-        )
+            "vtc_backend_reserved_tokens", "KV tokens reserved by in-flight requests.",
+            labels=["backend"],
+        )  # fmt: skip
         b_seqs = GaugeMetricFamily(
             "vtc_backend_max_num_seqs", "Sequence capacity.", labels=["backend"]
         )
@@ -180,6 +283,9 @@ class _StateCollector(Collector):
         )
         b_up = GaugeMetricFamily(
             "vtc_backend_up", "1 if the backend takes requests.", labels=["backend"]
+        )
+        b_admitted = CounterMetricFamily(
+            "vtc_backend_admitted", "Requests admitted to the backend.", labels=["backend"]
         )
         b_err = CounterMetricFamily(
             "vtc_backend_errors", "Upstream errors by kind.", labels=["backend", "kind"]
@@ -191,9 +297,60 @@ class _StateCollector(Collector):
             b_seqs.add_metric([s.name], s.max_num_seqs)
             b_kv.add_metric([s.name], s.max_kv_tokens)
             b_up.add_metric([s.name], 1 if s.healthy else 0)
-            for kind, n in st.errors.items():
+            b_admitted.add_metric([s.name], s.admitted_total)
+            errors = dict.fromkeys(BACKEND_ERROR_KINDS, 0)
+            errors.update(st.errors)
+            for kind, n in sorted(errors.items()):
                 b_err.add_metric([s.name, kind], n)
-        yield from (b_inflight, b_reserved, b_seqs, b_kv, b_up, b_err)
+        yield from (b_inflight, b_reserved, b_seqs, b_kv, b_up, b_admitted, b_err)
+
+    def _global(self) -> Iterator[Metric]:
+        stats = self._stats
+        d = self._dispatcher()
+        dispatches = CounterMetricFamily("vtc_dispatches", "Requests dispatched to backends.")
+        dispatches.add_metric([], d.dispatched_total)
+
+        service: defaultdict[str, float] = defaultdict(float)
+        backlogged: set[str] = set()
+        gap = 0.0
+        for sched in d.pools().values():
+            for ts in sched.stats():
+                service[ts.name] += ts.service / ts.weight
+            waiting = list(sched.backlogged())
+            backlogged.update(waiting)
+            if len(waiting) >= 2:
+                counters = [sched.counter(t) for t in waiting]
+                gap = max(gap, max(counters) - min(counters))
+        index, n = self._fairness.observe(self._clock(), service, backlogged)
+        jain = GaugeMetricFamily(
+            "vtc_fairness_jain_index",
+            f"Jain's index of weight-normalised service over the last "
+            f"{self._fairness.window_s:g} s among continuously backlogged tenants "
+            "(1 = fair; 1 when fewer than two).",
+            value=index,
+        )
+        covered = GaugeMetricFamily(
+            "vtc_fairness_backlogged_tenants",
+            "Tenants the Jain index covers (backlogged throughout its window).",
+            value=n,
+        )
+        gap_m = GaugeMetricFamily(
+            "vtc_backlogged_counter_gap",
+            "Largest counter difference between tenants backlogged in the same model pool "
+            "(VTC bounds it by 2U).",
+            value=gap if math.isfinite(gap) else 0.0,
+        )
+        reloads = CounterMetricFamily(
+            "vtc_config_reloads", "Configuration reloads by result.", labels=["result"]
+        )
+        for result in RELOAD_RESULTS:
+            reloads.add_metric([result], stats.reloads.get(result, 0))
+        last = GaugeMetricFamily(
+            "vtc_config_last_reload_success_timestamp_seconds",
+            "Unix time the configuration in force was loaded.",
+            value=stats.last_reload_ok,
+        )
+        yield from (dispatches, jain, covered, gap_m, reloads, last)
 
 
 def _by_label(stats: GatewayStats, values: dict[str, int]) -> dict[str, int]:
