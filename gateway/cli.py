@@ -41,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1.0,
         help="speed of the embedded simulated backend (no --config only)",
     )
+    serve.add_argument(
+        "--no-watch",
+        action="store_true",
+        help="do not reload when the config file changes (SIGHUP still reloads)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     check = sub.add_parser(
@@ -106,6 +111,7 @@ async def _embedded_sim(args: argparse.Namespace) -> AsyncIterator[str]:
 
 
 async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None:
+    from .reload import Reloader
     from .server import STATE, create_admin_app, create_app
 
     async with contextlib.AsyncExitStack() as stack:
@@ -142,6 +148,12 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if args.config:  # hot reload: SIGHUP, and (unless --no-watch) file changes
+            reloader = Reloader(app[STATE], args.config)
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+            if not args.no_watch:
+                watcher = asyncio.create_task(reloader.watch(), name="config-watch")
+                stack.callback(watcher.cancel)
         await stop.wait()
         # Drain: refuse new work, answer the queue 503, let running streams finish until
         # limits.shutdown_timeout_s (runner.cleanup waits for them, then cancels the rest).
