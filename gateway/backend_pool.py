@@ -18,11 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+
 from .admission import AdmissionController, BackendSlots
 from .config import BackendConfig
 from .upstream import AiohttpUpstream
 
 log = logging.getLogger(__name__)
+
+_TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 @dataclass(slots=True)
@@ -150,6 +154,31 @@ class BackendPool:
             elif not ok and st.slots.healthy:
                 st.slots.healthy = False
                 log.warning("backend %s failed its health check; marked down", st.name)
+
+    async def remote_count(self, model: str, body: dict[str, Any], chat: bool) -> int | None:
+        """Prompt tokens as a backend serving ``model`` counts them (``POST /tokenize``), or
+        None when no healthy backend answers (the caller falls back to its own count)."""
+        payload: dict[str, Any] = {"model": model}
+        if chat:
+            payload["messages"] = body.get("messages")
+        else:
+            payload["prompt"] = body.get("prompt")
+        for st in self.states.values():
+            if model not in st.slots.models or not st.slots.healthy:
+                continue
+            try:
+                async with self.upstream.session.post(
+                    st.url + "/tokenize", json=payload, timeout=_TOKENIZE_TIMEOUT
+                ) as resp:
+                    if resp.status != 200:
+                        continue
+                    data = await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+            count = data.get("count") if isinstance(data, dict) else None
+            if isinstance(count, int) and count >= 0:
+                return count
+        return None
 
     # -- queries -----------------------------------------------------------------------------
     def max_model_len(self, model: str) -> int | None:

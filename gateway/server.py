@@ -396,6 +396,10 @@ async def _validate(state: GatewayState, body: dict[str, Any], chat: bool) -> tu
             prompt_tokens = state.counter.count_request(body, chat)
     except PromptError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from None
+    if state.config.tokenizer == "backend":
+        remote = await state.pool.remote_count(model, body, chat)
+        if remote is not None:
+            prompt_tokens = remote
     reserve = output_reservation(
         fields,
         prompt_tokens,

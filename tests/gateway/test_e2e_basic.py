@@ -223,3 +223,23 @@ async def test_unknown_fields_pass_through_to_backend() -> None:
         )
         assert resp.status_code == 200, resp.text
         assert json.loads(resp.text)["usage"]["completion_tokens"] == 5
+
+
+async def test_backend_tokenizer_counts_with_the_backends_tokenize_route() -> None:
+    async with gateway_stack(gateway={"tokenizer": "backend"}) as stack:
+        seen: list[int] = []
+        stack.state.dispatcher.on_dispatch = lambda job: seen.append(job.prompt_tokens)
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            msgs = [{"role": "user", "content": "count me please"}]
+            tok = (
+                await http.post(
+                    stack.sims[0].url + "/tokenize", json={"model": MODEL, "messages": msgs}
+                )
+            ).json()["count"]
+            r = await http.post(
+                "/v1/chat/completions",
+                headers={"Authorization": "Bearer key-a"},
+                json={"model": MODEL, "messages": msgs, "max_tokens": 3},
+            )
+            assert r.status_code == 200
+        assert seen == [tok]
