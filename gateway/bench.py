@@ -1,0 +1,821 @@
+"""``vtc-gateway bench proxy``: the gateway side by side with a direct connection to the backend.
+
+One invocation starts the simulated backend (``python -m backends.sim --speed 0``: no step
+delays, tokens as fast as it can write) and one gateway process per policy (``vtc``, ``fcfs``),
+each from a generated config whose limits never throttle, then drives the same streaming chat
+load (a) straight at the simulator and (b, c) through each gateway, interleaved level by level::
+
+    vtc-gateway bench proxy                                  # full run, ~4 minutes
+    vtc-gateway bench proxy --concurrency 1,64 --duration 5  # quick subset
+
+With ``--pin`` (default on 2+ cores) the gateway runs on core 0 and the simulator and the load
+generator (this process) on core 1, so the gateway/direct ratio shows whether the gateway keeps
+up, not how processes share a core. Per path it reports requests/s, streamed tokens/s, TTFT and
+inter-token latency p50/p99, the gateway's CPU-seconds per million tokens (utime + stime from
+``/proc/PID/stat``) and RSS (``VmRSS``), the CPU share of every process (so a saturated load
+generator is visible), and the ratios gateway/direct.
+
+Two checks run after the table (skip them with ``--no-work-conservation`` / ``--no-memory``):
+
+* work conservation: a saturated load through a real-speed simulator (``--wc-profile``,
+  ``max_num_seqs`` 64 for the simulator and the gateway), gateway tokens/s vs direct;
+* memory: ``--queued`` requests held in the queue in front of a one-slot backend, gateway RSS
+  delta per queued request.
+
+Latency samples: TTFT is from sending the request to the first read holding an output token;
+inter-token latency is the gap between reads holding tokens, divided evenly over the tokens of
+the read. A benchmark, not a test: it prints a table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+MODEL = "sim-llama-3-8b"
+PROMPT = "Write a short story about a lighthouse keeper who befriends a storm."
+TENANTS = 8
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+#: Runs the gateway CLI, optionally without orjson or with uvloop (bench-only switches).
+_GATEWAY_LAUNCHER = """
+import os, sys
+if os.environ.get("VTC_BENCH_NO_ORJSON"):
+    sys.modules["orjson"] = None
+if os.environ.get("VTC_BENCH_UVLOOP"):
+    import asyncio, uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSample:
+    cpu_s: float  # utime + stime
+    rss_kib: int
+    hwm_kib: int
+    wall: float
+
+
+def proc_sample(pid: int | None = None) -> ProcSample:
+    """CPU seconds and memory of ``pid`` (this process when None), read from ``/proc``."""
+    wall = time.monotonic()
+    if pid is None:
+        t = os.times()
+        cpu = t.user + t.system
+        pid_s = "self"
+    else:
+        pid_s = str(pid)
+        with open(f"/proc/{pid_s}/stat") as f:
+            # fields after the ")" that ends the command name; utime, stime are 14 and 15
+            rest = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(rest[11]) + int(rest[12])) / _CLK_TCK
+    rss = hwm = 0
+    with open(f"/proc/{pid_s}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return ProcSample(cpu, rss, hwm, wall)
+
+
+@dataclass
+class Service:
+    name: str
+    proc: asyncio.subprocess.Process
+    url: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def _pin_prefix(core: int | None) -> list[str]:
+    return ["taskset", "-c", str(core)] if core is not None else []
+
+
+STARTUP_S = 60.0
+
+
+async def _start(name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    assert proc.stdout is not None
+    try:
+        while True:
+            line = (await asyncio.wait_for(proc.stdout.readline(), STARTUP_S)).decode()
+            if not line:
+                raise RuntimeError(f"{name} exited before listening")
+            if line.startswith("listening on "):
+                return Service(name, proc, line.split()[-1].rstrip("/"))
+    except BaseException:
+        await _stop(proc)
+        raise
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def start_sim(core: int | None, *args: str) -> Service:
+    argv = [*_pin_prefix(core), sys.executable, "-m", "backends.sim", "--port", "0", *args]
+    return await _start("sim", argv)
+
+
+def gateway_config(
+    sim_url: str, policy: str, max_num_seqs: int, max_kv_tokens: int = 100_000_000
+) -> dict[str, Any]:
+    """A config for the benchmark: one backend, :data:`TENANTS` tenants, limits that never
+    throttle beyond ``max_num_seqs``."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "backends": [
+            {
+                "name": "sim",
+                "url": sim_url,
+                "models": [MODEL],
+                "max_num_seqs": max_num_seqs,
+                "max_kv_tokens": max_kv_tokens,
+                "max_model_len": 8192,
+            }
+        ],
+        "tenants": [
+            {"name": f"t{i}", "api_keys": [f"bench-key-{i}"], "max_queued": 1_000_000}
+            for i in range(TENANTS)
+        ],
+        "scheduler": {"policy": policy},
+        "limits": {"queue_timeout_s": 3600, "health_interval_s": 5},
+    }
+
+
+def write_config(config: dict[str, Any], workdir: Path) -> Path:
+    """Write ``config`` as a new YAML file in ``workdir``."""
+    fd, name = tempfile.mkstemp(prefix="gateway-", suffix=".yaml", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f)
+    return Path(name)
+
+
+async def start_gateway(
+    config: dict[str, Any], workdir: Path, core: int | None, orjson: bool, uvloop: bool
+) -> Service:
+    path = write_config(config, workdir)
+    argv = [
+        *_pin_prefix(core),
+        sys.executable,
+        "-c",
+        _GATEWAY_LAUNCHER,
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--config",
+        str(path),
+        "--port",
+        "0",
+    ]
+    env = {}
+    if not orjson:
+        env["VTC_BENCH_NO_ORJSON"] = "1"
+    if uvloop:
+        env["VTC_BENCH_UVLOOP"] = "1"
+    return await _start(f"gateway-{config['scheduler']['policy']}", argv, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# load generator
+# ---------------------------------------------------------------------------------------------
+
+
+FORMATS = ("plain", "usage", "continuous")
+
+
+def request_body(max_tokens: int, fmt: str) -> bytes:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    if fmt == "usage":
+        body["stream_options"] = {"include_usage": True}
+    elif fmt == "continuous":
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    return json.dumps(body).encode()
+
+
+@dataclass
+class _Window:
+    start: float
+    end: float
+    tokens: int = 0
+    requests: int = 0
+    errors: int = 0
+    bad_counts: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+
+#: Every output token's chunk carries this (the sim's chat chunks; the role chunk, the usage
+#: chunk and ``[DONE]`` do not), so counting it counts tokens exactly.
+TOKEN_MARK = b'"delta":{"content":'
+_TAIL = len(TOKEN_MARK) - 1
+
+
+async def _stream_one(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    expected: int,
+    w: _Window,
+) -> None:
+    """One streaming chat request; each read's output tokens are counted by :data:`TOKEN_MARK`
+    (a mark split across two reads is counted once, in the second)."""
+    t0 = time.perf_counter()
+    sampled = w.start <= t0 < w.end
+    async with session.post(url, data=body, headers=headers) as resp:
+        if resp.status != 200:
+            await resp.read()
+            w.errors += 1
+            return
+        last = 0.0
+        total = 0
+        tail = b""
+        async for data in resp.content.iter_any():
+            now = time.perf_counter()
+            n = data.count(TOKEN_MARK)
+            if tail:
+                n += (tail + data[:_TAIL]).count(TOKEN_MARK)
+            tail = data[-_TAIL:]
+            if not n:
+                continue
+            if total == 0:
+                if sampled:
+                    w.ttft.append(now - t0)
+            elif sampled:
+                gap = (now - last) / n
+                w.itl.extend([gap] * n)
+            last = now
+            total += n
+            if w.start <= now < w.end:
+                w.tokens += n
+    if w.start <= time.perf_counter() < w.end:
+        w.requests += 1
+    if total != expected:
+        w.bad_counts += 1
+
+
+async def _worker(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    expected: int,
+    w: _Window,
+    budget: list[int],
+) -> None:
+    while time.perf_counter() < w.end and budget[0] > 0:
+        budget[0] -= 1
+        try:
+            await _stream_one(session, url, body, headers, expected, w)
+        except (aiohttp.ClientError, TimeoutError):
+            w.errors += 1
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000.0
+
+
+def _cpu_share(a: ProcSample, b: ProcSample) -> float:
+    return (b.cpu_s - a.cpu_s) / max(b.wall - a.wall, 1e-9)
+
+
+async def run_load(
+    url: str,
+    *,
+    concurrency: int,
+    max_tokens: int,
+    warmup: float,
+    duration: float,
+    fmt: str = "plain",
+    max_requests: int | None = None,
+    gateway_pid: int | None = None,
+    sim_pid: int | None = None,
+) -> dict[str, Any]:
+    """Drive ``concurrency`` looping streaming clients; measure the window after ``warmup``."""
+    body = request_body(max_tokens, fmt)
+    endpoint = url + "/v1/chat/completions"
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    now = time.perf_counter()
+    w = _Window(start=now + warmup, end=now + warmup + duration)
+    budget = [max_requests if max_requests is not None else 1 << 62]
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        workers = [
+            asyncio.create_task(
+                _worker(
+                    session,
+                    endpoint,
+                    body,
+                    {
+                        "Authorization": f"Bearer bench-key-{i % TENANTS}",
+                        "Content-Type": "application/json",
+                    },
+                    max_tokens,
+                    w,
+                    budget,
+                )
+            )
+            for i in range(concurrency)
+        ]
+        await asyncio.sleep(max(0.0, w.start - time.perf_counter()))
+        pids = {"gateway": gateway_pid, "sim": sim_pid}
+        before = {k: proc_sample(p) for k, p in pids.items() if p is not None}
+        before["client"] = proc_sample()
+        done, _ = await asyncio.wait(workers, timeout=max(0.0, w.end - time.perf_counter()))
+        after = {k: proc_sample(p) for k, p in pids.items() if p is not None}
+        after["client"] = proc_sample()
+        seconds = after["client"].wall - before["client"].wall
+        if len(done) == len(workers):  # request budget ran out before the window ended
+            w.end = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=max(60.0, 2 * duration))
+    seconds = max(min(seconds, w.end - w.start), 1e-9)
+    out: dict[str, Any] = {
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+        "format": fmt,
+        "seconds": round(seconds, 3),
+        "requests": w.requests,
+        "requests_per_s": w.requests / seconds,
+        "tokens_per_s": w.tokens / seconds,
+        "ttft_ms": {"p50": _pct(w.ttft, 0.5), "p99": _pct(w.ttft, 0.99), "n": len(w.ttft)},
+        "itl_ms": {"p50": _pct(w.itl, 0.5), "p99": _pct(w.itl, 0.99), "n": len(w.itl)},
+        "errors": w.errors,
+        "bad_token_counts": w.bad_counts,
+        "cpu_share": {k: round(_cpu_share(before[k], after[k]), 3) for k in before},
+    }
+    if "gateway" in before:
+        g0, g1 = before["gateway"], after["gateway"]
+        cpu = g1.cpu_s - g0.cpu_s
+        out["gateway"] = {
+            "cpu_s": round(cpu, 3),
+            "cpu_s_per_mtok": cpu / w.tokens * 1e6 if w.tokens else None,
+            "rss_kib": g1.rss_kib,
+            "hwm_kib": g1.hwm_kib,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the proxy benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    concurrency: tuple[int, ...] = (1, 64, 256, 1024)
+    max_tokens: int = 128
+    first_token_concurrency: tuple[int, ...] = (1, 64)
+    policies: tuple[str, ...] = ("vtc", "fcfs")
+    duration: float = 8.0
+    warmup: float = 2.0
+    max_requests: int | None = None
+    fmt: str = "plain"
+    pin: bool = True
+    orjson: bool = True
+    uvloop: bool = False
+    direct: bool = True
+    work_conservation: bool = True
+    wc_profile: str = "h100-llama3-8b"
+    wc_concurrency: int = 128
+    wc_duration: float = 20.0
+    memory: bool = True
+    queued: int = 10_000
+
+
+def _cores(pin: bool) -> tuple[int | None, int | None]:
+    """(gateway core, simulator + load generator core), or Nones when not pinning."""
+    if not pin or shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+@contextlib.asynccontextmanager
+async def _services(*starting: Any) -> AsyncIterator[list[Service]]:
+    services: list[Service] = []
+    try:
+        for s in starting:
+            services.append(await s)
+        yield services
+    finally:
+        for s in services:
+            await _stop(s.proc)
+
+
+def _ratios(row: dict[str, Any], direct: dict[str, Any] | None) -> dict[str, Any] | None:
+    if direct is None:
+        return None
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def sub(a: float | None, b: float | None) -> float | None:
+        return a - b if a is not None and b is not None else None
+
+    return {
+        "tokens_per_s": div(row["tokens_per_s"], direct["tokens_per_s"]),
+        "requests_per_s": div(row["requests_per_s"], direct["requests_per_s"]),
+        "ttft_p50_added_ms": sub(row["ttft_ms"]["p50"], direct["ttft_ms"]["p50"]),
+        "ttft_p99_added_ms": sub(row["ttft_ms"]["p99"], direct["ttft_ms"]["p99"]),
+        "itl_p50_added_ms": sub(row["itl_ms"]["p50"], direct["itl_ms"]["p50"]),
+        "itl_p99_added_ms": sub(row["itl_ms"]["p99"], direct["itl_ms"]["p99"]),
+    }
+
+
+async def proxy_benchmark(opts: ProxyOptions, log: Any = print) -> dict[str, Any]:
+    """Run everything ``opts`` asks for; return the JSON-ready results."""
+    gw_core, load_core = _cores(opts.pin)
+    if load_core is not None:
+        os.sched_setaffinity(0, {load_core})
+    scenarios = [(c, opts.max_tokens) for c in opts.concurrency]
+    scenarios += [(c, 1) for c in opts.first_token_concurrency]
+    results: dict[str, Any] = {"meta": _meta(opts, gw_core, load_core), "proxy": []}
+    with tempfile.TemporaryDirectory(prefix="vtc-bench-") as tmp:
+        workdir = Path(tmp)
+        big = ("--max-num-seqs", "4096", "--kv-cache-tokens", "100000000")
+        async with _services(start_sim(load_core, "--speed", "0", *big)) as (sim,):
+            gws = [
+                await start_gateway(
+                    gateway_config(sim.url, p, 4096), workdir, gw_core, opts.orjson, opts.uvloop
+                )
+                for p in opts.policies
+            ]
+            try:
+                for conc, mt in scenarios:
+                    direct = None
+                    paths: list[tuple[str, str, int | None]] = []
+                    if opts.direct:
+                        paths.append(("direct", sim.url, None))
+                    paths += [(p, g.url, g.pid) for p, g in zip(opts.policies, gws, strict=True)]
+                    for name, url, gpid in paths:
+                        row = await run_load(
+                            url,
+                            concurrency=conc,
+                            max_tokens=mt,
+                            warmup=opts.warmup,
+                            duration=opts.duration,
+                            fmt=opts.fmt,
+                            max_requests=opts.max_requests,
+                            gateway_pid=gpid,
+                            sim_pid=sim.pid,
+                        )
+                        row = {
+                            "scenario": "first_token" if mt == 1 else "stream",
+                            "path": name,
+                            **row,
+                        }
+                        if name == "direct":
+                            direct = row
+                        else:
+                            row["vs_direct"] = _ratios(row, direct)
+                        results["proxy"].append(row)
+                        log(_row_line(row))
+            finally:
+                for g in gws:
+                    await _stop(g.proc)
+        if opts.work_conservation:
+            results["work_conservation"] = await work_conservation(
+                opts, workdir, gw_core, load_core
+            )
+            log(_wc_line(results["work_conservation"]))
+        if opts.memory:
+            results["memory"] = await memory_check(opts, workdir, gw_core, load_core)
+            log(_mem_line(results["memory"]))
+    return results
+
+
+async def work_conservation(
+    opts: ProxyOptions, workdir: Path, gw_core: int | None, load_core: int | None
+) -> dict[str, Any]:
+    """Saturated load at real speed: gateway (vtc) tokens/s vs straight to the simulator."""
+    sim_args = ("--speed", "1", "--profile", opts.wc_profile, "--max-num-seqs", "64")
+    out: dict[str, Any] = {
+        "profile": opts.wc_profile,
+        "max_num_seqs": 64,
+        "concurrency": opts.wc_concurrency,
+        "max_tokens": opts.max_tokens,
+    }
+    warm = min(5.0, opts.wc_duration / 4)
+    async with _services(start_sim(load_core, *sim_args)) as (sim,):
+        out["direct"] = await run_load(
+            sim.url,
+            concurrency=opts.wc_concurrency,
+            max_tokens=opts.max_tokens,
+            warmup=warm,
+            duration=opts.wc_duration,
+            sim_pid=sim.pid,
+        )
+    async with _services(start_sim(load_core, *sim_args)) as (sim,):
+        cfg = gateway_config(sim.url, "vtc", 64)
+        async with _services(start_gateway(cfg, workdir, gw_core, opts.orjson, opts.uvloop)) as (
+            gw,
+        ):
+            out["gateway"] = await run_load(
+                gw.url,
+                concurrency=opts.wc_concurrency,
+                max_tokens=opts.max_tokens,
+                warmup=warm,
+                duration=opts.wc_duration,
+                gateway_pid=gw.pid,
+                sim_pid=sim.pid,
+            )
+    d, g = out["direct"]["tokens_per_s"], out["gateway"]["tokens_per_s"]
+    out["ratio"] = g / d if d else None
+    out["target"] = 0.98
+    return out
+
+
+async def memory_check(
+    opts: ProxyOptions, workdir: Path, gw_core: int | None, load_core: int | None
+) -> dict[str, Any]:
+    """Hold ``opts.queued`` requests in the gateway's queue; RSS delta per queued request."""
+    n = opts.queued
+    # one slot, in slow motion, so the queue drains by at most a handful during the check
+    sim_args = ("--speed", "0.02", "--max-num-seqs", "1")
+    async with _services(start_sim(load_core, *sim_args)) as (sim,):
+        cfg = gateway_config(sim.url, "vtc", 1)
+        async with _services(start_gateway(cfg, workdir, gw_core, opts.orjson, opts.uvloop)) as (
+            gw,
+        ):
+            body = request_body(opts.max_tokens, "plain")
+            conn = aiohttp.TCPConnector(limit=0)
+            timeout = aiohttp.ClientTimeout(total=None)
+            async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+
+                async def one(i: int) -> None:
+                    hdr = {
+                        "Authorization": f"Bearer bench-key-{i % TENANTS}",
+                        "Content-Type": "application/json",
+                    }
+                    async with session.post(
+                        gw.url + "/v1/chat/completions", data=body, headers=hdr
+                    ) as resp:
+                        await resp.read()
+
+                async def queued() -> int:
+                    async with session.get(gw.url + "/health") as resp:
+                        return int((await resp.json())["queued"])
+
+                # warm the gateway (imports, first request paths) before the baseline
+                warm = [asyncio.create_task(one(i)) for i in range(4)]
+                await asyncio.sleep(1.0)
+                base = proc_sample(gw.pid)
+                tasks = list(warm)
+                t0 = time.monotonic()
+                for start in range(0, n, 500):
+                    tasks += [
+                        asyncio.create_task(one(i)) for i in range(start, min(n, start + 500))
+                    ]
+                    await asyncio.sleep(0.05)
+                deadline = time.monotonic() + 120
+                q = await queued()
+                while q < n * 0.99 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    q = await queued()
+                await asyncio.sleep(1.0)
+                q = await queued()
+                full = proc_sample(gw.pid)
+                ramp = time.monotonic() - t0
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    delta = (full.rss_kib - base.rss_kib) * 1024
+    return {
+        "requested": n,
+        "queued": q,
+        "rss_before_kib": base.rss_kib,
+        "rss_queued_kib": full.rss_kib,
+        "bytes_per_queued_request": delta / q if q else None,
+        "target_bytes": 20 * 1024,
+        "ramp_s": round(ramp, 2),
+        "note": "includes the client connection, the aiohttp request and the handler task",
+    }
+
+
+def _meta(opts: ProxyOptions, gw_core: int | None, load_core: int | None) -> dict[str, Any]:
+    def has(mod: str) -> bool:
+        try:
+            __import__(mod)
+        except ImportError:
+            return False
+        return True
+
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "aiohttp": aiohttp.__version__,
+        "orjson": opts.orjson and has("orjson"),
+        "uvloop": opts.uvloop and has("uvloop"),
+        "pinned": {"gateway": gw_core, "sim_and_load": load_core},
+        "format": opts.fmt,
+        "duration_s": opts.duration,
+        "warmup_s": opts.warmup,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+HEADER = (
+    f"{'scenario':<12}{'conc':>5} {'path':<7}{'req/s':>8}{'tok/s':>9}"
+    f"{'ttft50':>8}{'ttft99':>8}{'itl50':>7}{'itl99':>7}"
+    f"{'cpu/Mtok':>9}{'rssMiB':>7}{'gw%':>5}{'sim%':>5}{'cli%':>5}{'x dir':>6}{'+ttft':>7}"
+)
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    gw = r.get("gateway") or {}
+    share = r["cpu_share"]
+    ratio = r.get("vs_direct") or {}
+    rss = gw.get("rss_kib")
+    return (
+        f"{r['scenario']:<12}{r['concurrency']:>5} {r['path']:<7}"
+        f"{r['requests_per_s']:>8.0f}{r['tokens_per_s']:>9.0f}"
+        f"{_f(r['ttft_ms']['p50']):>8}{_f(r['ttft_ms']['p99']):>8}"
+        f"{_f(r['itl_ms']['p50']):>7}{_f(r['itl_ms']['p99']):>7}"
+        f"{_f(gw.get('cpu_s_per_mtok'), '.1f'):>9}"
+        f"{_f(rss / 1024 if rss else None, '.0f'):>7}"
+        f"{_f(share.get('gateway', 0) * 100 if 'gateway' in share else None, '.0f'):>5}"
+        f"{share.get('sim', 0) * 100:>5.0f}{share['client'] * 100:>5.0f}"
+        f"{_f(ratio.get('tokens_per_s')):>6}{_f(ratio.get('ttft_p50_added_ms')):>7}"
+        + (f"  errors={r['errors']}" if r["errors"] else "")
+        + (f"  bad_counts={r['bad_token_counts']}" if r["bad_token_counts"] else "")
+    )
+
+
+def _wc_line(wc: dict[str, Any]) -> str:
+    return (
+        f"work conservation ({wc['profile']}, max_num_seqs 64, {wc['concurrency']} streams): "
+        f"direct {wc['direct']['tokens_per_s']:.0f} tok/s, gateway "
+        f"{wc['gateway']['tokens_per_s']:.0f} tok/s, ratio {_f(wc['ratio'], '.3f')} "
+        f"(target >= {wc['target']})"
+    )
+
+
+def _mem_line(m: dict[str, Any]) -> str:
+    per = m["bytes_per_queued_request"]
+    return (
+        f"memory: {m['queued']} queued, RSS {m['rss_before_kib'] / 1024:.0f} -> "
+        f"{m['rss_queued_kib'] / 1024:.0f} MiB, {_f(per / 1024 if per else None, '.1f')} KiB "
+        f"per queued request (target <= 20 KiB)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def register(subparsers: Any) -> None:
+    """Add ``bench proxy`` to the ``vtc-gateway`` CLI."""
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser(
+        "proxy",
+        help="gateway vs direct against the simulator: throughput, latency, CPU, memory",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    d = ProxyOptions()
+    p.add_argument("--concurrency", type=_ints, default=d.concurrency, help="e.g. 1,64,256,1024")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument(
+        "--first-token",
+        type=_ints,
+        default=d.first_token_concurrency,
+        help="concurrency levels of the max_tokens=1 scenario ('' for none)",
+    )
+    p.add_argument("--policies", default=",".join(d.policies), help="gateways to compare")
+    p.add_argument("--duration", type=float, default=d.duration, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=d.warmup, help="unmeasured seconds per run")
+    p.add_argument("--max-requests", type=int, default=None, help="request budget per run")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=d.fmt,
+        help="what the client asks for: plain stream, include_usage, or continuous usage "
+        "(the gateway's pass-through case)",
+    )
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=d.pin)
+    p.add_argument(
+        "--orjson",
+        action=argparse.BooleanOptionalAction,
+        default=d.orjson,
+        help="let the gateway use orjson when installed",
+    )
+    p.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=d.uvloop,
+        help="run the gateway on uvloop",
+    )
+    p.add_argument("--direct", action=argparse.BooleanOptionalAction, default=d.direct)
+    p.add_argument(
+        "--work-conservation", action=argparse.BooleanOptionalAction, default=d.work_conservation
+    )
+    p.add_argument("--wc-profile", default=d.wc_profile)
+    p.add_argument("--wc-concurrency", type=int, default=d.wc_concurrency)
+    p.add_argument("--wc-duration", type=float, default=d.wc_duration)
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=d.memory)
+    p.add_argument(
+        "--queued", type=int, default=d.queued, help="requests held for the memory check"
+    )
+    p.add_argument("--out", default="bench-results/proxy.json", help="JSON results file")
+    p.set_defaults(func=_cmd_proxy)
+
+
+def options_from_args(args: argparse.Namespace) -> ProxyOptions:
+    return ProxyOptions(
+        concurrency=tuple(args.concurrency),
+        max_tokens=args.max_tokens,
+        first_token_concurrency=tuple(args.first_token),
+        policies=tuple(p for p in args.policies.split(",") if p),
+        duration=args.duration,
+        warmup=args.warmup,
+        max_requests=args.max_requests,
+        fmt=args.format,
+        pin=args.pin,
+        orjson=args.orjson,
+        uvloop=args.uvloop,
+        direct=args.direct,
+        work_conservation=args.work_conservation,
+        wc_profile=args.wc_profile,
+        wc_concurrency=args.wc_concurrency,
+        wc_duration=args.wc_duration,
+        memory=args.memory,
+        queued=args.queued,
+    )
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    print(HEADER, flush=True)
+    results = asyncio.run(proxy_benchmark(opts, log=lambda s: print(s, flush=True)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
