@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     else:
         register_bench(sub)
+        from .soak import register as register_soak
+
+        register_soak(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
