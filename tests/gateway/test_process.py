@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -129,5 +130,51 @@ async def test_admin_listener_serves_metrics_and_health_privately(tmp_path: Path
                 assert (await http.get(url + "/health")).status_code == 404
                 assert (await http.get(admin + "/health")).json()["status"] == "ok"
                 assert "vtc_backend_up" in (await http.get(admin + "/metrics")).text
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_idle_and_slow_header_connections_are_closed(tmp_path: Path) -> None:
+    async with SimServer(SimConfig(port=0, speed=0)) as sim:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "backends": [{"name": "sim", "url": sim.url}],
+                    "tenants": [{"name": "a", "api_keys": ["key-a"]}],
+                    "limits": {"idle_timeout_s": 1},
+                }
+            )
+        )
+        async with gateway_process("--config", str(cfg)) as (proc, url):
+            host, port = url.removeprefix("http://").split(":")
+            idle = [await asyncio.open_connection(host, int(port)) for _ in range(1000)]
+            slow_r, slow_w = await asyncio.open_connection(host, int(port))
+            slow_w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                r = await http.post(
+                    "/v1/completions",
+                    headers={"Authorization": "Bearer key-a"},
+                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                )
+                assert r.status_code == 200  # served while 1,001 connections sit open
+
+            async def closed(reader: asyncio.StreamReader) -> bool:
+                return await asyncio.wait_for(reader.read(), 30) == b""
+
+            async def trickle() -> bool:  # a header byte now and then does not keep it open
+                for _ in range(200):
+                    if slow_r.at_eof():
+                        return True
+                    slow_w.write(b"X")
+                    with contextlib.suppress(TimeoutError):
+                        if await asyncio.wait_for(slow_r.read(), 0.2) == b"":
+                            return True
+                return False
+
+            assert all(await asyncio.gather(*(closed(r) for r, _ in idle)))
+            assert await trickle()
+            for _, w in [*idle, (slow_r, slow_w)]:
+                w.close()
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
