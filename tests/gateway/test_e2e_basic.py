@@ -243,3 +243,14 @@ async def test_backend_tokenizer_counts_with_the_backends_tokenize_route() -> No
             )
             assert r.status_code == 200
         assert seen == [tok]
+
+
+async def test_oversized_headers_are_refused_without_a_500() -> None:
+    async with gateway_stack() as stack, httpx.AsyncClient(base_url=stack.url) as http:
+        r = await http.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "x"},
+            headers={"Authorization": "Bearer key-a", "X-Big": "a" * 20_000},
+        )
+        assert 400 <= r.status_code < 500
+        assert stack.state.dispatcher.total_queued() == 0

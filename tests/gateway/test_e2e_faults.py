@@ -140,3 +140,40 @@ async def test_stalled_stream_hits_the_read_timeout() -> None:
         assert r.status_code == 200
         assert "stalled" in r.text and r.text.endswith("data: [DONE]\n\n")
         await wait_for(lambda: _settled(st))
+
+
+async def test_backend_marked_down_comes_back_after_a_passing_health_check() -> None:
+    from backends.sim.config import SimConfig
+    from backends.sim.server import SimServer
+
+    gw = {"limits": {"health_interval_s": 0.2, "connect_timeout_s": 1}}
+    async with gateway_stack(gateway=gw, more_backends=[({}, {})]) as stack:
+        first = stack.sims[0]
+        port = first.port
+        await first.stop()
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            # The health loop or the failed attempts mark it down; requests go to sim1.
+            for _ in range(4):
+                r = await http.post("/v1/completions", json=_body(4, stream=False), headers=A)
+                assert r.status_code == 200
+            await wait_for(lambda: not stack.state.pool.states["sim"].slots.healthy)
+            async with SimServer(SimConfig(port=port, speed=4.0)):
+                await wait_for(lambda: stack.state.pool.states["sim"].slots.healthy)
+                health = (await http.get("/health")).json()
+                assert all(b["up"] for b in health["backends"])
+
+
+async def test_api_keys_and_prompts_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    secret_prompt = "the-secret-prompt-text"
+    async with gateway_stack(sim={"faults": (parse_fault("error_500"),)}) as stack:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            body = {"model": MODEL, "prompt": secret_prompt, "max_tokens": 3}
+            await http.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+            await http.post("/v1/completions", json=body, headers=A)
+            metrics = (await http.get("/metrics")).text
+    text = caplog.text
+    assert "key-a" not in text and "nope" not in text and secret_prompt not in text
+    assert "key-a" not in metrics and secret_prompt not in metrics
