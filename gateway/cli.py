@@ -105,7 +105,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def _embedded_sim(args: argparse.Namespace) -> AsyncIterator[str]:
-    from backends.sim.server import SimConfig, SimServer
+    from backends.sim.config import SimConfig
+    from backends.sim.server import SimServer
 
     cfg = SimConfig(host="127.0.0.1", port=0, profile=args.sim_profile, speed=args.sim_speed)
     async with SimServer(cfg) as sim:

@@ -122,7 +122,7 @@ class GatewayConfig:
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, API keys replaced by their digests' prefixes."""
-        out = _as_dict(self)
+        out: dict[str, Any] = _as_dict(self)
         for t in out["tenants"]:
             t["api_keys"] = [f"sha256:{key_digest(k).hex()[:12]}..." for k in t["api_keys"]]
         return out
@@ -310,8 +310,8 @@ def parse_config(raw: Any) -> GatewayConfig:
         )
     _unique(r, "tenants", [t.name for t in tenants])
     seen: dict[bytes, str] = {}
-    for i, t in enumerate(tenants):
-        for j, key in enumerate(t.api_keys):
+    for i, tenant in enumerate(tenants):
+        for j, key in enumerate(tenant.api_keys):
             if key.startswith("sha256:") and not _SHA256_RE.match(key):
                 r.fail(
                     f"tenants[{i}].api_keys[{j}]",
@@ -320,15 +320,15 @@ def parse_config(raw: Any) -> GatewayConfig:
                     show=False,
                 )
                 continue
-            d = key_digest(key)
-            if d in seen and seen[d] != t.name:
+            digest = key_digest(key)
+            if digest in seen and seen[digest] != tenant.name:
                 r.fail(
                     f"tenants[{i}].api_keys[{j}]",
-                    f"key also belongs to tenant {seen[d]!r}",
+                    f"key also belongs to tenant {seen[digest]!r}",
                     None,
                     show=False,
                 )
-            seen[d] = t.name
+            seen[digest] = tenant.name
 
     sch = r.mapping(top.get("scheduler"), "scheduler", {f.name for f in fields(SchedulerConfig)})
     scheduler = SchedulerConfig(

@@ -270,9 +270,10 @@ async def soak(opts: SoakOptions, log: Any = print) -> dict[str, Any]:
             },
             "rss_kib": {"after_warmup": rss_start, "end": rss_end},
         }
+        leaked: dict[str, float] = result["leaked"]  # type: ignore[assignment]
         result["ok"] = (
             stuck == 0
-            and all(v == 0 for v in result["leaked"].values())
+            and all(v == 0 for v in leaked.values())
             and not unaccounted
             and tally.errors == 0
         )

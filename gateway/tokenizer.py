@@ -68,7 +68,7 @@ class _HFTokenizerJson:
 
     def __init__(self, path: str) -> None:
         try:
-            from tokenizers import Tokenizer  # type: ignore[import-not-found]
+            from tokenizers import Tokenizer
         except ImportError as exc:  # pragma: no cover - depends on optional package
             raise RuntimeError(
                 "tokenizer path given but the 'tokenizers' package is not installed"
