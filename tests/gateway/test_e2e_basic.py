@@ -254,3 +254,31 @@ async def test_oversized_headers_are_refused_without_a_500() -> None:
         )
         assert 400 <= r.status_code < 500
         assert stack.state.dispatcher.total_queued() == 0
+
+
+async def test_requests_spread_over_backends_least_loaded_first() -> None:
+    async with gateway_stack(
+        backend={"max_num_seqs": 2}, more_backends=[({}, {"max_num_seqs": 2})], sim={"speed": 1}
+    ) as stack:
+        body = {
+            "model": MODEL,
+            "prompt": "x",
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        hdr = {"Authorization": "Bearer key-a"}
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+            streams = [
+                http.stream("POST", "/v1/completions", json=body, headers=hdr) for _ in range(4)
+            ]
+            opened = [await s.__aenter__() for s in streams]
+            try:
+                assert all(r.status_code == 200 for r in opened)
+                slots = stack.state.pool.states
+                assert slots["sim"].slots.in_flight == 2 and slots["sim1"].slots.in_flight == 2
+                await wait_for(lambda: [s.core.num_running for s in stack.sims] == [2, 2])
+            finally:
+                for s in streams:
+                    await s.__aexit__(None, None, None)
+        await wait_for(lambda: stack.state.admission.in_flight() == 0)
