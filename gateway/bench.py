@@ -102,6 +102,24 @@ def proc_sample(pid: int | None = None) -> ProcSample:
     return ProcSample(cpu, rss, hwm, wall)
 
 
+def cpu_times() -> dict[str, tuple[float, float]]:
+    """Per core (``cpu0``, ...): (busy, total) jiffies from ``/proc/stat``; busy includes the
+    softirq time of loopback networking, which no process is charged for."""
+    out: dict[str, tuple[float, float]] = {}
+    with contextlib.suppress(OSError), open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *vals = line.split()
+                v = [float(x) for x in vals[:8]]
+                idle = v[3] + v[4]  # idle + iowait
+                out[name] = (sum(v) - idle, sum(v))
+    return out
+
+
+def _busy(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {k: round((b[k][0] - a[k][0]) / max(b[k][1] - a[k][1], 1e-9), 3) for k in b if k in a}
+
+
 @dataclass
 class Service:
     name: str
@@ -245,7 +263,7 @@ class _Window:
     end: float
     tokens: int = 0
     requests: int = 0
-    errors: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
     bad_counts: int = 0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
@@ -268,11 +286,10 @@ async def _stream_one(
     """One streaming chat request; each read's output tokens are counted by :data:`TOKEN_MARK`
     (a mark split across two reads is counted once, in the second)."""
     t0 = time.perf_counter()
-    sampled = w.start <= t0 < w.end
     async with session.post(url, data=body, headers=headers) as resp:
         if resp.status != 200:
             await resp.read()
-            w.errors += 1
+            w.errors[f"http_{resp.status}"] = w.errors.get(f"http_{resp.status}", 0) + 1
             return
         last = 0.0
         total = 0
@@ -285,16 +302,14 @@ async def _stream_one(
             tail = data[-_TAIL:]
             if not n:
                 continue
-            if total == 0:
-                if sampled:
+            if w.start <= now < w.end:  # events are sampled by when they happen
+                w.tokens += n
+                if total == 0:
                     w.ttft.append(now - t0)
-            elif sampled:
-                gap = (now - last) / n
-                w.itl.extend([gap] * n)
+                else:
+                    w.itl.extend([(now - last) / n] * n)
             last = now
             total += n
-            if w.start <= now < w.end:
-                w.tokens += n
     if w.start <= time.perf_counter() < w.end:
         w.requests += 1
     if total != expected:
@@ -309,13 +324,16 @@ async def _worker(
     expected: int,
     w: _Window,
     budget: list[int],
+    delay: float,
 ) -> None:
+    await asyncio.sleep(delay)  # staggered starts, so streams do not move in lockstep
     while time.perf_counter() < w.end and budget[0] > 0:
         budget[0] -= 1
         try:
             await _stream_one(session, url, body, headers, expected, w)
-        except (aiohttp.ClientError, TimeoutError):
-            w.errors += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            kind = exc.__class__.__name__
+            w.errors[kind] = w.errors.get(kind, 0) + 1
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -363,6 +381,7 @@ async def run_load(
                     max_tokens,
                     w,
                     budget,
+                    warmup * i / concurrency / 2,
                 )
             )
             for i in range(concurrency)
@@ -371,9 +390,11 @@ async def run_load(
         pids = {"gateway": gateway_pid, "sim": sim_pid}
         before = {k: proc_sample(p) for k, p in pids.items() if p is not None}
         before["client"] = proc_sample()
+        cores0 = cpu_times()
         done, _ = await asyncio.wait(workers, timeout=max(0.0, w.end - time.perf_counter()))
         after = {k: proc_sample(p) for k, p in pids.items() if p is not None}
         after["client"] = proc_sample()
+        cores = _busy(cores0, cpu_times())
         seconds = after["client"].wall - before["client"].wall
         if len(done) == len(workers):  # request budget ran out before the window ended
             w.end = time.perf_counter()
@@ -392,6 +413,7 @@ async def run_load(
         "errors": w.errors,
         "bad_token_counts": w.bad_counts,
         "cpu_share": {k: round(_cpu_share(before[k], after[k]), 3) for k in before},
+        "core_busy": cores,
     }
     if "gateway" in before:
         g0, g1 = before["gateway"], after["gateway"]
@@ -494,6 +516,9 @@ async def proxy_benchmark(opts: ProxyOptions, log: Any = print) -> dict[str, Any
             ]
             try:
                 for conc, mt in scenarios:
+                    # a stream takes ~conc/256 times longer at high concurrency: let several
+                    # generations of requests start and finish inside the window
+                    scale = max(1.0, conc / 256) if mt > 1 else 1.0
                     direct = None
                     paths: list[tuple[str, str, int | None]] = []
                     if opts.direct:
@@ -504,8 +529,8 @@ async def proxy_benchmark(opts: ProxyOptions, log: Any = print) -> dict[str, Any
                             url,
                             concurrency=conc,
                             max_tokens=mt,
-                            warmup=opts.warmup,
-                            duration=opts.duration,
+                            warmup=opts.warmup * scale,
+                            duration=opts.duration * scale,
                             fmt=opts.fmt,
                             max_requests=opts.max_requests,
                             gateway_pid=gpid,
@@ -679,7 +704,8 @@ def _f(x: float | None, spec: str = ".2f") -> str:
 HEADER = (
     f"{'scenario':<12}{'conc':>5} {'path':<7}{'req/s':>8}{'tok/s':>9}"
     f"{'ttft50':>8}{'ttft99':>8}{'itl50':>7}{'itl99':>7}"
-    f"{'cpu/Mtok':>9}{'rssMiB':>7}{'gw%':>5}{'sim%':>5}{'cli%':>5}{'x dir':>6}{'+ttft':>7}"
+    f"{'cpu/Mtok':>9}{'rssMiB':>7}{'gw%':>5}{'sim%':>5}{'cli%':>5}{'core%':>8}"
+    f"{'x dir':>6}{'+ttft':>7}"
 )
 
 
@@ -697,6 +723,7 @@ def _row_line(r: dict[str, Any]) -> str:
         f"{_f(rss / 1024 if rss else None, '.0f'):>7}"
         f"{_f(share.get('gateway', 0) * 100 if 'gateway' in share else None, '.0f'):>5}"
         f"{share.get('sim', 0) * 100:>5.0f}{share['client'] * 100:>5.0f}"
+        f"{'/'.join(f'{v * 100:.0f}' for v in r.get('core_busy', {}).values())[:7]:>8}"
         f"{_f(ratio.get('tokens_per_s')):>6}{_f(ratio.get('ttft_p50_added_ms')):>7}"
         + (f"  errors={r['errors']}" if r["errors"] else "")
         + (f"  bad_counts={r['bad_token_counts']}" if r["bad_token_counts"] else "")

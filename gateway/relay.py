@@ -14,33 +14,49 @@ The client gets exactly the format it asked for:
 * not streaming: the chunks are assembled into one ``chat.completion`` / ``text_completion``
   body, so the request is charged while it runs like any other (and the bytes equal vLLM's
   non-streaming answer apart from ids and timestamps).
+
+Hot path (streaming, every chunk after the first): vLLM dumps compact JSON with ``usage`` as the
+last top-level key, so :meth:`ChunkProcessor.feed` reads ``completion_tokens`` from that tail and
+cuts it off with byte operations, without parsing or re-serialising the chunk. A raw ``"`` can
+only be structural in JSON (inside strings it is escaped), so the byte patterns below cannot
+match string content. Anything that does not have exactly that shape (an error, spaces, nested
+usage details, a reordered chunk) takes the full JSON path, which behaves the same.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .scheduler import Job
 from .tokenizer import TokenCounter
 
-try:  # orjson parses chunks ~3x faster; optional
+_loads: Callable[[bytes], Any]
+_dumps: Callable[[Any], bytes]
+try:  # orjson parses and renders chunks several times faster; optional
     import orjson
-
-    _loads = orjson.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-
 except ImportError:  # pragma: no cover - exercised when orjson is absent
     _loads = json.loads
 
     def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
+else:
+    _loads = orjson.loads
+    _dumps = orjson.dumps
+
 
 DONE = b"data: [DONE]\n\n"
+
+_USAGE_KEY = b',"usage":'
+#: A flat usage object of integers/nulls closing the chunk: ``{"prompt_tokens":7,...}}``.
+_USAGE_TAIL = re.compile(rb'\{(?:"[a-z_]+":(?:\d+|null),)*"[a-z_]+":(?:\d+|null)\}\}\s*')
+_COMPLETION = re.compile(rb'"completion_tokens":(\d+)')
+_PROMPT = re.compile(rb'"prompt_tokens":(\d+)')
+_CHOICES = b'"choices":'
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +93,86 @@ class ChunkProcessor:
         self._counter = counter
         self.completion_tokens = 0  # delivered to the gateway so far
         self.prompt_tokens: int | None = None  # backend's count, once known
-        self.usage: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = None
+        self._usage_raw: bytes | None = None  # the latest usage object, parsed on demand
         self.error: dict[str, Any] | None = None
+        self.malformed: str | None = None  # set by feed_batch when a payload is not a chunk
         self.first_chunk: dict[str, Any] | None = None
         self._choices: dict[int, _Choice] = {}
         self.saw_usage = False
 
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The backend's latest ``usage`` object."""
+        if self._usage_raw is not None:
+            self._usage = _loads(self._usage_raw)
+            self._usage_raw = None
+        return self._usage
+
+    def feed_batch(self, payloads: list[bytes]) -> bytes:
+        """Feed the payloads of one upstream read in order; return the client's bytes for all
+        of them, joined. Stops at the first error event (:attr:`error` is set) or malformed
+        payload (:attr:`malformed` is set); the bytes returned are those before it."""
+        if len(payloads) == 1:
+            try:
+                return self.feed(payloads[0]) or b""
+            except ValueError as exc:
+                self.malformed = str(exc) or exc.__class__.__name__
+                return b""
+        out: list[bytes] = []
+        for payload in payloads:
+            try:
+                rendered = self.feed(payload)
+            except ValueError as exc:
+                self.malformed = str(exc) or exc.__class__.__name__
+                break
+            if self.error is not None:
+                break
+            if rendered is not None:
+                out.append(rendered)
+        return b"".join(out)
+
     def feed(self, payload: bytes) -> bytes | None:
         """Process one upstream ``data:`` payload; return the SSE bytes for the client (or None)."""
+        if self.first_chunk is not None and self.fmt.stream:
+            fast = self._feed_fast(payload)
+            if fast is not None:
+                return fast or None
+        return self._feed_json(payload)
+
+    def _feed_fast(self, payload: bytes) -> bytes | None:
+        """The byte-level path for a compact chunk ending in a flat ``usage``; None when the
+        payload does not have that shape (then nothing was changed), else the client's bytes
+        (``b""`` for nothing)."""
+        i = payload.rfind(_USAGE_KEY)
+        if i < 0 or b'"error":' in payload:
+            return None
+        tail = _USAGE_TAIL.fullmatch(payload, i + 9)
+        if tail is None:
+            return None
+        j = payload.find(_CHOICES, 0, i)
+        if j < 0 or payload.find(b"{", 1, j) >= 0 or payload.find(b"[", 0, j) >= 0:
+            return None  # "choices" is not a plain top-level key before usage
+        ct = _COMPLETION.search(payload, i)
+        if ct is None:
+            return None
+        pt = _PROMPT.search(payload, i)
+        self.saw_usage = True
+        self._usage_raw = payload[i + 9 : payload.index(b"}", i) + 1]
+        if pt is not None:
+            self.prompt_tokens = int(pt.group(1))
+        n = int(ct.group(1))
+        if n > self.completion_tokens:
+            self._charge(n - self.completion_tokens)
+            self.completion_tokens = n
+        fmt = self.fmt
+        if fmt.passthrough:
+            return b"data: " + payload + b"\n\n"
+        if payload.startswith(b"[]", j + 10):  # the final usage-only chunk
+            return b"data: " + payload + b"\n\n" if fmt.include_usage else b""
+        return b"data: " + payload[:i] + b"}\n\n"
+
+    def _feed_json(self, payload: bytes) -> bytes | None:
         obj = _loads(payload)
         if not isinstance(obj, dict):
             raise ValueError("chunk is not a JSON object")
@@ -95,7 +183,8 @@ class ChunkProcessor:
         choices = obj.get("choices") or []
         if isinstance(usage, dict):
             self.saw_usage = True
-            self.usage = usage
+            self._usage = usage
+            self._usage_raw = None
             pt = usage.get("prompt_tokens")
             if isinstance(pt, int):
                 self.prompt_tokens = pt

@@ -337,20 +337,19 @@ async def _relay(
         )
         await resp.prepare(request)
     try:
-        async for payload in stream.events():
-            try:
-                out = proc.feed(payload)
-            except ValueError as exc:
-                raise StreamBroken("backend sent a malformed event") from exc
+        async for batch in stream.batches():  # one client write per upstream read
+            out = proc.feed_batch(batch)
             if waiting_first and job.output_tokens:
                 waiting_first = False
                 state.recorder.ttft.labels(lab).observe(time.monotonic() - job.arrival)
+            if out and resp is not None:
+                await resp.write(out)
+            if proc.malformed is not None:
+                raise StreamBroken("backend sent a malformed event")
             if proc.error is not None:
                 err = proc.error.get("error")
                 message = err.get("message") if isinstance(err, dict) else None
                 raise StreamBroken(str(message or "backend error"))
-            if out is not None and resp is not None:
-                await resp.write(out)
     except StreamBroken as exc:
         state.pool.record_failure(backend, "stream_broken")
         msg = f"backend stream failed: {exc}"
