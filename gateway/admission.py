@@ -2,22 +2,76 @@
 
 The gateway, not the backend, holds the queue: anything sent to vLLM beyond what fits in its
 running batch would wait in vLLM's own FCFS queue and fairness would be lost. Per backend we track
-in-flight sequences and reserved KV tokens and admit while both fit:
+in-flight sequences and their KV demand and admit while both fit:
 
 * ``max_num_seqs``: concurrent sequences (vLLM's knob of the same name);
-* ``max_kv_tokens``: the sum over in-flight requests of ``prompt_tokens + reserved_output``.
+* ``max_kv_tokens``: the KV budget, checked in one of two ways (``kv_admission``):
+
+  - ``"reserve"`` (default): the sum over in-flight requests of ``prompt_tokens +
+    reserved_output`` must fit. Simple and safe, but a request that stops early held its whole
+    reservation.
+  - ``"peak"``: the peak-future-memory check of S-LoRA, the VTC paper's engine
+    (``_can_add_new_req`` in the artifact's ``vtc_req_queue.py``). Each in-flight request holds
+    ``run = prompt + generated`` tokens and has ``left = reserved_output - generated`` to come;
+    sorted by ``left`` descending, request i (1-based) finishes when ``sum(run[:i]) + left[i]*i``
+    tokens are held (every request growing one token per step); the largest of these, candidate
+    included, must fit. Still an upper bound when no request outgrows its reservation, but it
+    packs far more requests when lengths vary. It needs to know the tokens generated so far:
+    :meth:`AdmissionController.note_output` (O(1), per output token).
 
 ``reserved_output`` is the request's ``max_tokens`` (or a prediction), capped by what the context
-leaves after the prompt. A request whose reservation exceeds every backend's ``max_kv_tokens``
-can never run and is rejected up front (:meth:`AdmissionController.can_ever_fit`).
+leaves after the prompt. A request whose ``prompt + reserved_output`` exceeds every backend's
+``max_kv_tokens`` can never run and is rejected up front (:meth:`AdmissionController.can_ever_fit`),
+in both modes.
+
+:attr:`BackendSlots.reserved_tokens` (exported as ``vtc_backend_reserved_tokens``) is the KV
+demand that admission compares with ``max_kv_tokens``: the sum of reservations (``"reserve"``) or
+the current peak estimate of the in-flight requests (``"peak"``).
+
+Cost in ``"peak"`` mode: :meth:`BackendSlots.fits` re-sorts the in-flight requests (Python's
+sort is close to linear on the nearly sorted order it keeps between calls) and scans them once
+when anything changed since the last call, O(n log n) at worst; then each candidate is O(log n)
+(bisect into prefix/suffix maxima), so repeated checks without news are cheap.
 
 Pure and synchronous, like the scheduler: the live dispatcher and the lab's simulator share it.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate
+from operator import add, attrgetter, mul
+from typing import Literal, get_args
+
+#: How the KV budget is checked: sum of reservations, or S-LoRA's peak-future-memory estimate.
+KvAdmission = Literal["reserve", "peak"]
+KV_ADMISSION_MODES: tuple[str, ...] = get_args(KvAdmission)
+
+_RUN = attrgetter("run")
+_LEFT = attrgetter("left")
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one admitted request holds on a backend.
+
+    ``tokens`` is ``prompt + reserved output`` (what ``"reserve"`` mode books); ``prompt`` the
+    part of it held from admission on. ``generated``, ``run`` and ``left`` follow the output as
+    :meth:`AdmissionController.note_output` reports it (``"peak"`` mode reads them).
+    """
+
+    backend: str
+    tokens: int
+    prompt: int = 0
+    generated: int = field(default=0, compare=False)
+    run: int = field(default=0, compare=False, repr=False)
+    left: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.run = self.prompt + self.generated
+        self.left = max(0, self.tokens - self.run)
 
 
 @dataclass(slots=True)
@@ -30,27 +84,76 @@ class BackendSlots:
     max_kv_tokens: int
     healthy: bool = True
     in_flight: int = 0
-    reserved_tokens: int = 0
+    #: sum of ``prompt + reserved output`` over in-flight requests (both modes)
+    booked_tokens: int = 0
     # requests admitted over the backend's life (for metrics)
     admitted_total: int = field(default=0)
+    kv_admission: KvAdmission = "reserve"
+    # "peak" mode: the in-flight reservations, kept in (nearly) sorted order, and the maxima
+    # derived from them; recomputed by _refresh() when _dirty
+    _held: list[Reservation] = field(default_factory=list, repr=False)
+    _dirty: bool = field(default=False, repr=False)
+    _neg_left: list[int] = field(default_factory=list, repr=False)
+    _cum_run: list[int] = field(default_factory=list, repr=False)
+    _prefix_max: list[int] = field(default_factory=list, repr=False)
+    _suffix_max: list[int] = field(default_factory=list, repr=False)
 
-    def fits(self, tokens: int) -> bool:
-        return (
-            self.healthy
-            and self.in_flight < self.max_num_seqs
-            and self.reserved_tokens + tokens <= self.max_kv_tokens
-        )
+    @property
+    def reserved_tokens(self) -> int:
+        """KV demand compared with ``max_kv_tokens``: booked tokens (``"reserve"``) or the peak
+        estimate of the in-flight requests (``"peak"``)."""
+        if self.kv_admission == "reserve":
+            return self.booked_tokens
+        if self._dirty:
+            self._refresh()
+        return self._prefix_max[-1] if self._prefix_max else 0
+
+    def fits(self, tokens: int, prompt: int = 0) -> bool:
+        """Room for a request of ``tokens`` (= ``prompt`` + reserved output) right now?"""
+        if not self.healthy or self.in_flight >= self.max_num_seqs:
+            return False
+        if self.kv_admission == "reserve":
+            return self.booked_tokens + tokens <= self.max_kv_tokens
+        return self.peak_with(prompt, tokens - prompt) <= self.max_kv_tokens
+
+    def peak_with(self, run: int, left: int) -> int:
+        """Peak estimate of the in-flight requests plus one holding ``run`` tokens with ``left``
+        to come. O(log n) once the order is fresh."""
+        if self._dirty:
+            self._refresh()
+        if not self._held:
+            return run + left
+        # the candidate goes after every request with at least as much left (ties: any order
+        # gives the same maximum)
+        k = bisect_right(self._neg_left, -left)
+        before = self._cum_run[k - 1] if k else 0
+        peak = before + run + left * (k + 1)
+        if k:
+            peak = max(peak, self._prefix_max[k - 1])
+        if k < len(self._held):
+            # everyone after it holds `run` more underneath and one more request is alive
+            peak = max(peak, self._suffix_max[k] + run)
+        return peak
+
+    def _refresh(self) -> None:
+        held = self._held
+        held.sort(key=_LEFT, reverse=True)  # stable; near-linear on the kept order
+        lefts = list(map(_LEFT, held))
+        self._neg_left = [-x for x in lefts]
+        self._cum_run = cum = list(accumulate(map(_RUN, held)))
+        terms = list(map(add, cum, map(mul, lefts, range(1, len(held) + 1))))
+        self._prefix_max = list(accumulate(terms, max))
+        shifted = list(map(add, terms, lefts))  # term of i once a request sits before it
+        shifted.reverse()
+        suffix = list(accumulate(shifted, max))
+        suffix.reverse()
+        self._suffix_max = suffix
+        self._dirty = False
 
     @property
     def load(self) -> float:
         """Fraction of the tighter of the two limits in use (for least-loaded placement)."""
         return max(self.in_flight / self.max_num_seqs, self.reserved_tokens / self.max_kv_tokens)
-
-
-@dataclass(slots=True, frozen=True)
-class Reservation:
-    backend: str
-    tokens: int
 
 
 class AdmissionController:
@@ -64,6 +167,11 @@ class AdmissionController:
     def add(self, backend: BackendSlots) -> None:
         if backend.max_num_seqs < 1 or backend.max_kv_tokens < 1:
             raise ValueError(f"backend {backend.name!r}: capacity limits must be >= 1")
+        if backend.kv_admission not in KV_ADMISSION_MODES:
+            raise ValueError(
+                f"backend {backend.name!r}: kv_admission must be one of "
+                f"{', '.join(KV_ADMISSION_MODES)}, got {backend.kv_admission!r}"
+            )
         self._backends[backend.name] = backend
 
     def get(self, name: str) -> BackendSlots:
@@ -78,35 +186,62 @@ class AdmissionController:
     def can_ever_fit(self, model: str, tokens: int) -> bool:
         return any(tokens <= b.max_kv_tokens for b in self.serving(model))
 
-    def place(self, model: str, tokens: int, exclude: Iterable[str] = ()) -> BackendSlots | None:
-        """The least-loaded healthy backend serving ``model`` with room for ``tokens``."""
+    def place(
+        self, model: str, tokens: int, exclude: Iterable[str] = (), prompt: int = 0
+    ) -> BackendSlots | None:
+        """The least-loaded healthy backend serving ``model`` with room for ``tokens``, of
+        which ``prompt`` is prompt (the rest output to come; only ``"peak"`` mode tells them
+        apart)."""
         skip = set(exclude)
         best: BackendSlots | None = None
         for b in self._backends.values():
             if (
                 model in b.models
                 and b.name not in skip
-                and b.fits(tokens)
+                and b.fits(tokens, prompt)
                 and (best is None or b.load < best.load)
             ):
                 best = b
         return best
 
-    def reserve(self, backend: BackendSlots, tokens: int) -> Reservation:
+    def reserve(self, backend: BackendSlots, tokens: int, prompt: int = 0) -> Reservation:
+        reservation = Reservation(backend.name, tokens, prompt)
         backend.in_flight += 1
-        backend.reserved_tokens += tokens
+        backend.booked_tokens += tokens
         backend.admitted_total += 1
-        return Reservation(backend.name, tokens)
+        if backend.kv_admission == "peak":
+            backend._held.append(reservation)
+            backend._dirty = True
+        return reservation
+
+    def note_output(self, reservation: Reservation, n: int) -> None:
+        """``n`` more output tokens of ``reservation``'s request have been generated. O(1)."""
+        reservation.generated += n
+        reservation.run += n
+        left = reservation.left - n
+        reservation.left = left if left > 0 else 0
+        b = self._backends.get(reservation.backend)
+        if b is not None:
+            b._dirty = True
 
     def release(self, reservation: Reservation) -> None:
         b = self._backends.get(reservation.backend)
         if b is None:  # backend removed by a reload while the request ran
             return
-        if b.in_flight < 1 or b.reserved_tokens < reservation.tokens:
+        if b.in_flight < 1 or b.booked_tokens < reservation.tokens:
             # checked before touching the counts: a refused release leaves them as they were
             raise AssertionError(f"backend {b.name!r}: released more than was reserved")
+        if b.kv_admission == "peak":
+            held = b._held
+            for i, r in enumerate(held):
+                if r is reservation:
+                    del held[i]
+                    break
+            else:
+                raise AssertionError(f"backend {b.name!r}: released more than was reserved")
+            b._dirty = True
         b.in_flight -= 1
-        b.reserved_tokens -= reservation.tokens
+        b.booked_tokens -= reservation.tokens
 
     def in_flight(self) -> int:
         return sum(b.in_flight for b in self._backends.values())

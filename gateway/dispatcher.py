@@ -174,6 +174,14 @@ class Dispatcher:
         self.admission.release(grant.reservation)
         self.pump_backend(grant.backend)
 
+    def on_output(self, job: Job, grant: Grant | None, n: int) -> None:
+        """``n`` output tokens of ``job`` arrived: charge its tenant and tell admission (whose
+        ``"peak"`` check follows each request's progress) about ``grant``, the job's current
+        grant (``None``: it holds none any more). Per output token: O(log T)."""
+        self.pool(job.model).on_output(job, n, self.clock())
+        if grant is not None:
+            self.admission.note_output(grant.reservation, n)
+
     def abandon(self, job: Job) -> None:
         """The job never ran and holds no reservation (see :meth:`move`): refund it."""
         self.pool(job.model).finish(job, self.clock(), ran=False)
@@ -181,11 +189,12 @@ class Dispatcher:
 
     def move(self, job: Job, grant: Grant, exclude: Iterable[str]) -> Grant | None:
         """Retry a job that never ran on another backend with room now (no requeue)."""
-        self.admission.release(grant.reservation)
-        backend = self.admission.place(job.model, grant.reservation.tokens, exclude)
+        held = grant.reservation
+        self.admission.release(held)
+        backend = self.admission.place(job.model, held.tokens, exclude, held.prompt)
         new = None
         if backend is not None:
-            new = Grant(backend, self.admission.reserve(backend, grant.reservation.tokens))
+            new = Grant(backend, self.admission.reserve(backend, held.tokens, held.prompt))
         self.pump_backend(grant.backend)
         return new
 
@@ -214,7 +223,7 @@ class Dispatcher:
                 sched.cancel(job, now)
                 continue
             tokens = job.prompt_tokens + job.max_tokens
-            backend = admission.place(model, tokens)
+            backend = admission.place(model, tokens, prompt=job.prompt_tokens)
             if backend is None:
                 return  # head of the fair order waits for room; later ones wait behind it
             popped = sched.pop(now)
@@ -224,4 +233,4 @@ class Dispatcher:
             self.dispatched_total += 1
             if self.on_dispatch is not None:
                 self.on_dispatch(job)
-            fut.set_result(Grant(backend, admission.reserve(backend, tokens)))
+            fut.set_result(Grant(backend, admission.reserve(backend, tokens, job.prompt_tokens)))

@@ -270,10 +270,8 @@ async def _forward(
     ran = False
     outcome = "backend_error"
     dispatcher = state.dispatcher
-    clock = dispatcher.clock
-    sched = dispatcher.pool(job.model)
     stats = state.stats
-    proc = ChunkProcessor(job, fmt, lambda n: sched.on_output(job, n, clock()), state.counter)
+    proc = ChunkProcessor(job, fmt, lambda n: dispatcher.on_output(job, grant, n), state.counter)
     try:
         while grant is not None:
             backend = grant.backend.name

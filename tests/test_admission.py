@@ -64,9 +64,9 @@ def test_fits_needs_kv_tokens_and_the_limit_is_inclusive() -> None:
 
 def test_load_is_the_tighter_limit() -> None:
     b = backend("b", seqs=4, kv=1000)
-    b.in_flight, b.reserved_tokens = 1, 900
+    b.in_flight, b.booked_tokens = 1, 900
     assert b.load == pytest.approx(0.9)
-    b.in_flight, b.reserved_tokens = 3, 100
+    b.in_flight, b.booked_tokens = 3, 100
     assert b.load == pytest.approx(0.75)
 
 
