@@ -158,6 +158,10 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
             if not args.no_watch:
                 watcher = asyncio.create_task(reloader.watch(), name="config-watch")
                 stack.callback(watcher.cancel)
+        else:
+            loop.add_signal_handler(
+                signal.SIGHUP, log.warning, "SIGHUP ignored: no --config file to reload"
+            )
         await stop.wait()
         # Drain: refuse new work, answer the queue 503, let running streams finish until
         # limits.shutdown_timeout_s (runner.cleanup waits for them, then cancels the rest).

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -166,50 +168,62 @@ async def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:
             task.cancel()
 
 
+@contextlib.asynccontextmanager
+async def serve(cfg: Path, *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``python -m gateway serve --config cfg --port 0``; yields (process, base URL)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--config",
+        str(cfg),
+        "--port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("listening on http://"), line
+        yield proc, line.split()[-1]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _reloads(http: httpx.AsyncClient, result: str, n: int) -> dict[Any, float]:
+    """Poll /metrics (bounded) until ``vtc_config_reloads_total{result}`` reaches ``n``."""
+    for _ in range(200):
+        s = parse((await http.get("/metrics")).text)
+        if value(s, "vtc_config_reloads_total", result=result) >= n:
+            return s
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {result} reload #{n} within 10 s")
+
+
 async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
     async with gateway_stack() as stack:  # only its simulated backend is used
         cfg = tmp_path / "gw.yaml"
         cfg.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 1)))))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            str(cfg),
-            "--port",
-            "0",
-            "--no-watch",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            assert proc.stdout is not None
-            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-            assert line.startswith("listening on http://"), line
-            async with httpx.AsyncClient(base_url=line.split()[-1], timeout=10) as http:
+        async with serve(cfg, "--no-watch") as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
                 hdr = {"Authorization": "Bearer key-new"}
                 assert (await http.get("/v1/models", headers=hdr)).status_code == 401
                 cfg.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 1), ("new", 5)))))
                 proc.send_signal(signal.SIGHUP)
-                for _ in range(200):  # bounded: until the reload shows in /metrics
-                    s = parse((await http.get("/metrics")).text)
-                    if value(s, "vtc_config_reloads_total", result="ok") == 1:
-                        break
-                    await asyncio.sleep(0.05)
+                s = await _reloads(http, "ok", 1)
                 assert value(s, "vtc_tenant_weight", tenant="new") == 5
                 assert (await http.get("/v1/models", headers=hdr)).status_code == 200
                 cfg.write_text("backends: nope\n")
                 proc.send_signal(signal.SIGHUP)
-                for _ in range(200):
-                    s = parse((await http.get("/metrics")).text)
-                    if value(s, "vtc_config_reloads_total", result="error") == 1:
-                        break
-                    await asyncio.sleep(0.05)
-                assert value(s, "vtc_config_reloads_total", result="error") == 1
+                await _reloads(http, "error", 1)
                 assert (await http.get("/v1/models", headers=hdr)).status_code == 200
                 assert (await http.get("/health")).status_code == 200
             proc.send_signal(signal.SIGTERM)
@@ -218,7 +232,15 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
             err = (await proc.stderr.read()).decode()
             assert "config reload (SIGHUP) refused" in err
             assert "key-new" not in err
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+
+
+async def test_running_process_reloads_when_its_config_file_changes(tmp_path: Path) -> None:
+    async with gateway_stack() as stack:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 1)))))
+        async with serve(cfg) as (proc, url), httpx.AsyncClient(base_url=url, timeout=10) as http:
+            cfg.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 7)))))
+            s = await _reloads(http, "ok", 1)
+            assert value(s, "vtc_tenant_weight", tenant="a") == 7
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
