@@ -42,7 +42,7 @@ TENANT_REGEX = "(a|b|c)"  # how Grafana formats $tenant with a, b and c selected
 RATE_INTERVAL = "5s"  # $__rate_interval for a 1 s scrape interval
 DEADLINE_S = 40.0
 
-pytestmark = pytest.mark.skipif(
+needs_prometheus = pytest.mark.skipif(
     PROMETHEUS is None,
     reason="prometheus binary not found; install it (Debian: apt-get install -y prometheus)",
 )
@@ -175,6 +175,7 @@ def test_substitute_formats_variables_like_grafana() -> None:
     )
 
 
+@needs_prometheus
 async def test_every_panel_query_returns_data_from_real_prometheus(tmp_path: Path) -> None:
     gw = {"tenants": tenants(("a", 1), ("b", 2), ("c", 1))}
     backend = {"max_num_seqs": 2}
