@@ -70,6 +70,7 @@ class BackendPool:
                 max_num_seqs=cfg.max_num_seqs,
                 max_kv_tokens=cfg.max_kv_tokens or cfg.max_num_seqs * (cfg.max_model_len or 8192),
                 healthy=False,
+                kv_admission=cfg.kv_admission,
             )
             self.states[cfg.name] = BackendState(cfg, slots)
             admission.add(slots)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .admission import KV_ADMISSION_MODES, KvAdmission
 from .scheduler import POLICIES
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -57,6 +58,9 @@ class BackendConfig:
     max_num_seqs: int = 256
     max_kv_tokens: int | None = None  # None: discovered from /metrics vllm:cache_config_info
     max_model_len: int | None = None  # None: discovered from /v1/models
+    #: how admission checks the KV budget: "reserve" (sum of prompt + max_tokens) or "peak"
+    #: (S-LoRA's peak-future-memory estimate; see gateway/admission.py)
+    kv_admission: KvAdmission = "reserve"
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +289,17 @@ def parse_config(raw: Any) -> GatewayConfig:
                 ),
                 max_model_len=r.number(
                     b, "max_model_len", path, None, integer=True, minimum=1, optional=True
+                ),
+                kv_admission=r.string(
+                    b,
+                    "kv_admission",
+                    path,
+                    "reserve",
+                    lambda v: (
+                        None
+                        if v in KV_ADMISSION_MODES
+                        else f"must be one of {', '.join(KV_ADMISSION_MODES)}"
+                    ),
                 ),
             )
         )

@@ -229,3 +229,178 @@ def test_reserve_release_cycle_keeps_invariants() -> None:
     for r in held:
         ac.release(r)
     assert ac.in_flight() == 0
+
+
+# -- kv_admission: "peak" ------------------------------------------------------------------------
+
+
+def peak_backend(name: str = "p", seqs: int = 64, kv: int = 1000) -> BackendSlots:
+    return BackendSlots(name, frozenset({"m"}), seqs, kv, kv_admission="peak")
+
+
+def brute_peak(held: list[tuple[int, int]]) -> int:
+    """Largest memory over future steps, every request growing one token per step until its
+    reservation is used up: the definition the sorted formula computes."""
+    horizon = max((left for _, left in held), default=0)
+    return max(
+        (sum(run + t for run, left in held if left >= t) for t in range(horizon + 1)), default=0
+    )
+
+
+def sorted_peak(held: list[tuple[int, int]]) -> int:
+    """The formula, computed from scratch: sort by left descending, max of cum(run) + left*i."""
+    out, cum = 0, 0
+    for i, (run, left) in enumerate(sorted(held, key=lambda e: -e[1]), 1):
+        cum += run
+        out = max(out, cum + left * i)
+    return out
+
+
+def test_peak_matches_hand_computed_examples() -> None:
+    ac = AdmissionController([peak_backend(kv=1000)])
+    b = ac.get("p")
+    assert b.reserved_tokens == 0 and b.peak_with(10, 90) == 100  # alone: prompt + reserve
+    ac.reserve(b, 100, prompt=10)  # (run 10, left 90)
+    ac.reserve(b, 300, prompt=200)  # (run 200, left 100)
+    # sorted by left: (200, 100), (10, 90): max(200 + 100*1, 210 + 90*2) = 390
+    assert b.reserved_tokens == 390 == brute_peak([(10, 90), (200, 100)])
+    assert b.booked_tokens == 400
+    # a candidate (50, 20) goes last: max(300, 390, 260 + 20*3) = 390
+    assert b.peak_with(50, 20) == 390
+    # a candidate (0, 500) goes first: max(0 + 500, 200 + 100*2, 210 + 90*3) = 500
+    assert b.peak_with(0, 500) == 500
+    # a candidate (100, 95) goes between: max(300, 300 + 95*2, 310 + 90*3) = 580
+    assert b.peak_with(100, 95) == 580 == brute_peak([(10, 90), (200, 100), (100, 95)])
+    # equal lefts: any order among them gives the same maximum
+    assert b.peak_with(7, 90) == brute_peak([(10, 90), (200, 100), (7, 90)]) == 217 + 90 * 3
+
+
+def test_peak_fits_compares_with_capacity_inclusively() -> None:
+    ac = AdmissionController([peak_backend(kv=580)])
+    b = ac.get("p")
+    ac.reserve(b, 100, prompt=10)
+    ac.reserve(b, 300, prompt=200)
+    assert b.fits(195, prompt=100)  # (100, 95): peak exactly 580
+    assert not b.fits(205, prompt=110)  # (110, 95): 320 + 90*3 = 590
+    assert ac.place("m", 195, prompt=100) is b
+    assert ac.place("m", 205, prompt=110) is None
+    b.healthy = False
+    assert not b.fits(1, prompt=1)
+
+
+def test_note_output_lowers_the_peak_and_release_forgets_the_request() -> None:
+    ac = AdmissionController([peak_backend(kv=1000)])
+    b = ac.get("p")
+    short = ac.reserve(b, 100, prompt=10)
+    long = ac.reserve(b, 300, prompt=200)
+    # both advance 50 tokens together: the future peak does not change
+    ac.note_output(short, 50)
+    ac.note_output(long, 50)
+    assert (short.generated, short.run, short.left) == (50, 60, 40)
+    assert b.reserved_tokens == 390 == brute_peak([(60, 40), (250, 50)])
+    # the short one stops early (EOS): its share is gone, the long one's full reservation stays
+    ac.release(short)
+    assert b.reserved_tokens == 300 and b.in_flight == 1 and b.booked_tokens == 300
+    # over-generation never makes `left` negative
+    ac.note_output(long, 500)
+    assert long.left == 0 and b.reserved_tokens == 750
+    ac.release(long)
+    assert (b.in_flight, b.booked_tokens, b.reserved_tokens) == (0, 0, 0)
+    with pytest.raises(AssertionError, match="released more than was reserved"):
+        ac.release(long)
+    keep = ac.reserve(b, 50, prompt=5)
+    with pytest.raises(AssertionError):
+        ac.release(Reservation("p", 50, 5))  # equal, but not the one reserved
+    assert b.in_flight == 1
+    ac.release(keep)
+
+
+def test_peak_admits_strictly_more_than_reserve_on_mixed_lengths() -> None:
+    """Mixed lengths: a few long generations and many short ones, as on the arena trace."""
+
+    def admitted(mode: str) -> int:
+        ac = AdmissionController(
+            [BackendSlots("b", frozenset({"m"}), 256, 4000, kv_admission=mode)]  # type: ignore[arg-type]
+        )
+        b = ac.get("b")
+        count = 0
+        for i in range(200):
+            prompt, out = (50, 1000) if i % 5 == 0 else (100, 50)
+            if not b.fits(prompt + out, prompt):
+                break
+            r = ac.reserve(b, prompt + out, prompt)
+            ac.note_output(r, 10)  # the batch moves on between arrivals
+            count += 1
+        return count
+
+    reserve, peak = admitted("reserve"), admitted("peak")
+    assert reserve == 10  # (1050 + 4 * 150) * 2 = 3300: a third long one (1050) is too many
+    assert peak == 15 > reserve
+
+
+def test_peak_never_exceeds_capacity_in_lockstep() -> None:
+    """Randomised: every step each in-flight request generates one token and stops at a random
+    length <= its reservation; admission runs between steps. Memory (prompt + generated of the
+    in-flight requests) never exceeds the budget, and the estimate stays an upper bound."""
+    rng = random.Random(11)
+    kv = 3000
+    ac = AdmissionController([peak_backend(seqs=48, kv=kv)])
+    b = ac.get("p")
+    live: list[tuple[Reservation, int]] = []  # (reservation, actual output length)
+    admitted = 0
+    high_water = 0
+    for step in range(2000):
+        for _ in range(rng.randint(0, 3)):  # arrivals
+            prompt = rng.randint(1, 400)
+            out = rng.choice([rng.randint(1, 30), rng.randint(1, 600)])
+            if b.fits(prompt + out, prompt):
+                live.append((ac.reserve(b, prompt + out, prompt), rng.randint(1, out)))
+                admitted += 1
+        assert b.reserved_tokens <= kv
+        if step % 25 == 0:
+            assert b.reserved_tokens == brute_peak([(r.run, r.left) for r, _ in live])
+        still = []
+        for r, actual in live:  # one step: every request generates a token
+            ac.note_output(r, 1)
+            if r.generated >= actual:
+                ac.release(r)
+            else:
+                still.append((r, actual))
+        live = still
+        memory = sum(r.run for r, _ in live)
+        high_water = max(high_water, memory)
+        assert memory <= kv
+    assert admitted > 300 and high_water > kv * 0.8  # it was actually full at times
+    for r, _ in live:
+        ac.release(r)
+    assert (b.in_flight, b.reserved_tokens) == (0, 0)
+
+
+def test_peak_cached_order_survives_random_progress() -> None:
+    """Requests advancing at different rates (lagging streams) reorder the cache; the cached
+    answer always equals the brute-force one."""
+    rng = random.Random(5)
+    ac = AdmissionController([peak_backend(seqs=1000, kv=10**9)])
+    b = ac.get("p")
+    live: list[Reservation] = []
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.4 or not live:
+            live.append(ac.reserve(b, rng.randint(2, 800), rng.randint(1, 100)))
+        elif op < 0.55:
+            ac.release(live.pop(rng.randrange(len(live))))
+        else:
+            ac.note_output(rng.choice(live), rng.randint(1, 40))
+        cand = (rng.randint(0, 300), rng.randint(0, 300))
+        held = [(r.run, r.left) for r in live]
+        assert b.peak_with(*cand) == sorted_peak([*held, cand])
+        assert b.reserved_tokens == sorted_peak(held)
+        if len(live) < 12:  # the formula is the definition (brute force is slow)
+            assert sorted_peak(held) == brute_peak(held)
+
+
+def test_peak_keeps_can_ever_fit_and_rejects_unknown_modes() -> None:
+    ac = AdmissionController([peak_backend(kv=1000)])
+    assert ac.can_ever_fit("m", 1000) and not ac.can_ever_fit("m", 1001)
+    with pytest.raises(ValueError, match="kv_admission"):
+        ac.add(BackendSlots("x", frozenset({"m"}), 4, 100, kv_admission="maybe"))  # type: ignore[arg-type]

@@ -12,9 +12,10 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import get_args
 
 from backends.sim.config import SimConfig
-from backends.sim.costmodel import PROFILES
+from backends.sim.costmodel import PROFILES, KvAdmission
 from backends.sim.faults import parse_fault
 from backends.sim.server import SimServer
 
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, help="default: the profile's")
     p.add_argument("--kv-cache-tokens", type=int, help="default: the profile's")
     p.add_argument("--max-model-len", type=int, help="default: the profile's (8192 for llama3)")
+    p.add_argument(
+        "--kv-admission",
+        choices=get_args(KvAdmission),
+        help="when a waiting request's KV fits: blocks (vLLM), reserve (prompt + max_tokens "
+        "allocated up front) or peak (S-LoRA's peak-future-memory check); default: the profile's",
+    )
     p.add_argument(
         "--speed",
         type=float,
@@ -72,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_tokens=args.kv_cache_tokens,
         max_model_len=args.max_model_len,
+        kv_admission=args.kv_admission,
         speed=0.0 if args.no_delay else args.speed,
         seed=args.seed,
         median_output_tokens=args.median_output_tokens,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.sim.costmodel import CostModel, Profile, get_profile
+from backends.sim.costmodel import CostModel, KvAdmission, Profile, get_profile
 from backends.sim.engine import EngineConfig
 from backends.sim.faults import FaultSpec
 
@@ -20,6 +20,7 @@ class SimConfig:
         model: the served model name (``/v1/models`` lists it; other names get 404).
         profile: a key of :data:`backends.sim.costmodel.PROFILES`.
         max_num_seqs, max_num_batched_tokens, kv_cache_tokens, max_model_len: engine limits.
+        kv_admission: the engine's KV admission (``blocks``, ``reserve``, ``peak``).
         speed: simulated-time scale (2.0 = twice real time; 0 = no delays at all).
         seed: seeds generated text, output lengths and probabilistic faults.
         median_output_tokens: median output length without ``ignore_eos``.
@@ -35,6 +36,7 @@ class SimConfig:
     max_num_batched_tokens: int | None = None
     kv_cache_tokens: int | None = None
     max_model_len: int | None = None
+    kv_admission: KvAdmission | None = None
     speed: float = 1.0
     seed: int = 0
     median_output_tokens: int = 128
@@ -65,6 +67,7 @@ class SimConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_tokens=self.kv_cache_tokens,
             max_model_len=self.max_model_len,
+            kv_admission=self.kv_admission,
         )
 
     def cost_model(self) -> CostModel:

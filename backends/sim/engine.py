@@ -27,8 +27,21 @@ Scheduling follows vLLM v1's ``Scheduler.schedule()`` (vllm/v1/core/sched/schedu
   FRONT of the waiting queue and later recomputes prompt + generated tokens as a prefill. No
   waiting request is admitted in a step that preempted.
 * ``admit_every_n_steps`` > 1 admits waiting requests only every n steps (or when nothing runs),
-  and ``reserve_full_kv`` reserves the blocks of ``prompt + max_tokens`` at admission; both model
-  the VTC paper's S-LoRA-based engine, which therefore never preempts.
+  as the VTC paper's S-LoRA-based engine does.
+* ``kv_admission`` says when a waiting request's KV fits:
+
+  - ``"blocks"`` (vLLM): the blocks of the tokens scheduled now are free; growth is not
+    planned for, so a full cache preempts (above).
+  - ``"reserve"``: the blocks of ``prompt + max_tokens`` are free and are allocated at
+    admission (no preemption, but a short request holds its whole ``max_tokens``).
+  - ``"peak"``: S-LoRA's check (``_can_add_new_req`` in the VTC artifact's
+    ``vtc_req_queue.py``): with ``run`` = tokens held, ``left`` = output tokens still to come,
+    sorted by ``left`` descending, the memory when request i finishes (every request growing
+    one token per step) is ``sum(run[:i]) + left[i] * i``; admit while the largest of these,
+    candidate included, fits the cache. Blocks are then allocated as tokens are computed, as
+    in ``"blocks"``. The estimate is an upper bound (each request is padded by ``block_size -
+    1`` tokens of block rounding, and by the steps its chunked prefill still needs), so a
+    cache that admission keeps within it never preempts.
 
 No asyncio, aiohttp or I/O imports here (a test asserts it).
 """
@@ -37,20 +50,36 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from itertools import accumulate
+from typing import Literal, get_args
 
-from backends.sim.costmodel import CostModel, Profile
+from backends.sim.costmodel import CostModel, KvAdmission, Profile
 
 __all__ = [
     "EngineConfig",
     "EngineCore",
     "FinishReason",
+    "KvAdmission",
     "RequestInfo",
     "RequestOutput",
     "StepResult",
 ]
 
 FinishReason = Literal["length", "stop", "abort"]
+
+
+def peak_tokens(held: list[tuple[int, int]]) -> int:
+    """Largest future KV use of ``(run, left)`` pairs growing one token per step together.
+
+    ``run``: tokens held now; ``left``: tokens still to come. Sorted by ``left`` descending,
+    request i (1-based) finishes when ``sum(run[:i]) + left[i] * i`` tokens are held; the peak
+    is the largest of these (0 for no request). O(n log n).
+    """
+    if not held:
+        return 0
+    held = sorted(held, key=lambda e: -e[1])
+    cum = accumulate(e[0] for e in held)
+    return max(c + e[1] * i for i, (c, e) in enumerate(zip(cum, held, strict=True), 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +93,9 @@ class EngineConfig:
         block_size: KV block size in tokens (vLLM: 16).
         max_model_len: longest prompt + output of a request.
         admit_every_n_steps: admit waiting requests at most every n steps (1 = every step).
-        reserve_full_kv: reserve KV for prompt + max_tokens at admission (no preemption).
+        kv_admission: when a waiting request's KV fits (module docstring): ``"blocks"``
+            (vLLM), ``"reserve"`` (prompt + max_tokens allocated at admission) or ``"peak"``
+            (S-LoRA's peak-future-memory check).
     """
 
     max_num_seqs: int = 256
@@ -73,7 +104,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int = 8192
     admit_every_n_steps: int = 1
-    reserve_full_kv: bool = False
+    kv_admission: KvAdmission = "blocks"
 
     def __post_init__(self) -> None:
         for name in (
@@ -91,6 +122,11 @@ class EngineConfig:
                 f"engine config: kv_cache_tokens must hold at least one block "
                 f"({self.block_size} tokens), got {self.kv_cache_tokens!r}"
             )
+        if self.kv_admission not in get_args(KvAdmission):
+            raise ValueError(
+                f"engine config: kv_admission must be one of "
+                f"{', '.join(get_args(KvAdmission))}, got {self.kv_admission!r}"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -106,7 +142,8 @@ class EngineConfig:
         max_num_batched_tokens: int | None = None,
         kv_cache_tokens: int | None = None,
         max_model_len: int | None = None,
-        block_size: int = 16,
+        block_size: int | None = None,
+        kv_admission: KvAdmission | None = None,
     ) -> EngineConfig:
         """The profile's defaults, each overridable (``None`` keeps the profile's value)."""
         return cls(
@@ -119,10 +156,10 @@ class EngineConfig:
             kv_cache_tokens=(
                 kv_cache_tokens if kv_cache_tokens is not None else profile.kv_cache_tokens
             ),
-            block_size=block_size,
+            block_size=block_size if block_size is not None else profile.block_size,
             max_model_len=max_model_len if max_model_len is not None else profile.max_model_len,
             admit_every_n_steps=profile.admit_every_n_steps,
-            reserve_full_kv=profile.reserve_full_kv,
+            kv_admission=kv_admission if kv_admission is not None else profile.kv_admission,
         )
 
 
@@ -309,7 +346,11 @@ class EngineCore:
             raise ValueError(problem)
         if not 1 <= output_len <= max_tokens:
             raise ValueError(f"output_len must be in [1, max_tokens], got {output_len}")
-        reserve = self.blocks_for(prompt_tokens + max_tokens) if self.config.reserve_full_kv else 0
+        reserve = (
+            self.blocks_for(prompt_tokens + max_tokens)
+            if self.config.kv_admission == "reserve"
+            else 0
+        )
         req = _Request(req_id, prompt_tokens, max_tokens, output_len, arrival, reserve)
         self._requests[req_id] = req
         self._waiting.append(req)
@@ -469,7 +510,9 @@ class EngineCore:
             and (not running or self._steps_since_admit + 1 >= cfg.admit_every_n_steps)
         ):
             max_seqs = cfg.max_num_seqs
-            reserve = cfg.reserve_full_kv
+            reserve = cfg.kv_admission == "reserve"
+            held = self._held_for_peak(sched) if cfg.kv_admission == "peak" else None
+            capacity = self._num_blocks * bs
             while waiting and budget > 0 and len(running) < max_seqs:
                 req = waiting[0]
                 n = req.num_tokens - req.num_computed
@@ -478,6 +521,11 @@ class EngineCore:
                 need = req.reserve_blocks if reserve else (n + bs - 1) // bs
                 if need > self._free_blocks:
                     break
+                if held is not None:
+                    entry = self._peak_entry(req, n)
+                    held.append(entry)
+                    if peak_tokens(held) > capacity:
+                        break
                 waiting.popleft()
                 req.blocks = need
                 self._free_blocks -= need
@@ -534,6 +582,28 @@ class EngineCore:
         return StepResult(
             now, duration, outputs, preempted, admitted, num_tokens, prefill, decodes, ctx
         )
+
+    def _peak_entry(self, req: _Request, n: int) -> tuple[int, int]:
+        """``(run, left)`` of a request for the peak check, once ``n`` more tokens are computed.
+
+        ``run``: its tokens, padded by ``block_size - 1`` (block rounding); ``left``: output
+        tokens to come plus the steps its prefill still needs after this one (it does not grow
+        meanwhile, so the padding keeps the estimate an upper bound).
+        """
+        cfg = self.config
+        rest = req.num_tokens - req.num_computed - n
+        steps = -(-rest // cfg.max_num_batched_tokens) if rest > 0 else 0
+        return req.num_tokens + cfg.block_size - 1, req.max_tokens - req.num_output + steps
+
+    def _held_for_peak(self, sched: list[tuple[_Request, int]]) -> list[tuple[int, int]]:
+        """Peak-check entries of the running requests, as scheduled in this step.
+
+        ``sched`` holds the first running requests in order (a step whose token budget ran
+        out leaves the rest unscheduled: they count with ``n = 0``).
+        """
+        entries = [self._peak_entry(req, n) for req, n in sched]
+        entries.extend(self._peak_entry(req, 0) for req in self._running[len(sched) :])
+        return entries
 
     def _preempt(self, req: _Request) -> None:
         self._free_blocks += req.blocks

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gateway.admission import KV_ADMISSION_MODES
 from gateway.scheduler import POLICIES, Prices
 
 from .workloads import BUILTIN, PAPER_SUITE, Workload, load_workload
@@ -77,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--kv-cache-tokens", type=int, help="KV budget of the engine and the gateway's admission"
     )
     sim.add_argument("--max-num-seqs", type=int, help="running-batch size limit")
+    sim.add_argument(
+        "--kv-admission",
+        choices=KV_ADMISSION_MODES,
+        help="KV admission of the gateway and the engine: reserve (prompt + max_tokens each) "
+        "or peak (S-LoRA's peak-future-memory check); default: the profile's (peak for "
+        "a10g-llama2-7b, as in the paper)",
+    )
     sim.add_argument(
         "--rpm-limit", type=int, default=5, help="requests/min per tenant for rpm (default 5)"
     )
@@ -157,6 +165,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         rpm_limit=args.rpm_limit,
         prices=prices,
+        kv_admission=args.kv_admission,
     )
     try:
         config.engine_config()

@@ -6,7 +6,9 @@ system uses:
 * the gateway's scheduler (:func:`gateway.scheduler.make_scheduler`) holds the per-tenant queues;
 * the gateway's admission controller (:class:`gateway.admission.AdmissionController`) decides
   when the backend has room (``max_num_seqs`` and a KV-token budget, each request reserving
-  ``prompt + max_tokens`` capped by the context length);
+  ``prompt + max_tokens`` capped by the context length, checked as a sum (``"reserve"``) or as
+  S-LoRA's peak-future-memory estimate (``"peak"``): ``SimConfig.kv_admission``, by default the
+  profile's own engine mode, used by the engine too);
 * the simulated backend's engine core (:class:`backends.sim.engine.EngineCore`) batches, fills
   the KV cache, preempts and times each step with the profile's cost model.
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 from backends.sim.costmodel import Profile, get_profile
 from backends.sim.engine import EngineConfig, EngineCore
-from gateway.admission import AdmissionController, BackendSlots, Reservation
+from gateway.admission import AdmissionController, BackendSlots, KvAdmission, Reservation
 from gateway.scheduler import Job, Prices, QueueRejected, make_scheduler
 
 from .metrics import RequestRecord
@@ -56,13 +58,25 @@ class SimConfig:
     max_num_seqs: int | None = None  # None: the profile's
     rpm_limit: int = 5
     prices: Prices = field(default_factory=Prices)
+    #: KV admission of the gateway *and* the engine; None: the profile's (``"peak"`` for the
+    #: paper's a10g-llama2-7b; a vLLM-like ``"blocks"`` engine gets ``"reserve"`` in front)
+    kv_admission: KvAdmission | None = None
 
     def engine_config(self) -> tuple[Profile, EngineConfig]:
         profile = get_profile(self.profile)
         cfg = EngineConfig.from_profile(
-            profile, kv_cache_tokens=self.kv_cache_tokens, max_num_seqs=self.max_num_seqs
+            profile,
+            kv_cache_tokens=self.kv_cache_tokens,
+            max_num_seqs=self.max_num_seqs,
+            kv_admission=self.kv_admission,
         )
         return profile, cfg
+
+    def gateway_admission(self) -> KvAdmission:
+        """The gateway's KV admission mode in this run."""
+        if self.kv_admission is not None:
+            return self.kv_admission
+        return "peak" if get_profile(self.profile).kv_admission == "peak" else "reserve"
 
 
 @dataclass(slots=True)
@@ -88,7 +102,11 @@ class _Run:
         for tenant, weight in workload.tenants.items():
             self.sched.set_tenant(tenant, weight)
         self.backend = BackendSlots(
-            "sim", frozenset({MODEL}), cfg.max_num_seqs, cfg.kv_cache_tokens
+            "sim",
+            frozenset({MODEL}),
+            cfg.max_num_seqs,
+            cfg.kv_cache_tokens,
+            kv_admission=config.gateway_admission(),
         )
         self.admission = AdmissionController([self.backend])
         self.workload = workload
@@ -131,12 +149,12 @@ class _Run:
             if job is None:
                 return
             tokens = self.reserve_tokens(job)
-            backend = admission.place(MODEL, tokens)
+            backend = admission.place(MODEL, tokens, prompt=job.prompt_tokens)
             if backend is None:
                 return
             popped = sched.pop(now)
             assert popped is job, "peek() and pop() disagree"
-            reservation = admission.reserve(backend, tokens)
+            reservation = admission.reserve(backend, tokens, job.prompt_tokens)
             index: int = job.payload
             req_id = str(index)
             self.jobs[req_id] = (job, reservation, index)
@@ -159,6 +177,7 @@ class _Run:
                 rec.first_token_s = end
             if out.new_tokens:
                 sched.on_output(job, out.new_tokens, end)
+                self.admission.note_output(reservation, out.new_tokens)
             if out.finished:
                 rec.finish_s = end
                 rec.output_tokens = job.output_tokens

@@ -111,3 +111,23 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     broken.write_text("backends: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+
+
+def test_backend_kv_admission_is_validated_and_defaults_to_reserve() -> None:
+    assert parse_config(MINIMAL).backends[0].kv_admission == "reserve"
+    raw = {
+        "backends": [
+            {"name": "b0", "url": "http://x", "kv_admission": "peak"},
+            {"name": "b1", "url": "http://y", "kv_admission": "greedy"},
+            {"name": "b2", "url": "http://z", "kv_admission": 1},
+        ],
+        "tenants": [{"name": "a", "api_keys": ["k"]}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.problems == [
+        "backends[1].kv_admission: must be one of reserve, peak, got 'greedy'",
+        "backends[2].kv_admission: must be a non-empty string, got 1",
+    ]
+    del raw["backends"][1:]  # type: ignore[attr-defined]
+    assert parse_config(raw).backends[0].kv_admission == "peak"

@@ -58,6 +58,8 @@ async def _live(workload: Workload) -> list[RequestRecord]:
                     "url": sim.url,
                     "max_num_seqs": engine.max_num_seqs,
                     "max_kv_tokens": KV,
+                    # the admission the simulation uses: the profile's ("peak" for the paper's)
+                    "kv_admission": SimConfig(profile=PROFILE).gateway_admission(),
                 }
             ],
             "tenants": [{"name": t, "api_keys": [f"key-{t}"]} for t in workload.tenants],

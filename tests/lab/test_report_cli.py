@@ -86,6 +86,13 @@ def test_register_adds_lab_simulate_and_replay() -> None:
         ["lab", "simulate", "--workload", "overload", "--policy", "vtc,fcfs", "--duration", "5"]
     )
     assert args.func is cli.run_simulate and args.kv_cache_tokens is None
+    assert args.kv_admission is None  # the profile's
+    args = parser.parse_args(
+        ["lab", "simulate", "--workload", "overload", "--kv-admission", "reserve"]
+    )
+    assert args.kv_admission == "reserve"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["lab", "simulate", "--workload", "overload", "--kv-admission", "x"])
     args = parser.parse_args(
         ["lab", "replay", "--workload", "overload", "--gateway", "http://x", "--speed", "4"]
     )

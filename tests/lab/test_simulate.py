@@ -34,9 +34,12 @@ def overload_120() -> dict[str, m.Summary]:
 def test_vtc_gap_stays_under_2u_while_fcfs_exceeds_it(overload_120: dict[str, m.Summary]) -> None:
     vtc, fcfs = overload_120["vtc"], overload_120["fcfs"]
     assert vtc.bound_2u == fcfs.bound_2u == 40_000
-    assert vtc.max_acc_gap < vtc.bound_2u / 4
+    # peak admission (the paper's engine) admits in bursts when a cohort finishes, so VTC's gap
+    # is a few thousand tokens (about 9k here; the paper reports ~7.7k), well under 2U
+    assert vtc.max_acc_gap < vtc.bound_2u / 3
     assert fcfs.max_acc_gap > fcfs.bound_2u
-    assert vtc.max_diff < fcfs.max_diff / 5
+    assert vtc.max_diff < fcfs.max_diff / 2
+    assert vtc.avg_diff < fcfs.avg_diff / 4
 
 
 def test_vtc_is_work_conserving(overload_120: dict[str, m.Summary]) -> None:
@@ -117,3 +120,29 @@ def test_simulation_modules_do_no_async_io(module: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"asyncio", "aiohttp", "httpx", "socket"}
+
+
+def test_kv_admission_defaults_to_the_profile_and_peak_packs_more() -> None:
+    """The paper profile admits with the peak check in the gateway and the engine; forcing
+    ``reserve`` on the same mixed-length traffic runs smaller batches, so it is slower."""
+    assert CONFIG.gateway_admission() == "peak"
+    assert CONFIG.engine_config()[1].kv_admission == "peak"
+    vllm_like = SimConfig(profile="h100-llama3-8b")
+    assert vllm_like.gateway_admission() == "reserve"
+    assert vllm_like.engine_config()[1].kv_admission == "blocks"
+    forced = SimConfig(profile="a10g-llama2-7b", kv_cache_tokens=10_000, kv_admission="reserve")
+    assert forced.gateway_admission() == "reserve"
+    assert forced.engine_config()[1].kv_admission == "reserve"
+
+    clients = [
+        ClientSpec("short", 4.0, (16, 256), (8, 64), arrival="poisson"),
+        ClientSpec("long", 1.0, (16, 256), (256, 1024), arrival="poisson"),
+    ]
+    wl = synthesize("mixed", 90.0, clients, seed=3)
+
+    def finish(config: SimConfig) -> float:
+        run = simulate(wl, "vtc", config)
+        assert all(r.status == "ok" for r in run.records) and run.preemptions == 0
+        return max(r.finish_s or 0.0 for r in run.records)
+
+    assert finish(CONFIG) < 0.9 * finish(forced)

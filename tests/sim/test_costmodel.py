@@ -57,7 +57,7 @@ def test_paper_profile_models_the_paper_engine() -> None:
     p = get_profile("a10g-llama2-7b")
     assert p.kv_cache_tokens == 10_000
     assert p.admit_every_n_steps == 10
-    assert p.reserve_full_kv
+    assert p.kv_admission == "peak" and p.block_size == 1  # S-LoRA: token-level pool
 
 
 def test_profiles_and_unknown_name() -> None:

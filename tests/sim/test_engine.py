@@ -10,7 +10,7 @@ import pytest
 
 from backends.sim.calibrate import overload_arrivals, run_virtual
 from backends.sim.costmodel import CostModel, get_profile
-from backends.sim.engine import EngineConfig, EngineCore, StepResult
+from backends.sim.engine import EngineConfig, EngineCore, StepResult, peak_tokens
 
 COST = CostModel(l_floor=0.01, a=0.0, b=1e-5)
 
@@ -191,7 +191,7 @@ def test_reserve_full_kv_and_admission_gating() -> None:
             kv_cache_tokens=1024,
             max_model_len=512,
             admit_every_n_steps=3,
-            reserve_full_kv=True,
+            kv_admission="reserve",
         ),
         COST,
     )
@@ -225,8 +225,15 @@ def test_config_validation() -> None:
         EngineConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         EngineConfig(kv_cache_tokens=8)
+    with pytest.raises(ValueError, match="kv_admission must be one of blocks, reserve, peak"):
+        EngineConfig(kv_admission="lazy")  # type: ignore[arg-type]
     cfg = EngineConfig.from_profile(get_profile("a10g-llama2-7b"), max_num_seqs=7)
-    assert cfg.max_num_seqs == 7 and cfg.reserve_full_kv and cfg.num_blocks == 625
+    assert cfg.max_num_seqs == 7 and cfg.kv_admission == "peak" and cfg.block_size == 1
+    assert cfg.num_blocks * cfg.block_size == 10_000
+    cfg = EngineConfig.from_profile(get_profile("a10g-llama2-7b"), kv_admission="reserve")
+    assert cfg.kv_admission == "reserve"
+    cfg = EngineConfig.from_profile(get_profile("h100-llama3-8b"))
+    assert cfg.kv_admission == "blocks" and cfg.block_size == 16
 
 
 def test_step_durations_follow_the_cost_model() -> None:
@@ -256,3 +263,113 @@ def test_hot_loop_is_fast() -> None:
     stats = run_virtual(get_profile("h100-llama3-8b"), arrivals, 700.0)
     assert stats.completed == 1500
     assert time.perf_counter() - t0 < 10.0
+
+
+# -- kv_admission "peak" (the paper's S-LoRA engine) ----------------------------------------------
+
+
+def test_peak_tokens_formula() -> None:
+    assert peak_tokens([]) == 0
+    assert peak_tokens([(10, 90)]) == 100
+    # sorted by left: (200, 100), (10, 90), (100, 20): max(300, 210 + 180, 310 + 60)
+    assert peak_tokens([(10, 90), (100, 20), (200, 100)]) == 390
+
+
+def peak_engine(kv: int = 1000, block_size: int = 1, **kw: int) -> EngineCore:
+    base: dict[str, int | str] = {
+        "max_num_seqs": 64,
+        "max_num_batched_tokens": 2048,
+        "kv_cache_tokens": kv,
+        "max_model_len": 1024,
+        "block_size": block_size,
+        "kv_admission": "peak",
+    }
+    base.update(kw)
+    return EngineCore(EngineConfig(**base), COST)  # type: ignore[arg-type]
+
+
+def test_peak_admits_what_the_peak_allows_and_no_more() -> None:
+    core = peak_engine(kv=1000)
+    sizes = {
+        "long": (100, 500),  # alone: 600
+        "short": (300, 50),  # sorted (100, 500), (300, 50): max(600, 400 + 50*2) = 600
+        "more": (300, 100),  # max(600, 400 + 100*2, 700 + 50*3) = 850
+        "full": (200, 20),  # ..., 900 + 20*4 = 980
+        "tiny": (30, 10),  # ..., 930 + 10*5 = 980
+        "over": (50, 5),  # ..., 980 + 5*6 = 1010 > 1000: waits
+    }
+    for rid, (prompt, out) in sizes.items():
+        core.add_request(rid, prompt, out, out, 0.0)
+    r = core.step(0.0)
+    assert r.admitted == ["long", "short", "more", "full", "tiny"]
+    assert core.waiting_ids() == ["over"]
+    # reserve mode stops after two: 600 + 350 = 950, + 400 > 1000
+    core = peak_engine(kv=1000, kv_admission="reserve")  # type: ignore[arg-type]
+    for rid, (prompt, out) in sizes.items():
+        core.add_request(rid, prompt, out, out, 0.0)
+    assert core.step(0.0).admitted == ["long", "short"]
+
+
+def test_peak_never_exceeds_the_cache_and_never_preempts_on_mixed_lengths() -> None:
+    """Random mixed lengths (EOS before max_tokens too), 16-token blocks, chunked prefill,
+    admission gating: the cache is never over-allocated and nothing is preempted."""
+    import random
+
+    rng = random.Random(3)
+    for block_size, gate in ((1, 1), (16, 1), (16, 10)):
+        core = peak_engine(
+            kv=4000, block_size=block_size, max_num_batched_tokens=256, admit_every_n_steps=gate
+        )
+        t = 0.0
+        peak_running = 0
+        for i in range(400):
+            prompt = rng.randint(1, 600)
+            max_tokens = rng.randint(1, 400)
+            core.add_request(f"r{i}", prompt, max_tokens, rng.randint(1, max_tokens), t)
+            for _ in range(rng.randint(0, 6)):
+                r = core.step(t)
+                t = r.end
+                assert not r.preempted
+                assert 0 <= core.num_free_blocks <= core.num_blocks
+                peak_running = max(peak_running, core.num_running)
+        run_all(core)
+        assert core.num_preemptions == 0 and core.num_free_blocks == core.num_blocks
+        assert peak_running > 10
+
+
+def test_peak_runs_more_than_reserve_with_mixed_lengths() -> None:
+    """A steady stream, one long generation for every two short ones: requests part-way
+    through need only what they have left, so peak admission keeps more of them running."""
+
+    def run(mode: str) -> tuple[int, float]:
+        core = peak_engine(kv=4000, block_size=16, kv_admission=mode)  # type: ignore[arg-type]
+        t, decodes, done, n = 0.0, 0, 0, 0
+        for step in range(2000):
+            if step % 8 == 0:
+                out = 400 if n % 3 == 0 else 60
+                core.add_request(f"r{n}", 60, out, out, t)
+                n += 1
+            r = core.step(t)
+            t = r.end
+            assert not r.preempted
+            decodes += r.num_decodes
+            done += sum(o.finished for o in r.outputs)
+        return done, decodes / 2000
+
+    (done_reserve, batch_reserve), (done_peak, batch_peak) = run("reserve"), run("peak")
+    assert done_peak > 1.2 * done_reserve and batch_peak > 1.2 * batch_reserve
+
+
+def test_blocks_mode_still_preempts() -> None:
+    core = make(kv_cache_tokens=256, max_num_batched_tokens=512)  # vLLM-like default
+    assert core.config.kv_admission == "blocks"
+    for i in range(4):
+        core.add_request(f"r{i}", 48, 100, 100, 0.0)
+    run_all(core)
+    assert core.num_preemptions > 0 and core.num_free_blocks == core.num_blocks
+
+
+def test_calibration_with_peak_admission() -> None:
+    """The paper profile (peak admission) stays in the paper's overload range."""
+    stats = run_virtual(get_profile("a10g-llama2-7b"), overload_arrivals(360.0), 360.0)
+    assert 876 <= stats.throughput <= 904 and stats.preemptions == 0
