@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +73,34 @@ async def gateway_stack(
         await server.start_server()
         stack.push_async_callback(server.close)
         yield Stack(str(server.make_url("")).rstrip("/"), servers, app)
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``python -m gateway serve --port 0 ARGS``; yields (process, base URL), kills it after."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("listening on http://"), line
+        yield proc, line.split()[-1]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
 
 
 async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -17,34 +13,7 @@ import yaml
 from backends.sim.config import SimConfig
 from backends.sim.server import SimServer
 
-from .conftest import MODEL
-
-
-@asynccontextmanager
-async def gateway_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--port",
-        "0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        assert line.startswith("listening on http://"), line
-        yield proc, line.split()[-1]
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+from .conftest import MODEL, gateway_process
 
 
 async def test_serve_without_config_runs_embedded_sim_and_exits_0_on_sigterm() -> None:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,14 @@ import yaml
 
 from gateway.config import parse_config
 from gateway.reload import REMOVED_MESSAGE, Reloader, apply_config
-from tests.gateway.conftest import MODEL, Stack, gateway_stack, tenants, wait_for
+from tests.gateway.conftest import (
+    MODEL,
+    Stack,
+    gateway_process,
+    gateway_stack,
+    tenants,
+    wait_for,
+)
 
 from .conftest import body, parse, scrape, stream_all, value
 
@@ -168,36 +172,6 @@ async def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:
             task.cancel()
 
 
-@contextlib.asynccontextmanager
-async def serve(cfg: Path, *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """``python -m gateway serve --config cfg --port 0``; yields (process, base URL)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--config",
-        str(cfg),
-        "--port",
-        "0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line.startswith("listening on http://"), line
-        yield proc, line.split()[-1]
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 async def _reloads(http: httpx.AsyncClient, result: str, n: int) -> dict[Any, float]:
     """Poll /metrics (bounded) until ``vtc_config_reloads_total{result}`` reaches ``n``."""
     for _ in range(200):
@@ -212,7 +186,7 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path) -> None:
     async with gateway_stack() as stack:  # only its simulated backend is used
         cfg = tmp_path / "gw.yaml"
         cfg.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 1)))))
-        async with serve(cfg, "--no-watch") as (proc, url):
+        async with gateway_process("--config", str(cfg), "--no-watch") as (proc, url):
             async with httpx.AsyncClient(base_url=url, timeout=10) as http:
                 hdr = {"Authorization": "Bearer key-new"}
                 assert (await http.get("/v1/models", headers=hdr)).status_code == 401
@@ -238,7 +212,10 @@ async def test_running_process_reloads_when_its_config_file_changes(tmp_path: Pa
     async with gateway_stack() as stack:
         cfg = tmp_path / "gw.yaml"
         cfg.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 1)))))
-        async with serve(cfg) as (proc, url), httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with (
+            gateway_process("--config", str(cfg)) as (proc, url),
+            httpx.AsyncClient(base_url=url, timeout=10) as http,
+        ):
             cfg.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 7)))))
             s = await _reloads(http, "ok", 1)
             assert value(s, "vtc_tenant_weight", tenant="a") == 7
