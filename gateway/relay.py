@@ -54,6 +54,12 @@ DONE = b"data: [DONE]\n\n"
 _USAGE_KEY = b',"usage":'
 #: A flat usage object of integers/nulls closing the chunk: ``{"prompt_tokens":7,...}}``.
 _USAGE_TAIL = re.compile(rb'\{(?:"[a-z_]+":(?:\d+|null),)*"[a-z_]+":(?:\d+|null)\}\}\s*')
+#: vLLM's own field order, matched in one go (the general pattern above is the fallback).
+_VLLM_USAGE = re.compile(
+    rb'\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)'
+    rb'(?:,"prompt_tokens_details":null)?\}\}\s*'
+)
+_USAGE_WINDOW = 256  # the longest usage tail searched for, in bytes
 _COMPLETION = re.compile(rb'"completion_tokens":(\d+)')
 _PROMPT = re.compile(rb'"prompt_tokens":(\d+)')
 _CHOICES = b'"choices":'
@@ -144,24 +150,30 @@ class ChunkProcessor:
         """The byte-level path for a compact chunk ending in a flat ``usage``; None when the
         payload does not have that shape (then nothing was changed), else the client's bytes
         (``b""`` for nothing)."""
-        i = payload.rfind(_USAGE_KEY)
+        # usage closes the chunk: look for it in the tail only (a forward search is cheaper
+        # than rfind; a nested "usage" found there instead fails the anchored match below)
+        i = payload.find(_USAGE_KEY, max(0, len(payload) - _USAGE_WINDOW))
         if i < 0 or b'"error":' in payload:
-            return None
-        tail = _USAGE_TAIL.fullmatch(payload, i + 9)
-        if tail is None:
             return None
         j = payload.find(_CHOICES, 0, i)
         if j < 0 or payload.find(b"{", 1, j) >= 0 or payload.find(b"[", 0, j) >= 0:
             return None  # "choices" is not a plain top-level key before usage
-        ct = _COMPLETION.search(payload, i)
-        if ct is None:
-            return None
-        pt = _PROMPT.search(payload, i)
+        m = _VLLM_USAGE.fullmatch(payload, i + 9)
+        if m is not None:
+            self.prompt_tokens = int(m.group(1))
+            n = int(m.group(2))
+        else:
+            if _USAGE_TAIL.fullmatch(payload, i + 9) is None:
+                return None
+            ct = _COMPLETION.search(payload, i)
+            if ct is None:
+                return None
+            pt = _PROMPT.search(payload, i)
+            if pt is not None:
+                self.prompt_tokens = int(pt.group(1))
+            n = int(ct.group(1))
         self.saw_usage = True
         self._usage_raw = payload[i + 9 : payload.index(b"}", i) + 1]
-        if pt is not None:
-            self.prompt_tokens = int(pt.group(1))
-        n = int(ct.group(1))
         if n > self.completion_tokens:
             self._charge(n - self.completion_tokens)
             self.completion_tokens = n

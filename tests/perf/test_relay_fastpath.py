@@ -52,8 +52,10 @@ STREAMS = {
         _chat("Hel", 1),
         _chat(TRICKY, 2),
         _chat("ü€😀", 3),
-        _chat("x", 4, finish="length"),
-        _chat(None, 4),
+        _chat("long " * 300, 3),
+        _compact({"choices": [{"delta": {"content": "s"}}], "usage": _usage(4)})[:-1] + b"}",
+        _chat("x", 5, finish="length"),
+        _chat(None, 5),
     ],
     "completions": [_completion("a", 1), _completion(TRICKY, 2), _completion(None, 2)],
     "odd": [
@@ -134,3 +136,12 @@ def test_feed_batch_stops_at_error_and_malformed() -> None:
     assert out.count(b"data: ") == 1 and p.malformed is not None
     p = proc()
     assert p.feed_batch([b"[1]"]) == b"" and p.malformed is not None
+
+
+@pytest.mark.parametrize("chunk", STREAMS["chat"][1:] + STREAMS["completions"])
+def test_compact_vllm_chunks_take_the_fast_path(chunk: bytes) -> None:
+    proc = ChunkProcessor(
+        Job("t", 5, 10, 0.0), client_format({"stream": True}, chat=True), lambda n: None, None
+    )
+    proc.feed(STREAMS["chat"][0])
+    assert proc._feed_fast(chunk) is not None
