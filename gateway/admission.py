@@ -28,28 +28,27 @@ in both modes.
 demand that admission compares with ``max_kv_tokens``: the sum of reservations (``"reserve"``) or
 the current peak estimate of the in-flight requests (``"peak"``).
 
-Cost in ``"peak"`` mode: :meth:`BackendSlots.fits` re-sorts the in-flight requests (Python's
-sort is close to linear on the nearly sorted order it keeps between calls) and scans them once
-when anything changed since the last call, O(n log n) at worst; then each candidate is O(log n)
-(bisect into prefix/suffix maxima), so repeated checks without news are cheap.
+Cost in ``"peak"`` mode: :meth:`AdmissionController.note_output` is O(1); :meth:`BackendSlots.fits`
+is one pass over the n in-flight requests, after re-sorting them when any has progressed since
+the last call (Python's sort is close to linear on the order kept from that call; O(n log n) at
+worst). Precomputed prefix/suffix maxima would make a repeated check O(log n), but in the live
+gateway almost every check follows news (a token, a release, the previous admission), and
+building them costs more than the pass.
 
 Pure and synchronous, like the scheduler: the live dispatcher and the lab's simulator share it.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import accumulate
-from operator import add, attrgetter, mul
+from operator import attrgetter
 from typing import Literal, get_args
 
 #: How the KV budget is checked: sum of reservations, or S-LoRA's peak-future-memory estimate.
 KvAdmission = Literal["reserve", "peak"]
 KV_ADMISSION_MODES: tuple[str, ...] = get_args(KvAdmission)
 
-_RUN = attrgetter("run")
 _LEFT = attrgetter("left")
 
 
@@ -89,14 +88,11 @@ class BackendSlots:
     # requests admitted over the backend's life (for metrics)
     admitted_total: int = field(default=0)
     kv_admission: KvAdmission = "reserve"
-    # "peak" mode: the in-flight reservations, kept in (nearly) sorted order, and the maxima
-    # derived from them; recomputed by _refresh() when _dirty
+    # "peak" mode: the in-flight reservations in (nearly) sorted order of `left`, descending;
+    # _dirty: something changed since the last sort; _peak: cached reserved_tokens (or None)
     _held: list[Reservation] = field(default_factory=list, repr=False)
     _dirty: bool = field(default=False, repr=False)
-    _neg_left: list[int] = field(default_factory=list, repr=False)
-    _cum_run: list[int] = field(default_factory=list, repr=False)
-    _prefix_max: list[int] = field(default_factory=list, repr=False)
-    _suffix_max: list[int] = field(default_factory=list, repr=False)
+    _peak: int | None = field(default=None, repr=False)
 
     @property
     def reserved_tokens(self) -> int:
@@ -104,9 +100,9 @@ class BackendSlots:
         estimate of the in-flight requests (``"peak"``)."""
         if self.kv_admission == "reserve":
             return self.booked_tokens
-        if self._dirty:
-            self._refresh()
-        return self._prefix_max[-1] if self._prefix_max else 0
+        if self._peak is None:
+            self._peak = self.peak_with(0, 0)  # a (0, 0) candidate adds nothing to the peak
+        return self._peak
 
     def fits(self, tokens: int, prompt: int = 0) -> bool:
         """Room for a request of ``tokens`` (= ``prompt`` + reserved output) right now?"""
@@ -118,37 +114,37 @@ class BackendSlots:
 
     def peak_with(self, run: int, left: int) -> int:
         """Peak estimate of the in-flight requests plus one holding ``run`` tokens with ``left``
-        to come. O(log n) once the order is fresh."""
-        if self._dirty:
-            self._refresh()
-        if not self._held:
-            return run + left
-        # the candidate goes after every request with at least as much left (ties: any order
-        # gives the same maximum)
-        k = bisect_right(self._neg_left, -left)
-        before = self._cum_run[k - 1] if k else 0
-        peak = before + run + left * (k + 1)
-        if k:
-            peak = max(peak, self._prefix_max[k - 1])
-        if k < len(self._held):
-            # everyone after it holds `run` more underneath and one more request is alive
-            peak = max(peak, self._suffix_max[k] + run)
-        return peak
-
-    def _refresh(self) -> None:
+        to come: one pass over the requests in order of ``left`` (re-sorted first if anything
+        changed; the sort is near-linear on the order kept from the last call)."""
         held = self._held
-        held.sort(key=_LEFT, reverse=True)  # stable; near-linear on the kept order
-        lefts = list(map(_LEFT, held))
-        self._neg_left = [-x for x in lefts]
-        self._cum_run = cum = list(accumulate(map(_RUN, held)))
-        terms = list(map(add, cum, map(mul, lefts, range(1, len(held) + 1))))
-        self._prefix_max = list(accumulate(terms, max))
-        shifted = list(map(add, terms, lefts))  # term of i once a request sits before it
-        shifted.reverse()
-        suffix = list(accumulate(shifted, max))
-        suffix.reverse()
-        self._suffix_max = suffix
-        self._dirty = False
+        if self._dirty:
+            held.sort(key=_LEFT, reverse=True)
+            self._dirty = False
+        cum = 0
+        peak = 0
+        i = 0
+        placed = False
+        for r in held:
+            r_left = r.left
+            if not placed and r_left < left:
+                # the candidate goes after every request with at least as much left (ties:
+                # any order among equal lefts gives the same maximum)
+                i += 1
+                cum += run
+                term = cum + left * i
+                if term > peak:
+                    peak = term
+                placed = True
+            i += 1
+            cum += r.run
+            term = cum + r_left * i
+            if term > peak:
+                peak = term
+        if not placed:
+            term = cum + run + left * (i + 1)
+            if term > peak:
+                peak = term
+        return peak
 
     @property
     def load(self) -> float:
@@ -212,6 +208,7 @@ class AdmissionController:
         if backend.kv_admission == "peak":
             backend._held.append(reservation)
             backend._dirty = True
+            backend._peak = None
         return reservation
 
     def note_output(self, reservation: Reservation, n: int) -> None:
@@ -223,6 +220,7 @@ class AdmissionController:
         b = self._backends.get(reservation.backend)
         if b is not None:
             b._dirty = True
+            b._peak = None
 
     def release(self, reservation: Reservation) -> None:
         b = self._backends.get(reservation.backend)
@@ -239,7 +237,7 @@ class AdmissionController:
                     break
             else:
                 raise AssertionError(f"backend {b.name!r}: released more than was reserved")
-            b._dirty = True
+            b._peak = None  # removal keeps the order sorted
         b.in_flight -= 1
         b.booked_tokens -= reservation.tokens
 
