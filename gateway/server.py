@@ -291,7 +291,8 @@ async def _forward(
                 outcome = "rejected_invalid"
                 raise
         raise BackendError("no healthy backend could take the request")
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionResetError):
+        # the client went away: cancelled handler, or a write to its closed connection
         outcome = "client_cancelled"
         raise
     finally:
