@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from pathlib import Path
 
@@ -50,7 +49,7 @@ async def test_sigterm_lets_running_stream_finish_and_answers_queue_503(tmp_path
             body = {
                 "model": MODEL,
                 "prompt": "x",
-                "max_tokens": 150,
+                "max_tokens": 1000,
                 "ignore_eos": True,
                 "stream": True,
             }
@@ -70,7 +69,7 @@ async def test_sigterm_lets_running_stream_finish_and_answers_queue_503(tmp_path
                     proc.send_signal(signal.SIGTERM)
                     rest = [line async for line in lines if line]
                     assert rest[-1] == "data: [DONE]"
-                    assert sum(1 for x in rest if x.startswith("data: {")) == 149
+                    assert sum(1 for x in rest if x.startswith("data: {")) == 999
                     refused = await queued
                     assert refused.status_code == 503
                     assert "shutting down" in refused.json()["error"]["message"]
@@ -136,9 +135,13 @@ async def test_idle_and_slow_header_connections_are_closed(tmp_path: Path) -> No
                     if slow_r.at_eof():
                         return True
                     slow_w.write(b"X")
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         if await asyncio.wait_for(slow_r.read(), 0.2) == b"":
                             return True
+                    except ConnectionResetError:
+                        return True  # closed by the gateway while we were still writing
+                    except TimeoutError:
+                        pass
                 return False
 
             assert all(await asyncio.gather(*(closed(r) for r, _ in idle)))
