@@ -74,6 +74,15 @@ def _finish(fig: Any, axes: Sequence[Any], path: Path, ntenants: int) -> None:
     fig.savefig(path)
 
 
+def _style_panel(ax: Any, title: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, linewidth=0.3)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("time (s)", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+
+
 def plot_service_rate(results: LabResults, path: Path, dpi: int = 80) -> None:
     plt = _pyplot()
     ticks = m.Ticks.for_duration(results.duration_s)
@@ -84,12 +93,7 @@ def plot_service_rate(results: LabResults, path: Path, dpi: int = 80) -> None:
         rates = m.service_rates(groups, grid, ticks.window, results.prices)
         for tenant, ys in rates.items():
             ax.plot(grid, ys, linewidth=1, label=tenant)
-        ax.set_title(policy, fontsize=9)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, linewidth=0.3)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("time (s)", fontsize=8)
-        ax.set_ylabel("service (tok/s)", fontsize=8)
+        _style_panel(ax, policy, "service (tok/s)")
     _finish(fig, axes, path, len(results.tenants))
     plt.close(fig)
 
@@ -128,12 +132,7 @@ def plot_latency(results: LabResults, path: Path, dpi: int = 80) -> None:
         groups = m.by_tenant(run.records, results.tenants)
         for tenant, recs in groups.items():
             ax.plot(grid, latency_over_time(recs, grid, ticks.window), linewidth=1, label=tenant)
-        ax.set_title(policy, fontsize=9)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, linewidth=0.3)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("time (s)", fontsize=8)
-        ax.set_ylabel("first-token latency (s)", fontsize=8)
+        _style_panel(ax, policy, "first-token latency (s)")
     _finish(fig, axes, path, len(results.tenants))
     plt.close(fig)
 
