@@ -9,8 +9,9 @@ instead, and the final usage chunk reconciles.
 The client gets exactly the format it asked for:
 
 * streaming with both usage options: the upstream bytes pass through untouched;
-* streaming otherwise: ``usage`` is removed from chunks it did not ask for, and the final
-  usage-only chunk is dropped unless it asked for ``include_usage``;
+* streaming otherwise: ``usage`` is removed from chunks that did not ask for it (completions
+  chunks keep ``"usage": null``, as vLLM renders them), and the final usage-only chunk is
+  dropped unless the client asked for ``include_usage``;
 * not streaming: the chunks are assembled into one ``chat.completion`` / ``text_completion``
   body, so the request is charged while it runs like any other (and the bytes equal vLLM's
   non-streaming answer apart from ids and timestamps).
@@ -182,7 +183,8 @@ class ChunkProcessor:
             return b"data: " + payload + b"\n\n"
         if payload.startswith(b"[]", j + 10):  # the final usage-only chunk
             return b"data: " + payload + b"\n\n" if fmt.include_usage else b""
-        return b"data: " + payload[:i] + b"}\n\n"
+        # vLLM renders completions chunks with "usage": null, chat chunks without the key
+        return b"data: " + payload[:i] + (b"}\n\n" if fmt.chat else b',"usage":null}\n\n')
 
     def _feed_json(self, payload: bytes) -> bytes | None:
         obj = _loads(payload)
@@ -222,7 +224,10 @@ class ChunkProcessor:
                 return b"data: " + payload + b"\n\n"
             return None
         if usage is not None and not self.fmt.continuous_usage:
-            del obj["usage"]
+            if self.fmt.chat:
+                del obj["usage"]
+            else:
+                obj["usage"] = None
             return b"data: " + _dumps(obj) + b"\n\n"
         return b"data: " + payload + b"\n\n"
 
@@ -279,50 +284,52 @@ class ChunkProcessor:
             acc.stop_reason = c["stop_reason"]
 
     def assembled(self, model: str) -> dict[str, Any]:
-        """The non-streaming response body built from everything fed so far."""
+        """The non-streaming response body built from everything fed so far, with the fields
+        (and their order) of vLLM's own non-streaming answer."""
         first = self.first_chunk or {}
-        usage = self.usage or {
-            "prompt_tokens": self.prompt_tokens or self.job.prompt_tokens,
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.job.prompt_tokens
+        usage = dict(self.usage) if self.usage else {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + self.completion_tokens,
             "completion_tokens": self.completion_tokens,
-            "total_tokens": (self.prompt_tokens or self.job.prompt_tokens) + self.completion_tokens,
         }
+        usage.setdefault("prompt_tokens_details", None)
         choices: list[dict[str, Any]] = []
         for idx in sorted(self._choices) or [0]:
             acc = self._choices.get(idx, _Choice())
             if self.fmt.chat:
-                message: dict[str, Any] = {"role": "assistant", "content": "".join(acc.text)}
-                if acc.reasoning:
-                    message["reasoning_content"] = "".join(acc.reasoning)
-                message["tool_calls"] = [acc.tool_calls[k] for k in sorted(acc.tool_calls)]
-                choices.append(
-                    {
-                        "index": idx,
-                        "message": message,
-                        "logprobs": acc.logprobs,
-                        "finish_reason": acc.finish_reason,
-                        "stop_reason": acc.stop_reason,
-                    }
-                )
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": "".join(acc.text),
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": [acc.tool_calls[k] for k in sorted(acc.tool_calls)],
+                    "reasoning_content": "".join(acc.reasoning) if acc.reasoning else None,
+                }
+                choice: dict[str, Any] = {"index": idx, "message": message}
             else:
-                choices.append(
-                    {
-                        "index": idx,
-                        "text": "".join(acc.text),
-                        "logprobs": acc.logprobs,
-                        "finish_reason": acc.finish_reason,
-                        "stop_reason": acc.stop_reason,
-                    }
-                )
+                choice = {"index": idx, "text": "".join(acc.text)}
+            choice["logprobs"] = acc.logprobs
+            choice["finish_reason"] = acc.finish_reason
+            choice["stop_reason"] = acc.stop_reason
+            if not self.fmt.chat:
+                choice["prompt_logprobs"] = None
+            choices.append(choice)
         body: dict[str, Any] = {
             "id": first.get("id", ""),
             "object": "chat.completion" if self.fmt.chat else "text_completion",
             "created": first.get("created", 0),
             "model": first.get("model", model),
             "choices": choices,
-            "usage": {k: v for k, v in usage.items()},
+            "service_tier": None,
+            "system_fingerprint": first.get("system_fingerprint"),
+            "usage": usage,
         }
-        if "system_fingerprint" in first:
-            body["system_fingerprint"] = first["system_fingerprint"]
+        if self.fmt.chat:
+            body["prompt_logprobs"] = None
+        body["kv_transfer_params"] = None
         return body
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import openai
@@ -282,3 +283,46 @@ async def test_requests_spread_over_backends_least_loaded_first() -> None:
                 for s in streams:
                     await s.__aexit__(None, None, None)
         await wait_for(lambda: stack.state.admission.in_flight() == 0)
+
+
+def _strip_ids(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_ids(v) for k, v in obj.items() if k not in ("id", "created")}
+    if isinstance(obj, list):
+        return [_strip_ids(v) for v in obj]
+    return obj
+
+
+def _events(text: str) -> list[Any]:
+    return [
+        e if e == "[DONE]" else json.loads(e)
+        for e in (x.removeprefix("data: ") for x in text.split("\n\n") if x)
+    ]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize(
+    "stream_options",
+    [None, {}, {"include_usage": True}, {"include_usage": True, "continuous_usage_stats": True}],
+)
+async def test_client_gets_the_backends_bytes_apart_from_ids(
+    chat: bool, stream_options: dict[str, Any] | None
+) -> None:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 6, "seed": 3}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+    if stream_options is not None:
+        body["stream"] = True
+        if stream_options:
+            body["stream_options"] = stream_options
+    async with gateway_stack(sim={"speed": 0}) as stack, httpx.AsyncClient() as http:
+        direct = await http.post(stack.sims[0].url + path, json=body)
+        via = await http.post(
+            stack.url + path, json=body, headers={"Authorization": "Bearer key-a"}
+        )
+    assert via.status_code == direct.status_code == 200
+    if stream_options is None:
+        assert _strip_ids(via.json()) == _strip_ids(direct.json())
+        assert list(via.json()) == list(direct.json())  # same field order
+    else:
+        assert _strip_ids(_events(via.text)) == _strip_ids(_events(direct.text))
