@@ -288,7 +288,7 @@ class ChunkProcessor:
         (and their order) of vLLM's own non-streaming answer."""
         first = self.first_chunk or {}
         prompt = self.prompt_tokens if self.prompt_tokens is not None else self.job.prompt_tokens
-        usage = dict(self.usage) if self.usage else {
+        usage: dict[str, Any] = dict(self.usage) if self.usage else {
             "prompt_tokens": prompt,
             "total_tokens": prompt + self.completion_tokens,
             "completion_tokens": self.completion_tokens,
