@@ -53,7 +53,7 @@ class Authenticator:
         """Tenant name for an ``Authorization`` header value; raises :class:`Unauthorized`."""
         key = _bearer(authorization)
         if key is not None:
-            digest = hashlib.sha256(key.encode()).digest()
+            digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
             found: str | None = None
             for stored, tenant in self._entries:  # no early exit: constant work per request
                 if hmac.compare_digest(stored, digest):

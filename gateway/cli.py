@@ -167,7 +167,7 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         # limits.shutdown_timeout_s (runner.cleanup waits for them, then cancels the rest).
         state = app[STATE]
         state.draining = True
-        failed = state.dispatcher.fail_waiting(Unavailable("gateway is shutting down"))
+        failed = state.dispatcher.close(Unavailable("gateway is shutting down"))
         log.info(
             "shutting down: %d queued request(s) answered 503, %d running get up to %gs",
             failed,

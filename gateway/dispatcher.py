@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .admission import AdmissionController, BackendSlots, Reservation
-from .errors import RateLimited, Unavailable
+from .errors import TENANT_REMOVED, RateLimited, Unauthorized, Unavailable
 from .scheduler import Job, Prices, QueueRejected, Scheduler, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Dispatcher:
         self.running: dict[str, int] = {}  # tenant -> in-flight jobs
         self.dispatched_total = 0
         self._waiting: set[Job] = set()  # queued jobs whose handler awaits a grant
+        self._closed: Exception | None = None  # set by close(): no new work
         #: Called with each job as it is dispatched (tests, tracing); must not raise.
         self.on_dispatch: Callable[[Job], None] | None = None
 
@@ -114,10 +115,21 @@ class Dispatcher:
         return sum(p.total_queued() for p in self._pools.values())
 
     # -- request side ------------------------------------------------------------------------
+    def close(self, exc: Exception) -> int:
+        """Stop taking work (shutdown): answer every queued job with ``exc`` and refuse new ones
+        with it too, including requests authenticated before the close. Returns how many queued
+        jobs were answered."""
+        self._closed = exc
+        return self.fail_waiting(exc)
+
     async def acquire(self, job: Job, queue_timeout: float) -> Grant:
-        """Queue ``job`` and wait for a backend slot (or raise 429 / 503)."""
+        """Queue ``job`` and wait for a backend slot (or raise 401 / 429 / 503)."""
+        if self._closed is not None:
+            raise self._closed
         limits = self._tenants.get(job.tenant)
-        if limits is not None and self.queued(job.tenant) >= limits.max_queued:
+        if limits is None:  # removed by a reload after this request was authenticated
+            raise Unauthorized(TENANT_REMOVED)
+        if self.queued(job.tenant) >= limits.max_queued:
             raise RateLimited(
                 f"too many queued requests for this tenant (limit {limits.max_queued})",
                 retry_after=1.0,
@@ -167,9 +179,12 @@ class Dispatcher:
                 failed += 1
         return failed
 
-    def release(self, job: Job, grant: Grant, ran: bool = True) -> None:
-        """The job is over: reconcile its charge, free its slot, let the next one in."""
-        self.pool(job.model).finish(job, self.clock(), ran=ran)
+    def release(
+        self, job: Job, grant: Grant, ran: bool = True, output_tokens: int | None = None
+    ) -> None:
+        """The job is over: reconcile its charge (with the backend's ``output_tokens`` when
+        known), free its slot, let the next one in."""
+        self.pool(job.model).finish(job, self.clock(), ran=ran, output_tokens=output_tokens)
         self.running[job.tenant] -= 1
         self.admission.release(grant.reservation)
         self.pump_backend(grant.backend)

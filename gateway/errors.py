@@ -19,6 +19,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+#: Answer for a tenant removed by a configuration reload (its key is gone too).
+TENANT_REMOVED = "tenant removed by configuration reload"
+
 
 class GatewayError(Exception):
     status = 500

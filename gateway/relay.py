@@ -99,6 +99,9 @@ class ChunkProcessor:
         self._charge = charge  # callable(n_tokens): charge n output tokens now
         self._counter = counter
         self.completion_tokens = 0  # delivered to the gateway so far
+        #: The backend's own latest ``usage.completion_tokens``: the truth the job is
+        #: reconciled to at the end, even when it is below what delta counting estimated.
+        self.reported_completion: int | None = None
         self.prompt_tokens: int | None = None  # backend's count, once known
         self._usage: dict[str, Any] | None = None
         self._usage_raw: bytes | None = None  # the latest usage object, parsed on demand
@@ -175,6 +178,7 @@ class ChunkProcessor:
             n = int(ct.group(1))
         self.saw_usage = True
         self._usage_raw = payload[i + 9 : payload.index(b"}", i) + 1]
+        self.reported_completion = n
         if n > self.completion_tokens:
             self._charge(n - self.completion_tokens)
             self.completion_tokens = n
@@ -203,9 +207,11 @@ class ChunkProcessor:
             if isinstance(pt, int):
                 self.prompt_tokens = pt
             ct = usage.get("completion_tokens")
-            if isinstance(ct, int) and ct > self.completion_tokens:
-                self._charge(ct - self.completion_tokens)
-                self.completion_tokens = ct
+            if isinstance(ct, int):
+                self.reported_completion = ct
+                if ct > self.completion_tokens:
+                    self._charge(ct - self.completion_tokens)
+                    self.completion_tokens = ct
         elif choices and self._counter is not None:
             n = sum(self._count_delta(c) for c in choices)
             if n:
@@ -232,12 +238,16 @@ class ChunkProcessor:
         return b"data: " + payload + b"\n\n"
 
     def _count_delta(self, choice: dict[str, Any]) -> int:
+        """Estimated tokens of one choice's new text (used only without usage stats)."""
         assert self._counter is not None
         text = choice.get("text")
         if text is None:
             delta = choice.get("delta") or {}
-            text = delta.get("content") or ""
-        return self._counter.count_text(text) if text else (1 if choice.get("delta") else 0)
+            text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+            for call in delta.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                text += (fn.get("name") or "") + (fn.get("arguments") or "")
+        return self._counter.count_text(text) if text else 0  # the role chunk costs nothing
 
     def _accumulate(self, c: dict[str, Any]) -> None:
         idx = c.get("index", 0)

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING
 
 from .auth import Authenticator
 from .config import ConfigError, GatewayConfig, LimitsConfig, load_config
-from .errors import Unauthorized
+from .errors import TENANT_REMOVED, Unauthorized
 
 if TYPE_CHECKING:
     from .server import GatewayState
 
 log = logging.getLogger(__name__)
 
-REMOVED_MESSAGE = "tenant removed by configuration reload"
+REMOVED_MESSAGE = TENANT_REMOVED
 
 #: Sections read only at start-up.
 RESTART_SECTIONS = ("listen", "backends", "scheduler", "tokenizer")

@@ -230,6 +230,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     try:
         body = await _read_json(request)
         model, prompt_tokens, reserve = await _validate(state, body, chat)
+        payload = _upstream_payload(body)
     except (InvalidRequest, ModelNotFound, PayloadTooLarge):
         state.stats.outcome(tenant, "rejected_invalid")
         raise
@@ -251,7 +252,18 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         raise
     lab = state.stats.label(tenant)
     state.recorder.queue_wait.labels(lab).observe(time.monotonic() - arrival)
-    return await _forward(request, state, job, grant, body, client_format(body, chat), chat)
+    return await _forward(request, state, job, grant, payload, client_format(body, chat), chat)
+
+
+def _upstream_payload(body: dict[str, Any]) -> bytes:
+    """The backend's request body, built before queueing so that a body that cannot be
+    re-encoded (e.g. an integer too wide for the JSON encoder) is a 400, not a held slot."""
+    try:
+        return upstream_body(body)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise InvalidRequest(
+            f"request body cannot be forwarded: {exc.__class__.__name__}"
+        ) from None
 
 
 async def _forward(
@@ -259,12 +271,12 @@ async def _forward(
     state: GatewayState,
     job: Job,
     first_grant: Grant,
-    body: dict[str, Any],
+    payload: bytes,
     fmt: ClientFormat,
     chat: bool,
 ) -> web.StreamResponse:
+    """Send the granted job upstream and relay it; the ``finally`` releases whatever happens."""
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    payload = upstream_body(body)
     grant: Grant | None = first_grant
     tried: list[str] = []
     ran = False
@@ -298,8 +310,8 @@ async def _forward(
     finally:
         if proc.prompt_tokens is not None:
             job.prompt_tokens = proc.prompt_tokens
-        if grant is not None:
-            dispatcher.release(job, grant, ran=ran)
+        if grant is not None:  # reconciled with the backend's own output count when it sent one
+            dispatcher.release(job, grant, ran=ran, output_tokens=proc.reported_completion)
         else:  # move() found no other backend and already returned the reservation
             dispatcher.abandon(job)
         if ran:

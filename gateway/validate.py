@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import InvalidRequest
 
+#: ``max_tokens`` of a completions request that sets none (OpenAI's and vLLM's default).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 #: Reservation ceiling for a request with no max_tokens on a backend of unknown context length.
 UNBOUNDED_RESERVE = 1 << 20
 
@@ -22,7 +24,7 @@ UNBOUNDED_RESERVE = 1 << 20
 @dataclass(frozen=True, slots=True)
 class Fields:
     model: str
-    max_tokens: int | None  # max_completion_tokens or max_tokens, None when absent
+    max_tokens: int | None  # the output cap in force; None: chat without one (rest of context)
     max_tokens_param: str  # which of the two the client used (for error messages)
     prompt_param: str  # "messages" or "prompt"
 
@@ -92,12 +94,14 @@ def check_fields(body: dict[str, Any], chat: bool) -> Fields:
     best_of = _int_field(body, "best_of")
     if best_of is not None and best_of > 1:
         raise InvalidRequest("best_of > 1 is not supported", param="best_of")
-    max_tokens = _int_field(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _int_field(body, "max_tokens")
-    name = (
-        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    )
+    # Chat takes max_completion_tokens (the newer name) before max_tokens; the legacy
+    # completions endpoint knows only max_tokens and, like OpenAI and vLLM, defaults it to 16.
+    name = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
+    max_tokens = _int_field(body, name)
+    if max_tokens is None and not chat:
+        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
     return Fields(model, max_tokens, name, "messages" if chat else "prompt")

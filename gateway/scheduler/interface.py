@@ -13,11 +13,14 @@ Life of a :class:`Job` as seen by a policy::
     finish(job, now, ran)     the job ended (any reason); reconcile its charge with the truth
     cancel(job, now) -> bool  a *queued* job left (client gone, timeout): nothing stays charged
 
-Charging invariant: after ``finish`` a job has cost its tenant exactly
-``(w_in * prompt_tokens + w_out * output_tokens) / weight`` counter units, where ``prompt_tokens``
-and ``output_tokens`` hold the actual counts set by the caller before ``finish`` (a job that
-never ran upstream finishes with both at zero and costs nothing). ``job.charged`` always holds
-what the job has cost so far, so counters stay consistent on every path.
+Charging invariant: after ``finish`` a job has been charged exactly the price of its actual
+tokens, ``w_in * prompt_tokens + w_out * output_tokens`` (the backend's counts), each part
+divided by the tenant's weight *at the time it was charged*, so a weight changed by a reload
+re-prices only what comes after it; with a constant weight that is
+``(w_in * prompt + w_out * output) / weight`` counter units. A job that never ran upstream
+(``finish(ran=False)``) costs nothing. ``job.charged`` (counter units) and
+``job.charged_cost`` (priced tokens) always hold what the job has cost so far, so counters stay
+consistent on every path.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Job:
     output_tokens: int = 0  # generated so far (caller updates through on_output)
     predicted_output: int = 0  # vtc-predict: output tokens charged at dispatch
     charged: float = 0.0  # counter units charged to the tenant for this job so far
+    charged_cost: float = 0.0  # the same charges in priced tokens, before dividing by weight
     dispatched_at: float | None = None
     payload: Any = field(default=None, repr=False)  # opaque to the scheduler
 
@@ -153,8 +157,13 @@ class Scheduler(ABC):
         """Tenants with at least one waiting job."""
 
     # -- charging ----------------------------------------------------------------------------
-    def _charge(self, job: Job, units: float) -> None:
-        """Add ``units`` counter units to the job's tenant (negative refunds)."""
+    def _charge(self, job: Job, cost: float) -> None:
+        """Charge ``cost`` priced tokens (negative refunds) at the tenant's current weight."""
+        if cost:
+            job.charged_cost += cost
+            self._add_units(job, cost / self._weights.get(job.tenant, 1.0))
+
+    def _add_units(self, job: Job, units: float) -> None:
         if units:
             job.charged += units
             self._counters[job.tenant] += units
@@ -166,8 +175,7 @@ class Scheduler(ABC):
     def _dispatched(self, job: Job, now: float) -> None:
         """Charge at dispatch: the prompt (and, for vtc-predict, the predicted output)."""
         job.dispatched_at = now
-        w = self._weights[job.tenant]
-        self._charge(job, self.prices.cost(job.prompt_tokens, job.predicted_output) / w)
+        self._charge(job, self.prices.cost(job.prompt_tokens, job.predicted_output))
 
     def on_output(self, job: Job, n: int, now: float) -> None:
         """``n`` more output tokens were generated; charge those beyond any prediction."""
@@ -177,21 +185,32 @@ class Scheduler(ABC):
         job.output_tokens += n
         beyond = max(job.output_tokens, job.predicted_output) - before
         if beyond:
-            self._charge(job, self.prices.output * beyond / self._weights[job.tenant])
+            self._charge(job, self.prices.output * beyond)
         self._service[job.tenant] += self.prices.output * n
 
-    def finish(self, job: Job, now: float, ran: bool = True) -> None:
-        """Reconcile: the job's total charge becomes the cost of its actual tokens.
+    def finish(
+        self, job: Job, now: float, ran: bool = True, output_tokens: int | None = None
+    ) -> None:
+        """Reconcile: the job's total charge becomes the price of its actual tokens.
 
-        ``ran=False`` means the backend never processed the job (refused before streaming):
-        everything charged for it is refunded.
+        ``job.prompt_tokens`` must hold the actual prompt count; ``output_tokens``, when given,
+        is the backend's own output count and replaces what ``on_output`` accumulated (it may
+        be lower than an estimate). ``ran=False`` means the backend never processed the job
+        (refused before streaming): everything charged for it is refunded.
         """
         if job.dispatched_at is None:
             return  # never left the queue: nothing was charged
-        w = self._weights.get(job.tenant, 1.0)
-        target = self.prices.cost(job.prompt_tokens, job.output_tokens) / w if ran else 0.0
-        self._charge(job, target - job.charged)
-        if ran:
+        if not ran:
+            job.charged_cost = 0.0
+            self._add_units(job, -job.charged)
+        else:
+            if output_tokens is not None and output_tokens != job.output_tokens:
+                self._service[job.tenant] += self.prices.output * (
+                    output_tokens - job.output_tokens
+                )
+                job.output_tokens = output_tokens
+            actual = self.prices.cost(job.prompt_tokens, job.output_tokens)
+            self._charge(job, actual - job.charged_cost)
             self._service[job.tenant] += self.prices.input * job.prompt_tokens
         self._finished(job, now, ran)
 

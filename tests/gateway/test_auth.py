@@ -67,3 +67,9 @@ def test_tenant_header_is_ignored_unless_trusted() -> None:
     assert trusting.authenticate(spoof) == "b"
     with pytest.raises(Unauthorized):
         trusting.authenticate(CIMultiDict([("X-Tenant", "ghost")]))
+
+
+def test_undecodable_key_bytes_are_just_an_unknown_key() -> None:
+    # aiohttp hands undecodable header bytes over as surrogate escapes
+    with pytest.raises(Unauthorized):
+        _auth().tenant_for("Bearer \udcff\udcfe")

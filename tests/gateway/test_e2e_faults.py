@@ -177,3 +177,50 @@ async def test_api_keys_and_prompts_never_reach_the_logs(caplog: pytest.LogCaptu
     text = caplog.text
     assert "key-a" not in text and "nope" not in text and secret_prompt not in text
     assert "key-a" not in metrics and secret_prompt not in metrics
+
+
+async def test_bodies_the_encoder_may_refuse_never_hold_a_slot() -> None:
+    deep = "[" * 300 + "]" * 300
+    raws = [
+        b'{"model": "%s", "prompt": "x", "max_tokens": 2, "seed": %d}' % (MODEL.encode(), 10**30),
+        b'{"model": "%s", "prompt": "x", "max_tokens": 2, "extra": %s}'
+        % (MODEL.encode(), deep.encode()),
+    ]
+    async with gateway_stack(backend={"max_num_seqs": 1}) as stack:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            for raw in raws * 2:
+                r = await http.post("/v1/completions", content=raw, headers=A)
+                assert r.status_code < 500, r.text
+            ok = await http.post("/v1/completions", json=_body(2, stream=False), headers=A)
+            assert ok.status_code == 200
+        await wait_for(lambda: _settled(stack))
+        assert stack.state.dispatcher.running.get("a", 0) == 0
+
+
+async def test_completions_without_max_tokens_reserve_sixteen_like_vllm() -> None:
+    async with gateway_stack() as stack:
+        reserved: list[int] = []
+        stack.state.dispatcher.on_dispatch = lambda job: reserved.append(job.max_tokens)
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            r = await http.post(
+                "/v1/completions",
+                headers=A,
+                json={"model": MODEL, "prompt": "x", "ignore_eos": True},
+            )
+            assert r.json()["usage"]["completion_tokens"] == 16
+        assert reserved == [16]
+
+
+async def test_a_tenant_removed_after_authentication_is_not_queued() -> None:
+    from gateway.errors import Unauthorized
+    from gateway.scheduler import Job
+
+    async with gateway_stack() as stack:
+        d = stack.state.dispatcher
+        d.remove_tenant("a", Unauthorized("gone"))
+        with pytest.raises(Unauthorized):
+            await d.acquire(Job("a", 1, 1, 0.0, model=MODEL), 1.0)
+        d.close(RuntimeError("closing"))
+        with pytest.raises(RuntimeError, match="closing"):
+            await d.acquire(Job("b", 1, 1, 0.0, model=MODEL), 1.0)
+        assert d.total_queued() == 0

@@ -109,3 +109,14 @@ def test_upstream_body_forces_streaming_usage_and_keeps_unknown_fields() -> None
     assert sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert sent["top_k"] == 5
+
+
+def test_backend_usage_reconciles_an_overestimate_downwards() -> None:
+    role = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+    text = json.dumps({"choices": [{"index": 0, "delta": {"content": "hello wonderful world"}}]})
+    final = json.dumps(
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    )
+    proc, charged, _ = _run({"stream": True}, [role.encode(), text.encode(), final.encode()])
+    assert charged == [3]  # the role chunk costs nothing; the text was estimated at 3
+    assert proc.reported_completion == 2  # what the job is reconciled to when it ends

@@ -42,6 +42,7 @@ class RefJob:
     output: int = 0
     predicted: int = 0
     charged: float = 0.0
+    charged_cost: float = 0.0
     dispatched: bool = False
 
 
@@ -90,7 +91,13 @@ class RefVTC:
         t = min(cands, key=lambda k: (self.counters[k], self.queues[k][0].seq))
         return self.queues[t][0]
 
-    def _charge(self, j: RefJob, units: float) -> None:
+    def _charge(self, j: RefJob, cost: float) -> None:
+        """Charge priced tokens at the tenant's weight now (a later reweight does not re-price)."""
+        if cost:
+            j.charged_cost += cost
+            self._units(j, cost / self.weights.get(j.tenant, 1.0))
+
+    def _units(self, j: RefJob, units: float) -> None:
         if units:
             j.charged += units
             self.counters[j.tenant] += units
@@ -107,7 +114,7 @@ class RefVTC:
             hist = self.history.get(j.tenant)
             j.predicted = min(j.max_tokens, round(sum(hist) / len(hist))) if hist else j.max_tokens
         j.dispatched = True
-        self._charge(j, self.prices.cost(j.prompt, j.predicted) / self.weights[j.tenant])
+        self._charge(j, self.prices.cost(j.prompt, j.predicted))
         return j
 
     def on_output(self, j: RefJob, n: int) -> None:
@@ -117,14 +124,16 @@ class RefVTC:
         j.output += n
         beyond = max(j.output, j.predicted) - before
         if beyond:
-            self._charge(j, self.prices.output * beyond / self.weights[j.tenant])
+            self._charge(j, self.prices.output * beyond)
 
     def finish(self, j: RefJob, ran: bool) -> None:
         if not j.dispatched:
             return
-        w = self.weights.get(j.tenant, 1.0)
-        target = self.prices.cost(j.prompt, j.output) / w if ran else 0.0
-        self._charge(j, target - j.charged)
+        if ran:
+            self._charge(j, self.prices.cost(j.prompt, j.output) - j.charged_cost)
+        else:
+            j.charged_cost = 0.0
+            self._units(j, -j.charged)
         if ran and self.predict:
             self.history.setdefault(j.tenant, deque(maxlen=self.window)).append(j.output)
 

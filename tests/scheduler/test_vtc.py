@@ -470,3 +470,36 @@ def test_submit_cancel_churn_keeps_the_heap_bounded() -> None:
         assert s.cancel(j, float(i))
     assert len(s._heap) <= 2 * 34
     assert s.pop(1e4) is keep
+
+
+def test_a_weight_change_does_not_reprice_work_already_charged() -> None:
+    from gateway.scheduler import Job, VTCScheduler
+
+    s = VTCScheduler()
+    s.set_tenant("a", 1.0)
+    job = Job("a", 100, 200, 0.0)
+    s.submit(job, 0.0)
+    assert s.pop(0.0) is job
+    s.on_output(job, 200, 1.0)  # 100 + 2 * 200 = 500 units at weight 1
+    assert s.counter("a") == 500
+    s.set_tenant("a", 4.0)  # a reload raises the weight while the job runs
+    s.finish(job, 2.0)
+    assert s.counter("a") == 500  # no refund for what was served at weight 1
+    later = Job("a", 100, 0, 3.0)
+    s.submit(later, 3.0)
+    s.pop(3.0)
+    s.finish(later, 4.0)
+    assert s.counter("a") == 525  # new work at weight 4
+
+
+def test_finish_reconciles_to_the_backends_output_count_even_downwards() -> None:
+    from gateway.scheduler import Job, VTCScheduler
+
+    s = VTCScheduler()
+    job = Job("a", 10, 50, 0.0)
+    s.submit(job, 0.0)
+    s.pop(0.0)
+    s.on_output(job, 30, 1.0)  # an estimate from counting delta text
+    s.finish(job, 2.0, output_tokens=20)  # the backend's usage says 20
+    assert s.counter("a") == 10 + 2 * 20
+    assert s.service("a") == 10 + 2 * 20
