@@ -92,6 +92,7 @@ class LimitsConfig:
     max_tokens_default: int | None = None  # reservation when a request sets no max_tokens
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long running streams may finish
     idle_timeout_s: float = 75.0  # keep-alive connections idle longer are closed
+    client_write_timeout_s: float = 60.0  # a client that reads nothing this long is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +389,16 @@ def parse_config(raw: Any) -> GatewayConfig:
         ),
         idle_timeout_s=float(
             r.number(lim, "idle_timeout_s", "limits", d.idle_timeout_s, minimum=0, exclusive=True)
+        ),
+        client_write_timeout_s=float(
+            r.number(
+                lim,
+                "client_write_timeout_s",
+                "limits",
+                d.client_write_timeout_s,
+                minimum=0,
+                exclusive=True,
+            )
         ),
         max_tokens_default=r.number(
             lim, "max_tokens_default", "limits", None, integer=True, minimum=1, optional=True

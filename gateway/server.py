@@ -45,6 +45,10 @@ from .validate import check_fields, output_reservation, parse_body
 
 log = logging.getLogger(__name__)
 
+#: Above this many bytes waiting in the client's socket buffer, a write may block on the
+#: client: it is bounded by limits.client_write_timeout_s (a client that stops reading must not
+#: hold its batch slot forever).
+WRITE_BUFFER_HIGH = 64 * 1024
 #: Prompts longer than this many bytes are tokenized in a worker thread.
 OFFLOAD_TOKENIZE_BYTES = 16 * 1024
 
@@ -255,6 +259,23 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     return await _forward(request, state, job, grant, payload, client_format(body, chat), chat)
 
 
+async def _write_or_drop(
+    resp: web.StreamResponse, data: bytes, transport: Any, limit_s: float
+) -> None:
+    """Write, but give up on a client that has read nothing for ``limit_s`` seconds: the
+    connection is aborted and the request ends as cancelled by the client."""
+    try:
+        async with asyncio.timeout(limit_s):
+            await resp.write(data)
+    except TimeoutError:
+        transport.abort()
+        raise _ClientStalled from None
+
+
+class _ClientStalled(Exception):
+    """The client read nothing for limits.client_write_timeout_s; its connection is gone."""
+
+
 def _upstream_payload(body: dict[str, Any]) -> bytes:
     """The backend's request body, built before queueing so that a body that cannot be
     re-encoded (e.g. an integer too wide for the JSON encoder) is a 400, not a held slot."""
@@ -337,6 +358,8 @@ async def _relay(
     lab = state.stats.label(job.tenant)
     waiting_first = True
     resp: web.StreamResponse | None = None
+    transport = request.transport
+    write_timeout = state.config.limits.client_write_timeout_s
     if fmt.stream:
         resp = web.StreamResponse(
             status=200,
@@ -354,13 +377,19 @@ async def _relay(
                 waiting_first = False
                 state.recorder.ttft.labels(lab).observe(time.monotonic() - job.arrival)
             if out and resp is not None:
-                await resp.write(out)
+                if transport is not None and transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    await _write_or_drop(resp, out, transport, write_timeout)
+                else:
+                    await resp.write(out)
             if proc.malformed is not None:
                 raise StreamBroken("backend sent a malformed event")
             if proc.error is not None:
                 err = proc.error.get("error")
                 message = err.get("message") if isinstance(err, dict) else None
                 raise StreamBroken(str(message or "backend error"))
+    except _ClientStalled:
+        assert resp is not None
+        return "client_cancelled", resp
     except StreamBroken as exc:
         state.pool.record_failure(backend, "stream_broken")
         msg = f"backend stream failed: {exc}"

@@ -6,7 +6,7 @@ import asyncio
 import json
 import socket
 
-from .conftest import MODEL, gateway_stack
+from .conftest import MODEL, gateway_stack, wait_for
 
 MAX_TOKENS = 50_000  # ~7 MB of SSE: more than every socket buffer on the way can hold
 
@@ -54,4 +54,35 @@ async def test_slow_reader_gets_backpressure_not_unbounded_buffering() -> None:
             assert chunk
             tail = (tail + chunk)[-128:]
         assert out_tokens() == MAX_TOKENS
+        writer.close()
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
+    sim = {"speed": 0, "max_model_len": 60_000}
+    gw = {"limits": {"client_write_timeout_s": 1, "health_interval_s": 60}}
+    async with gateway_stack(sim=sim, gateway=gw) as stack:
+        host, port = stack.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        body = json.dumps(
+            {
+                "model": MODEL,
+                "prompt": "go",
+                "max_tokens": MAX_TOKENS,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        ).encode()
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        # never read again: the slot must come back without the client's help
+        await wait_for(lambda: stack.state.admission.in_flight() == 0, limit_s=60)
+        assert stack.state.stats.outcomes[("a", "client_cancelled")] == 1
+        await wait_for(lambda: stack.sims[0].core.num_running == 0)  # upstream aborted
         writer.close()
