@@ -64,6 +64,7 @@ class BackendPool:
         self.health_interval = health_interval
         self.states: dict[str, BackendState] = {}
         for cfg in configs:
+            upstream.set_api_key(cfg.url, cfg.api_key)
             slots = BackendSlots(
                 name=cfg.name,
                 models=frozenset(cfg.models),
@@ -169,7 +170,10 @@ class BackendPool:
                 continue
             try:
                 async with self.upstream.session.post(
-                    st.url + "/tokenize", json=payload, timeout=_TOKENIZE_TIMEOUT
+                    st.url + "/tokenize",
+                    json=payload,
+                    timeout=_TOKENIZE_TIMEOUT,
+                    headers=self.upstream.auth_headers(st.url),
                 ) as resp:
                     if resp.status != 200:
                         continue

@@ -58,6 +58,7 @@ class BackendConfig:
     max_num_seqs: int = 256
     max_kv_tokens: int | None = None  # None: discovered from /metrics vllm:cache_config_info
     max_model_len: int | None = None  # None: discovered from /v1/models
+    api_key: str | None = None  # sent as a bearer token to the backend (vLLM --api-key)
     #: how admission checks the KV budget: "reserve" (sum of prompt + max_tokens) or "peak"
     #: (S-LoRA's peak-future-memory estimate; see gateway/admission.py)
     kv_admission: KvAdmission = "reserve"
@@ -130,6 +131,9 @@ class GatewayConfig:
         out: dict[str, Any] = _as_dict(self)
         for t in out["tenants"]:
             t["api_keys"] = [f"sha256:{key_digest(k).hex()[:12]}..." for k in t["api_keys"]]
+        for b in out["backends"]:
+            if b["api_key"] is not None:
+                b["api_key"] = "<redacted>"
         return out
 
 
@@ -239,6 +243,16 @@ class _Reader:
         return tuple(value)
 
 
+def _secret(r: _Reader, raw: dict[str, Any], key: str, path: str) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        r.fail(f"{path}.{key}", "must be a non-empty string", "<redacted>")
+        return None
+    return value
+
+
 def _check_name(value: str) -> str | None:
     return None if _NAME_RE.match(value) else "must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 
@@ -291,6 +305,7 @@ def parse_config(raw: Any) -> GatewayConfig:
                 max_model_len=r.number(
                     b, "max_model_len", path, None, integer=True, minimum=1, optional=True
                 ),
+                api_key=_secret(r, b, "api_key", path),
                 kv_admission=r.string(
                     b,
                     "kv_admission",

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from .errors import GatewayError
+from .errors import GatewayError, error_body
 
 
 class BackendUnreachable(GatewayError):
@@ -40,13 +40,21 @@ class BackendRejected(GatewayError):
         err = body.get("error")
         if not isinstance(err, dict):
             err = body
-        message = str(err.get("message", f"backend answered {status}"))
-        super().__init__(message, param=err.get("param"))
+        message = err.get("message")
+        if not isinstance(message, str):
+            message = f"backend refused the request ({status})"
+        param = err.get("param")
+        super().__init__(message, param=param if isinstance(param, str) else None)
         self.status = status
         self.upstream_body = body
 
     def body(self) -> dict[str, Any]:
-        return self.upstream_body
+        """The backend's answer when it has the OpenAI error shape, else that shape rebuilt
+        from it (older vLLM answers ``{"object": "error", "message": ...}`` at the top)."""
+        err = self.upstream_body.get("error")
+        if isinstance(err, dict) and {"message", "type", "code"} <= set(err):
+            return self.upstream_body
+        return error_body(self.message, self.type, self.status, self.param)
 
 
 class StreamBroken(Exception):
@@ -148,6 +156,18 @@ class AiohttpUpstream:
         )
         self._probe_timeout = aiohttp.ClientTimeout(total=max(connect_timeout, 2.0) * 2)
         self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, dict[str, str]] = {}  # backend URL -> headers to send
+
+    def set_api_key(self, url: str, api_key: str | None) -> None:
+        """Send ``Authorization: Bearer api_key`` to the backend at ``url`` (vLLM's
+        ``--api-key``); the key is never logged."""
+        if api_key:
+            self._headers[url] = {"Authorization": f"Bearer {api_key}"}
+        else:
+            self._headers.pop(url, None)
+
+    def auth_headers(self, url: str) -> dict[str, str]:
+        return self._headers.get(url, {})
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -170,7 +190,9 @@ class AiohttpUpstream:
     async def open(self, url: str, path: str, body: bytes) -> AsyncIterator[_AiohttpStream]:
         try:
             resp = await self.session.post(
-                url + path, data=body, headers={"Content-Type": "application/json"}
+                url + path,
+                data=body,
+                headers={"Content-Type": "application/json", **self._headers.get(url, {})},
             )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise BackendUnreachable(f"backend unreachable: {exc.__class__.__name__}") from exc
@@ -188,7 +210,9 @@ class AiohttpUpstream:
                 resp.close()
 
     async def models(self, url: str) -> list[ModelInfo]:
-        async with self.session.get(url + "/v1/models", timeout=self._probe_timeout) as resp:
+        async with self.session.get(
+            url + "/v1/models", timeout=self._probe_timeout, headers=self._headers.get(url)
+        ) as resp:
             resp.raise_for_status()
             data = await resp.json(content_type=None)
         out = []
@@ -233,6 +257,8 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
         body = json.loads(raw)
     except ValueError:
         body = None
-    if resp.status >= 500 or not isinstance(body, dict):
+    if resp.status >= 500 or resp.status in (401, 403) or not isinstance(body, dict):
+        # 401/403: the backend refuses the gateway's own credentials (backends[].api_key), not
+        # the client's request: treat it as a failing backend, never pass it to the client
         raise BackendUnreachable(f"backend answered {resp.status} before streaming")
     raise BackendRejected(resp.status, body)
