@@ -24,7 +24,7 @@ def _fake_backend() -> web.Application:
     def authorized(request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {KEY}"
 
-    async def models(request: web.Request) -> web.Response:  # open, as vLLM's discovery is
+    async def models(request: web.Request) -> web.Response:  # open: the test targets requests
         return web.json_response({"data": [{"id": "m", "max_model_len": 1000}]})
 
     async def completions(request: web.Request) -> web.StreamResponse:
