@@ -222,6 +222,22 @@ class AdmissionController:
             b._dirty = True
             b._peak = None
 
+    def adjust_prompt(self, reservation: Reservation, prompt: int) -> int:
+        """The backend counted the prompt as ``prompt`` tokens where the gateway estimated
+        ``reservation.prompt`` (its tokenizer may differ from the model's): correct the
+        booking so admission tracks what the backend really holds. Returns the change."""
+        delta = prompt - reservation.prompt
+        if delta:
+            reservation.prompt = prompt
+            reservation.tokens += delta
+            reservation.run += delta
+            b = self._backends.get(reservation.backend)
+            if b is not None:
+                b.booked_tokens += delta
+                b._dirty = True
+                b._peak = None
+        return delta
+
     def release(self, reservation: Reservation) -> None:
         b = self._backends.get(reservation.backend)
         if b is None:  # backend removed by a reload while the request ran

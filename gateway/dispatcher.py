@@ -189,13 +189,24 @@ class Dispatcher:
         self.admission.release(grant.reservation)
         self.pump_backend(grant.backend)
 
-    def on_output(self, job: Job, grant: Grant | None, n: int) -> None:
+    def on_output(
+        self, job: Job, grant: Grant | None, n: int, prompt_tokens: int | None = None
+    ) -> None:
         """``n`` output tokens of ``job`` arrived: charge its tenant and tell admission (whose
         ``"peak"`` check follows each request's progress) about ``grant``, the job's current
-        grant (``None``: it holds none any more). Per output token: O(log T)."""
+        grant (``None``: it holds none any more). ``prompt_tokens``, the backend's own prompt
+        count once known, corrects the reservation the estimate made (once). Per output token:
+        O(1) besides the charge."""
         self.pool(job.model).on_output(job, n, self.clock())
         if grant is not None:
-            self.admission.note_output(grant.reservation, n)
+            reservation = grant.reservation
+            self.admission.note_output(reservation, n)
+            if (
+                prompt_tokens is not None
+                and prompt_tokens != reservation.prompt
+                and self.admission.adjust_prompt(reservation, prompt_tokens) < 0
+            ):
+                self.pump_backend(grant.backend)  # the booking shrank: room for more
 
     def abandon(self, job: Job) -> None:
         """The job never ran and holds no reservation (see :meth:`move`): refund it."""

@@ -304,7 +304,10 @@ async def _forward(
     outcome = "backend_error"
     dispatcher = state.dispatcher
     stats = state.stats
-    proc = ChunkProcessor(job, fmt, lambda n: dispatcher.on_output(job, grant, n), state.counter)
+    def charge(n: int) -> None:  # per output token: the scheduler, admission's view of it
+        dispatcher.on_output(job, grant, n, proc.prompt_tokens)
+
+    proc = ChunkProcessor(job, fmt, charge, state.counter)
     try:
         while grant is not None:
             backend = grant.backend.name

@@ -404,3 +404,16 @@ def test_peak_keeps_can_ever_fit_and_rejects_unknown_modes() -> None:
     assert ac.can_ever_fit("m", 1000) and not ac.can_ever_fit("m", 1001)
     with pytest.raises(ValueError, match="kv_admission"):
         ac.add(BackendSlots("x", frozenset({"m"}), 4, 100, kv_admission="maybe"))  # type: ignore[arg-type]
+
+
+def test_adjust_prompt_corrects_the_booking_to_the_backends_count() -> None:
+    from gateway.admission import AdmissionController, BackendSlots
+
+    b = BackendSlots("b", frozenset({"m"}), max_num_seqs=4, max_kv_tokens=1000)
+    ctl = AdmissionController([b])
+    r = ctl.reserve(b, 300, prompt=100)  # estimate: 100 prompt + 200 output
+    assert ctl.adjust_prompt(r, 130) == 30  # the backend's tokenizer counted 130
+    assert b.reserved_tokens == 330 and r.tokens == 330
+    assert ctl.adjust_prompt(r, 130) == 0
+    ctl.release(r)
+    assert b.reserved_tokens == 0 and b.in_flight == 0
