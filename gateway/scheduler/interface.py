@@ -159,9 +159,12 @@ class Scheduler(ABC):
     # -- charging ----------------------------------------------------------------------------
     def _charge(self, job: Job, cost: float) -> None:
         """Charge ``cost`` priced tokens (negative refunds) at the tenant's current weight."""
-        if cost:
+        if cost:  # (per output token: kept flat, no further calls)
+            units = cost / self._weights.get(job.tenant, 1.0)
             job.charged_cost += cost
-            self._add_units(job, cost / self._weights.get(job.tenant, 1.0))
+            job.charged += units
+            self._counters[job.tenant] += units
+            self._on_counter_change(job.tenant, units)
 
     def _add_units(self, job: Job, units: float) -> None:
         if units:
