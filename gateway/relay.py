@@ -298,11 +298,15 @@ class ChunkProcessor:
         (and their order) of vLLM's own non-streaming answer."""
         first = self.first_chunk or {}
         prompt = self.prompt_tokens if self.prompt_tokens is not None else self.job.prompt_tokens
-        usage: dict[str, Any] = dict(self.usage) if self.usage else {
-            "prompt_tokens": prompt,
-            "total_tokens": prompt + self.completion_tokens,
-            "completion_tokens": self.completion_tokens,
-        }
+        usage: dict[str, Any] = (
+            dict(self.usage)
+            if self.usage
+            else {
+                "prompt_tokens": prompt,
+                "total_tokens": prompt + self.completion_tokens,
+                "completion_tokens": self.completion_tokens,
+            }
+        )
         usage.setdefault("prompt_tokens_details", None)
         choices: list[dict[str, Any]] = []
         for idx in sorted(self._choices) or [0]:

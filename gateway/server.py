@@ -304,6 +304,7 @@ async def _forward(
     outcome = "backend_error"
     dispatcher = state.dispatcher
     stats = state.stats
+
     def charge(n: int) -> None:  # per output token: the scheduler, admission's view of it
         dispatcher.on_output(job, grant, n, proc.prompt_tokens)
 
