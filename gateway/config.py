@@ -107,6 +107,7 @@ class AuthConfig:
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     max_tenant_labels: int = 100
+    fairness_window_s: float = 60.0  # sliding window of vtc_fairness_jain_index
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +440,7 @@ def parse_config(raw: Any) -> GatewayConfig:
         max_tenant_labels=r.number(
             met, "max_tenant_labels", "metrics", 100, integer=True, minimum=1
         ),
+        fairness_window_s=float(r.number(met, "fairness_window_s", "metrics", 60.0, minimum=1.0)),
     )
 
     if not backends:

@@ -10,7 +10,7 @@ What reloads (takes effect for the next request; queued and running requests are
   tenant's *queued* requests are answered ``401 authentication_error`` "tenant removed by
   configuration reload"; its *running* requests finish and are charged normally; its counter
   is kept in case it comes back.
-* ``auth``, ``metrics.max_tenant_labels`` (new label values only),
+* ``auth``, ``metrics.max_tenant_labels`` (new label values only), ``metrics.fairness_window_s``,
   ``limits.queue_timeout_s``, ``limits.max_tokens_default``, ``limits.health_interval_s``.
 
 What needs a restart (a change is logged as a warning and the running value stays):
@@ -83,6 +83,7 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     removed = tuple(n for n in before if n not in after)
 
     state.stats.max_tenant_labels = effective.metrics.max_tenant_labels
+    state.recorder.fairness.window_s = effective.metrics.fairness_window_s
     for t in effective.tenants:
         dispatcher.set_tenant(t.name, t.weight, t.max_queued)
         state.stats.label(t.name)

@@ -87,7 +87,12 @@ def build_state(config: GatewayConfig) -> GatewayState:
     stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
     for t in config.tenants:  # configured tenants get their labels first
         stats.label(t.name)
-    recorder = Recorder(stats, lambda: dispatcher, lambda: pool)
+    recorder = Recorder(
+        stats,
+        lambda: dispatcher,
+        lambda: pool,
+        fairness_window_s=config.metrics.fairness_window_s,
+    )
     return GatewayState(
         config=config,
         auth=Authenticator(config),

@@ -221,3 +221,12 @@ async def test_running_process_reloads_when_its_config_file_changes(tmp_path: Pa
             assert value(s, "vtc_tenant_weight", tenant="a") == 7
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_fairness_window_reloads() -> None:
+    async with gateway_stack() as stack:
+        assert stack.state.recorder.fairness.window_s == 60
+        raw = raw_config(stack, tenants(("a", 1), ("b", 1)))
+        raw["metrics"] = {"fairness_window_s": 120}
+        apply_config(stack.state, parse_config(raw))
+        assert stack.state.recorder.fairness.window_s == 120
