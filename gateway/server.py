@@ -237,8 +237,8 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         raise Unavailable("gateway is shutting down")
     tenant = state.auth.authenticate(request.headers)
     try:
-        body = await _read_json(request)
-        model, prompt_tokens, reserve = await _validate(state, body, chat)
+        body, size = await _read_json(request)
+        model, prompt_tokens, reserve = await _validate(state, body, chat, size)
         payload = _upstream_payload(body)
     except (InvalidRequest, ModelNotFound, PayloadTooLarge):
         state.stats.outcome(tenant, "rejected_invalid")
@@ -421,21 +421,25 @@ async def _relay(
 # ---------------------------------------------------------------------------------------------
 
 
-async def _read_json(request: web.Request) -> dict[str, Any]:
+async def _read_json(request: web.Request) -> tuple[dict[str, Any], int]:
+    """The body as a JSON object, and its size in bytes."""
     limit = request.app[STATE].config.limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    return parse_body(await request.read())
+    raw = await request.read()
+    return parse_body(raw), len(raw)
 
 
-async def _validate(state: GatewayState, body: dict[str, Any], chat: bool) -> tuple[str, int, int]:
+async def _validate(
+    state: GatewayState, body: dict[str, Any], chat: bool, body_bytes: int
+) -> tuple[str, int, int]:
     """Check the body; return (model, prompt token estimate, output tokens to reserve)."""
     fields = check_fields(body, chat)
     model = fields.model
     if not state.pool.serves(model):
         raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
     try:
-        if len(str(body.get(fields.prompt_param, ""))) > OFFLOAD_TOKENIZE_BYTES:
+        if body_bytes > OFFLOAD_TOKENIZE_BYTES:  # large prompt: keep the event loop free
             loop = asyncio.get_running_loop()
             prompt_tokens = await loop.run_in_executor(
                 None, state.counter.count_request, body, chat
