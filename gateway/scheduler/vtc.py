@@ -127,13 +127,14 @@ class VTCScheduler(Scheduler):
         tenant, q = top
         _, job = q.jobs.popitem(last=False)
         self._total -= 1
-        heapq.heappop(self._heap)
-        if q.jobs:
-            self._push(tenant, q)
-        else:
-            self._last_left = tenant
         self._predict(job)
-        self._dispatched(job, now)
+        self._dispatched(job, now)  # raises the counter: the heap is not touched (lazy)
+        if q.jobs:  # the tenant stays backlogged: re-key its entry at the top in one sift
+            q.version += 1
+            heapq.heapreplace(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
+        else:
+            heapq.heappop(self._heap)
+            self._last_left = tenant
         return job
 
     def _predict(self, job: Job) -> None:
