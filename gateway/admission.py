@@ -88,6 +88,8 @@ class BackendSlots:
     # requests admitted over the backend's life (for metrics)
     admitted_total: int = field(default=0)
     kv_admission: KvAdmission = "reserve"
+    #: sequence cap learned from the backend's own queue (None: ``max_num_seqs``)
+    seq_cap: int | None = None
     # "peak" mode: the in-flight reservations in (nearly) sorted order of `left`, descending;
     # _dirty: something changed since the last sort; _peak: cached reserved_tokens (or None)
     _held: list[Reservation] = field(default_factory=list, repr=False)
@@ -106,7 +108,8 @@ class BackendSlots:
 
     def fits(self, tokens: int, prompt: int = 0) -> bool:
         """Room for a request of ``tokens`` (= ``prompt`` + reserved output) right now?"""
-        if not self.healthy or self.in_flight >= self.max_num_seqs:
+        cap = self.max_num_seqs if self.seq_cap is None else self.seq_cap
+        if not self.healthy or self.in_flight >= cap:
             return False
         if self.kv_admission == "reserve":
             return self.booked_tokens + tokens <= self.max_kv_tokens
@@ -259,3 +262,23 @@ class AdmissionController:
 
     def in_flight(self) -> int:
         return sum(b.in_flight for b in self._backends.values())
+
+
+def adapt_seq_cap(slots: BackendSlots, waiting: int, running: int, gateway_queued: int) -> bool:
+    """One step of admission feedback from a backend's own queue; returns True when the cap
+    grew (the caller should dispatch). Pure; called every health interval.
+
+    * The backend reports waiting requests: the gateway admitted more than it runs at once
+      (its real limit is below ``max_num_seqs``, or KV is tighter than the budget): cap the
+      sequences at what it runs, so the fair queue, not the backend's FCFS queue, holds the rest.
+    * Nothing waits in the backend, the cap binds and the gateway's queue waits for this
+      backend: grow the cap by 10 % (at least 1) back towards ``max_num_seqs``.
+    """
+    cap = slots.max_num_seqs if slots.seq_cap is None else slots.seq_cap
+    new = cap
+    if waiting > 0:
+        new = max(1, min(cap, running))
+    elif gateway_queued > 0 and slots.in_flight >= cap:
+        new = min(slots.max_num_seqs, cap + max(1, cap // 10))
+    slots.seq_cap = None if new >= slots.max_num_seqs else new
+    return new > cap

@@ -20,9 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from .admission import AdmissionController, BackendSlots
+from .admission import AdmissionController, BackendSlots, adapt_seq_cap
 from .config import BackendConfig
-from .upstream import AiohttpUpstream
+from .upstream import AiohttpUpstream, parse_gauge_sum
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class BackendPool:
         self._on_capacity = on_capacity
         self.health_interval = health_interval
         self.states: dict[str, BackendState] = {}
+        #: queued requests waiting for a backend's models (set by the server; adaptive mode)
+        self.queued_for: Callable[[BackendSlots], int] | None = None
         for cfg in configs:
             upstream.set_api_key(cfg.url, cfg.api_key)
             slots = BackendSlots(
@@ -147,6 +149,8 @@ class BackendPool:
             if not st.discovered:
                 await self._discover(st)
                 continue
+            if st.config.adaptive and st.slots.healthy:
+                await self._adapt(st)
             ok = await self.upstream.healthy(st.url)
             if ok and not st.slots.healthy:
                 st.failures = 0
@@ -184,6 +188,30 @@ class BackendPool:
             if isinstance(count, int) and count >= 0:
                 return count
         return None
+
+    async def _adapt(self, st: BackendState) -> None:
+        """Admission feedback from the backend's own queue (``backends[].adaptive``)."""
+        try:
+            text = await self.upstream.metrics_text(st.url)
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return  # the health check decides about the backend itself
+        waiting = parse_gauge_sum(text, "vllm:num_requests_waiting")
+        running = parse_gauge_sum(text, "vllm:num_requests_running")
+        if waiting is None or running is None:
+            return
+        before = st.slots.seq_cap
+        queued = self.queued_for(st.slots) if self.queued_for is not None else 0
+        if adapt_seq_cap(st.slots, int(waiting), int(running), queued):
+            self._on_capacity(st.slots)
+        if st.slots.seq_cap != before:
+            log.info(
+                "backend %s: sequence cap %s -> %s (backend waiting %d, running %d)",
+                st.name,
+                before,
+                st.slots.seq_cap,
+                waiting,
+                running,
+            )
 
     # -- queries -----------------------------------------------------------------------------
     def max_model_len(self, model: str) -> int | None:

@@ -62,6 +62,9 @@ class BackendConfig:
     #: how admission checks the KV budget: "reserve" (sum of prompt + max_tokens) or "peak"
     #: (S-LoRA's peak-future-memory estimate; see gateway/admission.py)
     kv_admission: KvAdmission = "reserve"
+    #: Follow the backend's own queue: shrink the sequence cap while vLLM reports waiting
+    #: requests (over-admission), grow it back while the gateway's queue waits on it.
+    adaptive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +247,14 @@ class _Reader:
         return tuple(value)
 
 
+def _flag(r: _Reader, raw: dict[str, Any], key: str, path: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        r.fail(f"{path}.{key}", "must be true or false", value)
+        return False
+    return value
+
+
 def _secret(r: _Reader, raw: dict[str, Any], key: str, path: str) -> str | None:
     value = raw.get(key)
     if value is None:
@@ -307,6 +318,7 @@ def parse_config(raw: Any) -> GatewayConfig:
                     b, "max_model_len", path, None, integer=True, minimum=1, optional=True
                 ),
                 api_key=_secret(r, b, "api_key", path),
+                adaptive=_flag(r, b, "adaptive", path),
                 kv_admission=r.string(
                     b,
                     "kv_admission",

@@ -275,6 +275,12 @@ class _StateCollector(Collector):
             "vtc_backend_reserved_tokens", "KV tokens reserved by in-flight requests.",
             labels=["backend"],
         )  # fmt: skip
+        b_cap = GaugeMetricFamily(
+            "vtc_backend_seq_cap",
+            "Sequences admitted at most now (max_num_seqs, or less while adaptive feedback "
+            "caps it).",
+            labels=["backend"],
+        )
         b_seqs = GaugeMetricFamily(
             "vtc_backend_max_num_seqs", "Sequence capacity.", labels=["backend"]
         )
@@ -295,6 +301,7 @@ class _StateCollector(Collector):
             b_inflight.add_metric([s.name], s.in_flight)
             b_reserved.add_metric([s.name], s.reserved_tokens)
             b_seqs.add_metric([s.name], s.max_num_seqs)
+            b_cap.add_metric([s.name], s.max_num_seqs if s.seq_cap is None else s.seq_cap)
             b_kv.add_metric([s.name], s.max_kv_tokens)
             b_up.add_metric([s.name], 1 if s.healthy else 0)
             b_admitted.add_metric([s.name], s.admitted_total)
@@ -302,7 +309,7 @@ class _StateCollector(Collector):
             errors.update(st.errors)
             for kind, n in sorted(errors.items()):
                 b_err.add_metric([s.name, kind], n)
-        yield from (b_inflight, b_reserved, b_seqs, b_kv, b_up, b_admitted, b_err)
+        yield from (b_inflight, b_reserved, b_seqs, b_cap, b_kv, b_up, b_admitted, b_err)
 
     def _global(self) -> Iterator[Metric]:
         stats = self._stats

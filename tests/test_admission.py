@@ -417,3 +417,22 @@ def test_adjust_prompt_corrects_the_booking_to_the_backends_count() -> None:
     assert ctl.adjust_prompt(r, 130) == 0
     ctl.release(r)
     assert b.reserved_tokens == 0 and b.in_flight == 0
+
+
+def test_adaptive_cap_shrinks_on_backend_queue_and_grows_back() -> None:
+    from gateway.admission import BackendSlots, adapt_seq_cap
+
+    b = BackendSlots("b", frozenset({"m"}), max_num_seqs=20, max_kv_tokens=10**6)
+    b.in_flight = 20
+    assert adapt_seq_cap(b, waiting=8, running=12, gateway_queued=5) is False
+    assert b.seq_cap == 12 and not b.fits(1)  # 20 in flight, cap 12
+    b.in_flight = 12
+    assert not b.fits(1)
+    assert adapt_seq_cap(b, waiting=0, running=12, gateway_queued=0) is False  # no demand
+    assert b.seq_cap == 12
+    assert adapt_seq_cap(b, waiting=0, running=12, gateway_queued=3) is True  # +10 %, >= 1
+    assert b.seq_cap == 13 and b.fits(1)
+    for _ in range(20):
+        b.in_flight = b.seq_cap or b.max_num_seqs
+        adapt_seq_cap(b, waiting=0, running=b.in_flight, gateway_queued=3)
+    assert b.seq_cap is None  # back to max_num_seqs

@@ -131,3 +131,14 @@ def test_backend_kv_admission_is_validated_and_defaults_to_reserve() -> None:
     ]
     del raw["backends"][1:]  # type: ignore[attr-defined]
     assert parse_config(raw).backends[0].kv_admission == "peak"
+
+
+def test_backend_adaptive_must_be_a_boolean() -> None:
+    raw = {
+        **MINIMAL,
+        "backends": [{"name": "b0", "url": "http://127.0.0.1:8000", "adaptive": "yes"}],
+    }
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.adaptive: must be true or false"):
+        parse_config(raw)
+    ok = {**MINIMAL, "backends": [{"name": "b0", "url": "http://127.0.0.1:8000", "adaptive": True}]}
+    assert parse_config(ok).backends[0].adaptive is True

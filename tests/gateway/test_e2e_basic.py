@@ -326,3 +326,32 @@ async def test_client_gets_the_backends_bytes_apart_from_ids(
         assert list(via.json()) == list(direct.json())  # same field order
     else:
         assert _strip_ids(_events(via.text)) == _strip_ids(_events(direct.text))
+
+
+async def test_adaptive_admission_moves_the_queue_from_the_backend_to_the_gateway() -> None:
+    gw = {"limits": {"health_interval_s": 0.2}}
+    async with gateway_stack(
+        gateway=gw,
+        backend={"max_num_seqs": 8, "adaptive": True},
+        sim={"speed": 1, "max_num_seqs": 2},  # the backend really runs 2 at a time
+    ) as stack:
+        slots = stack.state.pool.states["sim"].slots
+        sim = stack.sims[0].core
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 120, "ignore_eos": True}
+        hdr = {"Authorization": "Bearer key-a"}
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+            calls = [
+                asyncio.create_task(http.post("/v1/completions", json=body, headers=hdr))
+                for _ in range(12)
+            ]
+            await wait_for(lambda: slots.seq_cap is not None and slots.seq_cap <= 2, limit_s=30)
+            # the backend's FCFS queue drains; the rest wait in the gateway's fair queue
+            await wait_for(
+                lambda: sim.num_waiting == 0 and stack.state.dispatcher.total_queued() > 0,
+                limit_s=30,
+            )
+            results = await asyncio.gather(*calls)
+            assert all(r.status_code == 200 for r in results)
+            await wait_for(lambda: stack.state.admission.in_flight() == 0)
+            metrics = (await http.get("/metrics")).text
+        assert 'vtc_backend_seq_cap{backend="sim"}' in metrics
