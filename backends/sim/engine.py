@@ -524,8 +524,8 @@ class EngineCore:
                 if held is not None:
                     entry = self._peak_entry(req, n)
                     held.append(entry)
-                    if peak_tokens(held) > capacity:
-                        break
+                    if peak_tokens(held) > capacity and running:
+                        break  # (an idle engine always admits its head: it fits the blocks)
                 waiting.popleft()
                 req.blocks = need
                 self._free_blocks -= need

@@ -158,7 +158,8 @@ def parse_generate(
         if not isinstance(options, dict):
             raise _bad("'stream_options' must be an object", "stream_options")
         include_usage = bool(_opt_bool(options, "include_usage"))
-        continuous_usage = bool(_opt_bool(options, "continuous_usage_stats"))
+        # as vLLM: per-chunk usage only together with include_usage
+        continuous_usage = include_usage and bool(_opt_bool(options, "continuous_usage_stats"))
 
     try:
         if chat:

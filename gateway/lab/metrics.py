@@ -227,6 +227,8 @@ def backlog_periods(recs: Iterable[RequestRecord]) -> list[tuple[float, float]]:
     for r in recs:
         if r.status == "rejected":
             continue
+        if r.status in ("error", "cancelled") and r.first_token_s is None and r.finish_s is None:
+            continue  # refused (400) or gone before it was served: never waiting
         end = r.first_token_s if r.first_token_s is not None else r.finish_s
         if end is None:
             end = math.inf

@@ -168,3 +168,8 @@ def test_service_is_additive_and_complete(
     assert whole == pytest.approx(P.cost(prompt, output))
     split = m.service_in(r, -1, mid, P) + m.service_in(r, mid, 300, P)
     assert split == pytest.approx(whole)
+
+
+def test_a_request_refused_up_front_does_not_make_its_tenant_backlogged() -> None:
+    refused = rec("c", 10.0, None, None, 5000, 5000, status="error")
+    assert m.backlog_periods([refused]) == []

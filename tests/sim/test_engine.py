@@ -373,3 +373,14 @@ def test_calibration_with_peak_admission() -> None:
     """The paper profile (peak admission) stays in the paper's overload range."""
     stats = run_virtual(get_profile("a10g-llama2-7b"), overload_arrivals(360.0), 360.0)
     assert 876 <= stats.throughput <= 904 and stats.preemptions == 0
+
+
+def test_peak_mode_runs_a_request_that_nearly_fills_the_cache() -> None:
+    # prompt + max_tokens = the whole cache: the padded peak estimate exceeds it, but an idle
+    # engine must still admit its head (it fits the blocks) instead of stalling for good
+    core = make(kv_cache_tokens=512, max_model_len=512, kv_admission="peak")  # type: ignore[arg-type]
+    assert core.check_request(8, 504) is None
+    core.add_request("big", 8, 504, 504, 0.0)
+    results = run_all(core)
+    assert sum(o.new_tokens for r in results for o in r.outputs) == 504
+    assert not core.has_unfinished() and core.kv_used_tokens == 0

@@ -273,3 +273,15 @@ async def test_metrics_names_and_cache_info(http: httpx.AsyncClient) -> None:
     assert 'block_size="16"' in line and 'num_gpu_blocks="28125"' in line
     gen = next(ln for ln in text.splitlines() if ln.startswith("vllm:generation_tokens_total"))
     assert float(gen.split()[-1]) >= 1
+
+
+async def test_continuous_usage_needs_include_usage_as_in_vllm(http: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"continuous_usage_stats": True},
+    }
+    events = parse_sse((await http.post("/v1/chat/completions", json=body)).text)
+    assert all("usage" not in e for e in events[:-1])
