@@ -11,30 +11,39 @@ from .conftest import MODEL, gateway_stack, wait_for
 MAX_TOKENS = 50_000  # ~7 MB of SSE: more than every socket buffer on the way can hold
 
 
+async def _start_long_stream(
+    url: str,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Start a MAX_TOKENS stream over a socket with a tiny receive buffer; return once the
+    response status line has arrived (the caller decides when, if ever, to read on)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "prompt": "go",
+            "max_tokens": MAX_TOKENS,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    ).encode()
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
 async def test_slow_reader_gets_backpressure_not_unbounded_buffering() -> None:
     sim = {"speed": 0, "max_model_len": 60_000}
     async with gateway_stack(sim=sim) as stack:
         pool = stack.state.dispatcher.pool(MODEL)
-        host, port = stack.url.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-        body = json.dumps(
-            {
-                "model": MODEL,
-                "prompt": "go",
-                "max_tokens": MAX_TOKENS,
-                "ignore_eos": True,
-                "stream": True,
-            }
-        ).encode()
-        writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-        )
-        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        reader, writer = await _start_long_stream(stack.url)
         # Stop reading. The charge follows what the gateway has read from upstream: it must
         # stall far below the full answer.
         prompt = stack.state.counter.count_text("go")
@@ -61,26 +70,7 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() 
     sim = {"speed": 0, "max_model_len": 60_000}
     gw = {"limits": {"client_write_timeout_s": 1, "health_interval_s": 60}}
     async with gateway_stack(sim=sim, gateway=gw) as stack:
-        host, port = stack.url.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-        body = json.dumps(
-            {
-                "model": MODEL,
-                "prompt": "go",
-                "max_tokens": MAX_TOKENS,
-                "ignore_eos": True,
-                "stream": True,
-            }
-        ).encode()
-        writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-a\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-        )
-        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        _, writer = await _start_long_stream(stack.url)
         # never read again: the slot must come back without the client's help
         await wait_for(lambda: stack.state.admission.in_flight() == 0, limit_s=60)
         assert stack.state.stats.outcomes[("a", "client_cancelled")] == 1
