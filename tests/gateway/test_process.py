@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -13,6 +14,20 @@ from backends.sim.config import SimConfig
 from backends.sim.server import SimServer
 
 from .conftest import MODEL, gateway_process
+
+
+def _config(
+    tmp_path: Path, sim_url: str, backend: dict[str, Any] | None = None, **extra: Any
+) -> Path:
+    """A gateway config file: the simulated backend and tenant ``a`` (key ``key-a``)."""
+    cfg = tmp_path / "gw.yaml"
+    raw = {
+        "backends": [{"name": "sim", "url": sim_url, **(backend or {})}],
+        "tenants": [{"name": "a", "api_keys": ["key-a"]}],
+        **extra,
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    return cfg
 
 
 async def test_serve_without_config_runs_embedded_sim_and_exits_0_on_sigterm() -> None:
@@ -34,15 +49,8 @@ async def test_serve_without_config_runs_embedded_sim_and_exits_0_on_sigterm() -
 
 async def test_sigterm_lets_running_stream_finish_and_answers_queue_503(tmp_path: Path) -> None:
     async with SimServer(SimConfig(port=0, speed=1.0)) as sim:
-        cfg = tmp_path / "gw.yaml"
-        cfg.write_text(
-            yaml.safe_dump(
-                {
-                    "backends": [{"name": "sim", "url": sim.url, "max_num_seqs": 1}],
-                    "tenants": [{"name": "a", "api_keys": ["key-a"]}],
-                    "limits": {"shutdown_timeout_s": 20},
-                }
-            )
+        cfg = _config(
+            tmp_path, sim.url, backend={"max_num_seqs": 1}, limits={"shutdown_timeout_s": 20}
         )
         async with gateway_process("--config", str(cfg)) as (proc, url):
             hdr = {"Authorization": "Bearer key-a"}
@@ -78,16 +86,7 @@ async def test_sigterm_lets_running_stream_finish_and_answers_queue_503(tmp_path
 
 async def test_admin_listener_serves_metrics_and_health_privately(tmp_path: Path) -> None:
     async with SimServer(SimConfig(port=0, speed=0)) as sim:
-        cfg = tmp_path / "gw.yaml"
-        cfg.write_text(
-            yaml.safe_dump(
-                {
-                    "listen": {"admin_port": 0},
-                    "backends": [{"name": "sim", "url": sim.url}],
-                    "tenants": [{"name": "a", "api_keys": ["key-a"]}],
-                }
-            )
-        )
+        cfg = _config(tmp_path, sim.url, listen={"admin_port": 0})
         async with gateway_process("--config", str(cfg)) as (proc, url):
             assert proc.stdout is not None
             admin = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()[-1]
@@ -104,16 +103,7 @@ async def test_admin_listener_serves_metrics_and_health_privately(tmp_path: Path
 
 async def test_idle_and_slow_header_connections_are_closed(tmp_path: Path) -> None:
     async with SimServer(SimConfig(port=0, speed=0)) as sim:
-        cfg = tmp_path / "gw.yaml"
-        cfg.write_text(
-            yaml.safe_dump(
-                {
-                    "backends": [{"name": "sim", "url": sim.url}],
-                    "tenants": [{"name": "a", "api_keys": ["key-a"]}],
-                    "limits": {"idle_timeout_s": 1},
-                }
-            )
-        )
+        cfg = _config(tmp_path, sim.url, limits={"idle_timeout_s": 1})
         async with gateway_process("--config", str(cfg)) as (proc, url):
             host, port = url.removeprefix("http://").split(":")
             idle = [await asyncio.open_connection(host, int(port)) for _ in range(1000)]
