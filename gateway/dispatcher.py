@@ -133,6 +133,7 @@ class Dispatcher:
             raise RateLimited(
                 f"too many queued requests for this tenant (limit {limits.max_queued})",
                 retry_after=1.0,
+                outcome="rejected_queue_full",
             )
         sched = self.pool(job.model)
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
@@ -140,7 +141,9 @@ class Dispatcher:
         try:
             sched.submit(job, self.clock())
         except QueueRejected as exc:
-            raise RateLimited(str(exc), retry_after=exc.retry_after) from exc
+            raise RateLimited(
+                str(exc), retry_after=exc.retry_after, outcome="rejected_rate_limit"
+            ) from exc
         self._waiting.add(job)
         self._pump(job.model)
         try:

@@ -63,9 +63,10 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(self, message: str, *, retry_after: float, outcome: str) -> None:
         super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after)))})
         self.retry_after = retry_after
+        self.outcome = outcome  # the metrics outcome: rejected_queue_full | rejected_rate_limit
 
 
 class BackendError(GatewayError):

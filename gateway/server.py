@@ -252,9 +252,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     try:
         grant = await state.dispatcher.acquire(job, state.config.limits.queue_timeout_s)
     except RateLimited as exc:
-        state.stats.outcome(
-            tenant, "rejected_rate_limit" if "per minute" in exc.message else "rejected_queue_full"
-        )
+        state.stats.outcome(tenant, exc.outcome)
         raise
     except Unavailable:
         state.stats.outcome(tenant, "timeout")
