@@ -67,6 +67,7 @@ class Reservation:
     generated: int = field(default=0, compare=False)
     run: int = field(default=0, compare=False, repr=False)
     left: int = field(default=0, compare=False, repr=False)
+    peak: bool = field(default=False, compare=False, repr=False)  # held by a "peak" backend
 
     def __post_init__(self) -> None:
         self.run = self.prompt + self.generated
@@ -209,6 +210,7 @@ class AdmissionController:
         backend.booked_tokens += tokens
         backend.admitted_total += 1
         if backend.kv_admission == "peak":
+            reservation.peak = True
             backend._held.append(reservation)
             backend._dirty = True
             backend._peak = None
@@ -220,10 +222,11 @@ class AdmissionController:
         reservation.run += n
         left = reservation.left - n
         reservation.left = left if left > 0 else 0
-        b = self._backends.get(reservation.backend)
-        if b is not None:
-            b._dirty = True
-            b._peak = None
+        if reservation.peak:  # only "peak" mode re-sorts on progress
+            b = self._backends.get(reservation.backend)
+            if b is not None:
+                b._dirty = True
+                b._peak = None
 
     def adjust_prompt(self, reservation: Reservation, prompt: int) -> int:
         """The backend counted the prompt as ``prompt`` tokens where the gateway estimated
