@@ -109,7 +109,6 @@ class ChunkProcessor:
         self.malformed: str | None = None  # set by feed_batch when a payload is not a chunk
         self.first_chunk: dict[str, Any] | None = None
         self._choices: dict[int, _Choice] = {}
-        self.saw_usage = False
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -176,7 +175,6 @@ class ChunkProcessor:
             if pt is not None:
                 self.prompt_tokens = int(pt.group(1))
             n = int(ct.group(1))
-        self.saw_usage = True
         self._usage_raw = payload[i + 9 : payload.index(b"}", i) + 1]
         self.reported_completion = n
         if n > self.completion_tokens:
@@ -200,7 +198,6 @@ class ChunkProcessor:
         usage = obj.get("usage")
         choices = obj.get("choices") or []
         if isinstance(usage, dict):
-            self.saw_usage = True
             self._usage = usage
             self._usage_raw = None
             pt = usage.get("prompt_tokens")

@@ -68,12 +68,9 @@ class ModelInfo:
 
 
 class UpstreamStream(Protocol):
-    def events(self) -> AsyncIterator[bytes]:
-        """Yield each SSE ``data:`` payload (bytes after ``data: ``) until ``[DONE]``."""
-        ...
-
     def batches(self) -> AsyncIterator[list[bytes]]:
-        """The same payloads grouped by network read (each list non-empty)."""
+        """Each SSE ``data:`` payload (bytes after ``data: ``) until ``[DONE]``, grouped by
+        network read (each list non-empty)."""
         ...
 
 
@@ -140,11 +137,6 @@ class _AiohttpStream:
             raise StreamBroken(
                 f"backend connection failed mid-stream: {exc.__class__.__name__}"
             ) from exc
-
-    async def events(self) -> AsyncIterator[bytes]:
-        async for batch in self.batches():
-            for payload in batch:
-                yield payload
 
 
 class AiohttpUpstream:

@@ -99,7 +99,7 @@ def test_fast_path_equals_json_path(
     assert fast.completion_tokens == slow.completion_tokens
     assert fast.prompt_tokens == slow.prompt_tokens
     assert fast.usage == slow.usage
-    assert fast.saw_usage == slow.saw_usage
+    assert fast.reported_completion == slow.reported_completion
 
 
 def test_fast_path_strips_usage_bytewise() -> None:
