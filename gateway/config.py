@@ -84,6 +84,8 @@ class SchedulerConfig:
     input_price: float = 1.0
     output_price: float = 2.0
     rpm_limit: int = 60
+    #: how long (ms) a finished request's slot waits for its busy tenant's next request
+    hold_ms: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +388,7 @@ def parse_config(raw: Any) -> GatewayConfig:
         input_price=float(r.number(sch, "input_price", "scheduler", 1.0, minimum=0)),
         output_price=float(r.number(sch, "output_price", "scheduler", 2.0, minimum=0)),
         rpm_limit=r.number(sch, "rpm_limit", "scheduler", 60, integer=True, minimum=1),
+        hold_ms=float(r.number(sch, "hold_ms", "scheduler", 20.0, minimum=0)),
     )
 
     tokenizer = r.string(top, "tokenizer", "", defaults.tokenizer)

@@ -1,13 +1,14 @@
-"""Dispatcher: the asyncio glue between waiting handlers, the scheduler and admission.
+"""Dispatcher: the asyncio glue between waiting handlers and the dispatch core.
 
-One future per queued request, resolved by :meth:`Dispatcher._pump` the moment the scheduler's
-pick fits on a backend; nothing polls. ``_pump`` runs synchronously whenever something that can
-free or use capacity happens: a request arrives, a request finishes and releases its slot, a
-backend comes back up, limits change.
+The decisions (which job, which backend, what is charged and booked) are taken by the pure
+:class:`gateway.core.DispatchCore`, the same code the fairness lab runs in virtual time. This
+layer adds what only a live server has: one future per queued request, resolved by the core's
+grant the moment the job's turn comes and it fits on a backend (nothing polls), queue timeouts,
+and withdrawal of a request whose client went away.
 
-There is one scheduler per model (a *pool*): a request can only run on a backend serving its
-model, so a full pool must not hold up another pool's queue. Tenants and weights are the same in
-every pool.
+The core pumps synchronously whenever something that can free or use capacity happens: a
+request arrives, a request finishes and releases its slot, a backend comes back up, limits
+change.
 
 Cleanup lives in ``finally`` blocks: a handler cancelled while queued removes its job (nothing
 charged); one cancelled just after its grant was decided gives the slot back.
@@ -18,26 +19,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .admission import AdmissionController, BackendSlots, Reservation
+from .admission import AdmissionController, BackendSlots
+from .core import DispatchCore, Grant
 from .errors import TENANT_REMOVED, RateLimited, Unauthorized, Unavailable
-from .scheduler import Job, Prices, QueueRejected, Scheduler, make_scheduler
+from .scheduler import Job, Prices, QueueRejected, Scheduler
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class Grant:
-    backend: BackendSlots
-    reservation: Reservation
+__all__ = ["Dispatcher", "Grant", "TenantLimits"]
 
 
 @dataclass(slots=True)
 class TenantLimits:
     weight: float
     max_queued: int
+
+
+def _is_live(job: Job) -> bool:
+    fut: asyncio.Future[Grant] = job.payload
+    return not fut.done()
 
 
 class Dispatcher:
@@ -48,32 +51,57 @@ class Dispatcher:
         prices: Prices | None = None,
         rpm_limit: int = 60,
         clock: Callable[[], float] = time.monotonic,
+        observe_pump: Callable[[float], None] | None = None,
+        hold_s: float = 0.0,
     ) -> None:
+        self.core = DispatchCore(
+            admission,
+            self._granted,
+            policy=policy,
+            prices=prices,
+            rpm_limit=rpm_limit,
+            clock=clock,
+            is_live=_is_live,
+            observe_pump=observe_pump,
+            hold_s=hold_s,
+            on_hold=self._hold_timer,
+        )
         self.admission = admission
         self.policy = policy
-        self.prices = prices or Prices()
-        self.rpm_limit = rpm_limit
+        self.prices = self.core.prices
         self.clock = clock
-        self._pools: dict[str, Scheduler] = {}
         self._tenants: dict[str, TenantLimits] = {}
-        self.running: dict[str, int] = {}  # tenant -> in-flight jobs
-        self.dispatched_total = 0
+        self.running = self.core.running  # tenant -> in-flight jobs
         self._waiting: set[Job] = set()  # queued jobs whose handler awaits a grant
         self._closed: Exception | None = None  # set by close(): no new work
         #: Called with each job as it is dispatched (tests, tracing); must not raise.
         self.on_dispatch: Callable[[Job], None] | None = None
+        # The running side goes straight to the core (bound methods: no extra call per token):
+        # on_output(job, grant, n, prompt_tokens=None), release(job, grant, ran, output_tokens),
+        # abandon(job), move(job, grant, exclude), pump_backend(backend), pump_all().
+        core = self.core
+        self.on_output = core.on_output
+        self.release = core.release
+        self.abandon = core.abandon
+        self.move = core.move
+        self.pump_backend = core.pump_backend
+        self.pump_all = core.pump_all
+
+    @property
+    def dispatched_total(self) -> int:
+        return self.core.dispatched_total
 
     # -- tenants and pools -------------------------------------------------------------------
     def set_tenant(self, name: str, weight: float, max_queued: int) -> None:
         self._tenants[name] = TenantLimits(weight, max_queued)
-        for pool in self._pools.values():
-            pool.set_tenant(name, weight)
+        self.core.set_tenant(name, weight)
 
     def remove_tenant(self, name: str, exc: Exception) -> int:
         """A reload removed ``name``: forget its limits and answer its queued jobs with ``exc``
         (uncharged). Its running jobs finish normally; its counter stays in the schedulers, so
         a tenant that comes back later is not reset to zero. Returns how many were failed."""
         self._tenants.pop(name, None)
+        self.core.forget_tenant(name)
         failed = self.fail_waiting(exc, tenant=name)
         self.pump_all()
         return failed
@@ -81,38 +109,25 @@ class Dispatcher:
     def observe_pumps(self, observe: Callable[[float], None]) -> None:
         """Report the duration in seconds of every dispatch pass (one pump: the scheduler's
         picks and admission checks) to ``observe``. Per pump call, never per token."""
-        inner = self._pump
-        perf = time.perf_counter
-
-        def timed(model: str) -> None:
-            start = perf()
-            try:
-                inner(model)
-            finally:
-                observe(perf() - start)
-
-        self._pump = timed  # type: ignore[method-assign]
+        self.core.observe_pump = observe
 
     def pool(self, model: str) -> Scheduler:
-        sched = self._pools.get(model)
-        if sched is None:
-            sched = make_scheduler(self.policy, self.prices, self.rpm_limit)
-            for name, lim in self._tenants.items():
-                sched.set_tenant(name, lim.weight)
-            self._pools[model] = sched
-        return sched
+        return self.core.pool(model)
 
     def tenant_limits(self) -> dict[str, TenantLimits]:
         return self._tenants
 
     def pools(self) -> dict[str, Scheduler]:
-        return self._pools
+        return self.core.pools()
 
     def queued(self, tenant: str) -> int:
-        return sum(p.queued(tenant) for p in self._pools.values())
+        return self.core.queued(tenant)
 
     def total_queued(self) -> int:
-        return sum(p.total_queued() for p in self._pools.values())
+        return self.core.total_queued()
+
+    def queued_for(self, backend: BackendSlots) -> int:
+        return self.core.queued_for(backend)
 
     # -- request side ------------------------------------------------------------------------
     def close(self, exc: Exception) -> int:
@@ -120,6 +135,7 @@ class Dispatcher:
         with it too, including requests authenticated before the close. Returns how many queued
         jobs were answered."""
         self._closed = exc
+        self.core.expire_holds(everything=True)
         return self.fail_waiting(exc)
 
     async def acquire(self, job: Job, queue_timeout: float) -> Grant:
@@ -129,23 +145,22 @@ class Dispatcher:
         limits = self._tenants.get(job.tenant)
         if limits is None:  # removed by a reload after this request was authenticated
             raise Unauthorized(TENANT_REMOVED)
-        if self.queued(job.tenant) >= limits.max_queued:
+        if self.core.queued(job.tenant) >= limits.max_queued:
             raise RateLimited(
                 f"too many queued requests for this tenant (limit {limits.max_queued})",
                 retry_after=1.0,
                 outcome="rejected_queue_full",
             )
-        sched = self.pool(job.model)
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         job.payload = fut
         try:
-            sched.submit(job, self.clock())
+            self.core.submit(job)
         except QueueRejected as exc:
             raise RateLimited(
                 str(exc), retry_after=exc.retry_after, outcome="rejected_rate_limit"
             ) from exc
         self._waiting.add(job)
-        self._pump(job.model)
+        self.core.pump(job.model)
         try:
             async with asyncio.timeout(queue_timeout):
                 return await fut
@@ -158,9 +173,20 @@ class Dispatcher:
             self._withdraw(job, fut)
             raise
 
+    def _hold_timer(self, until: float) -> None:
+        """A slot is held until ``until`` (clock time): let it lapse then, unless used."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, until - self.clock()), self.core.expire_holds, until)
+
+    def _granted(self, job: Job, grant: Grant) -> None:
+        self._waiting.discard(job)
+        if self.on_dispatch is not None:
+            self.on_dispatch(job)
+        job.payload.set_result(grant)
+
     def _withdraw(self, job: Job, fut: asyncio.Future[Grant]) -> None:
         self._waiting.discard(job)
-        if self.pool(job.model).cancel(job, self.clock()):
+        if self.core.cancel(job):
             return
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             self.release(job, fut.result(), ran=False)  # granted as we gave up: give it back
@@ -171,95 +197,12 @@ class Dispatcher:
         Used when draining for shutdown and when a reload removes a tenant. Each job leaves
         its queue uncharged; the handler raises ``exc``. Returns how many were failed.
         """
-        now = self.clock()
         failed = 0
         for job in [j for j in self._waiting if tenant is None or j.tenant == tenant]:
             self._waiting.discard(job)
-            self.pool(job.model).cancel(job, now)
+            self.core.cancel(job)
             fut: asyncio.Future[Grant] = job.payload
             if not fut.done():
                 fut.set_exception(exc)
                 failed += 1
         return failed
-
-    def release(
-        self, job: Job, grant: Grant, ran: bool = True, output_tokens: int | None = None
-    ) -> None:
-        """The job is over: reconcile its charge (with the backend's ``output_tokens`` when
-        known), free its slot, let the next one in."""
-        self.pool(job.model).finish(job, self.clock(), ran=ran, output_tokens=output_tokens)
-        self.running[job.tenant] -= 1
-        self.admission.release(grant.reservation)
-        self.pump_backend(grant.backend)
-
-    def on_output(
-        self, job: Job, grant: Grant | None, n: int, prompt_tokens: int | None = None
-    ) -> None:
-        """``n`` output tokens of ``job`` arrived: charge its tenant and tell admission (whose
-        ``"peak"`` check follows each request's progress) about ``grant``, the job's current
-        grant (``None``: it holds none any more). ``prompt_tokens``, the backend's own prompt
-        count once known, corrects the reservation the estimate made (once). Per output token:
-        O(1) besides the charge."""
-        self.pool(job.model).on_output(job, n, self.clock())
-        if grant is not None:
-            reservation = grant.reservation
-            self.admission.note_output(reservation, n)
-            if (
-                prompt_tokens is not None
-                and prompt_tokens != reservation.prompt
-                and self.admission.adjust_prompt(reservation, prompt_tokens) < 0
-            ):
-                self.pump_backend(grant.backend)  # the booking shrank: room for more
-
-    def abandon(self, job: Job) -> None:
-        """The job never ran and holds no reservation (see :meth:`move`): refund it."""
-        self.pool(job.model).finish(job, self.clock(), ran=False)
-        self.running[job.tenant] -= 1
-
-    def move(self, job: Job, grant: Grant, exclude: Iterable[str]) -> Grant | None:
-        """Retry a job that never ran on another backend with room now (no requeue)."""
-        held = grant.reservation
-        self.admission.release(held)
-        backend = self.admission.place(job.model, held.tokens, exclude, held.prompt)
-        new = None
-        if backend is not None:
-            new = Grant(backend, self.admission.reserve(backend, held.tokens, held.prompt))
-        self.pump_backend(grant.backend)
-        return new
-
-    # -- dispatch ----------------------------------------------------------------------------
-    def pump_backend(self, backend: BackendSlots) -> None:
-        for model in backend.models:
-            if model in self._pools:
-                self._pump(model)
-
-    def pump_all(self) -> None:
-        for model in list(self._pools):
-            self._pump(model)
-
-    def _pump(self, model: str) -> None:
-        sched = self._pools.get(model)
-        if sched is None:
-            return
-        now = self.clock()
-        admission = self.admission
-        while True:
-            job = sched.peek(now)
-            if job is None:
-                return
-            fut: asyncio.Future[Grant] = job.payload
-            if fut.done():  # its handler is gone and will withdraw it; skip it meanwhile
-                sched.cancel(job, now)
-                continue
-            tokens = job.prompt_tokens + job.max_tokens
-            backend = admission.place(model, tokens, prompt=job.prompt_tokens)
-            if backend is None:
-                return  # head of the fair order waits for room; later ones wait behind it
-            popped = sched.pop(now)
-            assert popped is job
-            self._waiting.discard(job)
-            self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
-            self.dispatched_total += 1
-            if self.on_dispatch is not None:
-                self.on_dispatch(job)
-            fut.set_result(Grant(backend, admission.reserve(backend, tokens, job.prompt_tokens)))

@@ -74,7 +74,11 @@ def build_state(config: GatewayConfig) -> GatewayState:
     admission = AdmissionController()
     sc = config.scheduler
     dispatcher = Dispatcher(
-        admission, sc.policy, Prices(sc.input_price, sc.output_price), sc.rpm_limit
+        admission,
+        sc.policy,
+        Prices(sc.input_price, sc.output_price),
+        sc.rpm_limit,
+        hold_s=sc.hold_ms / 1000,
     )
     for t in config.tenants:
         dispatcher.set_tenant(t.name, t.weight, t.max_queued)

@@ -3,7 +3,8 @@
 No HTTP, no sleeping, no asyncio. One run wires together exactly the pure pieces that the live
 system uses:
 
-* the gateway's scheduler (:func:`gateway.scheduler.make_scheduler`) holds the per-tenant queues;
+* the gateway's dispatch core (:class:`gateway.core.DispatchCore`): its scheduler holds the
+  per-tenant queues and its dispatch loop takes the decisions, exactly as in the live gateway;
 * the gateway's admission controller (:class:`gateway.admission.AdmissionController`) decides
   when the backend has room (``max_num_seqs`` and a KV-token budget, each request reserving
   ``prompt + max_tokens`` capped by the context length, checked as a sum (``"reserve"``) or as
@@ -16,8 +17,9 @@ Events, in virtual time:
 
 * an **arrival** is submitted to the scheduler at its arrival time (``QueueRejected`` -> the
   request is recorded as ``rejected``; a request that can never fit -> ``error``), then the
-  dispatcher runs;
-* the **dispatcher** (run whenever capacity may have freed) pops jobs while ``peek()`` fits the
+  core pumps; open-loop arrivals come from the workload's list, closed-loop ones (a client with
+  N requests outstanding) ``think`` seconds after one of the client's requests finished;
+* the core's **pump** (run whenever capacity may have freed) pops jobs while ``peek()`` fits the
   admission controller: pop, reserve, hand the request to the engine;
 * an **engine step** starting at ``t`` ends at ``t + duration``; its outputs happen then: every
   token goes to ``scheduler.on_output``, a finished request to ``scheduler.finish`` and
@@ -30,14 +32,16 @@ responses), so throughput is measured over the whole run.
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from backends.sim.costmodel import Profile, get_profile
 from backends.sim.engine import EngineConfig, EngineCore
-from gateway.admission import AdmissionController, BackendSlots, KvAdmission, Reservation
-from gateway.scheduler import Job, Prices, QueueRejected, make_scheduler
+from gateway.admission import AdmissionController, BackendSlots, KvAdmission
+from gateway.core import DispatchCore, Grant, reserved_output
+from gateway.scheduler import Job, Prices, QueueRejected
 
 from .metrics import RequestRecord
 from .workloads import Workload
@@ -55,19 +59,22 @@ class SimConfig:
 
     profile: str = DEFAULT_PROFILE
     kv_cache_tokens: int | None = None  # None: the profile's
-    max_num_seqs: int | None = None  # None: the profile's
+    max_num_seqs: int | None = None  # None: the workload's, else the profile's
     rpm_limit: int = 5
     prices: Prices = field(default_factory=Prices)
     #: KV admission of the gateway *and* the engine; None: the profile's (``"peak"`` for the
     #: paper's a10g-llama2-7b; a vLLM-like ``"blocks"`` engine gets ``"reserve"`` in front)
     kv_admission: KvAdmission | None = None
+    #: how long a finished request's slot waits for its busy tenant's next request (the
+    #: gateway's default ``scheduler.hold_ms``)
+    hold_s: float = 0.02
 
-    def engine_config(self) -> tuple[Profile, EngineConfig]:
+    def engine_config(self, max_num_seqs: int | None = None) -> tuple[Profile, EngineConfig]:
         profile = get_profile(self.profile)
         cfg = EngineConfig.from_profile(
             profile,
             kv_cache_tokens=self.kv_cache_tokens,
-            max_num_seqs=self.max_num_seqs,
+            max_num_seqs=self.max_num_seqs if self.max_num_seqs is not None else max_num_seqs,
             kv_admission=self.kv_admission,
         )
         return profile, cfg
@@ -89,18 +96,20 @@ class SimResult:
     end_time: float = 0.0
     wall_seconds: float = 0.0
     max_engine_waiting: int = 0  # requests admitted by the gateway but queued inside the engine
+    #: tenant -> (lifts, counter units the lifts added), from the scheduler
+    lifts: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: tenant -> batch-slot seconds held (time-integral of the tenant's running requests)
+    slot_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class _Run:
     """State of one simulation (one policy, one workload)."""
 
     def __init__(self, workload: Workload, policy: str, config: SimConfig) -> None:
-        profile, cfg = config.engine_config()
+        profile, cfg = config.engine_config(workload.max_num_seqs)
         self.cfg = cfg
+        self.now = 0.0
         self.engine = EngineCore(cfg, profile.cost)
-        self.sched = make_scheduler(policy, config.prices, rpm_limit=config.rpm_limit)
-        for tenant, weight in workload.tenants.items():
-            self.sched.set_tenant(tenant, weight)
         self.backend = BackendSlots(
             "sim",
             frozenset({MODEL}),
@@ -109,87 +118,184 @@ class _Run:
             kv_admission=config.gateway_admission(),
         )
         self.admission = AdmissionController([self.backend])
+        self.core = DispatchCore(
+            self.admission,
+            self._granted,
+            policy=policy,
+            prices=config.prices,
+            rpm_limit=config.rpm_limit,
+            clock=lambda: self.now,
+            hold_s=config.hold_s,
+        )
+        self.sched = self.core.pool(MODEL)
+        for tenant, weight in workload.tenants.items():
+            self.core.set_tenant(tenant, weight)
         self.workload = workload
         self.records = [
             RequestRecord(r.tenant, r.arrival_s, None, None, r.prompt_tokens, r.output_tokens, "ok")
             for r in workload.requests
         ]
-        self.jobs: dict[str, tuple[Job, Reservation, int]] = {}
+        #: request index -> (job, grant) while it runs
+        self.jobs: dict[int, tuple[Job, Grant]] = {}
+        self.owner: dict[int, int] = {}  # closed-loop request index -> client index
+        # closed-loop arrivals to come: (time, order, client index)
+        self.closed_due: list[tuple[float, int, int]] = []
+        self._order = 0
+        self._sizes: list[Iterator[tuple[int, int, float]]] = []
+        self._think: dict[int, float] = {}  # closed-loop request index -> think after it
+        for ci, client in enumerate(workload.closed):
+            self._sizes.append(client.sizes(workload.seed, ci))
+            for _ in range(client.concurrency):
+                self._due(client.start, ci)
         self.done = 0
         self.max_engine_waiting = 0
+        self.slot_seconds: dict[str, float] = {}
+        self._slot_mark = 0.0
 
-    def reserve_tokens(self, job: Job) -> int:
-        """What the gateway reserves: prompt + max_tokens, capped by the context length."""
-        room = max(0, self.cfg.max_model_len - job.prompt_tokens)
-        return job.prompt_tokens + min(job.max_tokens, room)
+    # -- arrivals ----------------------------------------------------------------------------
+    def _due(self, t: float, client: int) -> None:
+        if t < self.workload.closed_end(self.workload.closed[client]):
+            self._order += 1
+            heapq.heappush(self.closed_due, (t, self._order, client))
+
+    def next_closed(self) -> float | None:
+        return self.closed_due[0][0] if self.closed_due else None
+
+    def arrive_closed(self) -> None:
+        t, _, ci = heapq.heappop(self.closed_due)
+        prompt, output, think = next(self._sizes[ci])
+        index = len(self.records)
+        self.records.append(
+            RequestRecord(self.workload.closed[ci].name, t, None, None, prompt, output, "ok")
+        )
+        self.owner[index] = ci
+        self._think[index] = think
+        self._submit(index, t)
 
     def arrive(self, index: int) -> None:
-        req = self.workload.requests[index]
+        self._submit(index, self.workload.requests[index].arrival_s)
+
+    def _submit(self, index: int, t: float) -> None:
+        self._account_slots(t)
+        self.now = t
         rec = self.records[index]
-        job = Job(req.tenant, req.prompt_tokens, req.output_tokens, req.arrival_s, MODEL)
+        prompt, output = rec.prompt_tokens, rec.output_tokens
+        reserve = reserved_output(prompt, output, self.cfg.max_model_len)
+        job = Job(rec.tenant, prompt, reserve, t, MODEL)
         job.payload = index
-        if self.engine.check_request(req.prompt_tokens, req.output_tokens) is not None or (
-            not self.admission.can_ever_fit(MODEL, self.reserve_tokens(job))
+        if self.engine.check_request(prompt, output) is not None or (
+            not self.admission.can_ever_fit(MODEL, prompt + reserve)
         ):
-            rec.status = "error"  # the gateway answers 400: never queued
-            self.done += 1
+            self._end(index, "error")  # the gateway answers 400: never queued
             return
         try:
-            self.sched.submit(job, req.arrival_s)
-        except QueueRejected:
-            rec.status = "rejected"
-            self.done += 1
+            self.core.submit(job)
+        except QueueRejected as exc:
+            self._end(index, "rejected", exc.retry_after)
             return
-        self.dispatch(req.arrival_s)
+        self.core.pump(MODEL)
 
-    def dispatch(self, now: float) -> None:
-        sched, admission = self.sched, self.admission
-        while True:
-            job = sched.peek(now)
-            if job is None:
+    def _end(self, index: int, status: str, retry_after: float = 0.0) -> None:
+        """Record the outcome; a closed-loop client sends its next request ``think`` seconds
+        later (a rejected one no sooner than ``retry_after``; one that can never run ends that
+        client's loop)."""
+        rec = self.records[index]
+        rec.status = status
+        self.done += 1
+        ci = self.owner.pop(index, None)
+        if ci is not None:
+            think = self._think.pop(index)
+            if status == "error":
                 return
-            tokens = self.reserve_tokens(job)
-            backend = admission.place(MODEL, tokens, prompt=job.prompt_tokens)
-            if backend is None:
-                return
-            popped = sched.pop(now)
-            assert popped is job, "peek() and pop() disagree"
-            reservation = admission.reserve(backend, tokens, job.prompt_tokens)
-            index: int = job.payload
-            req_id = str(index)
-            self.jobs[req_id] = (job, reservation, index)
-            self.engine.add_request(req_id, job.prompt_tokens, job.max_tokens, job.max_tokens, now)
+            end = rec.finish_s if rec.finish_s is not None else self.now
+            self._due(end + max(think, retry_after), ci)
 
+    def _granted(self, job: Job, grant: Grant) -> None:
+        index: int = job.payload
+        self.jobs[index] = (job, grant)
+        rec = self.records[index]
+        self.engine.add_request(
+            str(index), job.prompt_tokens, rec.output_tokens, rec.output_tokens, self.now
+        )
+
+    def _account_slots(self, t: float) -> None:
+        """Integrate each tenant's running requests over time (slot-seconds)."""
+        dt = t - self._slot_mark
+        if dt > 0:
+            running = self.core.running
+            acc = self.slot_seconds
+            for tenant, n in running.items():
+                if n:
+                    acc[tenant] = acc.get(tenant, 0.0) + n * dt
+            self._slot_mark = t
+
+    # -- engine ------------------------------------------------------------------------------
     def step(self, now: float, next_arrival: int) -> tuple[float, int]:
         """Run one engine step from ``now``; returns (end time, index of the next arrival)."""
         res = self.engine.step(now)
         end = res.end
-        i = next_arrival
-        reqs = self.workload.requests
-        while i < len(reqs) and reqs[i].arrival_s < end:
-            self.arrive(i)
-            i += 1
-        sched, records = self.sched, self.records
+        i = self.arrive_until(next_arrival, end, inclusive=False)
+        self._account_slots(end)
+        self.now = end
+        self.core.expire_holds(end)
+        core, records = self.core, self.records
         for out in res.outputs:
-            job, reservation, index = self.jobs[out.req_id]
+            index = int(out.req_id)
+            job, grant = self.jobs[index]
             rec = records[index]
             if out.first_token:
                 rec.first_token_s = end
             if out.new_tokens:
-                sched.on_output(job, out.new_tokens, end)
-                self.admission.note_output(reservation, out.new_tokens)
+                core.on_output(job, grant, out.new_tokens)
             if out.finished:
                 rec.finish_s = end
                 rec.output_tokens = job.output_tokens
-                sched.finish(job, end)
-                self.admission.release(reservation)
-                del self.jobs[out.req_id]
-                self.done += 1
-        self.dispatch(end)
+                del self.jobs[index]
+                core.release(job, grant)
+                self._end(index, "ok")
+        core.pump(MODEL)
         waiting = self.engine.num_waiting
         if waiting > self.max_engine_waiting and self.engine.num_running:
             self.max_engine_waiting = waiting
         return end, i
+
+    def arrive_until(self, i: int, t: float, inclusive: bool = True) -> int:
+        """Handle every arrival before ``t`` (at ``t`` too when ``inclusive``), in time order;
+        returns the index of the next open-loop arrival."""
+        reqs = self.workload.requests
+        n = len(reqs)
+        while True:
+            open_t = reqs[i].arrival_s if i < n else None
+            closed_t = self.next_closed()
+            if open_t is not None and (closed_t is None or open_t <= closed_t):
+                if open_t > t or (open_t == t and not inclusive):
+                    return i
+                self._expire(open_t)
+                self.arrive(i)
+                i += 1
+            elif closed_t is not None:
+                if closed_t > t or (closed_t == t and not inclusive):
+                    return i
+                self._expire(closed_t)
+                self.arrive_closed()
+            else:
+                return i
+
+    def _expire(self, t: float) -> None:
+        nxt = self.core.next_hold_expiry()
+        if nxt is not None and nxt <= t:
+            self._account_slots(nxt)
+            self.now = nxt
+            self.core.expire_holds(nxt)
+
+    def next_arrival(self, i: int) -> float | None:
+        """The next event while the engine is idle: an arrival or a held slot lapsing."""
+        reqs = self.workload.requests
+        times = [reqs[i].arrival_s] if i < len(reqs) else []
+        for t in (self.next_closed(), self.core.next_hold_expiry()):
+            if t is not None:
+                times.append(t)
+        return min(times) if times else None
 
 
 def simulate(
@@ -198,33 +304,34 @@ def simulate(
     config: SimConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> SimResult:
-    """Run ``workload`` under ``policy`` to completion; one record per workload request."""
+    """Run ``workload`` under ``policy`` to completion; one record per workload request (the
+    open-loop ones first, in workload order, then closed-loop requests in arrival order)."""
     config = config or SimConfig()
     started = time.perf_counter()
     run = _Run(workload, policy, config)
-    reqs = workload.requests
-    n = len(reqs)
+    n = len(workload.requests)
     now = 0.0
     i = 0
     steps = 0
     engine = run.engine
     while True:
-        while i < n and reqs[i].arrival_s <= now:
-            run.arrive(i)
-            i += 1
+        i = run.arrive_until(i, now)
         if engine.has_unfinished():
             now, i = run.step(now, i)
             steps += 1
             if progress is not None and steps % 2000 == 0:
-                progress(run.done, n)
-        elif i < n:
-            now = reqs[i].arrival_s
+                progress(run.done, max(n, len(run.records)))
         else:
-            break
-    if run.sched.total_queued():  # pragma: no cover - dispatch invariant
+            nxt = run.next_arrival(i)
+            if nxt is None:
+                break
+            now = nxt
+            run._expire(now)
+    if run.core.total_queued():  # pragma: no cover - dispatch invariant
         raise RuntimeError("simulation ended with requests still queued in the scheduler")
     if progress is not None:
-        progress(run.done, n)
+        progress(run.done, len(run.records))
+    run._account_slots(now)
     return SimResult(
         policy=policy,
         records=run.records,
@@ -234,6 +341,8 @@ def simulate(
         end_time=now,
         wall_seconds=time.perf_counter() - started,
         max_engine_waiting=run.max_engine_waiting,
+        lifts=run.sched.lift_stats(),
+        slot_seconds=run.slot_seconds,
     )
 
 

@@ -41,6 +41,26 @@ User formats (:func:`load_workload` picks by file extension):
           on_off: 60              # optional: on for 60 s, off for 60 s, ...
           start: 0                # optional window of activity within the workload
           end: 600
+
+  A client with ``concurrency`` instead of ``rate`` is *closed-loop*, the way SDK clients and
+  batch jobs with N workers behave: it keeps ``concurrency`` requests outstanding, sending the
+  next one ``think`` seconds after one completes (an int/float, or ``[lo, hi]`` drawn
+  uniformly), from ``start`` until ``end``::
+
+        - name: batch-job
+          weight: 2
+          concurrency: 8          # requests outstanding at once
+          think: 0.0              # seconds between a response and the next request
+          prompt_tokens: 256
+          output_tokens: 250
+
+  ``max_num_seqs: 7`` at the top level sets the backend's batch slots for ``lab simulate``
+  (``--max-num-seqs`` overrides it).
+
+Closed-loop requests exist only as the run unfolds (their arrival depends on when earlier ones
+finished), so a workload holds them as :class:`ClosedClient` specs; ``lab simulate`` and
+``lab replay`` both generate them, each request's sizes drawn from the client's own seeded
+stream in order, so the n-th request of a client has the same sizes in every run.
 """
 
 from __future__ import annotations
@@ -69,20 +89,65 @@ class WorkloadRequest:
     output_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedClient:
+    """A closed-loop client: ``concurrency`` requests outstanding, the next one sent ``think``
+    seconds after one completes, between ``start`` and ``end`` (None: the workload's end)."""
+
+    name: str
+    concurrency: int
+    think: float | tuple[float, float] = 0.0
+    prompt_tokens: int | tuple[int, int] = 256
+    output_tokens: int | tuple[int, int] = 256
+    weight: float = 1.0
+    start: float = 0.0
+    end: float | None = None
+
+    def sizes(self, seed: int, index: int = 0) -> Iterator[tuple[int, int, float]]:
+        """(prompt, output, think after it) of this client's requests, in order; seeded by the
+        workload seed and the client's position ``index`` among the workload's clients."""
+        rng = random.Random(f"{seed}:closed:{index}:{self.name}")
+        while True:
+            think = self.think
+            pause = think if isinstance(think, int | float) else rng.uniform(*think)
+            yield _draw(self.prompt_tokens, rng), _draw(self.output_tokens, rng), float(pause)
+
+
 @dataclass(slots=True)
 class Workload:
     name: str
     duration_s: float
     tenants: dict[str, float]  # tenant -> weight, in a stable display order
     requests: list[WorkloadRequest] = field(default_factory=list)
+    closed: list[ClosedClient] = field(default_factory=list)
+    seed: int = 42
+    #: batch slots this workload is meant for (closed-loop cases); None: the backend's own
+    max_num_seqs: int | None = None
 
     def truncated(self, duration_s: float) -> Workload:
         """The same workload cut to its first ``duration_s`` seconds (for quick runs)."""
         reqs = [r for r in self.requests if r.arrival_s < duration_s]
-        return Workload(self.name, min(duration_s, self.duration_s), dict(self.tenants), reqs)
+        end = min(duration_s, self.duration_s)
+        return Workload(
+            self.name,
+            end,
+            dict(self.tenants),
+            reqs,
+            list(self.closed),
+            self.seed,
+            self.max_num_seqs,
+        )
 
     def longest_prompt(self) -> int:
-        return max((r.prompt_tokens for r in self.requests), default=0)
+        longest = max((r.prompt_tokens for r in self.requests), default=0)
+        for c in self.closed:
+            p = c.prompt_tokens
+            longest = max(longest, p if isinstance(p, int) else p[1])
+        return longest
+
+    def closed_end(self, client: ClosedClient) -> float:
+        """When ``client`` stops sending new requests."""
+        return self.duration_s if client.end is None else min(client.end, self.duration_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +299,60 @@ def _overload_weighted(seed: int) -> Workload:
     return synthesize("overload_weighted", 360, clients, seed)
 
 
+# -- closed-loop cases: concurrency-limited clients (SDKs, batch jobs with N workers) ---------
+def _closed(
+    name: str, slots: int, duration: float, clients: list[tuple[str, float, int]], **kw: Any
+) -> Workload:
+    """Every client keeps ``n`` requests of 256 prompt / 250 output tokens outstanding (one
+    size: requests finish in the order they started, the hard case) and sends the next one
+    0-10 ms after a response ends (a client's turnaround)."""
+    kw.setdefault("think", (0.0, 0.01))
+    specs = [
+        ClosedClient(t, n, weight=w, prompt_tokens=256, output_tokens=250, **kw)
+        for t, w, n in clients
+    ]
+    return Workload(
+        name, duration, {c.name: c.weight for c in specs}, closed=specs, max_num_seqs=slots
+    )
+
+
+def _closed_1to2_8v8(seed: int) -> Workload:
+    return _closed("closed_1to2_8v8", 7, 300, [("a", 1, 8), ("b", 2, 8)])
+
+
+def _closed_1to2_16v16(seed: int) -> Workload:
+    return _closed("closed_1to2_16v16", 16, 300, [("a", 1, 16), ("b", 2, 16)])
+
+
+def _closed_1to2_12v12(seed: int) -> Workload:
+    return _closed("closed_1to2_12v12", 16, 300, [("a", 1, 12), ("b", 2, 12)])
+
+
+def _closed_1to2_6v24(seed: int) -> Workload:
+    return _closed("closed_1to2_6v24", 16, 300, [("a", 1, 6), ("b", 2, 24)])
+
+
+def _closed_equal_10v22(seed: int) -> Workload:
+    return _closed("closed_equal_10v22", 16, 300, [("a", 1, 10), ("b", 1, 22)])
+
+
+def _closed_1to1to2(seed: int) -> Workload:
+    return _closed("closed_1to1to2", 8, 300, [("a", 1, 4), ("b", 1, 6), ("c", 2, 12)])
+
+
+def _closed_trickle_burst(seed: int) -> Workload:
+    """Tenant a keeps one request in flight for 120 s, then bursts with 16; b floods with 16
+    throughout. a must not starve b after its quiet period for longer than the bound."""
+    specs = [
+        ClosedClient("a", 1, (0.0, 0.01), output_tokens=250, end=120.0),
+        ClosedClient("a", 16, (0.0, 0.01), output_tokens=250, start=120.0),
+        ClosedClient("b", 16, (0.0, 0.01), output_tokens=250),
+    ]
+    return Workload(
+        "closed_trickle_burst", 240, {"a": 1.0, "b": 1.0}, closed=specs, max_num_seqs=16
+    )
+
+
 def shared_dir() -> Path:
     """The shared folder: ``$VTC_SHARED_DIR`` or ``<repo>/../shared``."""
     env = os.environ.get(SHARED_ENV)
@@ -271,8 +390,20 @@ BUILTIN: dict[str, Callable[[int], Workload]] = {
     "arena_trace": _arena_trace,
 }
 
+#: Closed-loop cases (concurrency-limited clients), by name.
+CLOSED_LOOP: dict[str, Callable[[int], Workload]] = {
+    "closed_1to2_8v8": _closed_1to2_8v8,
+    "closed_1to2_16v16": _closed_1to2_16v16,
+    "closed_1to2_12v12": _closed_1to2_12v12,
+    "closed_1to2_6v24": _closed_1to2_6v24,
+    "closed_equal_10v22": _closed_equal_10v22,
+    "closed_1to1to2": _closed_1to1to2,
+    "closed_trickle_burst": _closed_trickle_burst,
+}
+
 #: The paper suite in the order the docs present it.
 PAPER_SUITE = tuple(BUILTIN)
+BUILTIN.update(CLOSED_LOOP)
 
 
 # -- user formats ------------------------------------------------------------------------------
@@ -389,6 +520,7 @@ def load_workload(
     """
     if spec in BUILTIN:
         wl = BUILTIN[spec](42 if seed is None else seed)
+        wl.seed = 42 if seed is None else seed
     elif spec.endswith(".csv"):
         wl = load_csv(spec)
     elif spec.endswith((".yaml", ".yml")):

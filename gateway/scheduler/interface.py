@@ -43,6 +43,7 @@ class Job:
     seq: int = 0  # global arrival order, set by submit()
     output_tokens: int = 0  # generated so far (caller updates through on_output)
     predicted_output: int = 0  # vtc-predict: output tokens charged at dispatch
+    expected_output: int = 0  # vtc: the tenant's recent average output, at most max_tokens
     charged: float = 0.0  # counter units charged to the tenant for this job so far
     charged_cost: float = 0.0  # the same charges in priced tokens, before dividing by weight
     dispatched_at: float | None = None
@@ -86,6 +87,9 @@ class Scheduler(ABC):
     """
 
     name: str = "base"
+    #: an arrival this soon (seconds) after one of its tenant's requests finished is a
+    #: resubmission (a concurrency-limited client sending its next request)
+    follow_s: float = 0.02
 
     def __init__(self, prices: Prices | None = None) -> None:
         self.prices = prices or Prices()
@@ -219,3 +223,20 @@ class Scheduler(ABC):
 
     def _finished(self, job: Job, now: float, ran: bool) -> None:
         """Hook: a dispatched job finished (predictors learn here, from jobs that ran)."""
+
+    def entitled(self, tenant: str, now: float) -> bool:
+        """Would ``tenant``, whose queue is empty, be served before the head of the fair order
+        if it had a request waiting? (Decides whether a slot its finished request frees is
+        held briefly for its next request; False for policies without such an order.)"""
+        return False
+
+    def hold(self, job: Job) -> None:
+        """``job`` finished and the dispatcher holds its slot for the tenant's next request."""
+
+    def unhold(self, job: Job) -> None:
+        """The hold of ``job`` ended (used by the tenant's next request, or lapsed)."""
+
+    def lift_stats(self) -> dict[str, tuple[int, float]]:
+        """tenant -> (times its counter was lifted on arrival, counter units the lifts added).
+        Empty for policies without a lift."""
+        return {}

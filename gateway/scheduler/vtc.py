@@ -8,6 +8,24 @@ token charges ``w_out / weight``. A tenant whose queue was empty is lifted on ar
 * none backlogged:   ``c[t] = max(c[t], c[last])``, ``last`` the tenant that most recently left
   the backlogged set (its counter now).
 
+A *busy* tenant is not an idle one. Concurrency-limited clients (an SDK with N requests in
+flight, a batch job with N workers) send their next request a moment after one finishes; their
+queue empties not because they stopped asking but because everything they sent was dispatched.
+Lifting such a tenant to the floor on every arrival would throw away, again and again, the
+lead its weight earned it. So the lift keeps a bounded credit for a tenant that *resubmits*
+(its request arrives within ``follow_s`` of one of its own requests finishing, or takes over a
+slot held for it, see :class:`gateway.core.DispatchCore`):
+
+* ``c[t] = max(c[t], floor - credit[t])`` with ``credit[t]`` the expected cost of t's requests
+  in flight and of those whose slot is held for it (``(w_in * prompt + w_out * expected
+  output) / weight``, the expected output being the tenant's recent average, at most
+  ``max_tokens``); every other arrival to an empty queue gets the paper's lift (credit 0).
+
+A tenant can therefore never be more than the cost of its own in-flight work behind the floor
+when it arrives: after a demand-limited period (one request in flight for a minute, then a
+burst) it catches up by at most that much, so the 2U bound between backlogged tenants grows to
+at most 2U + C, C <= the cost of what one tenant can have in flight (<= max(w_in, w_out) * M).
+
 ``lcf`` (least counter first) is VTC without the lift.
 
 Finding the smallest counter is O(log T): backlogged tenants sit in a heap keyed by
@@ -29,11 +47,15 @@ from .interface import Job, Prices, Scheduler
 
 
 class _Queue:
-    __slots__ = ("jobs", "version")
+    __slots__ = ("follows", "held", "jobs", "last_finish", "running", "version")
 
     def __init__(self) -> None:
         self.jobs: OrderedDict[int, Job] = OrderedDict()  # seq -> job, FIFO
         self.version = 0
+        self.running: set[Job] = set()  # dispatched, not finished
+        self.held: set[Job] = set()  # finished, their slot held for the tenant's next request
+        self.last_finish = float("-inf")  # when one of the tenant's requests last finished
+        self.follows = False  # the tenant's last arrival came right after one of its finishes
 
     def head(self) -> Job:
         return next(iter(self.jobs.values()))
@@ -43,8 +65,11 @@ class VTCScheduler(Scheduler):
     name = "vtc"
     lift = True
 
-    def __init__(self, prices: Prices | None = None) -> None:
+    def __init__(self, prices: Prices | None = None, window: int = 10) -> None:
         super().__init__(prices)
+        self.window = window
+        self._history: dict[str, deque[int]] = {}  # tenant -> recent actual output lengths
+        self._lifts: dict[str, list[float]] = {}  # tenant -> [count, units added]
         self._queues: dict[str, _Queue] = {}
         # heap entries: (counter key, head seq, version, tenant)
         self._heap: list[tuple[float, int, int, str]] = []
@@ -96,25 +121,75 @@ class VTCScheduler(Scheduler):
         q = self._queues.get(tenant)
         if q is None:
             q = self._queues[tenant] = _Queue()
+        q.follows = now - q.last_finish <= self.follow_s
         if not q.jobs:
             if self.lift:
-                self._lift(tenant)
+                self._lift(tenant, q, now)
             q.jobs[job.seq] = job
             self._push(tenant, q)
         else:
             q.jobs[job.seq] = job
         self._total += 1
 
-    def _lift(self, tenant: str) -> None:
+    def _floor(self) -> float | None:
         top = self._top()
         if top is not None:
-            floor = self._counters[top[0]]
-        elif self._last_left is not None:
-            floor = self._counters[self._last_left]
-        else:
+            return self._counters[top[0]]
+        if self._last_left is not None:
+            return self._counters[self._last_left]
+        return None
+
+    def credit(self, tenant: str, now: float) -> float:
+        """Counter units a tenant arriving now may stay below the lift's floor: for one that
+        resubmits (see the module docstring), the expected cost of its requests in flight and
+        of those whose slot is held for it; 0 otherwise."""
+        q = self._queues.get(tenant)
+        if q is None or not (q.held or (q.running and now - q.last_finish <= self.follow_s)):
+            return 0.0
+        cost = self.prices.cost
+        total = 0.0
+        for jobs in (q.running, q.held):
+            for job in jobs:
+                total += cost(job.prompt_tokens, max(job.expected_output, job.output_tokens))
+        return total / self._weights.get(tenant, 1.0)
+
+    def _lift(self, tenant: str, q: _Queue, now: float) -> None:
+        floor = self._floor()
+        if floor is None:
             return
-        if floor > self._counters[tenant]:
-            self._counters[tenant] = floor
+        target = floor - self.credit(tenant, now)
+        delta = target - self._counters[tenant]
+        if delta > 0:
+            stat = self._lifts.get(tenant)
+            if stat is None:
+                stat = self._lifts[tenant] = [0, 0.0]
+            stat[0] += 1
+            stat[1] += delta
+            self._counters[tenant] = target
+
+    def lift_stats(self) -> dict[str, tuple[int, float]]:
+        return {t: (int(c), u) for t, (c, u) in self._lifts.items()}
+
+    def entitled(self, tenant: str, now: float) -> bool:
+        q = self._queues.get(tenant)
+        if q is None or q.jobs or not q.follows:
+            return False  # it has work queued, or it does not resubmit: nothing to hold for
+        top = self._top()
+        if top is None:
+            return False  # nobody waits: a free slot stays free for its next request anyway
+        head = self._counters[top[0]]
+        # its next request is lifted to at least head - credit (see _lift)
+        return max(self._counters[tenant], head - self.credit(tenant, now)) < head
+
+    def hold(self, job: Job) -> None:
+        q = self._queues.get(job.tenant)
+        if q is not None:
+            q.held.add(job)
+
+    def unhold(self, job: Job) -> None:
+        q = self._queues.get(job.tenant)
+        if q is not None:
+            q.held.discard(job)
 
     def peek(self, now: float) -> Job | None:
         top = self._top()
@@ -129,6 +204,7 @@ class VTCScheduler(Scheduler):
         self._total -= 1
         self._predict(job)
         self._dispatched(job, now)  # raises the counter: the heap is not touched (lazy)
+        q.running.add(job)
         if q.jobs:  # the tenant stays backlogged: re-key its entry at the top in one sift
             q.version += 1
             heapq.heapreplace(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
@@ -137,8 +213,29 @@ class VTCScheduler(Scheduler):
             self._last_left = tenant
         return job
 
+    def prediction(self, tenant: str, max_tokens: int) -> int:
+        """Expected output of a request: the moving average of the tenant's last ``window``
+        actual output lengths, at most ``max_tokens`` (``max_tokens`` with no history)."""
+        hist = self._history.get(tenant)
+        if not hist:
+            return max_tokens
+        return min(max_tokens, round(sum(hist) / len(hist)))
+
     def _predict(self, job: Job) -> None:
-        """vtc-predict hook: set ``job.predicted_output`` before the dispatch charge."""
+        """Set the job's expected output (the lift's credit counts it) before dispatch."""
+        job.expected_output = self.prediction(job.tenant, job.max_tokens)
+
+    def _finished(self, job: Job, now: float, ran: bool) -> None:
+        q = self._queues.get(job.tenant)
+        if q is not None:
+            q.running.discard(job)
+            q.last_finish = now
+        if not ran:
+            return  # refused before it ran: no evidence about the tenant's output lengths
+        hist = self._history.get(job.tenant)
+        if hist is None:
+            hist = self._history[job.tenant] = deque(maxlen=self.window)
+        hist.append(job.output_tokens)
 
     def cancel(self, job: Job, now: float) -> bool:
         q = self._queues.get(job.tenant)
@@ -182,24 +279,5 @@ class VTCPredictScheduler(VTCScheduler):
 
     name = "vtc-predict"
 
-    def __init__(self, prices: Prices | None = None, window: int = 10) -> None:
-        super().__init__(prices)
-        self.window = window
-        self._history: dict[str, deque[int]] = {}
-
-    def prediction(self, tenant: str, max_tokens: int) -> int:
-        hist = self._history.get(tenant)
-        if not hist:
-            return max_tokens
-        return min(max_tokens, round(sum(hist) / len(hist)))
-
     def _predict(self, job: Job) -> None:
-        job.predicted_output = self.prediction(job.tenant, job.max_tokens)
-
-    def _finished(self, job: Job, now: float, ran: bool) -> None:
-        if not ran:
-            return  # refused before it ran: no evidence about the tenant's output lengths
-        hist = self._history.get(job.tenant)
-        if hist is None:
-            hist = self._history[job.tenant] = deque(maxlen=self.window)
-        hist.append(job.output_tokens)
+        job.predicted_output = job.expected_output = self.prediction(job.tenant, job.max_tokens)

@@ -1,0 +1,299 @@
+"""The dispatch core: which waiting request goes to which backend, and when. Pure.
+
+Synchronous, no asyncio, time from an injected clock. The live gateway
+(:class:`gateway.dispatcher.Dispatcher`, which adds futures, timeouts and withdrawal) and the
+fairness lab's discrete-event simulator (:mod:`gateway.lab.simulate`) drive this same class, so
+a decision measured in the lab is a decision the gateway takes.
+
+State: one scheduler per model (a *pool*: a request can only run on a backend serving its
+model, so a full pool must not hold up another pool's queue; tenants and weights are the same in
+every pool) and the admission controller's per-backend ledger.
+
+The dispatch loop (:meth:`DispatchCore.pump`), run whenever capacity may have freed or work
+arrived::
+
+    peek the scheduler's next job -> place it on a backend with room (none: stop, the head of
+    the fair order waits and everything behind it too) -> pop it (the scheduler charges) ->
+    reserve its tokens -> hand (job, grant) to ``on_grant``
+
+Holding a slot for a busy tenant's next request: a closed-loop client (an SDK with N requests
+in flight, a batch job with N workers) sends its next request a moment after one finishes. If
+the slot that request frees went at once to whoever waits, such a tenant would lose a slot on
+every completion, whatever its weight. So when a request ends and its tenant has nothing
+queued but would be served first if it had (``Scheduler.entitled``), its reservation is kept
+for ``hold_s`` seconds: the tenant's next request releases it and the fair order decides, or
+it lapses (:meth:`DispatchCore.expire_holds`) and the slot goes to the queue. At most one hold
+per finished request, never while nothing else waits; a backend cannot start a freed slot's
+next request before its next engine step anyway, so a hold shorter than a step costs little.
+
+Reservation arithmetic: a request books ``prompt + reserved output`` tokens, the reserved output
+being ``max_tokens`` (or the configured default) capped by what the context leaves after the
+prompt (:func:`reserved_output`). ``Job.max_tokens`` holds the reserved output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .admission import AdmissionController, BackendSlots, Reservation
+from .scheduler import Job, Prices, Scheduler, make_scheduler
+
+#: Output reserved for a request without any bound (no max_tokens, unknown context).
+UNBOUNDED_RESERVE = 4096
+
+
+def reserved_output(prompt_tokens: int, max_tokens: int | None, context: int | None) -> int:
+    """Output tokens a request books: ``max_tokens`` (None: the rest of the context, or
+    :data:`UNBOUNDED_RESERVE` when the context is unknown) capped by the context room."""
+    room = context - prompt_tokens if context is not None else None
+    bounds = (max_tokens, room) if max_tokens is not None else (room, UNBOUNDED_RESERVE)
+    return max(0, min(x for x in bounds if x is not None))
+
+
+@dataclass(slots=True)
+class Grant:
+    """A dispatched job's place: the backend and what it holds there."""
+
+    backend: BackendSlots
+    reservation: Reservation
+
+
+@dataclass(slots=True)
+class Hold:
+    """A finished request's slot kept for its tenant's next request until ``until``."""
+
+    job: Job
+    grant: Grant
+    until: float
+
+
+class DispatchCore:
+    """Per-model scheduler pools over one admission controller; see the module docstring.
+
+    ``on_grant(job, grant)`` receives every dispatched job (it must not raise). ``is_live(job)``
+    (optional) tells whether a queued job still wants its slot; a job that does not is
+    cancelled when it reaches the head instead of being dispatched. ``observe_pump`` (optional)
+    (optional, also settable later as :attr:`observe_pump`) receives the duration in seconds of
+    every dispatch pass.
+    """
+
+    def __init__(
+        self,
+        admission: AdmissionController,
+        on_grant: Callable[[Job, Grant], None],
+        *,
+        policy: str = "vtc",
+        prices: Prices | None = None,
+        rpm_limit: int = 60,
+        clock: Callable[[], float] = time.monotonic,
+        is_live: Callable[[Job], bool] | None = None,
+        observe_pump: Callable[[float], None] | None = None,
+        hold_s: float = 0.0,
+        on_hold: Callable[[float], None] | None = None,
+    ) -> None:
+        self.admission = admission
+        self.policy = policy
+        self.prices = prices or Prices()
+        self.rpm_limit = rpm_limit
+        self.clock = clock
+        self._on_grant = on_grant
+        self._is_live = is_live
+        self.observe_pump = observe_pump
+        self._pools: dict[str, Scheduler] = {}
+        self._weights: dict[str, float] = {}
+        self.running: dict[str, int] = {}  # tenant -> in-flight jobs
+        self.dispatched_total = 0
+        #: how long a finished request's slot may wait for its tenant's next one (0: never)
+        self.hold_s = hold_s
+        #: called with the expiry time of each new hold (the owner calls expire_holds then)
+        self.on_hold = on_hold
+        self._holds: list[Hold] = []  # in order of expiry
+        self.holds_total = 0  # holds taken
+        self.holds_used = 0  # holds released by their tenant's next request
+
+    # -- tenants and pools -------------------------------------------------------------------
+    def set_tenant(self, name: str, weight: float) -> None:
+        self._weights[name] = weight
+        for pool in self._pools.values():
+            pool.set_tenant(name, weight)
+
+    def forget_tenant(self, name: str) -> None:
+        """New pools no longer list ``name`` (its counters stay where they are)."""
+        self._weights.pop(name, None)
+
+    def pool(self, model: str) -> Scheduler:
+        sched = self._pools.get(model)
+        if sched is None:
+            sched = make_scheduler(self.policy, self.prices, self.rpm_limit)
+            if self.hold_s > 0:
+                sched.follow_s = self.hold_s  # a resubmission comes within the hold
+            for name, weight in self._weights.items():
+                sched.set_tenant(name, weight)
+            self._pools[model] = sched
+        return sched
+
+    def pools(self) -> dict[str, Scheduler]:
+        return self._pools
+
+    def queued(self, tenant: str) -> int:
+        return sum(p.queued(tenant) for p in self._pools.values())
+
+    def total_queued(self) -> int:
+        return sum(p.total_queued() for p in self._pools.values())
+
+    def queued_for(self, backend: BackendSlots) -> int:
+        """Jobs waiting in the pools of the models ``backend`` serves."""
+        return sum(p.total_queued() for m, p in self._pools.items() if m in backend.models)
+
+    # -- queue side --------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` in its model's pool (may raise ``QueueRejected``); does not pump. A
+        slot held for its tenant is released now, for the fair order to give."""
+        pool = self.pool(job.model)
+        pool.submit(job, self.clock())
+        if self._holds:
+            for i, hold in enumerate(self._holds):
+                if hold.job.tenant == job.tenant and hold.job.model == job.model:
+                    del self._holds[i]
+                    self.holds_used += 1
+                    pool.unhold(hold.job)
+                    self.admission.release(hold.grant.reservation)
+                    break
+
+    def cancel(self, job: Job) -> bool:
+        """Remove a still-queued job (uncharged); True if it was queued."""
+        pool = self._pools.get(job.model)
+        return pool is not None and pool.cancel(job, self.clock())
+
+    # -- running side ------------------------------------------------------------------------
+    def on_output(
+        self, job: Job, grant: Grant | None, n: int, prompt_tokens: int | None = None
+    ) -> None:
+        """``n`` output tokens of ``job`` arrived: charge its tenant and tell admission (whose
+        ``"peak"`` check follows each request's progress) about ``grant``, the job's current
+        grant (``None``: it holds none any more). ``prompt_tokens``, the backend's own prompt
+        count once known, corrects the reservation the estimate made (once). Per output token:
+        O(1) besides the charge."""
+        self._pools[job.model].on_output(job, n, self.clock())
+        if grant is not None:
+            reservation = grant.reservation
+            admission = self.admission
+            admission.note_output(reservation, n)
+            if (
+                prompt_tokens is not None
+                and prompt_tokens != reservation.prompt
+                and admission.adjust_prompt(reservation, prompt_tokens) < 0
+            ):
+                self.pump_backend(grant.backend)  # the booking shrank: room for more
+
+    def release(
+        self, job: Job, grant: Grant, ran: bool = True, output_tokens: int | None = None
+    ) -> None:
+        """The job is over: reconcile its charge (with the backend's ``output_tokens`` when
+        known), free its slot (or hold it for the tenant's next request), let the next one in."""
+        now = self.clock()
+        pool = self._pools[job.model]
+        pool.finish(job, now, ran=ran, output_tokens=output_tokens)
+        self.running[job.tenant] -= 1
+        if ran and self.hold_s > 0 and grant.backend.healthy:
+            pool.hold(job)
+            if pool.entitled(job.tenant, now):
+                until = now + self.hold_s
+                self._holds.append(Hold(job, grant, until))
+                self.holds_total += 1
+                if self.on_hold is not None:
+                    self.on_hold(until)
+                return
+            pool.unhold(job)
+        self.admission.release(grant.reservation)
+        self.pump_backend(grant.backend)
+
+    def held(self) -> int:
+        """Slots held for busy tenants' next requests right now."""
+        return len(self._holds)
+
+    def next_hold_expiry(self) -> float | None:
+        return self._holds[0].until if self._holds else None
+
+    def expire_holds(self, now: float | None = None, everything: bool = False) -> None:
+        """Release holds whose time is up (all of them with ``everything``) and dispatch."""
+        if not self._holds:
+            return
+        now = self.clock() if now is None else now
+        keep: list[Hold] = []
+        freed: list[Hold] = []
+        for hold in self._holds:
+            (freed if everything or hold.until <= now else keep).append(hold)
+        if not freed:
+            return
+        self._holds = keep
+        for hold in freed:
+            self._pools[hold.job.model].unhold(hold.job)
+            self.admission.release(hold.grant.reservation)
+        for hold in freed:
+            self.pump_backend(hold.grant.backend)
+
+    def abandon(self, job: Job) -> None:
+        """The job never ran and holds no reservation (see :meth:`move`): refund it."""
+        self._pools[job.model].finish(job, self.clock(), ran=False)
+        self.running[job.tenant] -= 1
+
+    def move(self, job: Job, grant: Grant, exclude: Iterable[str]) -> Grant | None:
+        """Retry a job that never ran on another backend with room now (no requeue)."""
+        held = grant.reservation
+        self.admission.release(held)
+        backend = self.admission.place(job.model, held.tokens, exclude, held.prompt)
+        new = None
+        if backend is not None:
+            new = Grant(backend, self.admission.reserve(backend, held.tokens, held.prompt))
+        self.pump_backend(grant.backend)
+        return new
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def pump_backend(self, backend: BackendSlots) -> None:
+        for model in backend.models:
+            if model in self._pools:
+                self.pump(model)
+
+    def pump_all(self) -> None:
+        for model in list(self._pools):
+            self.pump(model)
+
+    def pump(self, model: str) -> None:
+        """Dispatch ``model``'s queued jobs while the fair order's head fits on a backend."""
+        sched = self._pools.get(model)
+        if sched is None:
+            return
+        observe = self.observe_pump
+        if observe is None:
+            self._pump(sched, model)
+            return
+        start = time.perf_counter()
+        try:
+            self._pump(sched, model)
+        finally:
+            observe(time.perf_counter() - start)
+
+    def _pump(self, sched: Scheduler, model: str) -> None:
+        now = self.clock()
+        admission = self.admission
+        is_live = self._is_live
+        while True:
+            job = sched.peek(now)
+            if job is None:
+                return
+            if is_live is not None and not is_live(job):
+                sched.cancel(job, now)  # its owner is gone and will withdraw it
+                continue
+            tokens = job.prompt_tokens + job.max_tokens
+            backend = admission.place(model, tokens, prompt=job.prompt_tokens)
+            if backend is None:
+                return  # head of the fair order waits for room; later ones wait behind it
+            popped = sched.pop(now)
+            assert popped is job, "peek() and pop() disagree"
+            self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
+            self.dispatched_total += 1
+            grant = Grant(backend, admission.reserve(backend, tokens, job.prompt_tokens))
+            self._on_grant(job, grant)
