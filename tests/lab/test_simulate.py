@@ -146,3 +146,16 @@ def test_kv_admission_defaults_to_the_profile_and_peak_packs_more() -> None:
         return max(r.finish_s or 0.0 for r in run.records)
 
     assert finish(CONFIG) < 0.9 * finish(forced)
+
+
+def test_arena_trace_headline_holds_on_the_shipped_trace() -> None:
+    """The README's real-trace row, from the trace in the repository: VTC's max and average
+    service difference are under half of FCFS's at the same throughput (about 778 tok/s, the
+    paper's 777-779)."""
+    wl = load_workload("arena_trace")
+    runs = simulate_many(wl, ["vtc", "fcfs"], CONFIG)
+    results = build_results(wl, {p: r.records for p, r in runs.items()}, P, 10_000)
+    vtc, fcfs = results.policies["vtc"].summary, results.policies["fcfs"].summary
+    assert vtc.max_diff < fcfs.max_diff / 2 and vtc.avg_diff < fcfs.avg_diff / 1.5
+    assert vtc.throughput_tok_s == pytest.approx(fcfs.throughput_tok_s, rel=0.01)
+    assert 740 < vtc.throughput_tok_s < 820
