@@ -20,6 +20,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.tokenizer import PromptError, TokenCounter, get_encoder
+
 from .admission import AdmissionController
 from .auth import Authenticator
 from .backend_pool import BackendPool
@@ -39,7 +41,6 @@ from .errors import (
 from .metrics import GatewayStats, Recorder
 from .relay import DONE, ChunkProcessor, ClientFormat, client_format, upstream_body
 from .scheduler import Job, Prices
-from .tokenizer import PromptError, TokenCounter, get_encoder
 from .upstream import AiohttpUpstream, BackendRejected, BackendUnreachable, StreamBroken
 from .validate import check_fields, output_reservation, parse_body
 

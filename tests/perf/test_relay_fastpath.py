@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from common.tokenizer import TokenCounter
 from gateway.relay import ChunkProcessor, client_format
 from gateway.scheduler import Job
-from gateway.tokenizer import TokenCounter
 
 
 def _compact(obj: Any) -> bytes:
