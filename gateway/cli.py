@@ -60,14 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     else:
         register_lab(sub)
-    try:
-        from .bench import register as register_bench
-    except ImportError:
+    try:  # tools (benchmarks, soak) are not part of the runtime; present in a source install
+        from tools.bench import register as register_bench
+        from tools.soak import register as register_soak
+    except ImportError:  # pragma: no cover - tools package missing
         pass
     else:
         register_bench(sub)
-        from .soak import register as register_soak
-
         register_soak(sub)
 
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.soak import SoakOptions, soak
+from tools.soak import SoakOptions, soak
 
 
 async def test_short_soak_leaks_nothing_and_accounts_for_every_request() -> None:

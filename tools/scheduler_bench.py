@@ -1,6 +1,6 @@
 """Micro-benchmark of the scheduler's hot path: enqueue, pick and charge at growing tenant counts.
 
-    python -m gateway.scheduler.bench [--tenants 10,1000,10000,100000] [--ops 20000]
+    python -m tools.scheduler_bench [--tenants 10,1000,10000,100000] [--ops 20000]
                                       [--policies vtc,lcf,vtc-predict,fcfs] [--out FILE]
 
 For each policy and tenant count T the run builds a scheduler with T backlogged tenants (one
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import Job, Scheduler, make_scheduler
+from gateway.scheduler import Job, Scheduler, make_scheduler
 
 PHASES = ("enqueue", "pick", "charge", "cycle")
 
@@ -163,7 +163,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.scheduler.bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tools.scheduler_bench", description=__doc__)
     ap.add_argument("--tenants", type=_ints, default=[10, 1_000, 10_000, 100_000])
     ap.add_argument("--policies", default="vtc,lcf,vtc-predict,fcfs")
     ap.add_argument("--ops", type=int, default=20_000, help="operations timed per phase")
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if args.out is not None:
         doc = {
-            "benchmark": "gateway.scheduler.bench",
+            "benchmark": "tools.scheduler_bench",
             "unit": "microseconds per operation (cycle: per request)",
             "ops": args.ops,
             "repeat": args.repeat,
