@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from .errors import GatewayError, error_body
+from ..errors import GatewayError, error_body
 
 
 class BackendUnreachable(GatewayError):
