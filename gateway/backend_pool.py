@@ -22,6 +22,7 @@ import aiohttp
 
 from .admission import AdmissionController, BackendSlots, adapt_seq_cap
 from .config import BackendConfig
+from .outcomes import BackendErrorKind
 from .upstream import AiohttpUpstream, parse_gauge_sum
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class BackendState:
     max_model_len: dict[str, int | None] = field(default_factory=dict)
     discovered: bool = False
     failures: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # kind -> count
+    errors: dict[BackendErrorKind, int] = field(default_factory=dict)  # kind -> count
 
     @property
     def name(self) -> str:
@@ -121,7 +122,7 @@ class BackendPool:
         self._on_capacity(st.slots)
 
     # -- health ------------------------------------------------------------------------------
-    def record_failure(self, name: str, kind: str) -> None:
+    def record_failure(self, name: str, kind: BackendErrorKind) -> None:
         st = self.states.get(name)
         if st is None:
             return

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from .config import ConfigError, GatewayConfig, embedded_default, load_config, with_listen
-from .errors import Unavailable
 
 log = logging.getLogger("gateway")
 
@@ -165,8 +164,7 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         # Drain: refuse new work, answer the queue 503, let running streams finish until
         # limits.shutdown_timeout_s (runner.cleanup waits for them, then cancels the rest).
         state = app[STATE]
-        state.draining = True
-        failed = state.dispatcher.close(Unavailable("gateway is shutting down"))
+        failed = state.drain()
         log.info(
             "shutting down: %d queued request(s) answered 503, %d running get up to %gs",
             failed,

@@ -24,23 +24,14 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .outcomes import BACKEND_ERROR_KINDS, OUTCOMES, BackendErrorKind, Outcome
+
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
     from .backend_pool import BackendPool
     from .dispatcher import Dispatcher
 
-OUTCOMES = (
-    "ok",
-    "rejected_queue_full",
-    "rejected_rate_limit",
-    "rejected_invalid",
-    "client_cancelled",
-    "backend_error",
-    "timeout",
-)
-#: Kinds :meth:`~gateway.backend_pool.BackendPool.record_failure` is called with.
-BACKEND_ERROR_KINDS = ("unreachable", "error_before_stream", "stream_broken")
 RELOAD_RESULTS = ("ok", "error")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -57,7 +48,9 @@ class GatewayStats:
     """Per-tenant counters bumped by the request path (and by config reloads)."""
 
     max_tenant_labels: int = 100
-    outcomes: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    outcomes: defaultdict[tuple[str, Outcome], int] = field(
+        default_factory=lambda: defaultdict(int)
+    )
     prompt_tokens: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     completion_tokens: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     reloads: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -72,7 +65,7 @@ class GatewayStats:
             self._labels[tenant] = lab
         return lab
 
-    def outcome(self, tenant: str, outcome: str) -> None:
+    def outcome(self, tenant: str, outcome: Outcome) -> None:
         self.outcomes[(self.label(tenant), outcome)] += 1
 
     def reload(self, ok: bool) -> None:
@@ -258,7 +251,7 @@ class _StateCollector(Collector):
         requests = CounterMetricFamily(
             "vtc_requests", "Finished requests by outcome.", labels=["tenant", "outcome"]
         )
-        outcomes: dict[tuple[str, str], int] = {
+        outcomes: dict[tuple[str, Outcome], int] = {
             (stats.label(t), o): 0 for t in configured for o in OUTCOMES
         }
         outcomes.update(stats.outcomes)
@@ -305,7 +298,7 @@ class _StateCollector(Collector):
             b_kv.add_metric([s.name], s.max_kv_tokens)
             b_up.add_metric([s.name], 1 if s.healthy else 0)
             b_admitted.add_metric([s.name], s.admitted_total)
-            errors = dict.fromkeys(BACKEND_ERROR_KINDS, 0)
+            errors: dict[BackendErrorKind, int] = dict.fromkeys(BACKEND_ERROR_KINDS, 0)
             errors.update(st.errors)
             for kind, n in sorted(errors.items()):
                 b_err.add_metric([s.name, kind], n)

@@ -18,11 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from common.tokenizer import PromptError
 
 from ..errors import (
+    SHUTTING_DOWN,
+    GatewayError,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
-    RateLimited,
-    Unavailable,
+    ShuttingDown,
 )
 from ..relay import client_format, upstream_body
 from ..scheduler import Job
@@ -82,26 +83,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
-    if state.draining:
-        raise Unavailable("gateway is shutting down")
     tenant = state.auth.authenticate(request.headers)
-    try:
+    try:  # from here on the tenant is known: every way out is counted by its outcome
+        if state.draining:
+            raise ShuttingDown(SHUTTING_DOWN)
         body, size = await _read_json(request)
         model, prompt_tokens, reserve = await _validate(state, body, chat, size)
         payload = _upstream_payload(body)
-    except (InvalidRequest, ModelNotFound, PayloadTooLarge):
-        state.stats.outcome(tenant, "rejected_invalid")
-        raise
-    job = Job(
-        tenant=tenant, prompt_tokens=prompt_tokens, max_tokens=reserve, arrival=arrival, model=model
-    )
-    try:
+        job = Job(
+            tenant=tenant,
+            prompt_tokens=prompt_tokens,
+            max_tokens=reserve,
+            arrival=arrival,
+            model=model,
+        )
         grant = await state.dispatcher.acquire(job, state.config.limits.queue_timeout_s)
-    except RateLimited as exc:
+    except GatewayError as exc:  # invalid, queue full, rate limited, timeout, draining, removed
         state.stats.outcome(tenant, exc.outcome)
-        raise
-    except Unavailable:
-        state.stats.outcome(tenant, "timeout")
         raise
     except asyncio.CancelledError:
         state.stats.outcome(tenant, "client_cancelled")

@@ -14,10 +14,17 @@ from typing import Any
 from aiohttp import web
 
 from ..dispatcher import Grant
-from ..errors import BackendError, error_body, sse_error_event
+from ..errors import (
+    BackendError,
+    BackendRejected,
+    BackendUnreachable,
+    StreamBroken,
+    error_body,
+    sse_error_event,
+)
+from ..outcomes import Outcome
 from ..relay import DONE, ChunkProcessor, ClientFormat
 from ..scheduler import Job
-from ..upstream import BackendRejected, BackendUnreachable, StreamBroken
 from .state import GatewayState
 
 #: Above this many bytes waiting in the client's socket buffer, a write may block on the
@@ -57,7 +64,7 @@ async def forward(
     grant: Grant | None = first_grant
     tried: list[str] = []
     ran = False
-    outcome = "backend_error"
+    outcome: Outcome = "backend_error"
     dispatcher = state.dispatcher
     stats = state.stats
 
@@ -77,11 +84,11 @@ async def forward(
                     state.pool.record_success(backend)
                     outcome, response = await _relay(request, state, job, proc, stream, backend)
                     return response
-            except BackendUnreachable:
-                state.pool.record_failure(backend, "error_before_stream")
+            except BackendUnreachable as exc:
+                state.pool.record_failure(backend, exc.kind)
                 grant = dispatcher.move(job, grant, tried)
-            except BackendRejected:
-                outcome = "rejected_invalid"
+            except BackendRejected as exc:
+                outcome = exc.outcome
                 raise
         raise BackendError("no healthy backend could take the request")
     except (asyncio.CancelledError, ConnectionResetError):
@@ -112,7 +119,7 @@ async def _relay(
     proc: ChunkProcessor,
     stream: Any,
     backend: str,
-) -> tuple[str, web.StreamResponse]:
+) -> tuple[Outcome, web.StreamResponse]:
     """Relay one started upstream stream; return the outcome and the client's response."""
     fmt = proc.fmt
     lab = state.stats.label(job.tenant)
@@ -151,7 +158,7 @@ async def _relay(
         assert resp is not None
         return "client_cancelled", resp
     except StreamBroken as exc:
-        state.pool.record_failure(backend, "stream_broken")
+        state.pool.record_failure(backend, exc.kind)
         msg = f"backend stream failed: {exc}"
         if resp is None:
             return "backend_error", web.json_response(

@@ -18,6 +18,7 @@ from ..auth import Authenticator
 from ..backend_pool import BackendPool
 from ..config import GatewayConfig
 from ..dispatcher import Dispatcher
+from ..errors import SHUTTING_DOWN, ShuttingDown
 from ..metrics import GatewayStats, Recorder
 from ..scheduler import Prices
 from ..upstream import AiohttpUpstream
@@ -35,6 +36,12 @@ class GatewayState:
     stats: GatewayStats
     recorder: Recorder
     draining: bool = False
+
+    def drain(self) -> int:
+        """Start shutting down: refuse new requests and answer every queued one 503
+        (``rejected_draining``); running streams go on. Returns how many queued were answered."""
+        self.draining = True
+        return self.dispatcher.close(ShuttingDown(SHUTTING_DOWN))
 
 
 STATE = web.AppKey("state", GatewayState)

@@ -2,10 +2,7 @@
 
 from .http import (
     AiohttpUpstream,
-    BackendRejected,
-    BackendUnreachable,
     ModelInfo,
-    StreamBroken,
     Upstream,
     UpstreamStream,
     parse_gauge_sum,
@@ -14,10 +11,7 @@ from .http import (
 
 __all__ = [
     "AiohttpUpstream",
-    "BackendRejected",
-    "BackendUnreachable",
     "ModelInfo",
-    "StreamBroken",
     "Upstream",
     "UpstreamStream",
     "parse_gauge_sum",

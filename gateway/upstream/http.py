@@ -2,7 +2,7 @@
 
 :class:`Upstream` is what the relay needs from a backend: open a streaming POST and iterate its
 SSE ``data:`` payloads, plus discovery (models, KV capacity) and health. Transport exceptions are
-translated here, at the boundary, into the project's errors:
+translated here, at the boundary, into the project's errors (:mod:`gateway.errors`):
 
 * :class:`BackendUnreachable` (connect refused/timeout, 5xx before streaming): the request never
   ran; the caller may retry it on another backend;
@@ -23,42 +23,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from ..errors import GatewayError, error_body
-
-
-class BackendUnreachable(GatewayError):
-    status = 502
-    type = "upstream_error"
-
-
-class BackendRejected(GatewayError):
-    """4xx from the backend before the stream started; ``body`` is its JSON answer."""
-
-    type = "invalid_request_error"
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        err = body.get("error")
-        if not isinstance(err, dict):
-            err = body
-        message = err.get("message")
-        if not isinstance(message, str):
-            message = f"backend refused the request ({status})"
-        param = err.get("param")
-        super().__init__(message, param=param if isinstance(param, str) else None)
-        self.status = status
-        self.upstream_body = body
-
-    def body(self) -> dict[str, Any]:
-        """The backend's answer when it has the OpenAI error shape, else that shape rebuilt
-        from it (older vLLM answers ``{"object": "error", "message": ...}`` at the top)."""
-        err = self.upstream_body.get("error")
-        if isinstance(err, dict) and {"message", "type", "code"} <= set(err):
-            return self.upstream_body
-        return error_body(self.message, self.type, self.status, self.param)
-
-
-class StreamBroken(Exception):
-    """The backend's stream failed after it started."""
+from ..errors import BackendRejected, BackendUnreachable, StreamBroken
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +226,9 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     try:
         raw = await resp.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise BackendUnreachable(f"backend answered {resp.status} and broke off") from exc
+        raise BackendUnreachable(
+            f"backend answered {resp.status} and broke off", kind="error_before_stream"
+        ) from exc
     try:
         body = json.loads(raw)
     except ValueError:
@@ -269,5 +236,7 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status >= 500 or resp.status in (401, 403) or not isinstance(body, dict):
         # 401/403: the backend refuses the gateway's own credentials (backends[].api_key), not
         # the client's request: treat it as a failing backend, never pass it to the client
-        raise BackendUnreachable(f"backend answered {resp.status} before streaming")
+        raise BackendUnreachable(
+            f"backend answered {resp.status} before streaming", kind="error_before_stream"
+        )
     raise BackendRejected(resp.status, body)

@@ -110,6 +110,8 @@ async def test_removed_tenant_queued_requests_get_401_running_ones_finish() -> N
         assert value(s, "vtc_tenant_weight", tenant="d") == 2
         assert ("vtc_tenant_weight", (("tenant", "b"),)) not in s
         assert value(s, "vtc_requests_total", tenant="b", outcome="ok") == 1
+        # the two queued requests answered 401 are counted; the later unknown key has no tenant
+        assert value(s, "vtc_requests_total", tenant="b", outcome="rejected_unauthorized") == 2
         assert d.pool(MODEL).counter("b") > 0  # kept, should b come back
 
 
