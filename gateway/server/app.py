@@ -8,24 +8,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
 from ..config import GatewayConfig
 from ..errors import GatewayError, PayloadTooLarge, error_body
+from ..upstream import Upstream
 from .handlers import chat_completions, completions, health, list_models, metrics
 from .state import STATE, build_state
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: GatewayConfig) -> web.Application:
+def create_app(
+    config: GatewayConfig,
+    *,
+    upstream: Upstream | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """The gateway as an aiohttp application. ``upstream``: the transport to the backends
+    (default: HTTP; tests pass :class:`~gateway.upstream.fake.FakeUpstream`); ``clock``:
+    monotonic seconds (default :func:`time.monotonic`)."""
     app = web.Application(
         middlewares=[_errors_middleware], client_max_size=config.limits.max_body_bytes
     )
-    app[STATE] = build_state(config)
+    app[STATE] = build_state(config, upstream=upstream, clock=clock)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)

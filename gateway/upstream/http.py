@@ -1,58 +1,26 @@
-"""Talking to backends: one small interface, the aiohttp implementation behind it.
+"""The real transport: HTTP to OpenAI-compatible servers (vLLM) over one aiohttp session.
 
-:class:`Upstream` is what the relay needs from a backend: open a streaming POST and iterate its
-SSE ``data:`` payloads, plus discovery (models, KV capacity) and health. Transport exceptions are
-translated here, at the boundary, into the project's errors (:mod:`gateway.errors`):
-
-* :class:`BackendUnreachable` (connect refused/timeout, 5xx before streaming): the request never
-  ran; the caller may retry it on another backend;
-* :class:`BackendRejected`: the backend answered 4xx before streaming (its own validation); the
-  status and body are passed through to the client;
-* :class:`StreamBroken`: the stream started and then failed (drop, stall past the read timeout,
-  malformed event).
+Implements :class:`~gateway.upstream.interface.Upstream`; aiohttp's exceptions are translated
+here into :mod:`gateway.errors`' backend errors and never leave this module.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 
 from ..errors import BackendRejected, BackendUnreachable, StreamBroken
+from .interface import ModelInfo
+from .vllm_metrics import parse_kv_capacity
 
+_TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    id: str
-    max_model_len: int | None
-
-
-class UpstreamStream(Protocol):
-    def batches(self) -> AsyncIterator[list[bytes]]:
-        """Each SSE ``data:`` payload (bytes after ``data: ``) until ``[DONE]``, grouped by
-        network read (each list non-empty)."""
-        ...
-
-
-class Upstream(Protocol):
-    def open(self, url: str, path: str, body: bytes) -> Any:
-        """``async with upstream.open(...) as stream``: a started stream (status 200)."""
-        ...
-
-    async def models(self, url: str) -> list[ModelInfo]: ...
-
-    async def kv_capacity(self, url: str) -> int | None: ...
-
-    async def healthy(self, url: str) -> bool: ...
-
-
-_CACHE_INFO_RE = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
-_LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
+#: What a failed request raises inside aiohttp (connection, timeout, socket).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
 
 class _AiohttpStream:
@@ -105,26 +73,26 @@ class _AiohttpStream:
 
 
 class AiohttpUpstream:
-    """The real transport: one shared :class:`aiohttp.ClientSession`."""
+    """The real transport: one shared :class:`aiohttp.ClientSession`.
 
-    def __init__(self, connect_timeout: float = 5.0, read_timeout: float = 300.0) -> None:
+    ``api_keys`` maps a backend URL to the bearer token it expects (vLLM's ``--api-key``,
+    ``backends[].api_key``); it is sent on ``/v1/*`` and ``/tokenize`` and never logged.
+    """
+
+    def __init__(
+        self,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 300.0,
+        api_keys: Mapping[str, str | None] | None = None,
+    ) -> None:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._probe_timeout = aiohttp.ClientTimeout(total=max(connect_timeout, 2.0) * 2)
         self._session: aiohttp.ClientSession | None = None
-        self._headers: dict[str, dict[str, str]] = {}  # backend URL -> headers to send
-
-    def set_api_key(self, url: str, api_key: str | None) -> None:
-        """Send ``Authorization: Bearer api_key`` to the backend at ``url`` (vLLM's
-        ``--api-key``); the key is never logged."""
-        if api_key:
-            self._headers[url] = {"Authorization": f"Bearer {api_key}"}
-        else:
-            self._headers.pop(url, None)
-
-    def auth_headers(self, url: str) -> dict[str, str]:
-        return self._headers.get(url, {})
+        self._headers: dict[str, dict[str, str]] = {  # backend URL -> headers to send
+            url: {"Authorization": f"Bearer {key}"} for url, key in (api_keys or {}).items() if key
+        }
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -151,7 +119,7 @@ class AiohttpUpstream:
                 data=body,
                 headers={"Content-Type": "application/json", **self._headers.get(url, {})},
             )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise BackendUnreachable(f"backend unreachable: {exc.__class__.__name__}") from exc
         stream: _AiohttpStream | None = None
         try:
@@ -167,59 +135,69 @@ class AiohttpUpstream:
                 resp.close()
 
     async def models(self, url: str) -> list[ModelInfo]:
-        async with self.session.get(
-            url + "/v1/models", timeout=self._probe_timeout, headers=self._headers.get(url)
-        ) as resp:
-            resp.raise_for_status()
-            data = await resp.json(content_type=None)
+        data = await self._get_json(url, "/v1/models")
+        entries = data.get("data") if isinstance(data, dict) else None
         out = []
-        for m in data.get("data", []):
+        for m in entries if isinstance(entries, list) else ():
             if isinstance(m, dict) and isinstance(m.get("id"), str):
                 mml = m.get("max_model_len")
                 out.append(ModelInfo(m["id"], mml if isinstance(mml, int) else None))
         return out
 
     async def metrics_text(self, url: str) -> str:
-        """The backend's Prometheus ``/metrics`` page."""
-        async with self.session.get(url + "/metrics", timeout=self._probe_timeout) as resp:
-            resp.raise_for_status()
-            return await resp.text()
+        try:
+            async with self.session.get(url + "/metrics", timeout=self._probe_timeout) as resp:
+                resp.raise_for_status()
+                return await resp.text()
+        except _TRANSPORT_ERRORS as exc:
+            raise _probe_failed(exc) from exc
 
     async def kv_capacity(self, url: str) -> int | None:
         return parse_kv_capacity(await self.metrics_text(url))
+
+    async def tokenize(self, url: str, payload: dict[str, Any]) -> int | None:
+        try:
+            async with self.session.post(
+                url + "/tokenize",
+                json=payload,
+                timeout=_TOKENIZE_TIMEOUT,
+                headers=self._headers.get(url),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                data = await resp.json(content_type=None)
+        except ValueError:
+            return None
+        except _TRANSPORT_ERRORS as exc:
+            raise _probe_failed(exc) from exc
+        count = data.get("count") if isinstance(data, dict) else None
+        return count if isinstance(count, int) and count >= 0 else None
+
+    async def _get_json(self, url: str, path: str) -> Any:
+        try:
+            async with self.session.get(
+                url + path, timeout=self._probe_timeout, headers=self._headers.get(url)
+            ) as resp:
+                resp.raise_for_status()
+                return await resp.json(content_type=None)
+        except (*_TRANSPORT_ERRORS, ValueError) as exc:
+            raise _probe_failed(exc) from exc
 
     async def healthy(self, url: str) -> bool:
         try:
             async with self.session.get(url + "/health", timeout=self._probe_timeout) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except _TRANSPORT_ERRORS:
             return False
 
 
-def parse_gauge_sum(metrics_text: str, name: str) -> float | None:
-    """Sum of a metric's samples over all label sets (None when it is absent)."""
-    total = None
-    prefix = name + "{"
-    for line in metrics_text.splitlines():
-        if line.startswith(prefix) or line.startswith(name + " "):
-            try:
-                value = float(line.rsplit(" ", 1)[1])
-            except (IndexError, ValueError):
-                continue
-            total = value if total is None else total + value
-    return total
-
-
-def parse_kv_capacity(metrics_text: str) -> int | None:
-    """``num_gpu_blocks * block_size`` from vLLM's ``vllm:cache_config_info`` labels."""
-    m = _CACHE_INFO_RE.search(metrics_text)
-    if m is None:
-        return None
-    labels = dict(_LABEL_RE.findall(m.group(1)))
-    try:
-        return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
-    except (KeyError, ValueError):
-        return None
+def _probe_failed(exc: BaseException) -> BackendUnreachable:
+    """A discovery, metrics or tokenize request that failed, as the project's error."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return BackendUnreachable(f"backend answered {exc.status}", kind="error_before_stream")
+    if isinstance(exc, ValueError):
+        return BackendUnreachable("backend answered malformed JSON", kind="error_before_stream")
+    return BackendUnreachable(f"backend unreachable: {exc.__class__.__name__}")
 
 
 async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
