@@ -21,6 +21,7 @@ from typing import Any
 from .admission import AdmissionController, BackendSlots, adapt_seq_cap
 from .config import BackendConfig
 from .errors import BackendError
+from .metrics import BackendSnapshot
 from .outcomes import BackendErrorKind
 from .upstream import Upstream, parse_gauge_sum
 
@@ -205,6 +206,23 @@ class BackendPool:
             )
 
     # -- queries -----------------------------------------------------------------------------
+    def snapshot(self) -> tuple[BackendSnapshot, ...]:
+        """Each backend's state and load as plain data (for the metrics collector)."""
+        return tuple(
+            BackendSnapshot(
+                name=st.name,
+                up=st.slots.healthy,
+                in_flight=st.slots.in_flight,
+                reserved_tokens=st.slots.reserved_tokens,
+                max_num_seqs=st.slots.max_num_seqs,
+                seq_cap=st.slots.max_num_seqs if st.slots.seq_cap is None else st.slots.seq_cap,
+                max_kv_tokens=st.slots.max_kv_tokens,
+                admitted_total=st.slots.admitted_total,
+                errors=dict(st.errors),
+            )
+            for st in self.states.values()
+        )
+
     def max_model_len(self, model: str) -> int | None:
         """The smallest context length among backends serving ``model`` (None: unknown)."""
         lens = [

@@ -2,9 +2,10 @@
 
 The hot path only bumps integers in :class:`GatewayStats` (and observes three latency
 histograms once per request); everything derived from scheduler and admission state (counters,
-service, queue depth, in-flight, capacity, fairness) is read when Prometheus scrapes. Nothing
-here runs per output token. The dispatcher's pump is timed once per call
-(:meth:`~gateway.dispatcher.Dispatcher.observe_pumps`).
+service, queue depth, in-flight, capacity, fairness) is read when Prometheus scrapes, as one
+:class:`GatewaySnapshot` (plain data; the collector never reaches into the dispatcher or the
+backend pool). Nothing here runs per output token. The dispatcher's pump is timed once per
+call (:attr:`Recorder.decision`).
 
 Tenant label values are capped at ``max_tenant_labels`` (configured tenants first, then first
 come, first labelled); the rest are reported as ``other``. API keys never appear anywhere here.
@@ -25,12 +26,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .outcomes import BACKEND_ERROR_KINDS, OUTCOMES, BackendErrorKind, Outcome
+from .scheduler import TenantStats
 
 if TYPE_CHECKING:
     from prometheus_client import Metric
-
-    from .backend_pool import BackendPool
-    from .dispatcher import Dispatcher
 
 RELOAD_RESULTS = ("ok", "error")
 
@@ -41,6 +40,39 @@ DECISION_BUCKETS = (
 )  # fmt: skip
 #: Sliding window of the Jain fairness index.
 FAIRNESS_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """One model's scheduler: every tenant it knows, and which of them are backlogged."""
+
+    model: str
+    tenants: tuple[TenantStats, ...]
+    backlogged: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSnapshot:
+    name: str
+    up: bool
+    in_flight: int
+    reserved_tokens: int
+    max_num_seqs: int
+    seq_cap: int  # sequences admitted at most now (max_num_seqs unless adaptive caps it)
+    max_kv_tokens: int
+    admitted_total: int
+    errors: Mapping[BackendErrorKind, int]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySnapshot:
+    """Everything the collector exports besides :class:`GatewayStats`, read at scrape time."""
+
+    weights: Mapping[str, float]  # configured tenants
+    running: Mapping[str, int]  # tenant -> requests in flight
+    dispatched_total: int
+    pools: tuple[PoolSnapshot, ...]
+    backends: tuple[BackendSnapshot, ...]
 
 
 @dataclass
@@ -127,8 +159,7 @@ class Recorder:
     def __init__(
         self,
         stats: GatewayStats,
-        dispatcher: Callable[[], Dispatcher],
-        pool: Callable[[], BackendPool],
+        snapshot: Callable[[], GatewaySnapshot],
         *,
         fairness_window_s: float = FAIRNESS_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
@@ -162,34 +193,31 @@ class Recorder:
             buckets=DECISION_BUCKETS,
             registry=self.registry,
         )
-        dispatcher().observe_pumps(self.decision.observe)
         self.fairness = FairnessWindow(fairness_window_s)
-        self.registry.register(_StateCollector(stats, dispatcher, pool, self.fairness, clock))
+        self.registry.register(_StateCollector(stats, snapshot, self.fairness, clock))
 
 
 class _StateCollector(Collector):
     def __init__(
         self,
         stats: GatewayStats,
-        dispatcher: Callable[[], Dispatcher],
-        pool: Callable[[], BackendPool],
+        snapshot: Callable[[], GatewaySnapshot],
         fairness: FairnessWindow,
         clock: Callable[[], float],
     ) -> None:
         self._stats = stats
-        self._dispatcher = dispatcher
-        self._pool = pool
+        self._snapshot = snapshot
         self._fairness = fairness
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._tenants()
-        yield from self._backends()
-        yield from self._global()
+        snap = self._snapshot()
+        yield from self._tenants(snap)
+        yield from self._backends(snap)
+        yield from self._global(snap)
 
-    def _tenants(self) -> Iterator[Metric]:
+    def _tenants(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         stats = self._stats
-        d = self._dispatcher()
         counter = GaugeMetricFamily(
             "vtc_tenant_counter",
             "Virtual token counter (weighted tokens / tenant weight) per model pool.",
@@ -207,7 +235,7 @@ class _StateCollector(Collector):
             "vtc_tenant_in_flight", "Requests running on backends.", labels=["tenant"]
         )
         weight = GaugeMetricFamily("vtc_tenant_weight", "Configured weight.", labels=["tenant"])
-        configured = d.tenant_limits()
+        configured = snap.weights
         agg_service: defaultdict[str, float] = defaultdict(float)
         agg_queued: defaultdict[str, int] = defaultdict(int)
         agg_running: defaultdict[str, int] = defaultdict(int)
@@ -215,27 +243,27 @@ class _StateCollector(Collector):
             lab = stats.label(tenant)
             agg_queued[lab] += 0
             agg_running[lab] += 0
-        for model, sched in sorted(d.pools().items()):
+        for ps in sorted(snap.pools, key=lambda p: p.model):
             per_label: dict[str, float] = {}
-            for ts in sched.stats():
+            for ts in ps.tenants:
                 lab = stats.label(ts.name)
                 per_label[lab] = max(per_label.get(lab, ts.counter), ts.counter)
                 agg_service[lab] += ts.service
                 agg_queued[lab] += ts.queued
             for lab, c in per_label.items():
-                counter.add_metric([lab, model], c)
+                counter.add_metric([lab, ps.model], c)
         for lab, v in agg_service.items():
             service.add_metric([lab], v)
         for lab, n in agg_queued.items():
             queued.add_metric([lab], n)
-        for tenant, n in d.running.items():
+        for tenant, n in snap.running.items():
             agg_running[stats.label(tenant)] += n
         for lab, n in agg_running.items():
             inflight.add_metric([lab], n)
-        for tenant, lim in configured.items():
+        for tenant, w in configured.items():
             lab = stats.label(tenant)
             if lab != "other":
-                weight.add_metric([lab], lim.weight)
+                weight.add_metric([lab], w)
         yield from (counter, service, queued, inflight, weight)
 
         prompt = CounterMetricFamily(
@@ -259,8 +287,7 @@ class _StateCollector(Collector):
             requests.add_metric([lab, outcome], v)
         yield from (prompt, completion, requests)
 
-    def _backends(self) -> Iterator[Metric]:
-        pool = self._pool()
+    def _backends(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         b_inflight = GaugeMetricFamily(
             "vtc_backend_in_flight", "Sequences in flight.", labels=["backend"]
         )
@@ -289,37 +316,34 @@ class _StateCollector(Collector):
         b_err = CounterMetricFamily(
             "vtc_backend_errors", "Upstream errors by kind.", labels=["backend", "kind"]
         )
-        for st in pool.states.values():
-            s = st.slots
-            b_inflight.add_metric([s.name], s.in_flight)
-            b_reserved.add_metric([s.name], s.reserved_tokens)
-            b_seqs.add_metric([s.name], s.max_num_seqs)
-            b_cap.add_metric([s.name], s.max_num_seqs if s.seq_cap is None else s.seq_cap)
-            b_kv.add_metric([s.name], s.max_kv_tokens)
-            b_up.add_metric([s.name], 1 if s.healthy else 0)
-            b_admitted.add_metric([s.name], s.admitted_total)
+        for b in snap.backends:
+            b_inflight.add_metric([b.name], b.in_flight)
+            b_reserved.add_metric([b.name], b.reserved_tokens)
+            b_seqs.add_metric([b.name], b.max_num_seqs)
+            b_cap.add_metric([b.name], b.seq_cap)
+            b_kv.add_metric([b.name], b.max_kv_tokens)
+            b_up.add_metric([b.name], 1 if b.up else 0)
+            b_admitted.add_metric([b.name], b.admitted_total)
             errors: dict[BackendErrorKind, int] = dict.fromkeys(BACKEND_ERROR_KINDS, 0)
-            errors.update(st.errors)
+            errors.update(b.errors)
             for kind, n in sorted(errors.items()):
-                b_err.add_metric([s.name, kind], n)
+                b_err.add_metric([b.name, kind], n)
         yield from (b_inflight, b_reserved, b_seqs, b_cap, b_kv, b_up, b_admitted, b_err)
 
-    def _global(self) -> Iterator[Metric]:
+    def _global(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         stats = self._stats
-        d = self._dispatcher()
         dispatches = CounterMetricFamily("vtc_dispatches", "Requests dispatched to backends.")
-        dispatches.add_metric([], d.dispatched_total)
+        dispatches.add_metric([], snap.dispatched_total)
 
         service: defaultdict[str, float] = defaultdict(float)
         backlogged: set[str] = set()
         gap = 0.0
-        for sched in d.pools().values():
-            for ts in sched.stats():
+        for ps in snap.pools:
+            for ts in ps.tenants:
                 service[ts.name] += ts.service / ts.weight
-            waiting = list(sched.backlogged())
-            backlogged.update(waiting)
-            if len(waiting) >= 2:
-                counters = [sched.counter(t) for t in waiting]
+            backlogged.update(ps.backlogged)
+            if len(ps.backlogged) >= 2:
+                counters = [ts.counter for ts in ps.tenants if ts.name in ps.backlogged]
                 gap = max(gap, max(counters) - min(counters))
         index, n = self._fairness.observe(self._clock(), service, backlogged)
         jain = GaugeMetricFamily(

@@ -24,6 +24,7 @@ from ..errors import (
 from ..outcomes import Outcome
 from ..relay import DONE, ChunkProcessor, ClientFormat
 from ..scheduler import Job
+from ..upstream import UpstreamStream
 from .state import GatewayState
 
 #: Above this many bytes waiting in the client's socket buffer, a write may block on the
@@ -114,7 +115,7 @@ async def _relay(
     state: GatewayState,
     job: Job,
     proc: ChunkProcessor,
-    stream: Any,
+    stream: UpstreamStream,
     backend: str,
 ) -> tuple[Outcome, web.StreamResponse]:
     """Relay one started upstream stream; return the outcome and the client's response."""

@@ -7,6 +7,7 @@ metrics); :func:`build_state` wires them together. Handlers reach it as ``reques
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ..backend_pool import BackendPool
 from ..config import GatewayConfig
 from ..dispatcher import Dispatcher
 from ..errors import SHUTTING_DOWN, ShuttingDown
-from ..metrics import GatewayStats, Recorder
+from ..metrics import GatewaySnapshot, GatewayStats, PoolSnapshot, Recorder
 from ..scheduler import Prices
 from ..upstream import AiohttpUpstream, Upstream
 
@@ -48,6 +49,20 @@ class GatewayState:
 
 
 STATE = web.AppKey("state", GatewayState)
+
+
+def snapshot(dispatcher: Dispatcher, pool: BackendPool) -> GatewaySnapshot:
+    """What the metrics collector exports from live state, read at scrape time."""
+    return GatewaySnapshot(
+        weights={name: lim.weight for name, lim in dispatcher.tenant_limits().items()},
+        running=dict(dispatcher.running),
+        dispatched_total=dispatcher.dispatched_total,
+        pools=tuple(
+            PoolSnapshot(model, tuple(sched.stats()), frozenset(sched.backlogged()))
+            for model, sched in dispatcher.pools().items()
+        ),
+        backends=pool.snapshot(),
+    )
 
 
 def build_state(
@@ -86,11 +101,11 @@ def build_state(
         stats.label(t.name)
     recorder = Recorder(
         stats,
-        lambda: dispatcher,
-        lambda: pool,
+        functools.partial(snapshot, dispatcher, pool),
         fairness_window_s=config.metrics.fairness_window_s,
         clock=clock,
     )
+    dispatcher.observe_pumps(recorder.decision.observe)
     return GatewayState(
         config=config,
         auth=Authenticator(config),
