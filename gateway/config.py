@@ -484,13 +484,18 @@ def _unique(r: _Reader, path: str, names: list[str]) -> None:
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a YAML config file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    return loads_config(data, str(path))
+
+
+def loads_config(data: bytes | str, source: str = "<config>") -> GatewayConfig:
+    """Validate a YAML document already read (``source`` names it in error messages)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from exc
     return parse_config(raw if raw is not None else {})
 
 

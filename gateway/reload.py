@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .auth import Authenticator
-from .config import ConfigError, GatewayConfig, LimitsConfig, load_config
+from .config import ConfigError, GatewayConfig, LimitsConfig, loads_config
 from .errors import TENANT_REMOVED, Unauthorized
 
 if TYPE_CHECKING:
@@ -135,9 +135,9 @@ class Reloader:
         """Read, validate and apply the file; on any problem keep the running config."""
         self._stamp = self._stat()
         try:
-            data = self.path.read_bytes()
+            data = self.path.read_bytes()  # read once: the digest is of what is applied
             self._digest = hashlib.sha256(data).hexdigest()
-            new = load_config(self.path)
+            new = loads_config(data, str(self.path))
         except (OSError, ConfigError) as exc:
             self.state.stats.reload(ok=False)
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
