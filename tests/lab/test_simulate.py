@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-import gateway.lab
 from gateway.lab import metrics as m
 from gateway.lab.report import build_results, tenant_service
 from gateway.lab.simulate import SimConfig, simulate, simulate_many
@@ -105,21 +101,6 @@ def test_every_policy_runs_and_charges_consistently() -> None:
     }
     assert tokens["vtc"] == tokens["fcfs"] == tokens["lcf"] == tokens["vtc-predict"]
     assert tokens["rpm"] < tokens["vtc"]
-
-
-PURE = ("workloads.py", "metrics.py", "simulate.py", "report.py")
-
-
-@pytest.mark.parametrize("module", PURE)
-def test_simulation_modules_do_no_async_io(module: str) -> None:
-    source = (Path(gateway.lab.__file__).parent / module).read_text()
-    imported = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"asyncio", "aiohttp", "httpx", "socket"}
 
 
 def test_kv_admission_defaults_to_the_profile_and_peak_packs_more() -> None:
