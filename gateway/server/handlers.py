@@ -24,11 +24,11 @@ from ..errors import (
     PayloadTooLarge,
     ShuttingDown,
 )
-from ..relay import client_format, upstream_body
 from ..scheduler import Job
-from ..validate import check_fields, output_reservation, parse_body
 from .proxy import forward
+from .relay import client_format, upstream_body
 from .state import STATE, GatewayState
+from .validate import check_fields, output_reservation, parse_body
 
 #: Prompts longer than this many bytes are tokenized in a worker thread.
 OFFLOAD_TOKENIZE_BYTES = 16 * 1024

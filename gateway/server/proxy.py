@@ -22,9 +22,9 @@ from ..errors import (
     sse_error_event,
 )
 from ..outcomes import Outcome
-from ..relay import DONE, ChunkProcessor, ClientFormat
 from ..scheduler import Job
 from ..upstream import UpstreamStream
+from .relay import DONE, ChunkProcessor, ClientFormat
 from .state import GatewayState
 
 #: Above this many bytes waiting in the client's socket buffer, a write may block on the

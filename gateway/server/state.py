@@ -17,7 +17,6 @@ from aiohttp import web
 from common.tokenizer import TokenCounter, get_encoder
 
 from ..admission import AdmissionController
-from ..auth import Authenticator
 from ..backend_pool import BackendPool
 from ..config import GatewayConfig
 from ..dispatcher import Dispatcher
@@ -25,6 +24,7 @@ from ..errors import SHUTTING_DOWN, ShuttingDown
 from ..metrics import GatewaySnapshot, GatewayStats, PoolSnapshot, Recorder
 from ..scheduler import Prices
 from ..upstream import AiohttpUpstream, Upstream
+from .auth import Authenticator
 
 
 @dataclass

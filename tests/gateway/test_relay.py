@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 from common.tokenizer import TokenCounter
-from gateway.relay import ChunkProcessor, client_format, upstream_body
 from gateway.scheduler import Job
+from gateway.server.relay import ChunkProcessor, client_format, upstream_body
 
 
 def _chunk(content: str | None, completion: int, prompt: int = 7, **extra: Any) -> bytes:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from common.tokenizer import TokenCounter
-from gateway.relay import ChunkProcessor, client_format
 from gateway.scheduler import Job
+from gateway.server.relay import ChunkProcessor, client_format
 
 
 def _compact(obj: Any) -> bytes:

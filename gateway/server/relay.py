@@ -34,7 +34,7 @@ from typing import Any
 
 from common.tokenizer import TokenCounter
 
-from .scheduler import Job
+from ..scheduler import Job
 
 _loads: Callable[[bytes], Any]
 _dumps: Callable[[Any], bytes]
