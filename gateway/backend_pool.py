@@ -18,15 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from .admission import AdmissionController, BackendSlots, adapt_seq_cap
 from .config import BackendConfig
-from .upstream import AiohttpUpstream, parse_gauge_sum
+from .errors import BackendError
+from .metrics import BackendSnapshot
+from .outcomes import BackendErrorKind
+from .upstream import Upstream, parse_gauge_sum
 
 log = logging.getLogger(__name__)
-
-_TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 @dataclass(slots=True)
@@ -36,7 +35,7 @@ class BackendState:
     max_model_len: dict[str, int | None] = field(default_factory=dict)
     discovered: bool = False
     failures: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # kind -> count
+    errors: dict[BackendErrorKind, int] = field(default_factory=dict)  # kind -> count
 
     @property
     def name(self) -> str:
@@ -53,20 +52,22 @@ class BackendPool:
     def __init__(
         self,
         configs: tuple[BackendConfig, ...],
-        upstream: AiohttpUpstream,
+        upstream: Upstream,
         admission: AdmissionController,
         on_capacity: Callable[[BackendSlots], None],
         health_interval: float = 5.0,
+        queued_for: Callable[[frozenset[str]], int] | None = None,
     ) -> None:
+        """``on_capacity(slots)``: a backend has (more) room, dispatch to it;
+        ``queued_for(models)``: requests queued for those models (adaptive admission grows a
+        backend's cap only while its models have a queue)."""
         self.upstream = upstream
         self.admission = admission
         self._on_capacity = on_capacity
+        self._queued_for = queued_for
         self.health_interval = health_interval
         self.states: dict[str, BackendState] = {}
-        #: queued requests waiting for a backend's models (set by the server; adaptive mode)
-        self.queued_for: Callable[[BackendSlots], int] | None = None
         for cfg in configs:
-            upstream.set_api_key(cfg.url, cfg.api_key)
             slots = BackendSlots(
                 name=cfg.name,
                 models=frozenset(cfg.models),
@@ -87,7 +88,7 @@ class BackendPool:
         try:
             models = await self.upstream.models(cfg.url)
             kv = None if cfg.max_kv_tokens is not None else await self.upstream.kv_capacity(cfg.url)
-        except Exception as exc:  # any failure: stay down, the health loop retries
+        except BackendError as exc:  # stay down, the health loop retries
             log.warning(
                 "backend %s: discovery failed (%s); marked down", cfg.name, exc.__class__.__name__
             )
@@ -121,7 +122,7 @@ class BackendPool:
         self._on_capacity(st.slots)
 
     # -- health ------------------------------------------------------------------------------
-    def record_failure(self, name: str, kind: str) -> None:
+    def record_failure(self, name: str, kind: BackendErrorKind) -> None:
         st = self.states.get(name)
         if st is None:
             return
@@ -173,19 +174,10 @@ class BackendPool:
             if model not in st.slots.models or not st.slots.healthy:
                 continue
             try:
-                async with self.upstream.session.post(
-                    st.url + "/tokenize",
-                    json=payload,
-                    timeout=_TOKENIZE_TIMEOUT,
-                    headers=self.upstream.auth_headers(st.url),
-                ) as resp:
-                    if resp.status != 200:
-                        continue
-                    data = await resp.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                count = await self.upstream.tokenize(st.url, payload)
+            except BackendError:
                 continue
-            count = data.get("count") if isinstance(data, dict) else None
-            if isinstance(count, int) and count >= 0:
+            if count is not None:
                 return count
         return None
 
@@ -193,14 +185,14 @@ class BackendPool:
         """Admission feedback from the backend's own queue (``backends[].adaptive``)."""
         try:
             text = await self.upstream.metrics_text(st.url)
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except BackendError:
             return  # the health check decides about the backend itself
         waiting = parse_gauge_sum(text, "vllm:num_requests_waiting")
         running = parse_gauge_sum(text, "vllm:num_requests_running")
         if waiting is None or running is None:
             return
         before = st.slots.seq_cap
-        queued = self.queued_for(st.slots) if self.queued_for is not None else 0
+        queued = self._queued_for(st.slots.models) if self._queued_for is not None else 0
         if adapt_seq_cap(st.slots, int(waiting), int(running), queued):
             self._on_capacity(st.slots)
         if st.slots.seq_cap != before:
@@ -214,6 +206,23 @@ class BackendPool:
             )
 
     # -- queries -----------------------------------------------------------------------------
+    def snapshot(self) -> tuple[BackendSnapshot, ...]:
+        """Each backend's state and load as plain data (for the metrics collector)."""
+        return tuple(
+            BackendSnapshot(
+                name=st.name,
+                up=st.slots.healthy,
+                in_flight=st.slots.in_flight,
+                reserved_tokens=st.slots.reserved_tokens,
+                max_num_seqs=st.slots.max_num_seqs,
+                seq_cap=st.slots.max_num_seqs if st.slots.seq_cap is None else st.slots.seq_cap,
+                max_kv_tokens=st.slots.max_kv_tokens,
+                admitted_total=st.slots.admitted_total,
+                errors=dict(st.errors),
+            )
+            for st in self.states.values()
+        )
+
     def max_model_len(self, model: str) -> int | None:
         """The smallest context length among backends serving ``model`` (None: unknown)."""
         lens = [

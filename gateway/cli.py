@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from .config import ConfigError, GatewayConfig, embedded_default, load_config, with_listen
-from .errors import Unavailable
 
 log = logging.getLogger("gateway")
 
@@ -60,14 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     else:
         register_lab(sub)
-    try:
-        from .bench import register as register_bench
-    except ImportError:
+    try:  # tools (benchmarks, soak) are not part of the runtime; present in a source install
+        from tools.bench import register as register_bench
+        from tools.soak import register as register_soak
+    except ImportError:  # pragma: no cover - tools package missing
         pass
     else:
         register_bench(sub)
-        from .soak import register as register_soak
-
         register_soak(sub)
 
     args = parser.parse_args(argv)
@@ -166,8 +164,7 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         # Drain: refuse new work, answer the queue 503, let running streams finish until
         # limits.shutdown_timeout_s (runner.cleanup waits for them, then cancels the rest).
         state = app[STATE]
-        state.draining = True
-        failed = state.dispatcher.close(Unavailable("gateway is shutting down"))
+        failed = state.drain()
         log.info(
             "shutting down: %d queued request(s) answered 503, %d running get up to %gs",
             failed,

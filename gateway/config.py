@@ -4,6 +4,11 @@ Every problem is collected (not just the first) and reported with its key path a
 e.g. ``tenants[1].weight: must be a number > 0, got -2``. Unknown keys are errors too: a typo
 must not silently fall back to a default.
 
+The dataclasses below are the schema: each field's type, default and bounds are declared once,
+there (``Annotated`` with :class:`Bounds`, :class:`Check`, :class:`Normalize`; choices as
+``Literal``). :func:`parse_config` reads any document against them and adds only the checks
+that span fields (unique names, keys shared between tenants, the anonymous tenant exists).
+
 Example (``deploy/gateway.yaml`` has a commented one)::
 
     listen: {host: 0.0.0.0, port: 8080}
@@ -19,18 +24,21 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import types
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .admission import KV_ADMISSION_MODES, KvAdmission
-from .scheduler import POLICIES
+from .admission import KvAdmission
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+#: Scheduling policies by name, as :func:`gateway.scheduler.make_scheduler` knows them.
+Policy = Literal["vtc", "vtc-predict", "fcfs", "lcf", "rpm"]
 
 
 class ConfigError(ValueError):
@@ -41,24 +49,77 @@ class ConfigError(ValueError):
         self.problems = problems
 
 
+# --------------------------------------------------------------------------------------------
+# schema: a field's type, default and bounds are declared once, on the dataclasses below
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """A number's range: ``>= minimum`` (``> minimum`` when ``exclusive``), ``<= maximum``."""
+
+    minimum: float | None = None
+    exclusive: bool = False
+    maximum: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A string's extra rule: returns an error message, or None when the value is fine."""
+
+    test: Callable[[str], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Normalize:
+    """Applied to a valid string value (e.g. a URL loses its trailing slash)."""
+
+    apply: Callable[[str], str]
+
+
+#: The value is a secret: error messages show ``<redacted>`` instead of it.
+SECRET = "secret"
+
+
+def _check_name(value: str) -> str | None:
+    return None if _NAME_RE.match(value) else "must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+
+
+def _check_url(value: str) -> str | None:
+    return None if re.match(r"^https?://[^/\s]+", value) else "must be an http(s):// URL"
+
+
+def _check_header(value: str) -> str | None:
+    return None if re.match(r"^[A-Za-z0-9-]+$", value) else "must be a header name"
+
+
+Name = Annotated[str, Check(_check_name)]
+Url = Annotated[str, Check(_check_url), Normalize(lambda v: v.rstrip("/"))]
+Port = Annotated[int, Bounds(0, maximum=65535)]
+Count = Annotated[int, Bounds(1)]  # an integer >= 1
+Seconds = Annotated[float, Bounds(0, exclusive=True)]  # a duration > 0
+Price = Annotated[float, Bounds(0)]
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Port = 8080
     #: When set, /health and /metrics move to this separate listener (keep it private).
     admin_host: str = "127.0.0.1"
-    admin_port: int | None = None
+    admin_port: Port | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
-    name: str
-    url: str
+    name: Name
+    url: Url
     models: tuple[str, ...] = ()  # empty: discovered from GET /v1/models
-    max_num_seqs: int = 256
-    max_kv_tokens: int | None = None  # None: discovered from /metrics vllm:cache_config_info
-    max_model_len: int | None = None  # None: discovered from /v1/models
-    api_key: str | None = None  # sent as a bearer token to the backend (vLLM --api-key)
+    max_num_seqs: Count = 256
+    max_kv_tokens: Count | None = None  # None: discovered from /metrics vllm:cache_config_info
+    max_model_len: Count | None = None  # None: discovered from /v1/models
+    #: sent as a bearer token to the backend (vLLM --api-key)
+    api_key: Annotated[str | None, SECRET] = None
     #: how admission checks the KV budget: "reserve" (sum of prompt + max_tokens) or "peak"
     #: (S-LoRA's peak-future-memory estimate; see gateway/admission.py)
     kv_admission: KvAdmission = "reserve"
@@ -69,10 +130,10 @@ class BackendConfig:
 
 @dataclass(frozen=True, slots=True)
 class TenantConfig:
-    name: str
-    weight: float = 1.0
-    api_keys: tuple[str, ...] = ()  # raw keys or "sha256:<hex>"
-    max_queued: int = 1024
+    name: Name
+    weight: Annotated[float, Bounds(0, exclusive=True)] = 1.0
+    api_keys: Annotated[tuple[str, ...], SECRET] = ()  # raw keys or "sha256:<hex>"
+    max_queued: Count = 1024
 
     def key_digests(self) -> tuple[bytes, ...]:
         return tuple(key_digest(k) for k in self.api_keys)
@@ -80,25 +141,26 @@ class TenantConfig:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    policy: str = "vtc"
-    input_price: float = 1.0
-    output_price: float = 2.0
-    rpm_limit: int = 60
+    policy: Policy = "vtc"
+    input_price: Price = 1.0
+    output_price: Price = 2.0
+    rpm_limit: Count = 60
     #: how long (ms) a finished request's slot waits for its busy tenant's next request
-    hold_ms: float = 20.0
+    hold_ms: Annotated[float, Bounds(0)] = 20.0
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    max_body_bytes: int = 4 * 1024 * 1024
-    queue_timeout_s: float = 300.0
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 300.0
-    health_interval_s: float = 5.0
-    max_tokens_default: int | None = None  # reservation when a request sets no max_tokens
-    shutdown_timeout_s: float = 30.0  # SIGTERM: how long running streams may finish
-    idle_timeout_s: float = 75.0  # keep-alive connections idle longer are closed
-    client_write_timeout_s: float = 60.0  # a client that reads nothing this long is dropped
+    max_body_bytes: Annotated[int, Bounds(1024)] = 4 * 1024 * 1024
+    queue_timeout_s: Seconds = 300.0
+    connect_timeout_s: Seconds = 5.0
+    read_timeout_s: Seconds = 300.0
+    health_interval_s: Seconds = 5.0
+    max_tokens_default: Count | None = None  # reservation when a request sets no max_tokens
+    #: SIGTERM: how long running streams may finish
+    shutdown_timeout_s: Annotated[float, Bounds(0)] = 30.0
+    idle_timeout_s: Seconds = 75.0  # keep-alive connections idle longer are closed
+    client_write_timeout_s: Seconds = 60.0  # a client that reads nothing this long is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +168,14 @@ class AuthConfig:
     #: Tenant that requests without a (known) key are served as; None: they get 401.
     anonymous_tenant: str | None = None
     #: Header naming the tenant, trusted only when set here (an auth proxy sits in front).
-    trusted_tenant_header: str | None = None
+    trusted_tenant_header: Annotated[str, Check(_check_header)] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    max_tenant_labels: int = 100
-    fairness_window_s: float = 60.0  # sliding window of vtc_fairness_jain_index
+    max_tenant_labels: Count = 100
+    #: sliding window of vtc_fairness_jain_index
+    fairness_window_s: Annotated[float, Bounds(1.0)] = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,14 +222,16 @@ def _as_dict(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# parsing
+# parsing: the schema above drives the reader; parse_config adds the checks across fields
 # --------------------------------------------------------------------------------------------
 
-T = TypeVar("T")
+
+def _key_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 class _Reader:
-    """Collects problems while reading a mapping against a dataclass's fields."""
+    """Reads plain data into the dataclasses above, collecting every problem."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -174,195 +239,127 @@ class _Reader:
     def fail(self, path: str, message: str, value: Any = None, show: bool = True) -> None:
         self.problems.append(f"{path}: {message}" + (f", got {value!r}" if show else ""))
 
-    def mapping(self, raw: Any, path: str, allowed: set[str]) -> dict[str, Any]:
+    def section(self, cls: type[Any], raw: Any, path: str) -> Any:
+        """An instance of dataclass ``cls`` from mapping ``raw``: unknown keys, missing required
+        keys and bad values are problems; a bad value falls back to the field's default."""
         if raw is None:
-            return {}
+            raw = {}
         if not isinstance(raw, dict):
             self.fail(path, "must be a mapping", raw)
-            return {}
+            raw = {}
+        known = {f.name: f for f in fields(cls)}
         for key in raw:
-            if key not in allowed:
-                self.fail(f"{path}.{key}" if path else str(key), "unknown key", None, show=False)
-        return {k: v for k, v in raw.items() if k in allowed}
+            if key not in known:
+                self.fail(_key_path(path, str(key)), "unknown key", show=False)
+        hints = get_type_hints(cls, include_extras=True)
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            key_path = _key_path(path, name)
+            has_default = f.default is not MISSING or f.default_factory is not MISSING
+            if name not in raw:
+                if not has_default:
+                    self.fail(key_path, "is required", show=False)
+                    values[name] = f"<{key_path}>"  # placeholder; the config is refused anyway
+                continue
+            fallback = f.default if f.default is not MISSING else f"<{key_path}>"
+            if f.default_factory is not MISSING:
+                fallback = f.default_factory()
+            values[name] = self.value(hints[name], raw[name], key_path, fallback)
+        return cls(**values)
 
-    def number(
-        self,
-        raw: dict[str, Any],
-        key: str,
-        path: str,
-        default: T,
-        *,
-        integer: bool = False,
-        minimum: float | None = None,
-        exclusive: bool = False,
-        optional: bool = False,
-    ) -> T:
-        if key not in raw or (optional and raw[key] is None):
-            return default
-        value = raw[key]
+    def value(self, hint: Any, value: Any, path: str, fallback: Any) -> Any:
+        """``value`` checked against the annotated type ``hint`` (``fallback`` when bad)."""
+        extras: tuple[Any, ...] = ()
+        if get_origin(hint) is Annotated:
+            hint, *rest = get_args(hint)
+            extras = tuple(rest)
+        secret = SECRET in extras
+        args = get_args(hint)
+        if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
+            if value is None:
+                return None
+            (hint,) = [a for a in args if a is not type(None)]
+            return self.value(hint, value, path, fallback)
+        if is_dataclass(hint):
+            return self.section(hint, value, path)  # type: ignore[arg-type]
+        if get_origin(hint) is tuple:
+            item = args[0]
+            if is_dataclass(item):
+                return self.items(item, value, path)  # type: ignore[arg-type]
+            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            if not ok:
+                shown = "<redacted>" if secret else value
+                self.fail(path, "must be a list of non-empty strings", shown)
+                return fallback
+            return tuple(value)
+        if hint is bool:
+            if not isinstance(value, bool):
+                self.fail(path, "must be true or false", value)
+                return fallback
+            return value
+        if hint in (int, float):
+            bounds = next((e for e in extras if isinstance(e, Bounds)), Bounds())
+            return self.number(value, path, fallback, integer=hint is int, bounds=bounds)
+        if hint is str or get_origin(hint) is Literal:
+            if not isinstance(value, str) or not value:
+                self.fail(path, "must be a non-empty string", "<redacted>" if secret else value)
+                return fallback
+            choices = args if get_origin(hint) is Literal else ()
+            if choices and value not in choices:
+                self.fail(path, f"must be one of {', '.join(choices)}", value)
+                return fallback
+            for e in extras:
+                if isinstance(e, Check) and (err := e.test(value)) is not None:
+                    self.fail(path, err, value)
+                    return fallback
+            for e in extras:
+                if isinstance(e, Normalize):
+                    value = e.apply(value)
+            return value
+        raise TypeError(f"{path}: no reader for {hint!r}")  # pragma: no cover - schema bug
+
+    def number(self, value: Any, path: str, fallback: Any, *, integer: bool, bounds: Bounds) -> Any:
         kind = "an integer" if integer else "a number"
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok and integer and not isinstance(value, int):
             ok = False
         if ok and not math.isfinite(value):
             ok = False
-        if ok and minimum is not None:
-            ok = value > minimum if exclusive else value >= minimum
+        low = bounds.minimum
+        if ok and low is not None:
+            ok = value > low if bounds.exclusive else value >= low
         if not ok:
-            bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
-            self.fail(f"{path}.{key}", f"must be {kind}{bound}", value)
-            return default
-        return value  # type: ignore[no-any-return]
+            bound = "" if low is None else f" {'>' if bounds.exclusive else '>='} {low:g}"
+            self.fail(path, f"must be {kind}{bound}", value)
+            return fallback
+        if bounds.maximum is not None and value > bounds.maximum:
+            self.fail(path, f"must be <= {bounds.maximum:g}", value)
+            return fallback
+        return value if integer else float(value)
 
-    def string(
-        self,
-        raw: dict[str, Any],
-        key: str,
-        path: str,
-        default: Any,
-        check: Callable[[str], str | None] | None = None,
-    ) -> Any:
-        if key not in raw:
-            return default
-        value = raw[key]
-        if not isinstance(value, str) or not value:
-            self.fail(f"{path}.{key}", "must be a non-empty string", value)
-            return default
-        if check is not None and (err := check(value)) is not None:
-            self.fail(f"{path}.{key}", err, value)
-            return default
-        return value
-
-    def strings(
-        self, raw: dict[str, Any], key: str, path: str, secret: bool = False
-    ) -> tuple[str, ...]:
-        value = raw.get(key, [])
-        if value is None:
+    def items(self, cls: type[Any], raw: Any, path: str) -> tuple[Any, ...]:
+        if raw is None:
             return ()
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            self.fail(
-                f"{path}.{key}",
-                "must be a list of non-empty strings",
-                "<redacted>" if secret else value,
-            )
+        if not isinstance(raw, list):
+            self.fail(path, "must be a list", raw)
             return ()
-        return tuple(value)
-
-
-def _flag(r: _Reader, raw: dict[str, Any], key: str, path: str) -> bool:
-    value = raw.get(key, False)
-    if not isinstance(value, bool):
-        r.fail(f"{path}.{key}", "must be true or false", value)
-        return False
-    return value
-
-
-def _secret(r: _Reader, raw: dict[str, Any], key: str, path: str) -> str | None:
-    value = raw.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        r.fail(f"{path}.{key}", "must be a non-empty string", "<redacted>")
-        return None
-    return value
-
-
-def _check_name(value: str) -> str | None:
-    return None if _NAME_RE.match(value) else "must match [A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
-
-
-def _check_url(value: str) -> str | None:
-    return None if re.match(r"^https?://[^/\s]+", value) else "must be an http(s):// URL"
+        return tuple(self.section(cls, item, f"{path}[{i}]") for i, item in enumerate(raw))
 
 
 def parse_config(raw: Any) -> GatewayConfig:
     """Validate a parsed YAML document; raise :class:`ConfigError` listing every problem."""
     r = _Reader()
-    top = r.mapping(raw, "", {f.name for f in fields(GatewayConfig)})
-    defaults = GatewayConfig()
-
-    lst = r.mapping(top.get("listen"), "listen", {f.name for f in fields(ListenConfig)})
-    listen = ListenConfig(
-        host=r.string(lst, "host", "listen", defaults.listen.host),
-        port=r.number(lst, "port", "listen", defaults.listen.port, integer=True, minimum=0),
-        admin_host=r.string(lst, "admin_host", "listen", defaults.listen.admin_host),
-        admin_port=r.number(
-            lst, "admin_port", "listen", None, integer=True, minimum=0, optional=True
-        ),
-    )
-    for key in ("port", "admin_port"):
-        value = getattr(listen, key)
-        if value is not None and value > 65535:
-            r.fail(f"listen.{key}", "must be <= 65535", value)
-
-    backends: list[BackendConfig] = []
-    raw_backends = top.get("backends", [])
-    if not isinstance(raw_backends, list):
-        r.fail("backends", "must be a list", raw_backends)
-        raw_backends = []
-    for i, item in enumerate(raw_backends):
-        path = f"backends[{i}]"
-        b = r.mapping(item, path, {f.name for f in fields(BackendConfig)})
-        if "name" not in b:
-            r.fail(f"{path}.name", "is required", None, show=False)
-        if "url" not in b:
-            r.fail(f"{path}.url", "is required", None, show=False)
-        backends.append(
-            BackendConfig(
-                name=r.string(b, "name", path, f"backend-{i}", _check_name),
-                url=r.string(b, "url", path, "http://invalid", _check_url).rstrip("/"),
-                models=r.strings(b, "models", path),
-                max_num_seqs=r.number(b, "max_num_seqs", path, 256, integer=True, minimum=1),
-                max_kv_tokens=r.number(
-                    b, "max_kv_tokens", path, None, integer=True, minimum=1, optional=True
-                ),
-                max_model_len=r.number(
-                    b, "max_model_len", path, None, integer=True, minimum=1, optional=True
-                ),
-                api_key=_secret(r, b, "api_key", path),
-                adaptive=_flag(r, b, "adaptive", path),
-                kv_admission=r.string(
-                    b,
-                    "kv_admission",
-                    path,
-                    "reserve",
-                    lambda v: (
-                        None
-                        if v in KV_ADMISSION_MODES
-                        else f"must be one of {', '.join(KV_ADMISSION_MODES)}"
-                    ),
-                ),
-            )
-        )
-    _unique(r, "backends", [b.name for b in backends])
-
-    tenants: list[TenantConfig] = []
-    raw_tenants = top.get("tenants", [])
-    if not isinstance(raw_tenants, list):
-        r.fail("tenants", "must be a list", raw_tenants)
-        raw_tenants = []
-    for i, item in enumerate(raw_tenants):
-        path = f"tenants[{i}]"
-        t = r.mapping(item, path, {f.name for f in fields(TenantConfig)})
-        if "name" not in t:
-            r.fail(f"{path}.name", "is required", None, show=False)
-        tenants.append(
-            TenantConfig(
-                name=r.string(t, "name", path, f"tenant-{i}", _check_name),
-                weight=float(r.number(t, "weight", path, 1.0, minimum=0, exclusive=True)),
-                api_keys=r.strings(t, "api_keys", path, secret=True),
-                max_queued=r.number(t, "max_queued", path, 1024, integer=True, minimum=1),
-            )
-        )
-    _unique(r, "tenants", [t.name for t in tenants])
+    config: GatewayConfig = r.section(GatewayConfig, raw, "")
+    # checks across fields (each field's own type, default and bounds are in the schema)
+    _unique(r, "backends", [b.name for b in config.backends])
+    _unique(r, "tenants", [t.name for t in config.tenants])
     seen: dict[bytes, str] = {}
-    for i, tenant in enumerate(tenants):
+    for i, tenant in enumerate(config.tenants):
         for j, key in enumerate(tenant.api_keys):
             if key.startswith("sha256:") and not _SHA256_RE.match(key):
                 r.fail(
                     f"tenants[{i}].api_keys[{j}]",
                     "sha256: entries need 64 lowercase hex digits",
-                    None,
                     show=False,
                 )
                 continue
@@ -371,109 +368,19 @@ def parse_config(raw: Any) -> GatewayConfig:
                 r.fail(
                     f"tenants[{i}].api_keys[{j}]",
                     f"key also belongs to tenant {seen[digest]!r}",
-                    None,
                     show=False,
                 )
             seen[digest] = tenant.name
-
-    sch = r.mapping(top.get("scheduler"), "scheduler", {f.name for f in fields(SchedulerConfig)})
-    scheduler = SchedulerConfig(
-        policy=r.string(
-            sch,
-            "policy",
-            "scheduler",
-            "vtc",
-            lambda v: None if v in POLICIES else f"must be one of {', '.join(POLICIES)}",
-        ),
-        input_price=float(r.number(sch, "input_price", "scheduler", 1.0, minimum=0)),
-        output_price=float(r.number(sch, "output_price", "scheduler", 2.0, minimum=0)),
-        rpm_limit=r.number(sch, "rpm_limit", "scheduler", 60, integer=True, minimum=1),
-        hold_ms=float(r.number(sch, "hold_ms", "scheduler", 20.0, minimum=0)),
-    )
-
-    tokenizer = r.string(top, "tokenizer", "", defaults.tokenizer)
-
-    lim = r.mapping(top.get("limits"), "limits", {f.name for f in fields(LimitsConfig)})
-    d = defaults.limits
-    limits = LimitsConfig(
-        max_body_bytes=r.number(
-            lim, "max_body_bytes", "limits", d.max_body_bytes, integer=True, minimum=1024
-        ),
-        queue_timeout_s=float(
-            r.number(lim, "queue_timeout_s", "limits", d.queue_timeout_s, minimum=0, exclusive=True)
-        ),
-        connect_timeout_s=float(
-            r.number(
-                lim, "connect_timeout_s", "limits", d.connect_timeout_s, minimum=0, exclusive=True
-            )
-        ),
-        read_timeout_s=float(
-            r.number(lim, "read_timeout_s", "limits", d.read_timeout_s, minimum=0, exclusive=True)
-        ),
-        health_interval_s=float(
-            r.number(
-                lim, "health_interval_s", "limits", d.health_interval_s, minimum=0, exclusive=True
-            )
-        ),
-        shutdown_timeout_s=float(
-            r.number(lim, "shutdown_timeout_s", "limits", d.shutdown_timeout_s, minimum=0)
-        ),
-        idle_timeout_s=float(
-            r.number(lim, "idle_timeout_s", "limits", d.idle_timeout_s, minimum=0, exclusive=True)
-        ),
-        client_write_timeout_s=float(
-            r.number(
-                lim,
-                "client_write_timeout_s",
-                "limits",
-                d.client_write_timeout_s,
-                minimum=0,
-                exclusive=True,
-            )
-        ),
-        max_tokens_default=r.number(
-            lim, "max_tokens_default", "limits", None, integer=True, minimum=1, optional=True
-        ),
-    )
-
-    au = r.mapping(top.get("auth"), "auth", {f.name for f in fields(AuthConfig)})
-    auth = AuthConfig(
-        anonymous_tenant=r.string(au, "anonymous_tenant", "auth", None),
-        trusted_tenant_header=r.string(
-            au,
-            "trusted_tenant_header",
-            "auth",
-            None,
-            lambda v: None if re.match(r"^[A-Za-z0-9-]+$", v) else "must be a header name",
-        ),
-    )
-    if auth.anonymous_tenant is not None and auth.anonymous_tenant not in {t.name for t in tenants}:
-        r.fail("auth.anonymous_tenant", "must name a tenant in 'tenants'", auth.anonymous_tenant)
-
-    met = r.mapping(top.get("metrics"), "metrics", {f.name for f in fields(MetricsConfig)})
-    metrics = MetricsConfig(
-        max_tenant_labels=r.number(
-            met, "max_tenant_labels", "metrics", 100, integer=True, minimum=1
-        ),
-        fairness_window_s=float(r.number(met, "fairness_window_s", "metrics", 60.0, minimum=1.0)),
-    )
-
-    if not backends:
-        r.fail("backends", "at least one backend is required", None, show=False)
-    if not tenants:
-        r.fail("tenants", "at least one tenant is required", None, show=False)
+    anonymous = config.auth.anonymous_tenant
+    if anonymous is not None and config.tenant(anonymous) is None:
+        r.fail("auth.anonymous_tenant", "must name a tenant in 'tenants'", anonymous)
+    if not config.backends:
+        r.fail("backends", "at least one backend is required", show=False)
+    if not config.tenants:
+        r.fail("tenants", "at least one tenant is required", show=False)
     if r.problems:
         raise ConfigError(r.problems)
-    return GatewayConfig(
-        listen=listen,
-        backends=tuple(backends),
-        tenants=tuple(tenants),
-        scheduler=scheduler,
-        tokenizer=tokenizer,
-        limits=limits,
-        auth=auth,
-        metrics=metrics,
-    )
+    return config
 
 
 def _unique(r: _Reader, path: str, names: list[str]) -> None:
@@ -487,13 +394,18 @@ def _unique(r: _Reader, path: str, names: list[str]) -> None:
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a YAML config file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    return loads_config(data, str(path))
+
+
+def loads_config(data: bytes | str, source: str = "<config>") -> GatewayConfig:
+    """Validate a YAML document already read (``source`` names it in error messages)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from exc
     return parse_config(raw if raw is not None else {})
 
 

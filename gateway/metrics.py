@@ -2,9 +2,10 @@
 
 The hot path only bumps integers in :class:`GatewayStats` (and observes three latency
 histograms once per request); everything derived from scheduler and admission state (counters,
-service, queue depth, in-flight, capacity, fairness) is read when Prometheus scrapes. Nothing
-here runs per output token. The dispatcher's pump is timed once per call
-(:meth:`~gateway.dispatcher.Dispatcher.observe_pumps`).
+service, queue depth, in-flight, capacity, fairness) is read when Prometheus scrapes, as one
+:class:`GatewaySnapshot` (plain data; the collector never reaches into the dispatcher or the
+backend pool). Nothing here runs per output token. The dispatcher's pump is timed once per
+call (:attr:`Recorder.decision`).
 
 Tenant label values are capped at ``max_tenant_labels`` (configured tenants first, then first
 come, first labelled); the rest are reported as ``other``. API keys never appear anywhere here.
@@ -24,23 +25,12 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .outcomes import BACKEND_ERROR_KINDS, OUTCOMES, BackendErrorKind, Outcome
+from .scheduler import TenantStats
+
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
-    from .backend_pool import BackendPool
-    from .dispatcher import Dispatcher
-
-OUTCOMES = (
-    "ok",
-    "rejected_queue_full",
-    "rejected_rate_limit",
-    "rejected_invalid",
-    "client_cancelled",
-    "backend_error",
-    "timeout",
-)
-#: Kinds :meth:`~gateway.backend_pool.BackendPool.record_failure` is called with.
-BACKEND_ERROR_KINDS = ("unreachable", "error_before_stream", "stream_broken")
 RELOAD_RESULTS = ("ok", "error")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -52,12 +42,52 @@ DECISION_BUCKETS = (
 FAIRNESS_WINDOW_S = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """One model's scheduler: every tenant it knows, and which of them are backlogged."""
+
+    model: str
+    tenants: tuple[TenantStats, ...]
+    backlogged: frozenset[str]
+    #: tenant -> (counter lifts on arrival, counter units they added)
+    lifts: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSnapshot:
+    name: str
+    up: bool
+    in_flight: int
+    reserved_tokens: int
+    max_num_seqs: int
+    seq_cap: int  # sequences admitted at most now (max_num_seqs unless adaptive caps it)
+    max_kv_tokens: int
+    admitted_total: int
+    errors: Mapping[BackendErrorKind, int]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySnapshot:
+    """Everything the collector exports besides :class:`GatewayStats`, read at scrape time."""
+
+    weights: Mapping[str, float]  # configured tenants
+    running: Mapping[str, int]  # tenant -> requests in flight
+    dispatched_total: int
+    pools: tuple[PoolSnapshot, ...]
+    backends: tuple[BackendSnapshot, ...]
+    holds_total: int = 0  # slots held for a resubmitting tenant's next request, ever
+    holds_used: int = 0  # ... of which its next request took over
+    held: int = 0  # slots held right now
+
+
 @dataclass
 class GatewayStats:
     """Per-tenant counters bumped by the request path (and by config reloads)."""
 
     max_tenant_labels: int = 100
-    outcomes: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    outcomes: defaultdict[tuple[str, Outcome], int] = field(
+        default_factory=lambda: defaultdict(int)
+    )
     prompt_tokens: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     completion_tokens: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     reloads: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -72,7 +102,7 @@ class GatewayStats:
             self._labels[tenant] = lab
         return lab
 
-    def outcome(self, tenant: str, outcome: str) -> None:
+    def outcome(self, tenant: str, outcome: Outcome) -> None:
         self.outcomes[(self.label(tenant), outcome)] += 1
 
     def reload(self, ok: bool) -> None:
@@ -134,8 +164,7 @@ class Recorder:
     def __init__(
         self,
         stats: GatewayStats,
-        dispatcher: Callable[[], Dispatcher],
-        pool: Callable[[], BackendPool],
+        snapshot: Callable[[], GatewaySnapshot],
         *,
         fairness_window_s: float = FAIRNESS_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
@@ -169,34 +198,31 @@ class Recorder:
             buckets=DECISION_BUCKETS,
             registry=self.registry,
         )
-        dispatcher().observe_pumps(self.decision.observe)
         self.fairness = FairnessWindow(fairness_window_s)
-        self.registry.register(_StateCollector(stats, dispatcher, pool, self.fairness, clock))
+        self.registry.register(_StateCollector(stats, snapshot, self.fairness, clock))
 
 
 class _StateCollector(Collector):
     def __init__(
         self,
         stats: GatewayStats,
-        dispatcher: Callable[[], Dispatcher],
-        pool: Callable[[], BackendPool],
+        snapshot: Callable[[], GatewaySnapshot],
         fairness: FairnessWindow,
         clock: Callable[[], float],
     ) -> None:
         self._stats = stats
-        self._dispatcher = dispatcher
-        self._pool = pool
+        self._snapshot = snapshot
         self._fairness = fairness
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._tenants()
-        yield from self._backends()
-        yield from self._global()
+        snap = self._snapshot()
+        yield from self._tenants(snap)
+        yield from self._backends(snap)
+        yield from self._global(snap)
 
-    def _tenants(self) -> Iterator[Metric]:
+    def _tenants(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         stats = self._stats
-        d = self._dispatcher()
         counter = GaugeMetricFamily(
             "vtc_tenant_counter",
             "Virtual token counter (weighted tokens / tenant weight) per model pool.",
@@ -214,7 +240,7 @@ class _StateCollector(Collector):
             "vtc_tenant_in_flight", "Requests running on backends.", labels=["tenant"]
         )
         weight = GaugeMetricFamily("vtc_tenant_weight", "Configured weight.", labels=["tenant"])
-        configured = d.tenant_limits()
+        configured = snap.weights
         agg_service: defaultdict[str, float] = defaultdict(float)
         agg_queued: defaultdict[str, int] = defaultdict(int)
         agg_running: defaultdict[str, int] = defaultdict(int)
@@ -222,28 +248,48 @@ class _StateCollector(Collector):
             lab = stats.label(tenant)
             agg_queued[lab] += 0
             agg_running[lab] += 0
-        for model, sched in sorted(d.pools().items()):
+        for ps in sorted(snap.pools, key=lambda p: p.model):
             per_label: dict[str, float] = {}
-            for ts in sched.stats():
+            for ts in ps.tenants:
                 lab = stats.label(ts.name)
                 per_label[lab] = max(per_label.get(lab, ts.counter), ts.counter)
                 agg_service[lab] += ts.service
                 agg_queued[lab] += ts.queued
             for lab, c in per_label.items():
-                counter.add_metric([lab, model], c)
+                counter.add_metric([lab, ps.model], c)
         for lab, v in agg_service.items():
             service.add_metric([lab], v)
         for lab, n in agg_queued.items():
             queued.add_metric([lab], n)
-        for tenant, n in d.running.items():
+        for tenant, n in snap.running.items():
             agg_running[stats.label(tenant)] += n
         for lab, n in agg_running.items():
             inflight.add_metric([lab], n)
-        for tenant, lim in configured.items():
+        for tenant, w in configured.items():
             lab = stats.label(tenant)
             if lab != "other":
-                weight.add_metric([lab], lim.weight)
-        yield from (counter, service, queued, inflight, weight)
+                weight.add_metric([lab], w)
+        lifts = CounterMetricFamily(
+            "vtc_tenant_lifts",
+            "Counter lifts on arrival to an empty queue (VTC's rule against banked credit).",
+            labels=["tenant"],
+        )
+        lift_units = CounterMetricFamily(
+            "vtc_tenant_lift_units",
+            "Counter units the lifts added (weight-normalised token prices).",
+            labels=["tenant"],
+        )
+        agg_lifts: defaultdict[str, int] = defaultdict(int)
+        agg_units: defaultdict[str, float] = defaultdict(float)
+        for ps in snap.pools:
+            for tenant, (count, units) in ps.lifts.items():
+                lab = stats.label(tenant)
+                agg_lifts[lab] += count
+                agg_units[lab] += units
+        for lab, n in agg_lifts.items():
+            lifts.add_metric([lab], n)
+            lift_units.add_metric([lab], agg_units[lab])
+        yield from (counter, service, queued, inflight, weight, lifts, lift_units)
 
         prompt = CounterMetricFamily(
             "vtc_tenant_prompt_tokens", "Prompt tokens of requests that ran.", labels=["tenant"]
@@ -258,7 +304,7 @@ class _StateCollector(Collector):
         requests = CounterMetricFamily(
             "vtc_requests", "Finished requests by outcome.", labels=["tenant", "outcome"]
         )
-        outcomes: dict[tuple[str, str], int] = {
+        outcomes: dict[tuple[str, Outcome], int] = {
             (stats.label(t), o): 0 for t in configured for o in OUTCOMES
         }
         outcomes.update(stats.outcomes)
@@ -266,8 +312,7 @@ class _StateCollector(Collector):
             requests.add_metric([lab, outcome], v)
         yield from (prompt, completion, requests)
 
-    def _backends(self) -> Iterator[Metric]:
-        pool = self._pool()
+    def _backends(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         b_inflight = GaugeMetricFamily(
             "vtc_backend_in_flight", "Sequences in flight.", labels=["backend"]
         )
@@ -296,37 +341,34 @@ class _StateCollector(Collector):
         b_err = CounterMetricFamily(
             "vtc_backend_errors", "Upstream errors by kind.", labels=["backend", "kind"]
         )
-        for st in pool.states.values():
-            s = st.slots
-            b_inflight.add_metric([s.name], s.in_flight)
-            b_reserved.add_metric([s.name], s.reserved_tokens)
-            b_seqs.add_metric([s.name], s.max_num_seqs)
-            b_cap.add_metric([s.name], s.max_num_seqs if s.seq_cap is None else s.seq_cap)
-            b_kv.add_metric([s.name], s.max_kv_tokens)
-            b_up.add_metric([s.name], 1 if s.healthy else 0)
-            b_admitted.add_metric([s.name], s.admitted_total)
-            errors = dict.fromkeys(BACKEND_ERROR_KINDS, 0)
-            errors.update(st.errors)
+        for b in snap.backends:
+            b_inflight.add_metric([b.name], b.in_flight)
+            b_reserved.add_metric([b.name], b.reserved_tokens)
+            b_seqs.add_metric([b.name], b.max_num_seqs)
+            b_cap.add_metric([b.name], b.seq_cap)
+            b_kv.add_metric([b.name], b.max_kv_tokens)
+            b_up.add_metric([b.name], 1 if b.up else 0)
+            b_admitted.add_metric([b.name], b.admitted_total)
+            errors: dict[BackendErrorKind, int] = dict.fromkeys(BACKEND_ERROR_KINDS, 0)
+            errors.update(b.errors)
             for kind, n in sorted(errors.items()):
-                b_err.add_metric([s.name, kind], n)
+                b_err.add_metric([b.name, kind], n)
         yield from (b_inflight, b_reserved, b_seqs, b_cap, b_kv, b_up, b_admitted, b_err)
 
-    def _global(self) -> Iterator[Metric]:
+    def _global(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         stats = self._stats
-        d = self._dispatcher()
         dispatches = CounterMetricFamily("vtc_dispatches", "Requests dispatched to backends.")
-        dispatches.add_metric([], d.dispatched_total)
+        dispatches.add_metric([], snap.dispatched_total)
 
         service: defaultdict[str, float] = defaultdict(float)
         backlogged: set[str] = set()
         gap = 0.0
-        for sched in d.pools().values():
-            for ts in sched.stats():
+        for ps in snap.pools:
+            for ts in ps.tenants:
                 service[ts.name] += ts.service / ts.weight
-            waiting = list(sched.backlogged())
-            backlogged.update(waiting)
-            if len(waiting) >= 2:
-                counters = [sched.counter(t) for t in waiting]
+            backlogged.update(ps.backlogged)
+            if len(ps.backlogged) >= 2:
+                counters = [ts.counter for ts in ps.tenants if ts.name in ps.backlogged]
                 gap = max(gap, max(counters) - min(counters))
         index, n = self._fairness.observe(self._clock(), service, backlogged)
         jain = GaugeMetricFamily(
@@ -357,7 +399,16 @@ class _StateCollector(Collector):
             "Unix time the configuration in force was loaded.",
             value=stats.last_reload_ok,
         )
-        yield from (dispatches, jain, covered, gap_m, reloads, last)
+        holds = CounterMetricFamily(
+            "vtc_slot_holds",
+            "Freed slots held for a resubmitting tenant's next request, by how the hold ended "
+            "(used: its next request came; lapsed: scheduler.hold_ms passed, or still held).",
+            labels=["result"],
+        )
+        holds.add_metric(["used"], snap.holds_used)
+        holds.add_metric(["lapsed"], snap.holds_total - snap.holds_used)
+        held = GaugeMetricFamily("vtc_slots_held", "Slots held right now.", value=snap.held)
+        yield from (dispatches, jain, covered, gap_m, reloads, last, holds, held)
 
 
 def _by_label(stats: GatewayStats, values: dict[str, int]) -> dict[str, int]:

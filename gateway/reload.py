@@ -6,7 +6,7 @@ every second and, when they move, its SHA-256), both wired in ``vtc-gateway serv
 What reloads (takes effect for the next request; queued and running requests are kept):
 
 * ``tenants``: added tenants, weights (``Scheduler.set_tenant``: counters are kept),
-  ``max_queued``, API keys (the :class:`~gateway.auth.Authenticator` is rebuilt). A removed
+  ``max_queued``, API keys (the :class:`~gateway.server.auth.Authenticator` is rebuilt). A removed
   tenant's *queued* requests are answered ``401 authentication_error`` "tenant removed by
   configuration reload"; its *running* requests finish and are charged normally; its counter
   is kept in case it comes back.
@@ -32,9 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .auth import Authenticator
-from .config import ConfigError, GatewayConfig, LimitsConfig, load_config
+from .config import ConfigError, GatewayConfig, LimitsConfig, loads_config
 from .errors import TENANT_REMOVED, Unauthorized
+from .server.auth import Authenticator
 
 if TYPE_CHECKING:
     from .server import GatewayState
@@ -135,9 +135,9 @@ class Reloader:
         """Read, validate and apply the file; on any problem keep the running config."""
         self._stamp = self._stat()
         try:
-            data = self.path.read_bytes()
+            data = self.path.read_bytes()  # read once: the digest is of what is applied
             self._digest = hashlib.sha256(data).hexdigest()
-            new = load_config(self.path)
+            new = loads_config(data, str(self.path))
         except (OSError, ConfigError) as exc:
             self.state.stats.reload(ok=False)
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]

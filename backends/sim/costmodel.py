@@ -12,7 +12,7 @@ token per decoding request). Its duration is modelled as
 * ``overhead``: fixed per-step CPU cost (scheduling, sampling, detokenisation).
 
 The coefficients of the H100/Llama-2-7B and A100/Llama-3-8B profiles are fitted from Vidur's
-profiles (see ``../shared/DESIGN.md``); ``h100-llama3-8b`` scales the H100/Llama-2-7B fit by the
+profiles (see ``backends/sim/README.md``); ``h100-llama3-8b`` scales the H100/Llama-2-7B fit by the
 parameter ratio (8.03 B / 6.74 B). The ``a10g-llama2-7b`` profile is calibrated to the VTC paper's
 measurements instead (``python -m backends.sim.calibrate``): with the paper engine's peak-memory
 admission, the ``overload`` workload gives about 886 tokens/s (prompt + output; paper 876-904)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.tokenizer import PromptError, TokenCounter
+from common.tokenizer import PromptError, TokenCounter
 
 __all__ = ["ERROR_TYPES", "GenerateRequest", "SimError", "error_body", "parse_generate"]
 

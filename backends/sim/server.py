@@ -35,7 +35,7 @@ from backends.sim.metrics import SimMetrics
 from backends.sim.protocol import GenerateRequest, SimError, error_body, parse_generate
 from backends.sim.sse import DONE, ResponseBuilder, sse_event
 from backends.sim.textgen import GeneratedText, TextGenerator, prompt_digest
-from gateway.tokenizer import PromptError, TokenCounter
+from common.tokenizer import PromptError, TokenCounter
 
 __all__ = ["STATE", "SimServer", "SimState", "create_app", "run_sim"]
 

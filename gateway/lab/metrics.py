@@ -1,6 +1,6 @@
 """The VTC paper's fairness metrics, as pure functions over per-request records.
 
-Definitions (``../shared/DESIGN.md``, "Fairness lab"; the paper's artifact computes the same):
+Definitions (the VTC paper's, ``docs/lab.md``; the paper's artifact computes the same):
 
 * **service** of a request = ``w_in * prompt_tokens + w_out * output_tokens``, spread uniformly
   over ``[first_token_s, finish_s]`` (a request whose first token is its last is a point mass at

@@ -3,7 +3,7 @@
 One ``httpx`` streaming request per workload request, sent at its arrival time (divided by
 ``speed``) with its tenant's API key (``Authorization: Bearer KEY``). Prompts are synthesised to
 exactly the workload's prompt-token count with the gateway's tokenizer
-(:class:`gateway.tokenizer.TokenCounter`); requests ask for ``max_tokens = output_tokens`` with
+(:class:`common.tokenizer.TokenCounter`); requests ask for ``max_tokens = output_tokens`` with
 ``ignore_eos: true`` and ``stream_options.include_usage`` so that the server's own counts land
 in the records.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from gateway.tokenizer import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TokenCounter
+from common.tokenizer import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TokenCounter
 
 from .metrics import RequestRecord
 from .workloads import Workload

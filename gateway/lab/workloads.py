@@ -3,9 +3,10 @@
 A :class:`Workload` is a name, a duration, tenants with weights and a list of requests sorted by
 arrival time. Everything is deterministic for a given seed (``random.Random``, no global state).
 
-Built-in workloads (``../shared/DESIGN.md``, "Fairness lab"; arrival processes follow the paper's
-artifact: ``uniform`` = constant inter-arrival ``1/rate`` starting at a seeded random offset in
-``[0, 1/rate)``; on/off clients send only during even periods ``int(t // period) % 2 == 0``):
+Built-in workloads (the VTC paper's evaluation suite, ``docs/lab.md``; arrival processes follow
+the paper's artifact: ``uniform`` = constant inter-arrival ``1/rate`` starting at a seeded random
+offset in ``[0, 1/rate)``; on/off clients send only during even periods
+``int(t // period) % 2 == 0``):
 
 ==================== =====================================================================
 overload             2 clients, 1.5/s and 3/s, 256/256 tokens, 360 s
@@ -18,7 +19,7 @@ increase             client-1 0.5/s; client-2 rising linearly 0.2 -> 2 /s, 600 s
 dist_shift           300 s phases (0.5 on/off, 2) -> (1, 1) -> (0.5, 1.5), 900 s
 overload_multi       8 clients: 3 x 0.4/s, 5 x 0.6/s, 256/256, 360 s
 overload_weighted    4 clients at 0.8, 0.8, 1.2, 1.6 /s, weights 1, 2, 3, 4, 360 s
-arena_trace          ../shared/workloads/arena_trace_600s.csv (1,500 requests, 27 clients)
+arena_trace          data/arena_trace_600s.csv (1,500 real requests, 27 clients; data/README.md)
 ==================== =====================================================================
 
 User formats (:func:`load_workload` picks by file extension):
@@ -67,15 +68,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Environment variable overriding where the shared folder (with ``workloads/``) is.
-SHARED_ENV = "VTC_SHARED_DIR"
+#: Workload data shipped with the package (``data/README.md`` says where each file comes from).
+DATA_DIR = Path(__file__).resolve().parent / "data"
 ARENA_TRACE_FILE = "arena_trace_600s.csv"
 
 
@@ -353,25 +353,12 @@ def _closed_trickle_burst(seed: int) -> Workload:
     )
 
 
-def shared_dir() -> Path:
-    """The shared folder: ``$VTC_SHARED_DIR`` or ``<repo>/../shared``."""
-    env = os.environ.get(SHARED_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
 def arena_trace_path() -> Path:
-    return shared_dir() / "workloads" / ARENA_TRACE_FILE
+    return DATA_DIR / ARENA_TRACE_FILE
 
 
 def _arena_trace(seed: int) -> Workload:
-    path = arena_trace_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"arena_trace needs {path} (set {SHARED_ENV} to the folder holding workloads/)"
-        )
-    wl = load_csv(path, name="arena_trace")
+    wl = load_csv(arena_trace_path(), name="arena_trace")
     wl.duration_s = max(wl.duration_s, 600.0)
     return wl
 

@@ -47,7 +47,7 @@ from .interface import Job, Prices, Scheduler
 
 
 class _Queue:
-    __slots__ = ("follows", "held", "jobs", "last_finish", "running", "version")
+    __slots__ = ("follows", "held", "jobs", "last_finish", "resubmits", "running", "version")
 
     def __init__(self) -> None:
         self.jobs: OrderedDict[int, Job] = OrderedDict()  # seq -> job, FIFO
@@ -55,7 +55,9 @@ class _Queue:
         self.running: set[Job] = set()  # dispatched, not finished
         self.held: set[Job] = set()  # finished, their slot held for the tenant's next request
         self.last_finish = float("-inf")  # when one of the tenant's requests last finished
-        self.follows = False  # the tenant's last arrival came right after one of its finishes
+        #: moving average of "this arrival came right after one of the tenant's finishes"
+        self.resubmits = 0.0
+        self.follows = False  # the tenant behaves as a closed-loop client (resubmits > 1/2)
 
     def head(self) -> Job:
         return next(iter(self.jobs.values()))
@@ -121,7 +123,8 @@ class VTCScheduler(Scheduler):
         q = self._queues.get(tenant)
         if q is None:
             q = self._queues[tenant] = _Queue()
-        q.follows = now - q.last_finish <= self.follow_s
+        q.resubmits = 0.75 * q.resubmits + (0.25 if now - q.last_finish <= self.follow_s else 0)
+        q.follows = q.resubmits > 0.5
         if not q.jobs:
             if self.lift:
                 self._lift(tenant, q, now)
@@ -144,7 +147,7 @@ class VTCScheduler(Scheduler):
         resubmits (see the module docstring), the expected cost of its requests in flight and
         of those whose slot is held for it; 0 otherwise."""
         q = self._queues.get(tenant)
-        if q is None or not (q.held or (q.running and now - q.last_finish <= self.follow_s)):
+        if q is None or not (q.held or (q.running and q.follows)):
             return 0.0
         cost = self.prices.cost
         total = 0.0

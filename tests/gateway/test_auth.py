@@ -4,9 +4,9 @@ import hashlib
 
 import pytest
 
-from gateway.auth import Authenticator
 from gateway.config import parse_config
 from gateway.errors import Unauthorized
+from gateway.server.auth import Authenticator
 
 BACKENDS = [{"name": "b0", "url": "http://127.0.0.1:8000"}]
 

@@ -2,12 +2,24 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
+from gateway.admission import KV_ADMISSION_MODES, KvAdmission
 from gateway.cli import main
-from gateway.config import ConfigError, key_digest, load_config, parse_config
+from gateway.config import (
+    BackendConfig,
+    ConfigError,
+    GatewayConfig,
+    Policy,
+    TenantConfig,
+    key_digest,
+    load_config,
+    parse_config,
+)
+from gateway.scheduler import POLICIES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,3 +154,64 @@ def test_backend_adaptive_must_be_a_boolean() -> None:
         parse_config(raw)
     ok = {**MINIMAL, "backends": [{"name": "b0", "url": "http://127.0.0.1:8000", "adaptive": True}]}
     assert parse_config(ok).backends[0].adaptive is True
+
+
+def test_the_parser_takes_every_default_from_the_schema() -> None:
+    """Nothing is retyped in the parser: a minimal file gives exactly the dataclasses'
+    defaults."""
+    cfg = parse_config(MINIMAL)
+    assert cfg == GatewayConfig(
+        backends=(BackendConfig(name="b0", url="http://127.0.0.1:8000"),),
+        tenants=(TenantConfig(name="a", api_keys=("k-a",)),),
+    )
+    explicit_nulls = {
+        **MINIMAL,
+        "listen": {"admin_port": None},
+        "backends": [{**MINIMAL["backends"][0], "max_kv_tokens": None, "api_key": None}],
+        "limits": {"max_tokens_default": None},
+        "auth": {"anonymous_tenant": None},
+    }
+    assert parse_config(explicit_nulls) == cfg
+
+
+def test_bounds_and_types_come_from_the_schema_with_key_paths() -> None:
+    raw = {
+        "listen": {"admin_port": 65536, "port": None},
+        "backends": [{"url": "http://x/", "max_model_len": 0, "adaptive": 1}],
+        "tenants": [{"name": "a", "weight": True, "max_queued": 1.5}],
+        "scheduler": {"input_price": -1, "rpm_limit": float("inf")},
+        "tokenizer": "",
+        "limits": {"max_body_bytes": 1000, "shutdown_timeout_s": -1, "health_interval_s": 0},
+        "auth": {"trusted_tenant_header": "X Tenant"},
+        "metrics": {"fairness_window_s": 0.5, "max_tenant_labels": 0},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.problems == [
+        "listen.port: must be an integer >= 0, got None",
+        "listen.admin_port: must be <= 65535, got 65536",
+        "backends[0].name: is required",
+        "backends[0].max_model_len: must be an integer >= 1, got 0",
+        "backends[0].adaptive: must be true or false, got 1",
+        "tenants[0].weight: must be a number > 0, got True",
+        "tenants[0].max_queued: must be an integer >= 1, got 1.5",
+        "scheduler.input_price: must be a number >= 0, got -1",
+        "scheduler.rpm_limit: must be an integer >= 1, got inf",
+        "tokenizer: must be a non-empty string, got ''",
+        "limits.max_body_bytes: must be an integer >= 1024, got 1000",
+        "limits.health_interval_s: must be a number > 0, got 0",
+        "limits.shutdown_timeout_s: must be a number >= 0, got -1",
+        "auth.trusted_tenant_header: must be a header name, got 'X Tenant'",
+        "metrics.max_tenant_labels: must be an integer >= 1, got 0",
+        "metrics.fairness_window_s: must be a number >= 1, got 0.5",
+    ]
+
+
+def test_policy_literal_names_every_scheduler() -> None:
+    assert set(get_args(Policy)) == set(POLICIES)
+    assert set(get_args(KvAdmission)) == set(KV_ADMISSION_MODES)
+
+
+def test_backend_url_loses_its_trailing_slash() -> None:
+    raw = {**MINIMAL, "backends": [{"name": "b0", "url": "http://127.0.0.1:8000/"}]}
+    assert parse_config(raw).backends[0].url == "http://127.0.0.1:8000"

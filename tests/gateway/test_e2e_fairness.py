@@ -60,7 +60,7 @@ async def _flood_then_steady(stack: Stack, flood: int, steady: int) -> tuple[flo
 
 def _kv() -> int:
     # enough KV for exactly SEQS requests of this shape
-    from gateway.tokenizer import TokenCounter
+    from common.tokenizer import TokenCounter
 
     return SEQS * (TokenCounter().count_text(PROMPT) + MAX_TOKENS)
 

@@ -98,7 +98,7 @@ async def test_refusing_backend_is_retried_elsewhere_and_marked_down() -> None:
                 assert r.json()["usage"]["completion_tokens"] == 8
         pool = stack.state.pool
         assert pool.states["sim"].slots.healthy is False
-        assert pool.states["sim"].errors["error_before_stream"] == 3
+        assert pool.states["sim"].errors == {"unreachable": 3}  # closed without an answer
         assert pool.states["sim1"].slots.healthy is True
         assert _settled(stack)
         prompt = stack.state.counter.count_text("hello there")

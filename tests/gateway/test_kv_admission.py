@@ -27,7 +27,7 @@ async def _max_in_flight(mode: str) -> int:
         st = stack.state
         slots = st.pool.states["sim"].slots
         seen: list[int] = []
-        st.dispatcher.on_dispatch = lambda job: seen.append(slots.in_flight + 1)
+        st.dispatcher.on_dispatch = lambda job: seen.append(slots.in_flight)  # incl. this one
         body = {"model": MODEL, "prompt": "x", "ignore_eos": True}
         async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
             long = {**body, "max_tokens": 1500, "stream": True}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.relay import ChunkProcessor, client_format, upstream_body
+from common.tokenizer import TokenCounter
 from gateway.scheduler import Job
-from gateway.tokenizer import TokenCounter
+from gateway.server.relay import ChunkProcessor, client_format, upstream_body
 
 
 def _chunk(content: str | None, completion: int, prompt: int = 7, **extra: Any) -> bytes:

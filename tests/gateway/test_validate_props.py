@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.tokenizer import PromptError, TokenCounter
 from gateway.errors import InvalidRequest
-from gateway.tokenizer import PromptError, TokenCounter
-from gateway.validate import Fields, check_fields, output_reservation, parse_body
+from gateway.server.validate import Fields, check_fields, output_reservation, parse_body
 
 COUNTER = TokenCounter()
 

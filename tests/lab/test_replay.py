@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from common.tokenizer import TokenCounter
 from gateway.lab.replay import PromptSynth, ReplayError, load_tenant_keys, replay_workload
 from gateway.lab.workloads import Workload, WorkloadRequest, load_workload
-from gateway.tokenizer import TokenCounter
 
 
 def test_tenants_file_as_mapping(tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ def test_yaml_errors_name_the_key(tmp_path: Path, text: str, match: str) -> None
         load_yaml(path)
 
 
-def test_arena_trace(arena_csv: str) -> None:
+def test_arena_trace_ships_with_the_package() -> None:
     wl = load_workload("arena_trace")
     assert len(wl.requests) == 1500 and len(wl.tenants) == 27
     assert wl.duration_s == 600

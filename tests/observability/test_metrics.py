@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from backends.sim.faults import parse_fault
-from gateway.metrics import OUTCOMES, FairnessWindow, jain_index
+from gateway.metrics import FairnessWindow, jain_index
+from gateway.outcomes import OUTCOMES
 from tests.gateway.conftest import MODEL, gateway_stack, tenants, wait_for
 
 from .conftest import body, names, scrape, stream_all, value
@@ -157,6 +158,52 @@ async def test_backend_errors_by_kind_and_backend_error_outcome() -> None:
         s = await scrape(http)
         assert value(s, "vtc_backend_errors_total", backend="sim", kind="stream_broken") == 1
         assert value(s, "vtc_requests_total", tenant="a", outcome="backend_error") == 1
+
+
+async def test_backend_error_kinds_say_how_the_backend_failed() -> None:
+    """One request tried on a backend that closes the connection unanswered (unreachable),
+    then moved to one that answers 500 (error_before_stream): 502, one error of each kind."""
+    refuse = {"faults": (parse_fault("refuse"),)}
+    error_500 = {"faults": (parse_fault("error_500"),)}
+    async with gateway_stack(sim=refuse, more_backends=[(error_500, {})]) as stack:
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            assert await stream_all(http, "key-a", 4) == 502
+            s = await scrape(http)
+    kinds = {
+        (b, k): value(s, "vtc_backend_errors_total", backend=b, kind=k)
+        for b in ("sim", "sim1")
+        for k in ("unreachable", "error_before_stream", "stream_broken")
+    }
+    assert {bk: n for bk, n in kinds.items() if n} == {
+        ("sim", "unreachable"): 1,
+        ("sim1", "error_before_stream"): 1,
+    }
+    assert value(s, "vtc_requests_total", tenant="a", outcome="backend_error") == 1
+
+
+async def test_requests_refused_while_draining_are_counted_as_draining() -> None:
+    """Shutdown answers the queue 503 and refuses new requests: ``rejected_draining``, not
+    ``timeout``; the running stream finishes ``ok``."""
+    async with gateway_stack(backend={"max_num_seqs": 1}, sim={"speed": 1.0}) as stack:
+        d = stack.state.dispatcher
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            async with http.stream("POST", "/v1/completions", json=body(20), headers=A) as r:
+                assert r.status_code == 200
+                queued = asyncio.create_task(http.post("/v1/completions", json=body(), headers=B))
+                await wait_for(lambda: d.total_queued() == 1)
+                assert stack.state.drain() == 1
+                assert (await queued).status_code == 503
+                refused = await http.post("/v1/completions", json=body(), headers=A)
+                assert refused.status_code == 503
+                assert refused.json()["error"]["type"] == "service_unavailable"
+                assert [line async for line in r.aiter_lines() if line][-1] == "data: [DONE]"
+            await wait_for(lambda: stack.state.admission.in_flight() == 0)
+            s = await scrape(http)
+    assert value(s, "vtc_requests_total", tenant="b", outcome="rejected_draining") == 1
+    assert value(s, "vtc_requests_total", tenant="a", outcome="rejected_draining") == 1
+    assert value(s, "vtc_requests_total", tenant="a", outcome="ok") == 1
+    for tenant in ("a", "b"):
+        assert value(s, "vtc_requests_total", tenant=tenant, outcome="timeout") == 0
 
 
 async def test_unreachable_backend_is_down_with_zero_capacity_in_use() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from gateway.config import parse_config
@@ -110,6 +111,8 @@ async def test_removed_tenant_queued_requests_get_401_running_ones_finish() -> N
         assert value(s, "vtc_tenant_weight", tenant="d") == 2
         assert ("vtc_tenant_weight", (("tenant", "b"),)) not in s
         assert value(s, "vtc_requests_total", tenant="b", outcome="ok") == 1
+        # the two queued requests answered 401 are counted; the later unknown key has no tenant
+        assert value(s, "vtc_requests_total", tenant="b", outcome="rejected_unauthorized") == 2
         assert d.pool(MODEL).counter("b") > 0  # kept, should b come back
 
 
@@ -151,6 +154,41 @@ async def test_reloader_refuses_invalid_file_and_keeps_the_old_config(tmp_path: 
         s = await scrape(http)
         assert value(s, "vtc_config_reloads_total", result="error") == 3
         assert value(s, "vtc_config_reloads_total", result="ok") == 0
+
+
+async def test_reload_applies_exactly_the_content_it_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write landing while a reload reads the file must not leave the stored digest
+    disagreeing with the applied config (it would hide the write from the watcher)."""
+    async with gateway_stack() as stack:
+        path = tmp_path / "gw.yaml"
+        path.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 1), ("b", 1)))))
+        reloader = Reloader(stack.state, path)
+        edited = yaml.safe_dump(raw_config(stack, tenants(("a", 2), ("b", 1))))
+        concurrent = yaml.safe_dump(raw_config(stack, tenants(("a", 3.5), ("b", 1))))
+        path.write_text(edited)
+        real_bytes, real_text = Path.read_bytes, Path.read_text
+        writes = []
+
+        def write_after(p: Path, data: Any) -> Any:
+            if p == path and not writes:  # the first read sees `edited`, then `concurrent` lands
+                writes.append(1)
+                path.write_text(concurrent)
+            return data
+
+        def read_text(p: Path, *args: Any, **kwargs: Any) -> Any:
+            return write_after(p, real_text(p, *args, **kwargs))
+
+        monkeypatch.setattr(Path, "read_bytes", lambda p: write_after(p, real_bytes(p)))
+        monkeypatch.setattr(Path, "read_text", read_text)
+        assert reloader.reload("test")
+        weights = stack.state.dispatcher.tenant_limits()
+        assert weights["a"].weight == 2.0  # what was read and hashed is what is applied
+        assert reloader.changed()  # so the concurrent write is seen as a change ...
+        assert reloader.reload("test")
+        assert stack.state.dispatcher.tenant_limits()["a"].weight == 3.5  # ... and applied
+        assert not reloader.changed()
 
 
 async def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:

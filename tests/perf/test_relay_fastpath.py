@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from gateway.relay import ChunkProcessor, client_format
+from common.tokenizer import TokenCounter
 from gateway.scheduler import Job
-from gateway.tokenizer import TokenCounter
+from gateway.server.relay import ChunkProcessor, client_format
 
 
 def _compact(obj: Any) -> bytes:

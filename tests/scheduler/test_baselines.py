@@ -1,14 +1,9 @@
-"""fcfs and rpm baselines, the policy factory, and the scheduler's purity."""
+"""fcfs and rpm baselines and the policy factory (purity: tests/test_architecture.py)."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-import gateway.admission
-import gateway.scheduler
 from gateway.scheduler import (
     POLICIES,
     FCFSScheduler,
@@ -156,30 +151,3 @@ def test_make_scheduler_passes_rpm_limit_and_rejects_unknown() -> None:
     assert make_scheduler("vtc").prices == Prices(input=1.0, output=2.0)
     with pytest.raises(ValueError, match="unknown policy 'wfq'"):
         make_scheduler("wfq")
-
-
-# -- purity --------------------------------------------------------------------------------------
-
-FORBIDDEN = {"asyncio", "aiohttp", "time", "threading", "trio", "anyio"}
-
-
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-    return found
-
-
-def test_scheduler_and_admission_are_pure() -> None:
-    """No event loop, no HTTP, no clock: time comes in as an argument (bench.py is a tool)."""
-    pkg = Path(gateway.scheduler.__file__).parent
-    files = [p for p in pkg.glob("*.py") if p.name != "bench.py"]
-    files.append(Path(gateway.admission.__file__))
-    assert len(files) >= 5
-    for path in files:
-        bad = _imports(path) & FORBIDDEN
-        assert not bad, f"{path.name} imports {sorted(bad)}"

@@ -11,7 +11,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from backends.sim.server import SimServer
-from gateway.tokenizer import TokenCounter
+from common.tokenizer import TokenCounter
 
 from .conftest import parse_sse
 

@@ -31,16 +31,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +45,21 @@ from typing import Any
 import aiohttp
 import yaml
 
+from .procs import (
+    ProcSample,
+    Service,
+    busy_shares,
+    cpu_times,
+    pin_prefix,
+    proc_sample,
+    running,
+    start_service,
+    stop_process,
+)
+
 MODEL = "sim-llama-3-8b"
 PROMPT = "Write a short story about a lighthouse keeper who befriends a storm."
 TENANTS = 8
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 #: Runs the gateway CLI, optionally without orjson or with uvloop (bench-only switches).
 _GATEWAY_LAUNCHER = """
@@ -71,108 +79,9 @@ sys.exit(main(sys.argv[1:]))
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ProcSample:
-    cpu_s: float  # utime + stime
-    rss_kib: int
-    hwm_kib: int
-    wall: float
-
-
-def proc_sample(pid: int | None = None) -> ProcSample:
-    """CPU seconds and memory of ``pid`` (this process when None), read from ``/proc``."""
-    wall = time.monotonic()
-    if pid is None:
-        t = os.times()
-        cpu = t.user + t.system
-        pid_s = "self"
-    else:
-        pid_s = str(pid)
-        with open(f"/proc/{pid_s}/stat") as f:
-            # fields after the ")" that ends the command name; utime, stime are 14 and 15
-            rest = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(rest[11]) + int(rest[12])) / _CLK_TCK
-    rss = hwm = 0
-    with open(f"/proc/{pid_s}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1])
-    return ProcSample(cpu, rss, hwm, wall)
-
-
-def cpu_times() -> dict[str, tuple[float, float]]:
-    """Per core (``cpu0``, ...): (busy, total) jiffies from ``/proc/stat``; busy includes the
-    softirq time of loopback networking, which no process is charged for."""
-    out: dict[str, tuple[float, float]] = {}
-    with contextlib.suppress(OSError), open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3:4].isdigit():
-                name, *vals = line.split()
-                v = [float(x) for x in vals[:8]]
-                idle = v[3] + v[4]  # idle + iowait
-                out[name] = (sum(v) - idle, sum(v))
-    return out
-
-
-def _busy(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]]) -> dict[str, float]:
-    return {k: round((b[k][0] - a[k][0]) / max(b[k][1] - a[k][1], 1e-9), 3) for k in b if k in a}
-
-
-@dataclass
-class Service:
-    name: str
-    proc: asyncio.subprocess.Process
-    url: str
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def _pin_prefix(core: int | None) -> list[str]:
-    return ["taskset", "-c", str(core)] if core is not None else []
-
-
-STARTUP_S = 60.0
-
-
-async def _start(name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-    assert proc.stdout is not None
-    try:
-        while True:
-            line = (await asyncio.wait_for(proc.stdout.readline(), STARTUP_S)).decode()
-            if not line:
-                raise RuntimeError(f"{name} exited before listening")
-            if line.startswith("listening on "):
-                return Service(name, proc, line.split()[-1].rstrip("/"))
-    except BaseException:
-        await _stop(proc)
-        raise
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
 async def start_sim(core: int | None, *args: str) -> Service:
-    argv = [*_pin_prefix(core), sys.executable, "-m", "backends.sim", "--port", "0", *args]
-    return await _start("sim", argv)
+    argv = [*pin_prefix(core), sys.executable, "-m", "backends.sim", "--port", "0", *args]
+    return await start_service("sim", argv)
 
 
 def gateway_config(
@@ -214,7 +123,7 @@ async def start_gateway(
 ) -> Service:
     path = write_config(config, workdir)
     argv = [
-        *_pin_prefix(core),
+        *pin_prefix(core),
         sys.executable,
         "-c",
         _GATEWAY_LAUNCHER,
@@ -231,7 +140,7 @@ async def start_gateway(
         env["VTC_BENCH_NO_ORJSON"] = "1"
     if uvloop:
         env["VTC_BENCH_UVLOOP"] = "1"
-    return await _start(f"gateway-{config['scheduler']['policy']}", argv, env)
+    return await start_service(f"gateway-{config['scheduler']['policy']}", argv, env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +303,7 @@ async def run_load(
         done, _ = await asyncio.wait(workers, timeout=max(0.0, w.end - time.perf_counter()))
         after = {k: proc_sample(p) for k, p in pids.items() if p is not None}
         after["client"] = proc_sample()
-        cores = _busy(cores0, cpu_times())
+        cores = busy_shares(cores0, cpu_times())
         seconds = after["client"].wall - before["client"].wall
         if len(done) == len(workers):  # request budget ran out before the window ended
             w.end = time.perf_counter()
@@ -464,18 +373,6 @@ def _cores(pin: bool) -> tuple[int | None, int | None]:
     return cpus[0], cpus[1]
 
 
-@contextlib.asynccontextmanager
-async def _services(*starting: Any) -> AsyncIterator[list[Service]]:
-    services: list[Service] = []
-    try:
-        for s in starting:
-            services.append(await s)
-        yield services
-    finally:
-        for s in services:
-            await _stop(s.proc)
-
-
 def _ratios(row: dict[str, Any], direct: dict[str, Any] | None) -> dict[str, Any] | None:
     if direct is None:
         return None
@@ -507,7 +404,7 @@ async def proxy_benchmark(opts: ProxyOptions, log: Any = print) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="vtc-bench-") as tmp:
         workdir = Path(tmp)
         big = ("--max-num-seqs", "4096", "--kv-cache-tokens", "100000000")
-        async with _services(start_sim(load_core, "--speed", "0", *big)) as (sim,):
+        async with running(start_sim(load_core, "--speed", "0", *big)) as (sim,):
             gws = [
                 await start_gateway(
                     gateway_config(sim.url, p, 4096), workdir, gw_core, opts.orjson, opts.uvloop
@@ -549,7 +446,7 @@ async def proxy_benchmark(opts: ProxyOptions, log: Any = print) -> dict[str, Any
                         log(_row_line(row))
             finally:
                 for g in gws:
-                    await _stop(g.proc)
+                    await stop_process(g.proc)
         if opts.work_conservation:
             results["work_conservation"] = await work_conservation(
                 opts, workdir, gw_core, load_core
@@ -573,7 +470,7 @@ async def work_conservation(
         "max_tokens": opts.max_tokens,
     }
     warm = min(5.0, opts.wc_duration / 4)
-    async with _services(start_sim(load_core, *sim_args)) as (sim,):
+    async with running(start_sim(load_core, *sim_args)) as (sim,):
         out["direct"] = await run_load(
             sim.url,
             concurrency=opts.wc_concurrency,
@@ -582,11 +479,9 @@ async def work_conservation(
             duration=opts.wc_duration,
             sim_pid=sim.pid,
         )
-    async with _services(start_sim(load_core, *sim_args)) as (sim,):
+    async with running(start_sim(load_core, *sim_args)) as (sim,):
         cfg = gateway_config(sim.url, "vtc", 64)
-        async with _services(start_gateway(cfg, workdir, gw_core, opts.orjson, opts.uvloop)) as (
-            gw,
-        ):
+        async with running(start_gateway(cfg, workdir, gw_core, opts.orjson, opts.uvloop)) as (gw,):
             out["gateway"] = await run_load(
                 gw.url,
                 concurrency=opts.wc_concurrency,
@@ -609,11 +504,9 @@ async def memory_check(
     n = opts.queued
     # one slot, in slow motion, so the queue drains by at most a handful during the check
     sim_args = ("--speed", "0.02", "--max-num-seqs", "1")
-    async with _services(start_sim(load_core, *sim_args)) as (sim,):
+    async with running(start_sim(load_core, *sim_args)) as (sim,):
         cfg = gateway_config(sim.url, "vtc", 1)
-        async with _services(start_gateway(cfg, workdir, gw_core, opts.orjson, opts.uvloop)) as (
-            gw,
-        ):
+        async with running(start_gateway(cfg, workdir, gw_core, opts.orjson, opts.uvloop)) as (gw,):
             body = request_body(opts.max_tokens, "plain")
             conn = aiohttp.TCPConnector(limit=0)
             timeout = aiohttp.ClientTimeout(total=None)
@@ -758,7 +651,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``bench proxy`` to the ``vtc-gateway`` CLI."""
+    """Add ``bench proxy`` and ``bench scheduler`` to the ``vtc-gateway`` CLI."""
     bench = subparsers.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser(
@@ -812,6 +705,16 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="bench-results/proxy.json", help="JSON results file")
     p.set_defaults(func=_cmd_proxy)
+
+    from . import scheduler_bench
+
+    sched = bsub.add_parser(
+        "scheduler",
+        help="scheduler micro-benchmark: enqueue, pick, charge at growing tenant counts",
+        description=(scheduler_bench.__doc__ or "").split("\n\n")[0],
+    )
+    scheduler_bench.add_arguments(sched)
+    sched.set_defaults(func=scheduler_bench.run)
 
 
 def options_from_args(args: argparse.Namespace) -> ProxyOptions:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from gateway.soak import SoakOptions, soak
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tools.soak import SoakOptions, soak
 
 
-async def test_short_soak_leaks_nothing_and_accounts_for_every_request() -> None:
+async def test_short_soak_leaks_nothing_and_accounts_for_every_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the soak's files go
     result = await soak(
         SoakOptions(duration_s=15, concurrency=40, abandon_p=0.15, seed=3), log=lambda _: None
     )
@@ -18,3 +27,4 @@ async def test_short_soak_leaks_nothing_and_accounts_for_every_request() -> None
     assert sum(o.get("client_cancelled", 0) for o in outcomes.values()) > 0
     assert sum(o.get("ok", 0) for o in outcomes.values()) > 100
     assert result["ok"] is True
+    assert os.listdir(tmp_path) == []  # its temporary directory is gone

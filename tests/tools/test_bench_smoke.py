@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench import ProxyOptions, proxy_benchmark, register
+from tools.bench import ProxyOptions, proxy_benchmark, register
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -32,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scheduler import Job
-from .tokenizer import TokenCounter
+from common.tokenizer import TokenCounter
+
+from ..scheduler import Job
 
 _loads: Callable[[bytes], Any]
 _dumps: Callable[[Any], bytes]

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 #: ``max_tokens`` of a completions request that sets none (OpenAI's and vLLM's default).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16

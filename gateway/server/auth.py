@@ -18,8 +18,8 @@ import hmac
 from collections.abc import Mapping
 from typing import Any
 
-from .config import GatewayConfig
-from .errors import Unauthorized
+from ..config import GatewayConfig
+from ..errors import Unauthorized
 
 
 class Authenticator:

@@ -1,7 +1,9 @@
 """Micro-benchmark of the scheduler's hot path: enqueue, pick and charge at growing tenant counts.
 
-    python -m gateway.scheduler.bench [--tenants 10,1000,10000,100000] [--ops 20000]
-                                      [--policies vtc,lcf,vtc-predict,fcfs] [--out FILE]
+    vtc-gateway bench scheduler [--tenants 10,1000,10000,100000] [--ops 20000]
+                                [--policies vtc,lcf,vtc-predict,fcfs] [--out FILE]
+
+(also ``python -m tools.scheduler_bench``)
 
 For each policy and tenant count T the run builds a scheduler with T backlogged tenants (one
 queued job each, untimed) and then times, in µs per operation:
@@ -32,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import Job, Scheduler, make_scheduler
+from gateway.scheduler import Job, Scheduler, make_scheduler
 
 PHASES = ("enqueue", "pick", "charge", "cycle")
 
@@ -162,17 +164,20 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.scheduler.bench", description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of ``vtc-gateway bench scheduler`` (and ``python -m tools.scheduler_bench``)."""
     ap.add_argument("--tenants", type=_ints, default=[10, 1_000, 10_000, 100_000])
     ap.add_argument("--policies", default="vtc,lcf,vtc-predict,fcfs")
     ap.add_argument("--ops", type=int, default=20_000, help="operations timed per phase")
     ap.add_argument("--repeat", type=int, default=3, help="fresh runs per point; best is kept")
     ap.add_argument("--out", type=Path, help="write the results as JSON to this file")
-    args = ap.parse_args(argv)
-    if args.ops < 2 or args.repeat < 1:
-        ap.error("--ops must be >= 2 and --repeat >= 1")
 
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark ``args`` (from :func:`add_arguments`) ask for; print and save it."""
+    if args.ops < 2 or args.repeat < 1:
+        print("--ops must be >= 2 and --repeat >= 1", file=sys.stderr)
+        return 2
     results: list[Result] = []
     for policy in [p for p in args.policies.split(",") if p]:
         for t in args.tenants:
@@ -181,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     if args.out is not None:
         doc = {
-            "benchmark": "gateway.scheduler.bench",
+            "benchmark": "tools.scheduler_bench",
             "unit": "microseconds per operation (cycle: per request)",
             "ops": args.ops,
             "repeat": args.repeat,
@@ -193,6 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.scheduler_bench", description=__doc__)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.tokenizer import (
+from common.tokenizer import (
     NON_TEXT_PART_TOKENS,
     REPLY_PRIMING_TOKENS,
     TOKENS_PER_MESSAGE,

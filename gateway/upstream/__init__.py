@@ -1,0 +1,20 @@
+"""Talking to backends: one protocol (:mod:`.interface`), the transports behind it.
+
+* :mod:`.interface`: :class:`Upstream`, :class:`UpstreamStream`, :class:`ModelInfo`;
+* :mod:`.http`: :class:`AiohttpUpstream`, the real transport;
+* :mod:`.fake`: :class:`~gateway.upstream.fake.FakeUpstream`, in-process, for tests;
+* :mod:`.vllm_metrics`: reading vLLM's ``/metrics`` page.
+"""
+
+from .http import AiohttpUpstream
+from .interface import ModelInfo, Upstream, UpstreamStream
+from .vllm_metrics import parse_gauge_sum, parse_kv_capacity
+
+__all__ = [
+    "AiohttpUpstream",
+    "ModelInfo",
+    "Upstream",
+    "UpstreamStream",
+    "parse_gauge_sum",
+    "parse_kv_capacity",
+]

@@ -1,0 +1,220 @@
+"""The real transport: HTTP to OpenAI-compatible servers (vLLM) over one aiohttp session.
+
+Implements :class:`~gateway.upstream.interface.Upstream`; aiohttp's exceptions are translated
+here into :mod:`gateway.errors`' backend errors and never leave this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from ..errors import BackendRejected, BackendUnreachable, StreamBroken
+from .interface import ModelInfo
+from .vllm_metrics import parse_kv_capacity
+
+_TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+#: What a failed request raises inside aiohttp (connection, timeout, socket).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+class _AiohttpStream:
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.finished = False  # [DONE] was read
+
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        """Yield the ``data:`` payloads of each network read (a non-empty list) until
+        ``[DONE]``.
+
+        One ``readany`` per read, split into lines here: far cheaper than one ``readline`` per
+        line, and a relay that writes each batch at once makes one client write per read.
+        """
+        content = self._resp.content
+        rest = b""
+        try:
+            while True:
+                data = await content.readany()
+                if not data:
+                    raise StreamBroken("backend closed the stream before [DONE]")
+                if rest:
+                    data = rest + data
+                if b"\r" in data:  # CRLF or CR line ends: blank lines are skipped anyway
+                    data = data.replace(b"\r", b"\n")
+                end = data.rfind(b"\n")
+                if end < 0:
+                    rest = data
+                    continue
+                rest = data[end + 1 :]
+                batch: list[bytes] = []
+                for line in data[:end].split(b"\n"):
+                    if line.startswith(b"data:"):
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            self.finished = True
+                            if batch:
+                                yield batch
+                            return
+                        batch.append(payload)
+                    # blank separators, comments (": ping") and other fields are skipped
+                if batch:
+                    yield batch
+        except TimeoutError as exc:
+            raise StreamBroken("backend stalled: no data within the read timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise StreamBroken(
+                f"backend connection failed mid-stream: {exc.__class__.__name__}"
+            ) from exc
+
+
+class AiohttpUpstream:
+    """The real transport: one shared :class:`aiohttp.ClientSession`.
+
+    ``api_keys`` maps a backend URL to the bearer token it expects (vLLM's ``--api-key``,
+    ``backends[].api_key``); it is sent on ``/v1/*`` and ``/tokenize`` and never logged.
+    """
+
+    def __init__(
+        self,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 300.0,
+        api_keys: Mapping[str, str | None] | None = None,
+    ) -> None:
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._probe_timeout = aiohttp.ClientTimeout(total=max(connect_timeout, 2.0) * 2)
+        self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, dict[str, str]] = {  # backend URL -> headers to send
+            url: {"Authorization": f"Bearer {key}"} for url, key in (api_keys or {}).items() if key
+        }
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("upstream session not started")
+        return self._session
+
+    @asynccontextmanager
+    async def open(self, url: str, path: str, body: bytes) -> AsyncIterator[_AiohttpStream]:
+        try:
+            resp = await self.session.post(
+                url + path,
+                data=body,
+                headers={"Content-Type": "application/json", **self._headers.get(url, {})},
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise BackendUnreachable(f"backend unreachable: {exc.__class__.__name__}") from exc
+        stream: _AiohttpStream | None = None
+        try:
+            if resp.status != 200:
+                await _raise_for_status(resp)
+            stream = _AiohttpStream(resp)
+            yield stream
+        finally:
+            if stream is not None and stream.finished and resp.content.is_eof():
+                resp.release()  # complete: keep the connection for the next request
+            else:
+                # Closing (not releasing) the connection aborts the request inside vLLM.
+                resp.close()
+
+    async def models(self, url: str) -> list[ModelInfo]:
+        data = await self._get_json(url, "/v1/models")
+        entries = data.get("data") if isinstance(data, dict) else None
+        out = []
+        for m in entries if isinstance(entries, list) else ():
+            if isinstance(m, dict) and isinstance(m.get("id"), str):
+                mml = m.get("max_model_len")
+                out.append(ModelInfo(m["id"], mml if isinstance(mml, int) else None))
+        return out
+
+    async def metrics_text(self, url: str) -> str:
+        try:
+            async with self.session.get(url + "/metrics", timeout=self._probe_timeout) as resp:
+                resp.raise_for_status()
+                return await resp.text()
+        except _TRANSPORT_ERRORS as exc:
+            raise _probe_failed(exc) from exc
+
+    async def kv_capacity(self, url: str) -> int | None:
+        return parse_kv_capacity(await self.metrics_text(url))
+
+    async def tokenize(self, url: str, payload: dict[str, Any]) -> int | None:
+        try:
+            async with self.session.post(
+                url + "/tokenize",
+                json=payload,
+                timeout=_TOKENIZE_TIMEOUT,
+                headers=self._headers.get(url),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                data = await resp.json(content_type=None)
+        except ValueError:
+            return None
+        except _TRANSPORT_ERRORS as exc:
+            raise _probe_failed(exc) from exc
+        count = data.get("count") if isinstance(data, dict) else None
+        return count if isinstance(count, int) and count >= 0 else None
+
+    async def _get_json(self, url: str, path: str) -> Any:
+        try:
+            async with self.session.get(
+                url + path, timeout=self._probe_timeout, headers=self._headers.get(url)
+            ) as resp:
+                resp.raise_for_status()
+                return await resp.json(content_type=None)
+        except (*_TRANSPORT_ERRORS, ValueError) as exc:
+            raise _probe_failed(exc) from exc
+
+    async def healthy(self, url: str) -> bool:
+        try:
+            async with self.session.get(url + "/health", timeout=self._probe_timeout) as resp:
+                return resp.status == 200
+        except _TRANSPORT_ERRORS:
+            return False
+
+
+def _probe_failed(exc: BaseException) -> BackendUnreachable:
+    """A discovery, metrics or tokenize request that failed, as the project's error."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return BackendUnreachable(f"backend answered {exc.status}", kind="error_before_stream")
+    if isinstance(exc, ValueError):
+        return BackendUnreachable("backend answered malformed JSON", kind="error_before_stream")
+    return BackendUnreachable(f"backend unreachable: {exc.__class__.__name__}")
+
+
+async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    try:
+        raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BackendUnreachable(
+            f"backend answered {resp.status} and broke off", kind="error_before_stream"
+        ) from exc
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if resp.status >= 500 or resp.status in (401, 403) or not isinstance(body, dict):
+        # 401/403: the backend refuses the gateway's own credentials (backends[].api_key), not
+        # the client's request: treat it as a failing backend, never pass it to the client
+        raise BackendUnreachable(
+            f"backend answered {resp.status} before streaming", kind="error_before_stream"
+        )
+    raise BackendRejected(resp.status, body)

@@ -1,0 +1,141 @@
+"""The import rules of the code base, checked on every module's source (relative imports and
+imports inside functions included).
+
+Layers::
+
+    common          token counting, shared by both sides of the wire; imports no project code
+    gateway         the gateway (gateway/lab: the fairness lab; gateway/cli.py: the command)
+    backends        backends (backends/sim: the simulated vLLM server)
+    tools           benchmarks and the soak run
+
+* ``backends`` and ``common`` never import ``gateway`` or ``tools``; ``common`` nothing else of
+  the project either.
+* ``gateway`` imports ``backends`` only in the CLI (the embedded simulated backend) and the lab
+  (the simulator's engine); ``tools`` only in the CLI (to register its commands).
+* The runtime gateway never imports the lab; only the lab imports plotting or httpx.
+* Only the transport (``gateway/upstream/http.py``), the server and the CLI import aiohttp.
+* Pure modules (scheduler, admission, the simulator's engine core) import no event loop,
+  network or clock: time is passed in; the lab's simulation does no I/O.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "gateway", "backends", "tools")
+#: No event loop and no network.
+NO_IO = ("asyncio", "aiohttp", "httpx", "socket", "threading", "trio", "anyio")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved to absolute names (for
+    ``from X import name`` both ``X`` and ``X.name``: the name may be a submodule)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+def _modules() -> Iterator[tuple[str, Path]]:
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            yield _module_name(path), path
+
+
+GRAPH = {name: _imports(path) for name, path in _modules()}
+
+
+def _under(module: str, *prefixes: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _offenders(sources: list[str], *targets: str) -> dict[str, list[str]]:
+    bad = {m: sorted(i for i in GRAPH[m] if _under(i, *targets)) for m in sources}
+    return {m: v for m, v in bad.items() if v}
+
+
+def test_the_graph_sees_relative_and_lazy_imports() -> None:
+    """The checks below would pass on an empty graph; make sure it is not one."""
+    assert len(GRAPH) > 50
+    assert "gateway.errors" in GRAPH["gateway.server.proxy"]  # from ..errors import ...
+    assert "gateway.upstream.interface" in GRAPH["gateway.upstream"]  # from .interface
+    assert "backends.sim.server" in GRAPH["gateway.cli"]  # inside a function
+    assert "tools.scheduler_bench" in GRAPH["tools.bench"]  # from . import scheduler_bench
+
+
+def test_common_and_backends_import_neither_gateway_nor_tools() -> None:
+    sources = [m for m in GRAPH if _under(m, "common", "backends")]
+    assert _offenders(sources, "gateway", "tools") == {}
+    assert _offenders([m for m in GRAPH if _under(m, "common")], "backends") == {}
+
+
+def test_gateway_imports_backends_and_tools_only_from_the_cli_and_the_lab() -> None:
+    runtime = [m for m in GRAPH if _under(m, "gateway") and not _under(m, "gateway.lab")]
+    assert _offenders([m for m in runtime if m != "gateway.cli"], "backends", "tools") == {}
+    lab = [m for m in GRAPH if _under(m, "gateway.lab")]
+    assert _offenders(lab, "tools") == {}
+
+
+def test_the_runtime_never_imports_the_lab_or_lab_only_libraries() -> None:
+    runtime = [
+        m
+        for m in GRAPH
+        if _under(m, "gateway") and not _under(m, "gateway.lab") and m != "gateway.cli"
+    ]
+    assert _offenders(runtime, "gateway.lab", "matplotlib", "httpx") == {}
+
+
+def test_only_the_transport_the_server_and_the_cli_use_aiohttp() -> None:
+    allowed = ("gateway.upstream.http", "gateway.server", "gateway.cli")
+    sources = [m for m in GRAPH if _under(m, "gateway", "common") and not _under(m, *allowed)]
+    assert _offenders(sources, "aiohttp") == {}
+
+
+#: Pure and clockless: time is an argument, so the live gateway and the discrete-event
+#: simulator run them unchanged.
+CLOCKLESS = [
+    *(m for m in GRAPH if _under(m, "gateway.scheduler")),
+    "gateway.admission",
+    "backends.sim.engine",
+    "backends.sim.costmodel",
+]
+#: The lab's simulation and reporting: no I/O (they may read the wall clock for progress).
+LAB_PURE = [
+    "gateway.lab.workloads",
+    "gateway.lab.metrics",
+    "gateway.lab.simulate",
+    "gateway.lab.report",
+]
+
+
+@pytest.mark.parametrize("module", CLOCKLESS)
+def test_pure_modules_import_no_event_loop_network_or_clock(module: str) -> None:
+    assert _offenders([module], *NO_IO, "time") == {}
+
+
+@pytest.mark.parametrize("module", LAB_PURE)
+def test_lab_simulation_does_no_io(module: str) -> None:
+    assert _offenders([module], *NO_IO) == {}
