@@ -146,7 +146,7 @@ class SchedulerConfig:
     output_price: Price = 2.0
     rpm_limit: Count = 60
     #: how long (ms) a finished request's slot waits for its busy tenant's next request
-    hold_ms: Annotated[float, Bounds(0)] = 20.0
+    hold_ms: Annotated[float, Bounds(0)] = 50.0
 
 
 @dataclass(frozen=True, slots=True)

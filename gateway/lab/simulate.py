@@ -67,7 +67,7 @@ class SimConfig:
     kv_admission: KvAdmission | None = None
     #: how long a finished request's slot waits for its busy tenant's next request (the
     #: gateway's default ``scheduler.hold_ms``)
-    hold_s: float = 0.02
+    hold_s: float = 0.05
 
     def engine_config(self, max_num_seqs: int | None = None) -> tuple[Profile, EngineConfig]:
         profile = get_profile(self.profile)

@@ -12,9 +12,10 @@ A *busy* tenant is not an idle one. Concurrency-limited clients (an SDK with N r
 flight, a batch job with N workers) send their next request a moment after one finishes; their
 queue empties not because they stopped asking but because everything they sent was dispatched.
 Lifting such a tenant to the floor on every arrival would throw away, again and again, the
-lead its weight earned it. So the lift keeps a bounded credit for a tenant that *resubmits*
-(its request arrives within ``follow_s`` of one of its own requests finishing, or takes over a
-slot held for it, see :class:`gateway.core.DispatchCore`):
+lead its weight earned it. So the lift keeps a bounded credit for a tenant that *resubmits*:
+one whose arrivals mostly come within ``follow_s`` (the dispatcher's hold time) of one of its
+own requests finishing (a moving average over its arrivals, > 1/2), or whose arrival takes over
+a slot held for it (see :class:`gateway.core.DispatchCore`):
 
 * ``c[t] = max(c[t], floor - credit[t])`` with ``credit[t]`` the expected cost of t's requests
   in flight and of those whose slot is held for it (``(w_in * prompt + w_out * expected

@@ -8,6 +8,7 @@ release the slot, in a ``finally`` that runs whatever happens.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -71,6 +72,18 @@ async def forward(
     def charge(n: int) -> None:  # per output token: the scheduler, admission's view of it
         dispatcher.on_output(job, grant, n, proc.prompt_tokens)
 
+    released = False
+
+    def upstream_done() -> None:
+        """The backend finished the request: free its slot before the client reads the end
+        (a client that sends its next request on seeing it finds this one released)."""
+        nonlocal released
+        if grant is not None and not released:
+            released = True
+            if proc.prompt_tokens is not None:
+                job.prompt_tokens = proc.prompt_tokens
+            dispatcher.release(job, grant, ran=True, output_tokens=proc.reported_completion)
+
     proc = ChunkProcessor(job, fmt, charge, state.counter)
     try:
         while grant is not None:
@@ -82,7 +95,9 @@ async def forward(
                 ) as stream:
                     ran = True
                     state.pool.record_success(backend)
-                    outcome, response = await _relay(request, state, job, proc, stream, backend)
+                    outcome, response = await _relay(
+                        request, state, job, proc, stream, backend, upstream_done
+                    )
                     return response
             except BackendUnreachable as exc:
                 state.pool.record_failure(backend, exc.kind)
@@ -98,7 +113,9 @@ async def forward(
     finally:
         if proc.prompt_tokens is not None:
             job.prompt_tokens = proc.prompt_tokens
-        if grant is not None:  # reconciled with the backend's own output count when it sent one
+        if released:
+            pass  # released when the backend finished (upstream_done)
+        elif grant is not None:  # reconciled with the backend's own output count if it sent one
             dispatcher.release(job, grant, ran=ran, output_tokens=proc.reported_completion)
         else:  # move() found no other backend and already returned the reservation
             dispatcher.abandon(job)
@@ -117,6 +134,7 @@ async def _relay(
     proc: ChunkProcessor,
     stream: UpstreamStream,
     backend: str,
+    upstream_done: Callable[[], None],
 ) -> tuple[Outcome, web.StreamResponse]:
     """Relay one started upstream stream; return the outcome and the client's response."""
     fmt = proc.fmt
@@ -165,6 +183,7 @@ async def _relay(
         await resp.write(sse_error_event(msg, "upstream_error", 502) + DONE)
         await resp.write_eof()
         return "backend_error", resp
+    upstream_done()
     if resp is None:
         return "ok", web.json_response(proc.assembled(job.model))
     await resp.write(DONE)
