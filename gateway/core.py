@@ -19,12 +19,15 @@ arrived::
 Holding a slot for a busy tenant's next request: a closed-loop client (an SDK with N requests
 in flight, a batch job with N workers) sends its next request a moment after one finishes. If
 the slot that request frees went at once to whoever waits, such a tenant would lose a slot on
-every completion, whatever its weight. So when a request ends and its tenant has nothing
-queued but would be served first if it had (``Scheduler.entitled``), its reservation is kept
-for ``hold_s`` seconds: the tenant's next request releases it and the fair order decides, or
-it lapses (:meth:`DispatchCore.expire_holds`) and the slot goes to the queue. At most one hold
-per finished request, never while nothing else waits; a backend cannot start a freed slot's
-next request before its next engine step anyway, so a hold shorter than a step costs little.
+every completion, whatever its weight (requests of one size even finish in lockstep, and then
+every freed slot is gone before the resubmissions arrive). So when a request of a tenant that
+resubmits (``Scheduler.resubmits``) ends, the core expects its next request for ``hold_s``
+seconds. While it is expected, the pump does not give a slot to the head of the fair order if
+the expected tenant would be served first (``Scheduler.entitled``): it books a slot for it
+instead (a *hold*). The tenant's next request releases the hold and the fair order decides;
+an expectation that is not met lapses (:meth:`DispatchCore.expire_holds`) with its hold. A
+backend cannot start a freed slot's next request before its next engine step anyway, so a
+hold shorter than a step costs little; ``hold_s = 0`` turns all of this off.
 
 Reservation arithmetic: a request books ``prompt + reserved output`` tokens, the reserved output
 being ``max_tokens`` (or the configured default) capped by what the context leaves after the
@@ -62,11 +65,13 @@ class Grant:
 
 @dataclass(slots=True)
 class Hold:
-    """A finished request's slot kept for its tenant's next request until ``until``."""
+    """The expected next request of a resubmitting tenant, until ``until``: ``job`` is the
+    request that finished (its size books the slot), ``grant`` the slot held for the next one
+    (None until the pump holds one)."""
 
     job: Job
-    grant: Grant
     until: float
+    grant: Grant | None = None
 
 
 class DispatchCore:
@@ -109,9 +114,9 @@ class DispatchCore:
         self.hold_s = hold_s
         #: called with the expiry time of each new hold (the owner calls expire_holds then)
         self.on_hold = on_hold
-        self._holds: list[Hold] = []  # in order of expiry
-        self.holds_total = 0  # holds taken
-        self.holds_used = 0  # holds released by their tenant's next request
+        self._holds: list[Hold] = []  # expected requests, in order of expiry
+        self.holds_total = 0  # slots held
+        self.holds_used = 0  # held slots released by their tenant's next request
 
     # -- tenants and pools -------------------------------------------------------------------
     def set_tenant(self, name: str, weight: float) -> None:
@@ -156,10 +161,8 @@ class DispatchCore:
         if self._holds:
             for i, hold in enumerate(self._holds):
                 if hold.job.tenant == job.tenant and hold.job.model == job.model:
-                    del self._holds[i]
-                    self.holds_used += 1
-                    pool.unhold(hold.job)
-                    self.admission.release(hold.grant.reservation)
+                    del self._holds[i]  # the expected request came
+                    self._end_hold(hold, used=True)
                     break
 
     def cancel(self, job: Job) -> bool:
@@ -197,22 +200,25 @@ class DispatchCore:
         pool = self._pools[job.model]
         pool.finish(job, now, ran=ran, output_tokens=output_tokens)
         self.running[job.tenant] -= 1
-        if ran and self.hold_s > 0 and grant.backend.healthy:
-            pool.hold(job)
-            if pool.entitled(job.tenant, now):
-                until = now + self.hold_s
-                self._holds.append(Hold(job, grant, until))
-                self.holds_total += 1
-                if self.on_hold is not None:
-                    self.on_hold(until)
-                return
-            pool.unhold(job)
         self.admission.release(grant.reservation)
+        if ran and self.hold_s > 0 and pool.resubmits(job.tenant):
+            pool.hold(job)  # counts in the tenant's credit while its next request is expected
+            until = now + self.hold_s
+            self._holds.append(Hold(job, until))
+            if self.on_hold is not None:
+                self.on_hold(until)
         self.pump_backend(grant.backend)
+
+    def _end_hold(self, hold: Hold, used: bool) -> None:
+        self._pools[hold.job.model].unhold(hold.job)
+        if hold.grant is not None:
+            self.admission.release(hold.grant.reservation)
+            if used:
+                self.holds_used += 1
 
     def held(self) -> int:
         """Slots held for busy tenants' next requests right now."""
-        return len(self._holds)
+        return sum(1 for h in self._holds if h.grant is not None)
 
     def next_hold_expiry(self) -> float | None:
         return self._holds[0].until if self._holds else None
@@ -230,10 +236,10 @@ class DispatchCore:
             return
         self._holds = keep
         for hold in freed:
-            self._pools[hold.job.model].unhold(hold.job)
-            self.admission.release(hold.grant.reservation)
+            self._end_hold(hold, used=False)
         for hold in freed:
-            self.pump_backend(hold.grant.backend)
+            if hold.grant is not None:
+                self.pump_backend(hold.grant.backend)
 
     def abandon(self, job: Job) -> None:
         """The job never ran and holds no reservation (see :meth:`move`): refund it."""
@@ -276,6 +282,24 @@ class DispatchCore:
         finally:
             observe(time.perf_counter() - start)
 
+    def _hold_for(self, sched: Scheduler, model: str, now: float) -> bool:
+        """Book a slot for the first expected request (of ``model``'s pool, not yet holding
+        one) whose tenant would be served before the head; True if one was booked."""
+        for hold in self._holds:
+            finished = hold.job
+            if hold.grant is None and finished.model == model and hold.until > now:
+                if not sched.entitled(finished.tenant, now):
+                    continue
+                tokens = finished.prompt_tokens + finished.max_tokens
+                backend = self.admission.place(model, tokens, prompt=finished.prompt_tokens)
+                if backend is None:
+                    return False
+                reservation = self.admission.reserve(backend, tokens, finished.prompt_tokens)
+                hold.grant = Grant(backend, reservation)
+                self.holds_total += 1
+                return True
+        return False
+
     def _pump(self, sched: Scheduler, model: str) -> None:
         now = self.clock()
         admission = self.admission
@@ -287,6 +311,8 @@ class DispatchCore:
             if is_live is not None and not is_live(job):
                 sched.cancel(job, now)  # its owner is gone and will withdraw it
                 continue
+            if self._holds and self._hold_for(sched, model, now):
+                continue  # a slot went to a resubmitting tenant that precedes the head
             tokens = job.prompt_tokens + job.max_tokens
             backend = admission.place(model, tokens, prompt=job.prompt_tokens)
             if backend is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from gateway.admission import KV_ADMISSION_MODES
 from gateway.scheduler import POLICIES, Prices
 
-from .workloads import BUILTIN, PAPER_SUITE, Workload, load_workload
+from .workloads import BUILTIN, CLOSED_LOOP, PAPER_SUITE, Workload, load_workload
 
 DEFAULT_OUT = "lab-results"
 
@@ -43,8 +43,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload",
         required=True,
-        help=f"a built-in name ({', '.join(BUILTIN)}), 'paper' for all of them, a .csv or "
-        ".yaml file; several separated by commas",
+        help=f"a built-in name ({', '.join(BUILTIN)}), 'paper' for the paper's suite, "
+        "'closed' for the closed-loop cases, a .csv or .yaml file; several separated by commas",
     )
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="workload seed (default: 42)")
@@ -88,6 +88,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument(
         "--rpm-limit", type=int, default=5, help="requests/min per tenant for rpm (default 5)"
     )
+    sim.add_argument(
+        "--hold-ms",
+        type=float,
+        default=50.0,
+        help="how long a finished request's slot waits for a resubmitting tenant's next "
+        "request (the gateway's scheduler.hold_ms; default 50, 0 = never)",
+    )
     sim.set_defaults(func=run_simulate)
 
     rep = lab_sub.add_parser("replay", help="send the workload over HTTP to a running gateway")
@@ -112,7 +119,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _workloads(args: argparse.Namespace) -> list[Workload]:
     specs: list[str] = []
     for spec in str(args.workload).split(","):
-        specs.extend(PAPER_SUITE if spec == "paper" else [spec])
+        if spec == "paper":
+            specs.extend(PAPER_SUITE)
+        elif spec == "closed":
+            specs.extend(CLOSED_LOOP)
+        else:
+            specs.append(spec)
     weights = _weights(args.weight)
     out = []
     for spec in specs:
@@ -166,6 +178,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         rpm_limit=args.rpm_limit,
         prices=prices,
         kv_admission=args.kv_admission,
+        hold_s=args.hold_ms / 1000,
     )
     try:
         config.engine_config()

@@ -153,28 +153,35 @@ async def replay_workload(
     progress: ProgressFn | None = None,
     synth: PromptSynth | None = None,
 ) -> list[RequestRecord]:
-    """Send every request of ``workload`` at its (scaled) time; one record per request."""
+    """Send every request of ``workload`` at its (scaled) time, and run its closed-loop clients
+    (each keeps its concurrency of requests outstanding, sending the next ``think`` seconds
+    after one ends, until the client's end); one record per request, open-loop ones first."""
     if speed <= 0:
         raise ValueError("speed must be > 0")
-    missing = sorted({r.tenant for r in workload.requests} - set(keys))
+    tenants_used = {r.tenant for r in workload.requests} | {c.name for c in workload.closed}
+    missing = sorted(tenants_used - set(keys))
     if keys and missing:
         raise ReplayError(f"no API key for tenant(s) {', '.join(missing)} in the tenants file")
     synth = synth or PromptSynth()
     chat = endpoint == "chat"
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    bodies = []
-    for i, r in enumerate(workload.requests):
+
+    def make_body(prompt_tokens: int, output_tokens: int, i: int) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "max_tokens": r.output_tokens,
+            "max_tokens": output_tokens,
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         if chat:
-            body["messages"] = [{"role": "user", "content": synth.chat_text(r.prompt_tokens, i)}]
+            body["messages"] = [{"role": "user", "content": synth.chat_text(prompt_tokens, i)}]
         else:
-            body["prompt"] = synth.text(r.prompt_tokens, i)
-        bodies.append(body)
+            body["prompt"] = synth.text(prompt_tokens, i)
+        return body
+
+    bodies = [
+        make_body(r.prompt_tokens, r.output_tokens, i) for i, r in enumerate(workload.requests)
+    ]
     records = [
         RequestRecord(r.tenant, r.arrival_s, None, None, r.prompt_tokens, r.output_tokens, "ok")
         for r in workload.requests
@@ -209,14 +216,47 @@ async def replay_workload(
                 if progress is not None:
                     progress(done, total)
 
-        tasks = []
+        async def closed_loop(ci: int) -> None:
+            """One worker of a closed-loop client: request, wait for the answer, think, again."""
+            nonlocal done, total
+            client_spec = workload.closed[ci]
+            end = workload.closed_end(client_spec)
+            key = keys.get(client_spec.name, "")
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            delay = start + client_spec.start / speed - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            while now() < end:
+                prompt, output, think = next(sizes[ci])
+                rec = RequestRecord(client_spec.name, now(), None, None, prompt, output, "ok")
+                closed_records.append(rec)
+                total += 1
+                body = dict(make_body(prompt, output, len(closed_records)), model=model_name)
+                try:
+                    await _stream_one(client, path, body, headers, rec, now)
+                except httpx.HTTPError:
+                    rec.status = "error"
+                    rec.finish_s = now()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                if think > 0:
+                    await asyncio.sleep(think / speed)
+
+        closed_records: list[RequestRecord] = []
+        sizes = [c.sizes(workload.seed, ci) for ci, c in enumerate(workload.closed)]
+        tasks = [
+            asyncio.create_task(closed_loop(ci))
+            for ci, c in enumerate(workload.closed)
+            for _ in range(c.concurrency)
+        ]
         for i, req in enumerate(workload.requests):
             delay = start + req.arrival_s / speed - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
-    return records
+    return records + sorted(closed_records, key=lambda r: r.arrival_s)
 
 
 async def _stream_one(

@@ -224,6 +224,11 @@ class Scheduler(ABC):
     def _finished(self, job: Job, now: float, ran: bool) -> None:
         """Hook: a dispatched job finished (predictors learn here, from jobs that ran)."""
 
+    def resubmits(self, tenant: str) -> bool:
+        """Does ``tenant`` behave as a closed-loop client (its next request typically comes
+        right after one of its requests finishes)? False for policies without a lift."""
+        return False
+
     def entitled(self, tenant: str, now: float) -> bool:
         """Would ``tenant``, whose queue is empty, be served before the head of the fair order
         if it had a request waiting? (Decides whether a slot its finished request frees is

@@ -174,10 +174,14 @@ class VTCScheduler(Scheduler):
     def lift_stats(self) -> dict[str, tuple[int, float]]:
         return {t: (int(c), u) for t, (c, u) in self._lifts.items()}
 
+    def resubmits(self, tenant: str) -> bool:
+        q = self._queues.get(tenant)
+        return q is not None and q.follows
+
     def entitled(self, tenant: str, now: float) -> bool:
         q = self._queues.get(tenant)
-        if q is None or q.jobs or not q.follows:
-            return False  # it has work queued, or it does not resubmit: nothing to hold for
+        if q is None or q.jobs:
+            return False  # its queued work competes in the fair order itself
         top = self._top()
         if top is None:
             return False  # nobody waits: a free slot stays free for its next request anyway

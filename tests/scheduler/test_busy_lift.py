@@ -37,10 +37,17 @@ def test_an_idle_tenant_gets_the_papers_lift() -> None:
     assert s.lift_stats()["b"] == (1, 500.0)
 
 
+def resubmitting(s: VTCScheduler, tenant: str, now: float) -> None:
+    """Mark ``tenant`` as a closed-loop client (its recent arrivals followed its finishes)."""
+    q = s._queues[tenant]
+    q.resubmits, q.follows = 1.0, True
+
+
 def test_a_resubmitting_busy_tenant_keeps_credit_for_its_work_in_flight() -> None:
     s, _b1, _b2 = busy_pair()
+    resubmitting(s, "b", 1.0)
     before = s.counter("b")  # 30
-    s.submit(job("b", 1.01), 1.01)  # 10 ms after its own finish: a resubmission
+    s.submit(job("b", 1.01), 1.01)  # 10 ms after its own finish
     # credit = expected cost of the two requests in flight: 2 * (10 + 2 * 10) = 60
     assert s.counter("b") == 1000.0 - 60.0
     assert s.lift_stats()["b"] == (1, 1000.0 - 60.0 - before)
@@ -50,71 +57,104 @@ def test_a_busy_tenant_that_does_not_resubmit_is_lifted_fully() -> None:
     s, _b1, _b2 = busy_pair()
     s.submit(job("b", 2.0), 2.0)  # a second after its last finish: not a resubmission
     assert s.counter("b") == 1000.0
+    assert not s.resubmits("b")
 
 
-def test_entitled_only_for_a_resubmitting_tenant_behind_the_head() -> None:
+def test_resubmissions_are_recognised_from_the_arrival_pattern() -> None:
+    s = VTCScheduler()
+    s.follow_s = 0.05
+    t = 0.0
+    seen = []
+    for _ in range(6):  # each request arrives 10 ms after the previous one finished
+        j = job("a", t)
+        s.submit(j, t)
+        s.pop(t)
+        t += 1.0
+        s.finish(j, t)
+        t += 0.01
+        seen.append(s.resubmits("a"))
+    assert seen[0] is False and seen[-1] is True
+    for _ in range(6):  # then requests come 1 s after a finish: no longer a closed loop
+        j = job("a", t)
+        s.submit(j, t)
+        s.pop(t)
+        t += 1.0
+        s.finish(j, t)
+        t += 1.0
+    assert not s.resubmits("a")
+
+
+def test_entitled_when_its_next_request_would_precede_the_head() -> None:
     s, b1, _b2 = busy_pair()
-    s.submit(job("b", 1.01), 1.01)
-    s.pop(1.02)  # b is behind a: its request goes first, its queue empties
+    resubmitting(s, "b", 1.0)
     s.finish(b1, 1.03)
-    assert s.entitled("b", 1.03)  # its next request would be served before a's head
-    assert not s.entitled("a", 1.03)  # a has requests queued
+    assert s.entitled("b", 1.03)  # b (30 + credit) is far behind a's head (1000)
+    assert not s.entitled("a", 1.03)  # a has requests queued: they compete themselves
     s._counters["b"] = 2000.0
     assert not s.entitled("b", 1.03)  # ahead of a even with its credit
 
 
-def core_with(
-    seqs: int, hold_s: float
-) -> tuple[DispatchCore, list[tuple[Job, Grant]], list[float]]:
+def make_core(seqs: int, hold_s: float) -> tuple[DispatchCore, list[Job], list[float]]:
     slots = BackendSlots("x", frozenset({"m"}), max_num_seqs=seqs, max_kv_tokens=10_000)
-    grants: list[tuple[Job, Grant]] = []
+    granted: list[Job] = []
+    grants: dict[int, Grant] = {}
     timers: list[float] = []
-    now = [0.0]
+    clock = [0.0]
+
+    def on_grant(j: Job, g: Grant) -> None:
+        granted.append(j)
+        grants[id(j)] = g
+
     core = DispatchCore(
         AdmissionController([slots]),
-        lambda j, g: grants.append((j, g)),
-        clock=lambda: now[0],
+        on_grant,
+        clock=lambda: clock[0],
         hold_s=hold_s,
         on_hold=timers.append,
     )
-    core.clock = lambda: now[0]
-    core.now = now  # type: ignore[attr-defined]
+    core.test_clock = clock  # type: ignore[attr-defined]
+    core.test_grants = grants  # type: ignore[attr-defined]
     for t in ("a", "b"):
         core.set_tenant(t, 1.0)
-    return core, grants, timers
+    return core, granted, timers
 
 
-def test_core_holds_the_slot_for_the_resubmitting_tenant_and_lets_it_lapse() -> None:
-    core, grants, timers = core_with(seqs=2, hold_s=0.05)
-    now = core.now  # type: ignore[attr-defined]
-    for t in ("b", "b"):
-        core.submit(job(t, 0.0))
-    core.pump("m")
-    assert [j.tenant for j, _ in grants] == ["b", "b"]
-    # b's second request is a resubmission of a finished one (b "follows")
-    first_job, first_grant = grants[0]
-    now[0] = 1.0
-    core.release(first_job, first_grant)  # nobody waits: plain release, the slot is free
-    assert core.held() == 0
-    now[0] = 1.01
-    core.submit(job("b", 1.01))  # follows b's finish
+def test_core_holds_a_slot_for_an_expected_request_that_precedes_the_head() -> None:
+    core, granted, timers = make_core(seqs=1, hold_s=0.05)
+    clock, grants = core.test_clock, core.test_grants  # type: ignore[attr-defined]
+    pool = core.pool("m")
+    b_job = job("b", 0.0)
+    core.submit(b_job)
     core.pump("m")
     for _ in range(3):
-        core.submit(job("a", 1.01))
+        core.submit(job("a", 0.0))
+    core.pump("m")  # the only slot is b's
+    assert granted == [b_job]
+    resubmitting(pool, "b", 0.0)  # type: ignore[arg-type]
+    pool._counters["a"] = 1000.0  # a far ahead of b
+    clock[0] = 1.0
+    core.release(b_job, grants[id(b_job)])  # b's next request is expected: the slot waits
+    assert granted == [b_job] and core.held() == 1 and timers == [1.05]
+    assert core.admission.in_flight() == 1  # the held slot stays booked
+    clock[0] = 1.01
+    b_next = job("b", 1.01)
+    core.submit(b_next)  # it came: the hold is released, the fair order gives the slot to b
     core.pump("m")
-    core.pool("m")._counters["a"] = 1000.0  # a far ahead of b
-    j, g = grants[1]
-    now[0] = 2.0
-    core.release(j, g)  # b's queue is empty but it resubmits and is behind a: hold
-    assert core.held() == 1 and timers == [2.05]
-    assert core.admission.in_flight() == 2  # the held slot stays booked
-    now[0] = 2.01
-    core.submit(job("b", 2.01))  # b's next request takes the hold over; the fair order
-    core.pump("m")  # gives the slot to b (behind a)
-    assert core.held() == 0 and grants[-1][0].tenant == "b"
-    j, g = grants[-1]
-    now[0] = 3.0
-    core.release(j, g)
-    assert core.held() == 0 or core.next_hold_expiry() == 3.05
-    core.expire_holds(3.05)  # lapses: a gets the slot
-    assert core.held() == 0 and grants[-1][0].tenant == "a"
+    assert granted[-1] is b_next and core.held() == 0 and core.holds_used == 1
+    clock[0] = 2.0
+    core.release(b_next, grants[id(b_next)])
+    assert core.held() == 1  # expected again
+    core.expire_holds(2.05)  # it did not come: the slot goes to a
+    assert core.held() == 0 and granted[-1].tenant == "a"
+    assert core.holds_total == 2 and core.holds_used == 1
+
+
+def test_no_hold_without_resubmission_or_when_nobody_waits() -> None:
+    core, _granted, _timers = make_core(seqs=1, hold_s=0.05)
+    clock, grants = core.test_clock, core.test_grants  # type: ignore[attr-defined]
+    b_job = job("b", 0.0)
+    core.submit(b_job)
+    core.pump("m")
+    clock[0] = 1.0
+    core.release(b_job, grants[id(b_job)])  # b does not resubmit: nothing expected
+    assert core.next_hold_expiry() is None and core.admission.in_flight() == 0
