@@ -460,17 +460,24 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
     doc = yaml.safe_load(p.read_text())
     if not isinstance(doc, dict) or not isinstance(doc.get("clients"), list):
         raise ValueError(f"{p}: expected a mapping with a 'clients' list")
-    unknown = set(doc) - {"name", "duration", "seed", "clients"}
+    unknown = set(doc) - {"name", "duration", "seed", "clients", "max_num_seqs"}
     if unknown:
         raise ValueError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}")
     duration = doc.get("duration")
     if not isinstance(duration, int | float) or duration <= 0:
         raise ValueError(f"{p}: 'duration' must be a positive number, got {duration!r}")
+    slots = doc.get("max_num_seqs")
+    if slots is not None and (not isinstance(slots, int) or slots < 1):
+        raise ValueError(f"{p}: 'max_num_seqs' must be an integer >= 1, got {slots!r}")
     clients: list[ClientSpec] = []
+    closed: list[ClosedClient] = []
     for i, raw in enumerate(doc["clients"]):
         where = f"{p}: clients[{i}]"
         if not isinstance(raw, dict):
             raise ValueError(f"{where}: expected a mapping")
+        if "concurrency" in raw:
+            closed.append(_closed_client(raw, i, where))
+            continue
         bad = set(raw) - _CLIENT_KEYS
         if bad:
             raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
@@ -495,7 +502,44 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
             )
         )
     use_seed = seed if seed is not None else int(doc.get("seed", 42))
-    return synthesize(str(doc.get("name", p.stem)), float(duration), clients, use_seed)
+    wl = synthesize(str(doc.get("name", p.stem)), float(duration), clients, use_seed)
+    for c in closed:
+        wl.tenants.setdefault(c.name, c.weight)
+    wl.closed, wl.seed, wl.max_num_seqs = closed, use_seed, slots
+    return wl
+
+
+_CLOSED_KEYS = {"name", "weight", "concurrency", "think", "prompt_tokens", "output_tokens"}
+
+
+def _closed_client(raw: dict[str, Any], i: int, where: str) -> ClosedClient:
+    """A closed-loop client of the YAML format (a client with ``concurrency``)."""
+    bad = set(raw) - _CLOSED_KEYS - {"start", "end"}
+    if bad:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+    n = raw["concurrency"]
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}.concurrency: expected an integer >= 1, got {n!r}")
+    weight = raw.get("weight", 1.0)
+    if not isinstance(weight, int | float) or weight <= 0:
+        raise ValueError(f"{where}.weight: expected > 0, got {weight!r}")
+    think = raw.get("think", 0.0)
+    ok = isinstance(think, int | float) and think >= 0
+    if isinstance(think, list) and len(think) == 2:
+        ok = all(isinstance(v, int | float) and v >= 0 for v in think) and think[0] <= think[1]
+        think = (float(think[0]), float(think[1]))
+    if not ok:
+        raise ValueError(f"{where}.think: expected seconds >= 0 or [lo, hi], got {think!r}")
+    return ClosedClient(
+        name=str(raw.get("name", f"client-{i + 1}")),
+        concurrency=n,
+        think=think if isinstance(think, tuple) else float(think),
+        prompt_tokens=_tokens_spec(raw.get("prompt_tokens", 256), f"{where}.prompt_tokens"),
+        output_tokens=_tokens_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
+        weight=float(weight),
+        start=float(raw.get("start", 0.0)),
+        end=None if raw.get("end") is None else float(raw["end"]),
+    )
 
 
 def load_workload(

@@ -53,8 +53,9 @@ class _Queue:
     def __init__(self) -> None:
         self.jobs: OrderedDict[int, Job] = OrderedDict()  # seq -> job, FIFO
         self.version = 0
-        self.running: set[Job] = set()  # dispatched, not finished
-        self.held: set[Job] = set()  # finished, their slot held for the tenant's next request
+        # in dispatch order (seq -> job), so that sums over them are reproducible
+        self.running: dict[int, Job] = {}  # dispatched, not finished
+        self.held: dict[int, Job] = {}  # finished, the tenant's next request expected
         self.last_finish = float("-inf")  # when one of the tenant's requests last finished
         #: moving average of "this arrival came right after one of the tenant's finishes"
         self.resubmits = 0.0
@@ -153,7 +154,7 @@ class VTCScheduler(Scheduler):
         cost = self.prices.cost
         total = 0.0
         for jobs in (q.running, q.held):
-            for job in jobs:
+            for job in jobs.values():
                 total += cost(job.prompt_tokens, max(job.expected_output, job.output_tokens))
         return total / self._weights.get(tenant, 1.0)
 
@@ -192,12 +193,12 @@ class VTCScheduler(Scheduler):
     def hold(self, job: Job) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.held.add(job)
+            q.held[job.seq] = job
 
     def unhold(self, job: Job) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.held.discard(job)
+            q.held.pop(job.seq, None)
 
     def peek(self, now: float) -> Job | None:
         top = self._top()
@@ -212,7 +213,7 @@ class VTCScheduler(Scheduler):
         self._total -= 1
         self._predict(job)
         self._dispatched(job, now)  # raises the counter: the heap is not touched (lazy)
-        q.running.add(job)
+        q.running[job.seq] = job
         if q.jobs:  # the tenant stays backlogged: re-key its entry at the top in one sift
             q.version += 1
             heapq.heapreplace(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
@@ -236,7 +237,7 @@ class VTCScheduler(Scheduler):
     def _finished(self, job: Job, now: float, ran: bool) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.running.discard(job)
+            q.running.pop(job.seq, None)
             q.last_finish = now
         if not ran:
             return  # refused before it ran: no evidence about the tenant's output lengths

@@ -9,6 +9,8 @@ gives.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.lab.metrics import service_in
@@ -73,3 +75,40 @@ def test_a_tenant_bursting_after_a_quiet_period_does_not_starve_the_other() -> N
     # busy tenant afterwards
     count, _units = run.lifts["a"]
     assert count >= 5
+
+
+def test_yaml_closed_loop_clients(tmp_path: Path) -> None:
+    path = tmp_path / "mix.yaml"
+    path.write_text(
+        "duration: 60\nmax_num_seqs: 7\nclients:\n"
+        "  - {name: sdk, weight: 2, concurrency: 8, think: [0, 0.01], output_tokens: 250}\n"
+        "  - {name: web, rate: 0.5}\n"
+    )
+    wl = load_workload(str(path))
+    assert wl.max_num_seqs == 7 and wl.tenants == {"web": 1.0, "sdk": 2.0}
+    (sdk,) = wl.closed
+    assert (sdk.concurrency, sdk.think, sdk.output_tokens) == (8, (0.0, 0.01), 250)
+    assert {r.tenant for r in wl.requests} == {"web"}
+    run = simulate(wl, "vtc", SimConfig())
+    sent = [r for r in run.records if r.tenant == "sdk"]
+    assert len(sent) > 8 and all(r.status == "ok" for r in run.records)
+    # the same sizes in every run: the n-th request of a client is drawn from its own stream
+    again = simulate(load_workload(str(path)), "fcfs", SimConfig())
+    assert [r.prompt_tokens for r in sent[:8]] == [
+        r.prompt_tokens for r in again.records if r.tenant == "sdk"
+    ][:8]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("{name: x, concurrency: 0}", "concurrency"),
+        ("{name: x, concurrency: 2, think: -1}", "think"),
+        ("{name: x, concurrency: 2, rate: 1}", "unknown key"),
+    ],
+)
+def test_yaml_closed_loop_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"duration: 60\nclients:\n  - {body}\n")
+    with pytest.raises(ValueError, match=message):
+        load_workload(str(path))

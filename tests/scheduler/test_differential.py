@@ -41,6 +41,7 @@ class RefJob:
     seq: int
     output: int = 0
     predicted: int = 0
+    expected: int = 0
     charged: float = 0.0
     charged_cost: float = 0.0
     dispatched: bool = False
@@ -58,6 +59,20 @@ class RefVTC:
     history: dict[str, deque[int]] = field(default_factory=dict)
     last_left: str | None = None
     seq: int = 0
+    follow_s: float = 2.0
+    running: dict[str, list[RefJob]] = field(default_factory=dict)
+    last_finish: dict[str, float] = field(default_factory=dict)
+    resubmits: dict[str, float] = field(default_factory=dict)
+
+    def credit(self, t: str) -> float:
+        """Busy-tenant credit: the expected cost of its running jobs when it resubmits."""
+        running = self.running.get(t, [])
+        if not running or self.resubmits.get(t, 0.0) <= 0.5:
+            return 0.0
+        total = 0.0
+        for j in running:
+            total += self.prices.cost(j.prompt, max(j.expected, j.output))
+        return total / self.weights.get(t, 1.0)
 
     def set_tenant(self, t: str, w: float = 1.0) -> None:
         self.weights[t] = float(w)
@@ -66,12 +81,14 @@ class RefVTC:
     def backlogged(self) -> list[str]:
         return [t for t, q in self.queues.items() if q]
 
-    def submit(self, t: str, prompt: int, max_tokens: int) -> RefJob:
+    def submit(self, t: str, prompt: int, max_tokens: int, now: float) -> RefJob:
         if t not in self.weights:
             self.set_tenant(t)
         self.seq += 1
         j = RefJob(t, prompt, max_tokens, self.seq)
         q = self.queues.setdefault(t, [])
+        follows = now - self.last_finish.get(t, float("-inf")) <= self.follow_s
+        self.resubmits[t] = 0.75 * self.resubmits.get(t, 0.0) + (0.25 if follows else 0)
         if not q and self.lift:
             others = [k for k in self.backlogged() if k != t]
             floor: float | None = None
@@ -79,8 +96,10 @@ class RefVTC:
                 floor = min(self.counters[k] for k in others)
             elif self.last_left is not None:
                 floor = self.counters[self.last_left]
-            if floor is not None and floor > self.counters[t]:
-                self.counters[t] = floor
+            if floor is not None:
+                target = floor - self.credit(t)
+                if target > self.counters[t]:
+                    self.counters[t] = target
         q.append(j)
         return j
 
@@ -110,10 +129,12 @@ class RefVTC:
         q.pop(0)
         if not q:
             self.last_left = j.tenant
+        hist = self.history.get(j.tenant)
+        j.expected = min(j.max_tokens, round(sum(hist) / len(hist))) if hist else j.max_tokens
         if self.predict:
-            hist = self.history.get(j.tenant)
-            j.predicted = min(j.max_tokens, round(sum(hist) / len(hist))) if hist else j.max_tokens
+            j.predicted = j.expected
         j.dispatched = True
+        self.running.setdefault(j.tenant, []).append(j)
         self._charge(j, self.prices.cost(j.prompt, j.predicted))
         return j
 
@@ -126,15 +147,17 @@ class RefVTC:
         if beyond:
             self._charge(j, self.prices.output * beyond)
 
-    def finish(self, j: RefJob, ran: bool) -> None:
+    def finish(self, j: RefJob, ran: bool, now: float) -> None:
         if not j.dispatched:
             return
+        self.running[j.tenant].remove(j)
+        self.last_finish[j.tenant] = now
         if ran:
             self._charge(j, self.prices.cost(j.prompt, j.output) - j.charged_cost)
         else:
             j.charged_cost = 0.0
             self._units(j, -j.charged)
-        if ran and self.predict:
+        if ran:
             self.history.setdefault(j.tenant, deque(maxlen=self.window)).append(j.output)
 
     def cancel(self, j: RefJob) -> bool:
@@ -160,6 +183,7 @@ class Pair:
     def __init__(self, policy: str, prices: Prices) -> None:
         cls, lift, predict = POLICIES[policy]
         self.real = cls(prices)
+        self.real.follow_s = 2.0  # ops are 0.25 s apart: arrivals soon after a finish follow it
         self.ref = RefVTC(prices, lift=lift, predict=predict)
         self.queued: list[tuple[Job, RefJob]] = []
         self.running: list[tuple[Job, RefJob]] = []
@@ -177,7 +201,7 @@ class Pair:
     def submit(self, t: str, prompt: int, max_tokens: int) -> None:
         j = Job(tenant=t, prompt_tokens=prompt, max_tokens=max_tokens, arrival=self.tick())
         self.real.submit(j, self.now)
-        r = self.ref.submit(t, prompt, max_tokens)
+        r = self.ref.submit(t, prompt, max_tokens, self.now)
         assert j.seq == r.seq
         self.queued.append((j, r))
 
@@ -212,7 +236,7 @@ class Pair:
         if ran:  # the backend's usage may correct the prompt estimate
             j.prompt_tokens = r.prompt = max(0, j.prompt_tokens + prompt_delta)
         self.real.finish(j, self.tick(), ran=ran)
-        self.ref.finish(r, ran)
+        self.ref.finish(r, ran, self.now)
         self.done.append(pair)
 
     def cancel(self, i: int, which: str) -> None:

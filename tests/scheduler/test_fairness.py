@@ -231,3 +231,59 @@ def test_newcomer_gap_with_lift_stays_within_u() -> None:
     sched.submit(make_job("c", 20, 20, loop.now), loop.now)
     sched.submit(make_job("c", 20, 20, loop.now), loop.now)
     assert sched.counter("c") == min(sched.counter("a"), sched.counter("b"))
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    sc=scenarios(),
+    quiet=st.integers(20, 200),
+    trickle=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    burst=st.integers(2, 8),
+    w_x=st.sampled_from([1.0, 2.0]),
+)
+def test_catch_up_after_a_demand_limited_period_is_bounded_by_the_credit(
+    sc: Scenario, quiet: int, trickle: tuple[int, int], burst: int, w_x: float
+) -> None:
+    """A tenant x keeps one request in flight (resubmitting the moment it ends) while the
+    scenario's tenants flood, then bursts. Its arrivals are resubmissions, so the lift leaves
+    it up to its credit C (the expected cost of its work in flight) below the floor instead of
+    at the floor: when the burst arrives to an empty queue x is at most C below every
+    backlogged counter, and
+    from then on, while everyone is backlogged, x's weighted service stays within
+    2 * (U + C) / min weight of every other tenant's (the 2U bound plus the catch-up)."""
+    sched = VTCScheduler(sc.prices)
+    sched.follow_s = 1.0  # one tick: x's resubmission follows its finish
+    for t, w in sc.weights.items():
+        sched.set_tenant(t, w)
+    sched.set_tenant("x", w_x)
+    loop = backlogged_loop(sched, sc.shapes, max_seqs=sc.max_seqs, kv_tokens=sc.kv + sum(trickle))
+    refill = loop.refill
+    assert refill is not None
+    loop.refill = lambda t, now: None if t == "x" else refill(t, now)  # x sends by itself
+    prompt, output = trickle
+    c_max = sc.prices.cost(prompt, output) / w_x  # x never has more than one job in flight
+    sched.submit(make_job("x", prompt, output, 0), 0)
+    for _ in range(quiet):
+        loop.tick()
+        if sched.queued("x") == 0 and not any(j.tenant == "x" for j in loop.running):
+            sched.submit(make_job("x", prompt, output, loop.now), loop.now)
+    # the burst: x's next arrivals come while its last request may still be in flight
+    floor = min(sched.counter(t) for t in sc.shapes)
+    arrives_to_empty_queue = sched.queued("x") == 0
+    for _ in range(burst):
+        sched.submit(make_job("x", prompt, output, loop.now), loop.now)
+    if arrives_to_empty_queue:  # lifted to at least the floor less its credit
+        assert sched.counter("x") >= floor - c_max - 1e-9
+    tenants = sorted(sc.shapes)
+    start = {t: loop.service.get(t, 0.0) for t in [*tenants, "x"]}
+    weights = {**sc.weights, "x": w_x}
+    u = max(sc.u, sc.prices.input * prompt, sc.prices.output * (sc.kv + sum(trickle)))
+    for _ in range(60):
+        loop.tick()
+        if sched.queued("x") == 0:
+            break  # x's burst is served: the premise (x backlogged) ends
+        for g in tenants:
+            bound = 2 * (u + c_max * w_x) / min(w_x, weights[g])
+            dx = (loop.service.get("x", 0.0) - start["x"]) / w_x
+            dg = (loop.service.get(g, 0.0) - start[g]) / weights[g]
+            assert abs(dx - dg) <= bound + 1e-9, (g, dx, dg, bound)
