@@ -6,6 +6,8 @@ formulas (and in the same order, so floats agree bit for bit). Random sequences 
 on_output, finish (ran or not, with usage corrections), cancel (queued, running, finished) and
 weight changes are applied to both; after every op the picks, counters, per-job charges, queue
 counts and backlogged sets must agree exactly. Run for ``vtc``, ``lcf`` and ``vtc-predict``.
+The reference includes the lift's credit for a busy tenant that resubmits (ops are 0.25 s
+apart and ``follow_s`` is 2 s, so arrivals soon after a finish count as resubmissions).
 """
 
 from __future__ import annotations
