@@ -207,11 +207,12 @@ class BackendPool:
 
     # -- queries -----------------------------------------------------------------------------
     def snapshot(self) -> tuple[BackendSnapshot, ...]:
-        """Each backend's state and load as plain data (for the metrics collector)."""
+        """Each backend's state and load as plain data (for /health and the metrics)."""
         return tuple(
             BackendSnapshot(
                 name=st.name,
                 up=st.slots.healthy,
+                models=st.slots.models,
                 in_flight=st.slots.in_flight,
                 reserved_tokens=st.slots.reserved_tokens,
                 max_num_seqs=st.slots.max_num_seqs,

@@ -57,6 +57,7 @@ class PoolSnapshot:
 class BackendSnapshot:
     name: str
     up: bool
+    models: frozenset[str]
     in_flight: int
     reserved_tokens: int
     max_num_seqs: int
