@@ -56,11 +56,11 @@ class BackendPool:
         admission: AdmissionController,
         on_capacity: Callable[[BackendSlots], None],
         health_interval: float = 5.0,
-        queued_for: Callable[[frozenset[str]], int] | None = None,
+        queued_for: Callable[[BackendSlots], int] | None = None,
     ) -> None:
         """``on_capacity(slots)``: a backend has (more) room, dispatch to it;
-        ``queued_for(models)``: requests queued for those models (adaptive admission grows a
-        backend's cap only while its models have a queue)."""
+        ``queued_for(slots)``: requests queued for the models that backend serves (adaptive
+        admission grows its cap only while they have a queue)."""
         self.upstream = upstream
         self.admission = admission
         self._on_capacity = on_capacity
@@ -192,7 +192,7 @@ class BackendPool:
         if waiting is None or running is None:
             return
         before = st.slots.seq_cap
-        queued = self._queued_for(st.slots.models) if self._queued_for is not None else 0
+        queued = self._queued_for(st.slots) if self._queued_for is not None else 0
         if adapt_seq_cap(st.slots, int(waiting), int(running), queued):
             self._on_capacity(st.slots)
         if st.slots.seq_cap != before:
@@ -207,11 +207,12 @@ class BackendPool:
 
     # -- queries -----------------------------------------------------------------------------
     def snapshot(self) -> tuple[BackendSnapshot, ...]:
-        """Each backend's state and load as plain data (for the metrics collector)."""
+        """Each backend's state and load as plain data (for /health and the metrics)."""
         return tuple(
             BackendSnapshot(
                 name=st.name,
                 up=st.slots.healthy,
+                models=st.slots.models,
                 in_flight=st.slots.in_flight,
                 reserved_tokens=st.slots.reserved_tokens,
                 max_num_seqs=st.slots.max_num_seqs,

@@ -110,7 +110,7 @@ class BackendRejected(GatewayError):
         err = self.upstream_body.get("error")
         if isinstance(err, dict) and {"message", "type", "code"} <= set(err):
             return self.upstream_body
-        return error_body(self.message, self.type, self.status, self.param)
+        return super().body()
 
 
 class BackendError(GatewayError):

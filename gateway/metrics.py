@@ -57,6 +57,7 @@ class PoolSnapshot:
 class BackendSnapshot:
     name: str
     up: bool
+    models: frozenset[str]
     in_flight: int
     reserved_tokens: int
     max_num_seqs: int
@@ -171,26 +172,13 @@ class Recorder:
     ) -> None:
         self.registry = CollectorRegistry()
         self.stats = stats
-        self.queue_wait = Histogram(
-            "vtc_queue_wait_seconds",
-            "Time from arrival to dispatch.",
-            ["tenant"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.queue_wait = self._latency("vtc_queue_wait_seconds", "Time from arrival to dispatch.")
+        self.ttft = self._latency(
+            "vtc_time_to_first_token_seconds", "Time from arrival to the first output token."
         )
-        self.ttft = Histogram(
-            "vtc_time_to_first_token_seconds",
-            "Time from arrival to the first output token.",
-            ["tenant"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.e2e = Histogram(
+        self.e2e = self._latency(
             "vtc_e2e_request_latency_seconds",
             "Time from arrival to the end of a successful response.",
-            ["tenant"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
         self.decision = Histogram(
             "vtc_scheduler_decision_seconds",
@@ -200,6 +188,12 @@ class Recorder:
         )
         self.fairness = FairnessWindow(fairness_window_s)
         self.registry.register(_StateCollector(stats, snapshot, self.fairness, clock))
+
+    def _latency(self, name: str, documentation: str) -> Histogram:
+        """A per-tenant latency histogram in seconds."""
+        return Histogram(
+            name, documentation, ["tenant"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
 
 
 class _StateCollector(Collector):

@@ -44,15 +44,15 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     backends = [
         {
-            "name": st.name,
-            "up": st.slots.healthy,
-            "models": sorted(st.slots.models),
-            "in_flight": st.slots.in_flight,
-            "max_num_seqs": st.slots.max_num_seqs,
-            "reserved_tokens": st.slots.reserved_tokens,
-            "max_kv_tokens": st.slots.max_kv_tokens,
+            "name": b.name,
+            "up": b.up,
+            "models": sorted(b.models),
+            "in_flight": b.in_flight,
+            "max_num_seqs": b.max_num_seqs,
+            "reserved_tokens": b.reserved_tokens,
+            "max_kv_tokens": b.max_kv_tokens,
         }
-        for st in state.pool.states.values()
+        for b in state.pool.snapshot()
     ]
     up = any(b["up"] for b in backends) and not state.draining
     body = {

