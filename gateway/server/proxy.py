@@ -184,8 +184,7 @@ async def _relay(
                     # vocabulary, ...): the request's fault, answered as vLLM answers it
                     if resp is None:
                         raise BackendRejected(code, proc.error)
-                    await resp.write(_sse(proc.error) + DONE)
-                    await resp.write_eof()
+                    await _end(resp, _sse(proc.error) + DONE)
                     return "rejected_invalid", resp
                 message = err.get("message") if isinstance(err, dict) else None
                 raise StreamBroken(str(message or "backend error"))
@@ -202,15 +201,23 @@ async def _relay(
             return "backend_error", web.json_response(
                 error_body(msg, BackendError.type, 502), status=502
             )
-        await resp.write(sse_error_event(msg, BackendError.type, 502) + DONE)
-        await resp.write_eof()
+        await _end(resp, sse_error_event(msg, BackendError.type, 502) + DONE)
         return "backend_error", resp
     upstream_done()
     if resp is None:
         return "ok", web.json_response(proc.assembled(job.model))
-    await resp.write(DONE)
-    await resp.write_eof()
+    await _end(resp, DONE)
     return "ok", resp
+
+
+async def _end(resp: web.StreamResponse, data: bytes) -> None:
+    """Write the stream's last bytes; a client that closed meanwhile is no error (the outcome
+    was decided before)."""
+    try:
+        await resp.write(data)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
