@@ -7,7 +7,9 @@ cannot be reached starts *down* and is probed again by the health loop.
 
 A backend is marked down after ``failure_threshold`` consecutive failures to take a request
 (refused, 5xx before streaming); the health loop (``GET /health`` every ``health_interval_s``)
-brings it back and wakes the dispatcher.
+brings it back and wakes the dispatcher. A backend that comes back (after being down, or after
+a failure that may have been a restart: unreachable, broken stream) is discovered again before
+it takes work: a restarted vLLM may serve another context length or KV cache size.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class BackendState:
     slots: BackendSlots
     max_model_len: dict[str, int | None] = field(default_factory=dict)
     discovered: bool = False
+    #: something suggested a restart since the last discovery: discover again on next check
+    stale: bool = False
     failures: int = 0
     errors: dict[BackendErrorKind, int] = field(default_factory=dict)  # kind -> count
 
@@ -110,6 +114,7 @@ class BackendPool:
                 st.slots.max_kv_tokens,
             )
         st.discovered = True
+        st.stale = False
         st.failures = 0
         st.slots.healthy = True
         log.info(
@@ -127,6 +132,7 @@ class BackendPool:
         if st is None:
             return
         st.errors[kind] = st.errors.get(kind, 0) + 1
+        st.stale = True
         if kind in ("unreachable", "error_before_stream"):
             st.failures += 1
             if st.failures >= self.failure_threshold and st.slots.healthy:
@@ -153,14 +159,15 @@ class BackendPool:
             if st.config.adaptive and st.slots.healthy:
                 await self._adapt(st)
             ok = await self.upstream.healthy(st.url)
-            if ok and not st.slots.healthy:
-                st.failures = 0
-                st.slots.healthy = True
-                log.info("backend %s healthy again", st.name)
-                self._on_capacity(st.slots)
-            elif not ok and st.slots.healthy:
-                st.slots.healthy = False
-                log.warning("backend %s failed its health check; marked down", st.name)
+            if ok and (st.stale or not st.slots.healthy):
+                # back (or maybe restarted): its context length or KV size may have changed
+                log.info("backend %s healthy again; discovering it again", st.name)
+                await self._discover(st)
+            elif not ok:
+                st.stale = True
+                if st.slots.healthy:
+                    st.slots.healthy = False
+                    log.warning("backend %s failed its health check; marked down", st.name)
 
     async def remote_count(self, model: str, body: dict[str, Any], chat: bool) -> int | None:
         """Prompt tokens as a backend serving ``model`` counts them (``POST /tokenize``), or

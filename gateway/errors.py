@@ -1,23 +1,25 @@
 """Errors the gateway answers with, and their one rendering in the OpenAI error shape.
 
     GatewayError (status, type, code = status; outcome)
-    ├── InvalidRequest          400 invalid_request_error  bad JSON, bad field, prompt too long
-    ├── Unauthorized            401 authentication_error   missing or unknown API key
-    ├── ModelNotFound           404 not_found_error        model served by no backend
-    ├── PayloadTooLarge         413 invalid_request_error  body over limits.max_body_bytes
-    ├── RateLimited             429 rate_limit_error       queue full / rpm cap (Retry-After)
-    ├── BackendRejected         4xx (the backend's)        the backend's own validation refused
-    ├── BackendError            502 upstream_error         no backend could serve the request
-    │   ├── BackendUnreachable  502 upstream_error         failed before streaming: retry elsewhere
-    │   └── StreamBroken        502 upstream_error         the stream started, then failed
-    └── Unavailable             503 service_unavailable    queue timeout
-        └── ShuttingDown        503 service_unavailable    the gateway is draining
+    ├── InvalidRequest          400 BadRequestError          bad JSON or field, prompt too long
+    ├── Unauthorized            401 AuthenticationError      missing or unknown API key
+    ├── ModelNotFound           404 NotFoundError            model served by no backend
+    ├── PayloadTooLarge         413 BadRequestError          body over limits.max_body_bytes
+    ├── RateLimited             429 RateLimitError           queue full / rpm cap
+    ├── BackendRejected         4xx (the backend's)          the backend's own validation
+    ├── BackendError            502 BadGatewayError          no backend could serve it
+    │   ├── BackendUnreachable  502 BadGatewayError          failed before streaming
+    │   └── StreamBroken        502 BadGatewayError          the stream started, then failed
+    └── Unavailable             503 ServiceUnavailableError  queue timeout
+        └── ShuttingDown        503 ServiceUnavailableError  the gateway is draining
 
 Every path that answers an error builds one of these and renders it with :func:`error_body`
 (``{"error": {"message", "type", "param", "code"}}``, ``code`` the integer HTTP status, as vLLM
-does). Inside a started stream the same body travels as an SSE ``data:`` event. Each error names
-the ``outcome`` a request ending with it is counted as (``vtc_requests_total``); backend errors
-also name their ``kind`` (``vtc_backend_errors_total``). The transport
+does). ``type`` follows vLLM's names (the OpenAI SDK's exception classes: ``BadRequestError``,
+``NotFoundError``, ...), so a client sees the same error whether the gateway or the backend
+refused it. Inside a started stream the same body travels as an SSE ``data:`` event. Each error
+names the ``outcome`` a request ending with it is counted as (``vtc_requests_total``); backend
+errors also name their ``kind`` (``vtc_backend_errors_total``). The transport
 (:mod:`gateway.upstream`) raises only the backend errors here, never its client library's.
 """
 
@@ -36,7 +38,7 @@ SHUTTING_DOWN = "gateway is shutting down"
 
 class GatewayError(Exception):
     status = 500
-    type = "internal_error"
+    type = "InternalServerError"
     #: How ``vtc_requests_total`` counts a request that ends with this error.
     outcome: Outcome = "backend_error"
 
@@ -54,31 +56,31 @@ class GatewayError(Exception):
 
 class InvalidRequest(GatewayError):
     status = 400
-    type = "invalid_request_error"
+    type = "BadRequestError"
     outcome: Outcome = "rejected_invalid"
 
 
 class Unauthorized(GatewayError):
     status = 401
-    type = "authentication_error"
+    type = "AuthenticationError"
     outcome: Outcome = "rejected_unauthorized"  # counted only once the tenant is known
 
 
 class ModelNotFound(GatewayError):
     status = 404
-    type = "not_found_error"
+    type = "NotFoundError"
     outcome: Outcome = "rejected_invalid"
 
 
 class PayloadTooLarge(GatewayError):
     status = 413
-    type = "invalid_request_error"
+    type = "BadRequestError"
     outcome: Outcome = "rejected_invalid"
 
 
 class RateLimited(GatewayError):
     status = 429
-    type = "rate_limit_error"
+    type = "RateLimitError"
 
     def __init__(self, message: str, *, retry_after: float, outcome: Outcome) -> None:
         super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after)))})
@@ -89,7 +91,7 @@ class RateLimited(GatewayError):
 class BackendRejected(GatewayError):
     """4xx from the backend before the stream started; ``body`` is its JSON answer."""
 
-    type = "invalid_request_error"
+    type = "BadRequestError"
     outcome: Outcome = "rejected_invalid"
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
@@ -115,7 +117,7 @@ class BackendRejected(GatewayError):
 
 class BackendError(GatewayError):
     status = 502
-    type = "upstream_error"
+    type = "BadGatewayError"
     outcome: Outcome = "backend_error"
 
 
@@ -138,7 +140,7 @@ class StreamBroken(BackendError):
 
 class Unavailable(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "ServiceUnavailableError"
     outcome: Outcome = "timeout"
 
 

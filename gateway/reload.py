@@ -7,7 +7,7 @@ What reloads (takes effect for the next request; queued and running requests are
 
 * ``tenants``: added tenants, weights (``Scheduler.set_tenant``: counters are kept),
   ``max_queued``, API keys (the :class:`~gateway.server.auth.Authenticator` is rebuilt). A removed
-  tenant's *queued* requests are answered ``401 authentication_error`` "tenant removed by
+  tenant's *queued* requests are answered ``401 AuthenticationError`` "tenant removed by
   configuration reload"; its *running* requests finish and are charged normally; its counter
   is kept in case it comes back.
 * ``auth``, ``metrics.max_tenant_labels`` (new label values only), ``metrics.fairness_window_s``,

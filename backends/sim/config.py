@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from backends.sim.costmodel import CostModel, KvAdmission, Profile, get_profile
@@ -61,7 +62,7 @@ class SimConfig:
 
     def engine_config(self) -> EngineConfig:
         """Engine limits: the profile's defaults with this config's overrides."""
-        return EngineConfig.from_profile(
+        engine = EngineConfig.from_profile(
             self.resolved_profile(),
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
@@ -69,6 +70,8 @@ class SimConfig:
             max_model_len=self.max_model_len,
             kv_admission=self.kv_admission,
         )
+        # as vLLM's block pool: one block (the "null block") is never handed to a request
+        return dataclasses.replace(engine, null_block=engine.kv_admission == "blocks")
 
     def cost_model(self) -> CostModel:
         """The step-time coefficients in force."""

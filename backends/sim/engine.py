@@ -96,6 +96,9 @@ class EngineConfig:
         kv_admission: when a waiting request's KV fits (module docstring): ``"blocks"``
             (vLLM), ``"reserve"`` (prompt + max_tokens allocated at admission) or ``"peak"``
             (S-LoRA's peak-future-memory check).
+        null_block: keep one block out of use, as vLLM v1's block pool does (its "null
+            block"): requests get ``num_blocks - 1`` blocks. The simulated server sets it; the
+            paper's engine (the lab's profiles) has no such block.
     """
 
     max_num_seqs: int = 256
@@ -105,6 +108,7 @@ class EngineConfig:
     max_model_len: int = 8192
     admit_every_n_steps: int = 1
     kv_admission: KvAdmission = "blocks"
+    null_block: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,7 +121,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"engine config: {name} must be an integer >= 1, got {value!r}")
-        if self.kv_cache_tokens < self.block_size:
+        if self.kv_cache_tokens < self.block_size * (2 if self.null_block else 1):
             raise ValueError(
                 f"engine config: kv_cache_tokens must hold at least one block "
                 f"({self.block_size} tokens), got {self.kv_cache_tokens!r}"
@@ -289,7 +293,7 @@ class EngineCore:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._requests: dict[str, _Request] = {}
-        self._num_blocks = config.num_blocks
+        self._num_blocks = config.num_blocks - (1 if config.null_block else 0)  # usable
         self._free_blocks = self._num_blocks
         self._steps_since_admit = config.admit_every_n_steps
         self._num_preemptions = 0
@@ -417,7 +421,7 @@ class EngineCore:
 
     @property
     def num_blocks(self) -> int:
-        """Total KV blocks."""
+        """KV blocks requests can use (vLLM's ``num_gpu_blocks`` less its null block)."""
         return self._num_blocks
 
     @property

@@ -313,6 +313,10 @@ class EngineLoop:
                     metrics.itl.observe(now - stream.last_token_at)
                 if out.finished:
                     metrics.e2e.observe(now - stream.arrival)
+                    if stream.first_token_at is not None and out.num_output_tokens > 1:
+                        # vLLM: decode time over output tokens after the first
+                        decode = now - stream.first_token_at
+                        metrics.tpot.observe(decode / (out.num_output_tokens - 1))
                     metrics.on_finished(out.finish_reason or "stop")
             if out.first_token:
                 stream.first_token_at = now

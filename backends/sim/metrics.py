@@ -1,9 +1,11 @@
 """Prometheus metrics with vLLM's names, one ``CollectorRegistry`` per app.
 
-Names and labels as vLLM v1 exports them (vllm/v1/metrics/loggers.py): labels ``model_name``
-and ``engine`` (``"0"``); gauges read the engine core at scrape time, so they are exact;
-``vllm:cache_config_info`` is a gauge set to 1 whose labels carry the cache config
-(``num_gpu_blocks``, ``block_size``, ...), which the gateway uses to discover KV capacity.
+Names and labels as vLLM v1 (0.32) exports them (vllm/v1/metrics/loggers.py): labels
+``model_name`` and ``engine`` (``"0"``); gauges read the engine core at scrape time, so they are
+exact; ``vllm:cache_config_info`` is a gauge set to 1 whose labels carry the cache config
+(``num_gpu_blocks``, ``block_size``, ``kv_cache_size_tokens``, ...), which the gateway uses to
+discover KV capacity. Names vLLM dropped (``gpu_cache_usage_perc``,
+``time_per_output_token_seconds``) are not exported.
 """
 
 from __future__ import annotations
@@ -105,9 +107,6 @@ class SimMetrics:
         gauge(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
         ).set_function(lambda: core.kv_usage)
-        gauge("vllm:gpu_cache_usage_perc", "GPU KV-cache usage (deprecated alias).").set_function(
-            lambda: core.kv_usage
-        )
 
         cfg = core.config
         info = {
@@ -117,6 +116,7 @@ class SimMetrics:
             "gpu_memory_utilization": "0.9",
             "num_cpu_blocks": "None",
             "num_gpu_blocks": str(cfg.num_blocks),
+            "kv_cache_size_tokens": str(cfg.num_blocks * cfg.block_size),
             "engine": engine,
         }
         Gauge(
@@ -166,8 +166,13 @@ class SimMetrics:
             _E2E_BUCKETS,
         )
         self.itl = histogram(
-            "vllm:time_per_output_token_seconds",
-            "Histogram of time per output token in seconds.",
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            _ITL_BUCKETS,
+        )
+        self.tpot = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
             _ITL_BUCKETS,
         )
 

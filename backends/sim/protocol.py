@@ -9,7 +9,8 @@ Accepted like vLLM: chat ``content`` as a string or a list of text parts;
 ``max_completion_tokens`` (chat) before ``max_tokens``; completions ``prompt`` as a string, a list
 holding one string, token ids, or a list holding one list of token ids; vLLM extras
 ``ignore_eos``, ``min_tokens``, ``top_k``...; unknown fields are ignored. Defaults as vLLM:
-completions ``max_tokens`` 16, chat ``max_tokens`` = ``max_model_len - prompt_tokens``.
+completions ``max_tokens`` 16, chat ``max_tokens`` = ``max_model_len - prompt_tokens``; a
+``max_tokens`` that does not fit after the prompt is lowered to fit (vLLM 0.32).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from common.context import ContextError, output_cap
 from common.tokenizer import PromptError, TokenCounter
 
 __all__ = ["ERROR_TYPES", "GenerateRequest", "SimError", "error_body", "parse_generate"]
@@ -44,6 +46,13 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
     """vLLM's error body for an HTTP status."""
     err_type = ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
     return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+def model_not_found(model: str, served: tuple[str, ...]) -> SimError:
+    """vLLM's 404 for an unknown model, listing the served names."""
+    return SimError(
+        404, f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}.", "model"
+    )
 
 
 class SimError(Exception):
@@ -129,7 +138,7 @@ def parse_generate(
     elif not isinstance(model, str):
         raise _bad("'model' must be a string", "model")
     elif model not in served_models:
-        raise SimError(404, f"The model `{model}` does not exist.", "model")
+        raise model_not_found(model, served_models)
 
     n = _opt_int(body, "n", minimum=1)
     if n is not None and n > 1:
@@ -189,24 +198,12 @@ def parse_generate(
         requested = _opt_int(body, "max_tokens", minimum=1)
         if requested is None and "max_tokens" not in body:
             requested = 16
-    if prompt_tokens >= max_model_len:
-        raise _bad(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"request has {prompt_tokens} input tokens. Please reduce the length of the input.",
-            "messages" if chat else "prompt",
-        )
-    if requested is None:
-        max_tokens = max_model_len - prompt_tokens
-    else:
-        max_tokens = requested
-        if prompt_tokens + max_tokens > max_model_len:
-            raise _bad(
-                f"This model's maximum context length is {max_model_len} tokens. However, you "
-                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                f"messages, {max_tokens} in the completion). Please reduce the length of the "
-                f"messages or completion.",
-                max_key,
-            )
+    # vLLM 0.32's context rule (the gateway applies the same one): max_tokens over the context
+    # and a prompt over it are refused; otherwise the output is capped by the room left
+    try:
+        max_tokens = output_cap(prompt_tokens, requested, max_model_len, max_key)
+    except ContextError as exc:
+        raise _bad(exc.message, exc.param) from None
     if min_tokens > max_tokens:
         raise _bad(f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
 

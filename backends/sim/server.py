@@ -32,7 +32,13 @@ from backends.sim.engine import EngineCore
 from backends.sim.faults import FAULT_HEADER, FaultInjector, FaultSpec
 from backends.sim.loop import EngineDead, EngineLoop, RequestStream
 from backends.sim.metrics import SimMetrics
-from backends.sim.protocol import GenerateRequest, SimError, error_body, parse_generate
+from backends.sim.protocol import (
+    GenerateRequest,
+    SimError,
+    error_body,
+    model_not_found,
+    parse_generate,
+)
 from backends.sim.sse import DONE, ResponseBuilder, sse_event
 from backends.sim.textgen import GeneratedText, TextGenerator, prompt_digest
 from common.tokenizer import PromptError, TokenCounter
@@ -332,7 +338,7 @@ async def handle_tokenize(request: web.Request) -> web.Response:
             raise SimError(400, "the request body must be a JSON object")
         model = body.get("model")
         if model is not None and model != state.config.model:
-            raise SimError(404, f"The model `{model}` does not exist.", "model")
+            raise model_not_found(model, (state.config.model,))
         counter = state.counter
         try:
             if "messages" in body:

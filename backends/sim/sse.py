@@ -36,6 +36,10 @@ def sse_event(obj: Any) -> bytes:
     return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
+#: What vLLM 0.32 reports as ``system_fingerprint`` ("vllm-<version>-<config hash>").
+SYSTEM_FINGERPRINT = "vllm-0.32.0-sim"
+
+
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt,
@@ -134,7 +138,8 @@ class ResponseBuilder:
         return sse_event(self._chunk([choice], completion_tokens))
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
-        """The ``include_usage`` chunk: ``choices: []`` and the final usage."""
+        """The ``include_usage`` chunk: ``choices: []``, the final usage and (as vLLM 0.32, on
+        this last chunk only) ``system_fingerprint``."""
         return sse_event(
             {
                 "id": self.id,
@@ -143,15 +148,18 @@ class ResponseBuilder:
                 "model": self.model,
                 "choices": [],
                 "usage": _usage(self.prompt_tokens, completion_tokens),
+                "system_fingerprint": SYSTEM_FINGERPRINT,
             }
         )
 
     def full_response(
         self, text: str, completion_tokens: int, finish_reason: str, stop_reason: str | None
     ) -> dict[str, Any]:
-        """The non-streaming body (``chat.completion`` or ``text_completion``)."""
+        """The non-streaming body (``chat.completion`` or ``text_completion``), with vLLM
+        0.32's fields in its order."""
         usage: dict[str, Any] = _usage(self.prompt_tokens, completion_tokens)
         usage["prompt_tokens_details"] = None
+        usage["completion_tokens_details"] = None
         if self.chat:
             message: dict[str, Any] = {
                 "role": "assistant",
@@ -160,46 +168,27 @@ class ResponseBuilder:
                 "annotations": None,
                 "audio": None,
                 "function_call": None,
-                "tool_calls": [],
-                "reasoning_content": None,
+                "reasoning": None,
             }
-            return {
-                "id": self.id,
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "logprobs": None,
-                        "finish_reason": finish_reason,
-                        "stop_reason": stop_reason,
-                    }
-                ],
-                "service_tier": None,
-                "system_fingerprint": None,
-                "usage": usage,
-                "prompt_logprobs": None,
-                "kv_transfer_params": None,
-            }
-        return {
+            choice: dict[str, Any] = {"index": 0, "message": message}
+        else:
+            choice = {"index": 0, "text": text}
+        choice.update(logprobs=None, finish_reason=finish_reason, stop_reason=stop_reason)
+        choice["token_ids"] = None
+        if not self.chat:
+            choice.update(prompt_logprobs=None, prompt_token_ids=None)
+        choice["routed_experts"] = None
+        body: dict[str, Any] = {
             "id": self.id,
-            "object": "text_completion",
+            "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                    "stop_reason": stop_reason,
-                    "prompt_logprobs": None,
-                }
-            ],
+            "choices": [choice],
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "usage": usage,
-            "kv_transfer_params": None,
         }
+        if self.chat:
+            body.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        body.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
+        return body

@@ -86,7 +86,7 @@ async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return web.json_response(
             error_body(
                 exc.reason,
-                "invalid_request_error" if exc.status < 500 else "internal_error",
+                "BadRequestError" if exc.status < 500 else "InternalServerError",
                 exc.status,
             ),
             status=exc.status,
@@ -96,5 +96,5 @@ async def _errors_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.json_response(
-            error_body("internal gateway error", "internal_error", 500), status=500
+            error_body("internal gateway error", "InternalServerError", 500), status=500
         )

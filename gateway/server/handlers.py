@@ -135,7 +135,10 @@ async def _validate(
     fields = check_fields(body, chat)
     model = fields.model
     if not state.pool.serves(model):
-        raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        served = ", ".join(m["id"] for m in state.pool.models())
+        raise ModelNotFound(
+            f"The model `{model}` does not exist. Valid aliases: {served}.", param="model"
+        )
     try:
         if body_bytes > OFFLOAD_TOKENIZE_BYTES:  # large prompt: keep the event loop free
             loop = asyncio.get_running_loop()
@@ -156,11 +159,18 @@ async def _validate(
         state.pool.max_model_len(model),
         state.config.limits.max_tokens_default,
     )
-    if not state.admission.can_ever_fit(model, prompt_tokens + reserve):
+    # n sequences: each holds the prompt and its own output in vLLM's KV cache (prefix caching
+    # may share prompt blocks: this errs on the safe side), and every output token is charged.
+    # The job's output reservation carries the other sequences' share, so that the dispatcher
+    # books n * (prompt + reserve).
+    n = fields.n
+    needed = n * (prompt_tokens + reserve)
+    if not state.admission.can_ever_fit(model, needed):
+        per_seq = f" for each of n={n} sequences" if n > 1 else ""
         raise InvalidRequest(
-            f"request needs {prompt_tokens + reserve} KV tokens ({prompt_tokens} prompt + "
-            f"{reserve} output), more than any backend serving `{model}` can hold; lower "
+            f"request needs {needed} KV tokens ({prompt_tokens} prompt + {reserve} output"
+            f"{per_seq}), more than any backend serving `{model}` can hold; lower "
             f"'{fields.max_tokens_param}' or the prompt",
             param=fields.max_tokens_param,
         )
-    return model, prompt_tokens, reserve
+    return model, prompt_tokens, needed - prompt_tokens

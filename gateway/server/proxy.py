@@ -8,6 +8,7 @@ release the slot, in a ``finally`` that runs whatever happens.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,11 @@ async def _write_or_drop(
     except TimeoutError:
         transport.abort()
         raise _ClientStalled from None
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    """An SSE event as vLLM renders its error events (``json.dumps`` defaults)."""
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 class _ClientStalled(Exception):
@@ -98,12 +104,15 @@ async def forward(
                     outcome, response = await _relay(
                         request, state, job, proc, stream, backend, upstream_done
                     )
+                    if outcome == "rejected_invalid":
+                        ran = False  # refused before generating: nothing to charge
                     return response
             except BackendUnreachable as exc:
                 state.pool.record_failure(backend, exc.kind)
                 grant = dispatcher.move(job, grant, tried)
             except BackendRejected as exc:
                 outcome = exc.outcome
+                ran = False
                 raise
         raise BackendError("no healthy backend could take the request")
     except (asyncio.CancelledError, ConnectionResetError):
@@ -152,8 +161,9 @@ async def _relay(
                 "X-Accel-Buffering": "no",
             },
         )
-        await resp.prepare(request)
     try:
+        if resp is not None:
+            await resp.prepare(request)
         async for batch in stream.batches():  # one client write per upstream read
             out = proc.feed_batch(batch)
             if waiting_first and job.output_tokens:
@@ -168,9 +178,20 @@ async def _relay(
                 raise StreamBroken("backend sent a malformed event")
             if proc.error is not None:
                 err = proc.error.get("error")
+                code = err.get("code") if isinstance(err, dict) else None
+                if isinstance(code, int) and 400 <= code < 500 and not job.output_tokens:
+                    # vLLM refuses some requests only once streaming (token ids out of the
+                    # vocabulary, ...): the request's fault, answered as vLLM answers it
+                    if resp is None:
+                        raise BackendRejected(code, proc.error)
+                    await _end(resp, _sse(proc.error) + DONE)
+                    return "rejected_invalid", resp
                 message = err.get("message") if isinstance(err, dict) else None
                 raise StreamBroken(str(message or "backend error"))
-    except _ClientStalled:
+    except (_ClientStalled, ConnectionResetError):
+        # the client stopped reading, or closed its connection while a write was under way
+        # (before the handler's cancellation arrived): an ordinary disconnect, not an error;
+        # the caller closes the upstream stream (vLLM aborts the request)
         assert resp is not None
         return "client_cancelled", resp
     except StreamBroken as exc:
@@ -178,17 +199,25 @@ async def _relay(
         msg = f"backend stream failed: {exc}"
         if resp is None:
             return "backend_error", web.json_response(
-                error_body(msg, "upstream_error", 502), status=502
+                error_body(msg, BackendError.type, 502), status=502
             )
-        await resp.write(sse_error_event(msg, "upstream_error", 502) + DONE)
-        await resp.write_eof()
+        await _end(resp, sse_error_event(msg, BackendError.type, 502) + DONE)
         return "backend_error", resp
     upstream_done()
     if resp is None:
         return "ok", web.json_response(proc.assembled(job.model))
-    await resp.write(DONE)
-    await resp.write_eof()
+    await _end(resp, DONE)
     return "ok", resp
+
+
+async def _end(resp: web.StreamResponse, data: bytes) -> None:
+    """Write the stream's last bytes; a client that closed meanwhile is no error (the outcome
+    was decided before)."""
+    try:
+        await resp.write(data)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

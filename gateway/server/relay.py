@@ -73,6 +73,7 @@ class ClientFormat:
     include_usage: bool
     continuous_usage: bool
     chat: bool
+    n: int = 1  # sequences: with n > 1 each chunk's usage counts its own choice only
 
     @property
     def passthrough(self) -> bool:
@@ -87,6 +88,8 @@ class _Choice:
     stop_reason: Any = None
     logprobs: Any = None
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    token_ids: list[int] | None = None  # with ``return_token_ids``
+    prompt_token_ids: Any = None  # completions, with ``return_token_ids``
 
 
 class ChunkProcessor:
@@ -109,7 +112,12 @@ class ChunkProcessor:
         self.error: dict[str, Any] | None = None
         self.malformed: str | None = None  # set by feed_batch when a payload is not a chunk
         self.first_chunk: dict[str, Any] | None = None
+        self._fingerprint: Any = None  # vLLM sends system_fingerprint on the last chunk
+        self._prompt_token_ids: Any = None  # chat, with ``return_token_ids``
         self._choices: dict[int, _Choice] = {}
+        #: n > 1: vLLM's per-chunk usage counts the chunk's own choice; the total is their sum
+        self._per_choice: dict[int, int] | None = {} if fmt.n > 1 else None
+        self._fast = fmt.stream and fmt.n == 1
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -144,7 +152,7 @@ class ChunkProcessor:
 
     def feed(self, payload: bytes) -> bytes | None:
         """Process one upstream ``data:`` payload; return the SSE bytes for the client (or None)."""
-        if self.first_chunk is not None and self.fmt.stream:
+        if self.first_chunk is not None and self._fast:
             fast = self._feed_fast(payload)
             if fast is not None:
                 return fast or None
@@ -205,6 +213,11 @@ class ChunkProcessor:
             if isinstance(pt, int):
                 self.prompt_tokens = pt
             ct = usage.get("completion_tokens")
+            per_choice = self._per_choice
+            if isinstance(ct, int) and per_choice is not None and choices:
+                idx = choices[0].get("index", 0) if isinstance(choices[0], dict) else 0
+                per_choice[idx if isinstance(idx, int) else 0] = ct
+                ct = sum(per_choice.values())
             if isinstance(ct, int):
                 self.reported_completion = ct
                 if ct > self.completion_tokens:
@@ -218,6 +231,10 @@ class ChunkProcessor:
         if self.first_chunk is None:
             self.first_chunk = obj
         if not self.fmt.stream:
+            if obj.get("system_fingerprint") is not None:
+                self._fingerprint = obj["system_fingerprint"]
+            if obj.get("prompt_token_ids") is not None:
+                self._prompt_token_ids = obj["prompt_token_ids"]
             for c in choices:
                 self._accumulate(c)
             return None
@@ -241,7 +258,9 @@ class ChunkProcessor:
         text = choice.get("text")
         if text is None:
             delta = choice.get("delta") or {}
-            text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+            text = (delta.get("content") or "") + (
+                delta.get("reasoning_content") or delta.get("reasoning") or ""
+            )
             for call in delta.get("tool_calls") or ():
                 fn = call.get("function") or {}
                 text += (fn.get("name") or "") + (fn.get("arguments") or "")
@@ -286,6 +305,11 @@ class ChunkProcessor:
                     }
                 for k in acc.logprobs:
                     acc.logprobs[k].extend(lp.get(k) or [])
+        ids = c.get("token_ids")
+        if isinstance(ids, list):
+            acc.token_ids = (acc.token_ids or []) + ids
+        if c.get("prompt_token_ids") is not None:
+            acc.prompt_token_ids = c["prompt_token_ids"]
         if c.get("finish_reason") is not None:
             acc.finish_reason = c["finish_reason"]
         if "stop_reason" in c and c["stop_reason"] is not None:
@@ -293,7 +317,7 @@ class ChunkProcessor:
 
     def assembled(self, model: str) -> dict[str, Any]:
         """The non-streaming response body built from everything fed so far, with the fields
-        (and their order) of vLLM's own non-streaming answer."""
+        (and their order) of vLLM 0.32's own non-streaming answer."""
         first = self.first_chunk or {}
         prompt = self.prompt_tokens if self.prompt_tokens is not None else self.job.prompt_tokens
         usage: dict[str, Any] = (
@@ -306,10 +330,12 @@ class ChunkProcessor:
             }
         )
         usage.setdefault("prompt_tokens_details", None)
+        usage.setdefault("completion_tokens_details", None)
+        chat = self.fmt.chat
         choices: list[dict[str, Any]] = []
         for idx in sorted(self._choices) or [0]:
             acc = self._choices.get(idx, _Choice())
-            if self.fmt.chat:
+            if chat:
                 message: dict[str, Any] = {
                     "role": "assistant",
                     "content": "".join(acc.text),
@@ -317,31 +343,39 @@ class ChunkProcessor:
                     "annotations": None,
                     "audio": None,
                     "function_call": None,
-                    "tool_calls": [acc.tool_calls[k] for k in sorted(acc.tool_calls)],
-                    "reasoning_content": "".join(acc.reasoning) if acc.reasoning else None,
                 }
+                if acc.tool_calls:  # vLLM leaves the key out when there are none
+                    message["tool_calls"] = [acc.tool_calls[k] for k in sorted(acc.tool_calls)]
+                message["reasoning"] = "".join(acc.reasoning) if acc.reasoning else None
                 choice: dict[str, Any] = {"index": idx, "message": message}
             else:
                 choice = {"index": idx, "text": "".join(acc.text)}
             choice["logprobs"] = acc.logprobs
             choice["finish_reason"] = acc.finish_reason
             choice["stop_reason"] = acc.stop_reason
-            if not self.fmt.chat:
+            choice["token_ids"] = acc.token_ids
+            if not chat:
                 choice["prompt_logprobs"] = None
+                choice["prompt_token_ids"] = acc.prompt_token_ids
+            choice["routed_experts"] = None
             choices.append(choice)
         body: dict[str, Any] = {
             "id": first.get("id", ""),
-            "object": "chat.completion" if self.fmt.chat else "text_completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": first.get("created", 0),
             "model": first.get("model", model),
             "choices": choices,
             "service_tier": None,
-            "system_fingerprint": first.get("system_fingerprint"),
+            "system_fingerprint": self._fingerprint,
             "usage": usage,
         }
-        if self.fmt.chat:
+        if chat:
             body["prompt_logprobs"] = None
+            body["prompt_token_ids"] = self._prompt_token_ids
+            body["prompt_text"] = None
         body["kv_transfer_params"] = None
+        body["ec_transfer_params"] = None
+        body["metrics"] = None
         return body
 
 
@@ -366,4 +400,5 @@ def client_format(body: dict[str, Any], chat: bool) -> ClientFormat:
         continuous_usage=opts.get("include_usage") is True
         and opts.get("continuous_usage_stats") is True,
         chat=chat,
+        n=n if isinstance(n := body.get("n"), int) and n > 1 else 1,
     )

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from common.context import ContextError, output_cap
+
 from ..errors import InvalidRequest
 
 #: ``max_tokens`` of a completions request that sets none (OpenAI's and vLLM's default).
@@ -27,6 +29,7 @@ class Fields:
     max_tokens: int | None  # the output cap in force; None: chat without one (rest of context)
     max_tokens_param: str  # which of the two the client used (for error messages)
     prompt_param: str  # "messages" or "prompt"
+    n: int = 1  # sequences generated (``n``): each holds its own KV and is charged
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -89,8 +92,8 @@ def check_fields(body: dict[str, Any], chat: bool) -> Fields:
                 "Stream options can only be defined when `stream=True`.", param="stream_options"
             )
     n = _int_field(body, "n")
-    if n is not None and n != 1:
-        raise InvalidRequest("only n=1 is supported: send one request per sample", param="n")
+    if n is not None and n < 1:
+        raise InvalidRequest(f"n must be at least 1, got {n}.")
     best_of = _int_field(body, "best_of")
     if best_of is not None and best_of > 1:
         raise InvalidRequest("best_of > 1 is not supported", param="best_of")
@@ -104,34 +107,23 @@ def check_fields(body: dict[str, Any], chat: bool) -> Fields:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
-    return Fields(model, max_tokens, name, "messages" if chat else "prompt")
+    return Fields(model, max_tokens, name, "messages" if chat else "prompt", n or 1)
 
 
 def output_reservation(
     fields: Fields, prompt_tokens: int, context: int | None, default: int | None
 ) -> int:
-    """Output tokens to reserve in the KV budget; raises when the prompt overflows the context.
+    """Output tokens one sequence will generate at most (what to reserve in the KV budget);
+    raises what vLLM raises for a request that cannot run (:mod:`common.context`: a prompt +
+    ``max_tokens`` over the context is served with what fits, and only that is reserved).
 
     ``context`` is the model's context length (None: unknown); ``default`` the configured
     reservation for requests without ``max_tokens`` (None: the rest of the context).
     """
-    max_tokens = fields.max_tokens
-    if context is not None:
-        if max_tokens is not None and prompt_tokens + max_tokens > context:
-            raise InvalidRequest(
-                f"This model's maximum context length is {context} tokens. However, you "
-                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                f"messages, {max_tokens} in the completion). Please reduce the length of the "
-                "messages or completion.",
-                param=fields.max_tokens_param,
-            )
-        if prompt_tokens >= context:
-            raise InvalidRequest(
-                f"This model's maximum context length is {context} tokens. However, your "
-                f"prompt has {prompt_tokens} tokens. Please reduce the length of the prompt.",
-                param=fields.prompt_param,
-            )
-    if max_tokens is not None:
-        return max_tokens
-    room = context - prompt_tokens if context is not None else None
-    return min(x for x in (default, room, UNBOUNDED_RESERVE) if x is not None)
+    wanted = fields.max_tokens if fields.max_tokens is not None else default
+    if context is None:
+        return min(x for x in (wanted, UNBOUNDED_RESERVE) if x is not None)
+    try:
+        return output_cap(prompt_tokens, wanted, context, fields.max_tokens_param)
+    except ContextError as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None

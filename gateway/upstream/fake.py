@@ -155,7 +155,7 @@ class _FakeStream:
             if reply.break_after is not None and n > reply.break_after:
                 raise StreamBroken("fake backend dropped the stream")
             if reply.error_after is not None and n > reply.error_after:
-                err = {"message": "fake backend failed", "type": "internal_error", "code": 500}
+                err = {"message": "fake backend failed", "type": "InternalServerError", "code": 500}
                 yield [json.dumps({"error": err}).encode()]
                 self.finished = True
                 return

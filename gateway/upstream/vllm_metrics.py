@@ -23,12 +23,15 @@ def parse_gauge_sum(metrics_text: str, name: str) -> float | None:
 
 
 def parse_kv_capacity(metrics_text: str) -> int | None:
-    """``num_gpu_blocks * block_size`` from vLLM's ``vllm:cache_config_info`` labels."""
+    """KV tokens requests can use, from vLLM's ``vllm:cache_config_info`` labels:
+    ``(num_gpu_blocks - 1) * block_size`` (vLLM v1's block pool keeps one "null block" out of
+    use; its ``kv_cache_size_tokens`` label counts it)."""
     m = _CACHE_INFO_RE.search(metrics_text)
     if m is None:
         return None
     labels = dict(_LABEL_RE.findall(m.group(1)))
     try:
-        return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+        blocks = int(labels["num_gpu_blocks"])
+        return max(1, blocks - 1) * int(labels["block_size"])
     except (KeyError, ValueError):
         return None

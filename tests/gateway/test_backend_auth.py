@@ -131,7 +131,7 @@ async def test_backend_errors_of_the_older_flat_shape_reach_clients_in_openai_sh
         assert r.json() == {
             "error": {
                 "message": "bad prompt",
-                "type": "invalid_request_error",
+                "type": "BadRequestError",
                 "param": None,
                 "code": 400,
             }

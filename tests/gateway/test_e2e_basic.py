@@ -138,7 +138,7 @@ async def test_error_paths_401_400_404_413() -> None:
             assert e["param"] == "max_tokens"
             _err(
                 await http.post(
-                    chat, json={"model": MODEL, "messages": msgs, "n": 2}, headers=ok_auth
+                    chat, json={"model": MODEL, "messages": msgs, "n": 0}, headers=ok_auth
                 ),
                 400,
             )
@@ -153,7 +153,8 @@ async def test_error_paths_401_400_404_413() -> None:
                 ),
                 400,
             )
-            assert "maximum context length" in str(e["message"])
+            assert "cannot be greater than max_model_len" in str(e["message"])
+            assert e["param"] == "max_tokens" and e["type"] == "BadRequestError"
             _err(await http.post(chat, content=b"x" * 5000, headers=ok_auth), 413)
         assert stack.state.dispatcher.total_queued() == 0
         assert stack.state.admission.in_flight() == 0

@@ -97,8 +97,9 @@ def test_validation_chain_never_escapes_its_error_types(
     assert reserve >= 1
     if context is not None:
         assert prompt_tokens + reserve <= context
-    if fields.max_tokens is not None:
-        assert reserve == fields.max_tokens
+    if fields.max_tokens is not None:  # vLLM 0.32: the output is capped by the room left
+        room = context - prompt_tokens if context is not None else fields.max_tokens
+        assert reserve == min(fields.max_tokens, room)
 
 
 def test_reservation_defaults() -> None:
@@ -106,3 +107,23 @@ def test_reservation_defaults() -> None:
     assert output_reservation(f, 100, 4096, None) == 3996
     assert output_reservation(f, 100, 4096, 256) == 256
     assert output_reservation(f, 100, None, None) == 1 << 20
+
+
+def test_context_rule_is_vllms() -> None:
+    """vLLM 0.32 serves prompt + max_tokens over the context with fewer tokens; it refuses only
+    max_tokens over the context, a prompt over it, or a prompt that fills it."""
+    f = Fields("m", 2040, "max_tokens", "prompt")
+    assert output_reservation(f, 9, 2048, None) == 2039
+    with pytest.raises(InvalidRequest) as info:
+        output_reservation(Fields("m", 2049, "max_completion_tokens", "messages"), 9, 2048, None)
+    assert info.value.param == "max_completion_tokens"
+    assert info.value.message.startswith(
+        "max_completion_tokens=2049 cannot be greater than max_model_len=2048."
+    )
+    with pytest.raises(InvalidRequest) as info:
+        output_reservation(f, 2049, 2048, None)
+    assert info.value.param == "input_tokens"
+    assert "your prompt contains at least 2049 input tokens" in info.value.message
+    with pytest.raises(InvalidRequest) as info:
+        output_reservation(f, 2048, 2048, None)
+    assert info.value.message.startswith("max_tokens must be at least 1, got 0.")

@@ -195,7 +195,7 @@ async def test_requests_refused_while_draining_are_counted_as_draining() -> None
                 assert (await queued).status_code == 503
                 refused = await http.post("/v1/completions", json=body(), headers=A)
                 assert refused.status_code == 503
-                assert refused.json()["error"]["type"] == "service_unavailable"
+                assert refused.json()["error"]["type"] == "ServiceUnavailableError"
                 assert [line async for line in r.aiter_lines() if line][-1] == "data: [DONE]"
             await wait_for(lambda: stack.state.admission.in_flight() == 0)
             s = await scrape(http)

@@ -98,7 +98,7 @@ async def test_removed_tenant_queued_requests_get_401_running_ones_finish() -> N
                     resp = await t
                     assert resp.status_code == 401
                     assert resp.json()["error"]["message"] == REMOVED_MESSAGE
-                    assert resp.json()["error"]["type"] == "authentication_error"
+                    assert resp.json()["error"]["type"] == "AuthenticationError"
                 # b's running stream is not dropped
                 rest = [line async for line in lines if line]
                 assert rest[-1] == "data: [DONE]"

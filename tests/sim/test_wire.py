@@ -201,8 +201,9 @@ async def test_output_length_without_ignore_eos_is_capped(http: httpx.AsyncClien
             400,
             "stream_options",
         ),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 2048}, 400, "max_tokens"),
-        ("/v1/completions", {"prompt": [1] * 2048, "max_tokens": 1}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2049}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": [1] * 2048, "max_tokens": 1}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": [1] * 2049, "max_tokens": 1}, 400, "input_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": 3}]}, 400, "messages[0].role"),
         ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
         ("/v1/completions", [1, 2], 400, None),
@@ -234,7 +235,7 @@ async def test_openai_client_raises_typed_errors(client: AsyncOpenAI) -> None:
         await client.chat.completions.create(model="missing", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError) as info:
         await client.completions.create(model=MODEL, prompt="x", max_tokens=5000)
-    assert "maximum context length" in str(info.value)
+    assert "cannot be greater than max_model_len=2048" in str(info.value)
 
 
 async def test_models_health_version_tokenize(http: httpx.AsyncClient) -> None:
