@@ -44,9 +44,10 @@ local function set_counter(model, tenant, c)
   local bl = P .. ':bl:' .. model
   if redis.call('ZSCORE', bl, tenant) then redis.call('ZADD', bl, c, tenant) end
 end
--- Lift on entering the backlog: max(own, min of the backlogged others) or, with nobody
--- waiting, max(own, counter of the tenant that left the backlog last).
-local function lift(model, tenant)
+-- Lift on entering the backlog: max(own, floor - credit), the floor being the smallest counter
+-- of the backlogged others or, with nobody waiting, the counter of the tenant that left the
+-- backlog last; credit > 0 only for a busy tenant resubmitting (see gateway/scheduler/vtc.py).
+local function lift(model, tenant, credit)
   local c = counter(model, tenant)
   local top = redis.call('ZRANGE', P .. ':bl:' .. model, 0, 0, 'WITHSCORES')
   local floor = nil
@@ -56,17 +57,17 @@ local function lift(model, tenant)
     local last = redis.call('GET', P .. ':last:' .. model)
     if last then floor = counter(model, last) end
   end
-  if floor and floor > c then
-    c = floor
+  if floor and floor - credit > c then
+    c = floor - credit
     redis.call('HSET', P .. ':c:' .. model, tenant, tostring(c))
   end
   return c
 end
-local function mark(replica, model, tenant)
+local function mark(replica, model, tenant, credit)
   if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
     if n == 1 then
-      local c = lift(model, tenant)
+      local c = lift(model, tenant, credit)
       redis.call('ZADD', P .. ':bl:' .. model, c, tenant)
     end
   end
@@ -176,7 +177,7 @@ for _, m in ipairs(redis.call('SMEMBERS', P .. ':rq:' .. replica)) do
 end
 for m, _ in pairs(want) do
   local model, tenant = split(m)
-  mark(replica, model, tenant)
+  mark(replica, model, tenant, 0)
 end
 redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
 return 1
@@ -184,21 +185,26 @@ return 1
 )
 
 #: A tenant starts (1) or stops (0) waiting at this replica. ARGV: P, replica, lease_ms, model,
-#: tenant, on. Returns the tenant's counter (lifted when it joined the global backlog), or nil
-#: when the replica is unknown (it registers its whole state instead).
+#: tenant, on, credit (counter units a resubmitting tenant may stay below the lift's floor).
+#: Returns the tenant's counter (lifted when it joined the global backlog), or nil when the
+#: replica is unknown (it registers its whole state instead).
 MARK = (
     _COMMON
     + r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 if not heartbeat(replica, tonumber(ARGV[3])) then return false end
-if ARGV[6] == '1' then mark(replica, model, tenant) else unmark(replica, model, tenant) end
+if ARGV[6] == '1' then
+  mark(replica, model, tenant, tonumber(ARGV[7]))
+else
+  unmark(replica, model, tenant)
+end
 return tostring(counter(model, tenant))
 """
 )
 
 #: Claim a slot for the head request of ``tenant``. ARGV: P, replica, lease_ms, model, tenant,
 #: extra (counter units charged on success), last ('1': the tenant's queue here empties),
-#: tokens, then (backend, max_seqs, max_kv) per candidate backend.
+#: tokens, credit (as for MARK), then (backend, max_seqs, max_kv) per candidate backend.
 #:
 #: Granted when some candidate has room and either no backlogged tenant has a smaller counter
 #: or, after this booking, the candidates still have room for one more request of this size per
@@ -211,13 +217,13 @@ CLAIM = (
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 local known = heartbeat(replica, tonumber(ARGV[3]))
 if not known then return {'unknown'} end
-mark(replica, model, tenant)
+mark(replica, model, tenant, tonumber(ARGV[9]))
 local c = counter(model, tenant)
 local extra, last, tokens = tonumber(ARGV[6]), ARGV[7], math.max(1, tonumber(ARGV[8]))
 local tol = 1e-9 * math.max(1, math.abs(c))
 local lower = redis.call('ZCOUNT', P .. ':bl:' .. model, '-inf', '(' .. (c - tol))
 local best, best_room, total = nil, 0, 0
-for i = 9, #ARGV, 3 do
+for i = 10, #ARGV, 3 do
   local be = P .. ':be:' .. ARGV[i]
   local s = num(redis.call('HGET', be, 's')) or 0
   local k = num(redis.call('HGET', be, 'k')) or 0
@@ -249,4 +255,14 @@ return 1
 """
 )
 
-SCRIPTS = {"sync": SYNC, "register": REGISTER, "mark": MARK, "claim": CLAIM, "slots": SLOTS}
+#: A replica shutting down returns its slots and leaves the backlog. ARGV: P, replica.
+LEAVE = _COMMON + "drop(ARGV[2])\nreturn 1\n"
+
+SCRIPTS = {
+    "sync": SYNC,
+    "register": REGISTER,
+    "mark": MARK,
+    "claim": CLAIM,
+    "slots": SLOTS,
+    "leave": LEAVE,
+}

@@ -68,6 +68,7 @@ class LocalView(Protocol):
     def set_counter(self, model: str, tenant: str, value: float) -> None: ...
     def waiting(self, model: str, tenant: str) -> bool: ...
     def busy(self, model: str, tenant: str) -> bool: ...
+    def credit(self, model: str, tenant: str) -> float: ...
     def wake(self, message: str) -> None: ...
     def tick(self) -> None: ...
 
@@ -143,6 +144,8 @@ class ClusterStore:
         ]
 
     async def close(self) -> None:
+        """Stop; a replica that can still reach Redis flushes its charges and leaves (its
+        slots return at once instead of after the lease)."""
         self._closed = True
         self._kick.set()
         for task in self._tasks:
@@ -150,6 +153,10 @@ class ClusterStore:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.up:
+            with contextlib.suppress(ClusterUnavailable):
+                self._ops.append(_Op("leave", []))
+                await self._batch(full=True)
         await self.redis.aclose()
         await self._listener.aclose()
 
@@ -178,7 +185,8 @@ class ClusterStore:
         move together); the result is also returned. Raises :class:`ClusterUnavailable`."""
         if not self.up:
             raise ClusterUnavailable
-        args: list[Any] = [model, tenant, repr(float(extra)), "1" if last else "0", tokens]
+        credit = repr(float(self.local.credit(model, tenant)))
+        args: list[Any] = [model, tenant, repr(float(extra)), "1" if last else "0", tokens, credit]
         for c in candidates:
             args += [c.name, c.max_seqs, c.max_kv]
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
@@ -360,7 +368,8 @@ class ClusterStore:
         self._sent[key] = remote
 
     def _mark_op(self, key: Key, on: bool) -> _Op:
-        return _Op("mark", [key[0], key[1], "1" if on else "0"], key)
+        credit = repr(float(self.local.credit(*key))) if on else "0"
+        return _Op("mark", [key[0], key[1], "1" if on else "0", credit], key)
 
     def _eval(self, pipe: Any, script: str, args: list[Any]) -> None:
         pipe.evalsha(self._shas[script], 0, self.prefix, self.replica, self.lease_ms, *args)

@@ -39,6 +39,9 @@ class FakeLocal:
     def busy(self, model: str, tenant: str) -> bool:
         return False
 
+    def credit(self, model: str, tenant: str) -> float:
+        return 0.0
+
     def wake(self, message: str) -> None:
         self.wakes.append(message)
 
