@@ -247,7 +247,9 @@ class ClusterStore:
         retry_s = max(self.sync_interval_s, 0.5)
         while not self._closed:
             now = loop.time()
-            if not self._ops and not self._dirty and now < next_tick:
+            if not self.up:  # only the tick tries again; news waits for the registration
+                await asyncio.sleep(max(0.0, next_tick - now))
+            elif not self._ops and not self._dirty and now < next_tick:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(next_tick - now):
                         await self._kick.wait()
