@@ -38,7 +38,7 @@ def create_app(
     app[STATE] = build_state(config, upstream=upstream, clock=clock)
     app.cleanup_ctx.append(_lifecycle)
     if config.cluster is not None:
-        from ..cluster.link import cluster_context
+        from .cluster import cluster_context
 
         app.cleanup_ctx.append(cluster_context)
     app.router.add_post("/v1/chat/completions", chat_completions)

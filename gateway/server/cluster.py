@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..server.state import STATE
-from .dispatch import ClusterDispatcher, default_replica_id
-from .metrics import ClusterCollector
-from .store import make_store
+from ..cluster import ClusterDispatcher, default_replica_id, make_store
+from ..cluster.metrics import ClusterCollector
+from .state import STATE
 
 log = logging.getLogger(__name__)
 
