@@ -139,9 +139,10 @@ async def test_redis_stop_and_empty_restart_under_load(
                 statuses = await asyncio.gather(*tasks)
                 assert statuses == [200] * 120  # no client saw the outage
                 metrics = [(await http.get(f"{u}/metrics")).text for u in (u0, u1)]
-        for text in metrics:  # each replica noticed the outage (and logged it) once
+        for text in metrics:  # each replica noticed the outage (a loaded machine may add a
+            # timed-out round trip, with this test's short lease: at least once)
             (line,) = [x for x in text.splitlines() if x.startswith("vtc_cluster_fallbacks_total")]
-            assert float(line.split()[-1]) == 1.0, line
+            assert float(line.split()[-1]) >= 1.0, line
         raw = aioredis.Redis.from_url(redis_server.url)
         try:
             counters = await raw.hgetall(f"{{vtc}}:c:{MODEL}")
