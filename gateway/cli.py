@@ -45,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="do not reload when the config file changes (SIGHUP still reloads)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes on the port (SO_REUSEPORT); > 1 needs a cluster: section",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_cmd_serve)
 
     check = sub.add_parser(
@@ -96,6 +103,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             return 2
+    from . import workers
+
+    try:
+        workers.check(config, args.workers)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if config is not None and args.workers > 1:
+        argv = ["--log-level", args.log_level, "serve", "--config", args.config]
+        argv += ["--host", config.listen.host] + (["--no-watch"] if args.no_watch else [])
+        return workers.run(argv, config.listen.host, config.listen.port, args.workers)
+    if config is not None and args.worker_index is not None:
+        config = workers.for_worker(config, args.worker_index)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(config, args))
     return 0
@@ -135,7 +155,12 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, config.listen.host, config.listen.port)
+        site = web.TCPSite(
+            runner,
+            config.listen.host,
+            config.listen.port,
+            reuse_port=args.worker_index is not None,
+        )
         await site.start()
         host, port = _bound(runner, config.listen.host, config.listen.port)
         print(f"listening on http://{host}:{port}", flush=True)
@@ -150,6 +175,11 @@ async def _serve(config: GatewayConfig | None, args: argparse.Namespace) -> None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if args.worker_index is not None:  # a worker outlives no supervisor
+            from .workers import watch_parent
+
+            orphan = asyncio.create_task(watch_parent(stop), name="watch-parent")
+            stack.callback(orphan.cancel)
         if args.config:  # hot reload: SIGHUP, and (unless --no-watch) file changes
             reloader = Reloader(app[STATE], args.config)
             loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")

@@ -93,6 +93,11 @@ def _check_header(value: str) -> str | None:
     return None if re.match(r"^[A-Za-z0-9-]+$", value) else "must be a header name"
 
 
+def _check_redis_url(value: str) -> str | None:
+    ok = re.match(r"^(rediss?|unix)://\S+$", value)
+    return None if ok else "must be a redis://, rediss:// or unix:// URL"
+
+
 Name = Annotated[str, Check(_check_name)]
 Url = Annotated[str, Check(_check_url), Normalize(lambda v: v.rstrip("/"))]
 Port = Annotated[int, Bounds(0, maximum=65535)]
@@ -178,6 +183,24 @@ class MetricsConfig:
     fairness_window_s: Annotated[float, Bounds(1.0)] = 60.0
 
 
+#: Policies whose order can be shared across replicas (they order tenants by a counter).
+CLUSTER_POLICIES = ("vtc", "vtc-predict", "lcf")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Shared fair order across gateway processes (``gateway/cluster/``)."""
+
+    #: redis://[user:password@]host:port/db (rediss:// for TLS); never shown
+    url: Annotated[str, Check(_check_redis_url), SECRET]
+    #: charges flushed, lease renewed, view refreshed this often
+    sync_interval_s: Annotated[float, Bounds(0, exclusive=True, maximum=1.0)] = 0.01
+    #: a replica that stops renewing (dies) loses its slots after this long
+    lease_s: Annotated[float, Bounds(0, exclusive=True, maximum=60.0)] = 5.0
+    replica_id: Name | None = None  # None: <hostname>-<pid>-<random>, unique per process
+    prefix: str = "{vtc}"  # key prefix (hash-tagged: every key in one Redis Cluster slot)
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -188,6 +211,7 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig | None = None  # None: one process, nothing shared
 
     def tenant(self, name: str) -> TenantConfig | None:
         for t in self.tenants:
@@ -203,6 +227,8 @@ class GatewayConfig:
         for b in out["backends"]:
             if b["api_key"] is not None:
                 b["api_key"] = "<redacted>"
+        if out["cluster"] is not None:
+            out["cluster"]["url"] = re.sub(r"//[^@/]*@", "//<redacted>@", out["cluster"]["url"])
         return out
 
 
@@ -310,7 +336,7 @@ class _Reader:
                 return fallback
             for e in extras:
                 if isinstance(e, Check) and (err := e.test(value)) is not None:
-                    self.fail(path, err, value)
+                    self.fail(path, err, "<redacted>" if secret else value)
                     return fallback
             for e in extras:
                 if isinstance(e, Normalize):
@@ -374,6 +400,16 @@ def parse_config(raw: Any) -> GatewayConfig:
     anonymous = config.auth.anonymous_tenant
     if anonymous is not None and config.tenant(anonymous) is None:
         r.fail("auth.anonymous_tenant", "must name a tenant in 'tenants'", anonymous)
+    cluster = config.cluster
+    if cluster is not None:
+        if cluster.lease_s < 5 * cluster.sync_interval_s:
+            r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
+        if config.scheduler.policy not in CLUSTER_POLICIES:
+            r.fail(
+                "scheduler.policy",
+                f"must be one of {', '.join(CLUSTER_POLICIES)} with a cluster section",
+                config.scheduler.policy,
+            )
     if not config.backends:
         r.fail("backends", "at least one backend is required", show=False)
     if not config.tenants:

@@ -317,9 +317,15 @@ class DispatchCore:
             backend = admission.place(model, tokens, prompt=job.prompt_tokens)
             if backend is None:
                 return  # head of the fair order waits for room; later ones wait behind it
-            popped = sched.pop(now)
-            assert popped is job, "peek() and pop() disagree"
-            self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
-            self.dispatched_total += 1
-            grant = Grant(backend, admission.reserve(backend, tokens, job.prompt_tokens))
-            self._on_grant(job, grant)
+            self.commit(sched, job, backend, now)
+
+    def commit(self, sched: Scheduler, job: Job, backend: BackendSlots, now: float) -> None:
+        """Dispatch ``job``, the head of ``sched``, to ``backend``: pop it (the scheduler
+        charges), reserve its tokens, hand it to ``on_grant``."""
+        popped = sched.pop(now)
+        assert popped is job, "peek() and pop() disagree"
+        self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
+        self.dispatched_total += 1
+        tokens = job.prompt_tokens + job.max_tokens
+        grant = Grant(backend, self.admission.reserve(backend, tokens, job.prompt_tokens))
+        self._on_grant(job, grant)

@@ -44,6 +44,9 @@ def _is_live(job: Job) -> bool:
 
 
 class Dispatcher:
+    #: the dispatch core's class (scale-out swaps in one that claims slots through Redis)
+    core_class: type[DispatchCore] = DispatchCore
+
     def __init__(
         self,
         admission: AdmissionController,
@@ -54,7 +57,7 @@ class Dispatcher:
         observe_pump: Callable[[float], None] | None = None,
         hold_s: float = 0.0,
     ) -> None:
-        self.core = DispatchCore(
+        self.core = self.core_class(
             admission,
             self._granted,
             policy=policy,

@@ -113,6 +113,16 @@ class Scheduler(ABC):
     def counter(self, tenant: str) -> float:
         return self._counters.get(tenant, 0.0)
 
+    def set_counter(self, tenant: str, value: float) -> None:
+        """Replace a tenant's counter with the value a shared order holds for it (scale-out);
+        what jobs were charged is untouched."""
+        if tenant not in self._weights:
+            self.set_tenant(tenant)
+        delta = value - self._counters[tenant]
+        if delta:
+            self._counters[tenant] = value
+            self._on_counter_change(tenant, delta)
+
     def service(self, tenant: str) -> float:
         return self._service.get(tenant, 0.0)
 

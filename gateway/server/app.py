@@ -37,6 +37,10 @@ def create_app(
     )
     app[STATE] = build_state(config, upstream=upstream, clock=clock)
     app.cleanup_ctx.append(_lifecycle)
+    if config.cluster is not None:
+        from .cluster import cluster_context
+
+        app.cleanup_ctx.append(cluster_context)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)

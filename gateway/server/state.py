@@ -89,7 +89,13 @@ def build_state(
     )
     admission = AdmissionController()
     sc = config.scheduler
-    dispatcher = Dispatcher(
+    dispatcher_class = Dispatcher
+    if config.cluster is not None:  # one fair order shared through Redis (gateway/cluster/)
+        from ..cluster import ClusterAdmission, ClusterDispatcher
+
+        admission = ClusterAdmission()
+        dispatcher_class = ClusterDispatcher
+    dispatcher = dispatcher_class(
         admission,
         sc.policy,
         Prices(sc.input_price, sc.output_price),

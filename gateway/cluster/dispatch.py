@@ -1,0 +1,267 @@
+"""The dispatch core of a replica that shares one fair order with others through Redis.
+
+Requests wait in this process's per-model schedulers exactly as in a single gateway; what
+changes is who decides that the head of a queue may have a batch slot. Instead of the local
+admission check, one *claim* per dispatch asks Redis (``scripts.CLAIM``): it grants the slot if
+no backlogged tenant anywhere has a smaller counter (or the backends keep room for them too) and
+a backend has capacity, booking it in the shared ledger. Granted: the core commits the job (pop,
+charge, reserve) while the reply is processed. Refused: the replica waits for a wake-up —
+another replica released a slot or a tenant left the backlog (Redis pub/sub), or the next sync
+tick — and asks again.
+
+Every reservation this replica makes or returns, whoever decides it (a claim, a slot held for
+a busy tenant, a request moved to another backend), passes through :class:`ClusterAdmission`,
+which mirrors it into the shared ledger. While Redis is unreachable the replica falls back to
+the single-process rules on a share of each backend (``1/N`` of its sequences and KV budget,
+``N`` the replicas last seen) with the counter lift done locally, and returns to the shared
+order when Redis does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections import Counter
+from collections.abc import Iterable
+
+from ..admission import AdmissionController, BackendSlots, Reservation
+from ..core import DispatchCore, Grant
+from ..dispatcher import Dispatcher
+from ..scheduler import Job, Scheduler
+from .store import Candidate, ClaimResult, ClusterStore, ClusterUnavailable
+
+
+def default_replica_id() -> str:
+    """Unique per process: host name, process id and a random suffix."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ClusterAdmission(AdmissionController):
+    """The local admission ledger, mirrored into the shared one (slots booked and returned).
+
+    While Redis is up, slots are claimed through the shared order and :meth:`place` serves only
+    requests moved off a failed backend; while it is down, :meth:`place` keeps this replica to
+    its share of each backend.
+    """
+
+    store: ClusterStore | None = None
+    #: set while committing a claimed job: Redis booked the slot already
+    claimed: bool = False
+
+    def __init__(self, backends: Iterable[BackendSlots] = ()) -> None:
+        super().__init__(backends)
+        self._booked: dict[int, tuple[str, int]] = {}  # id(reservation) -> (backend, tokens)
+
+    def reserve(self, backend: BackendSlots, tokens: int, prompt: int = 0) -> Reservation:
+        reservation = super().reserve(backend, tokens, prompt)
+        if self.store is not None:
+            if not self.claimed:
+                self.store.book(backend.name, tokens)
+            self._booked[id(reservation)] = (backend.name, tokens)
+        return reservation
+
+    def release(self, reservation: Reservation) -> None:
+        super().release(reservation)
+        booked = self._booked.pop(id(reservation), None)
+        if booked is not None and self.store is not None:
+            self.store.release(*booked)
+
+    def place(
+        self, model: str, tokens: int, exclude: Iterable[str] = (), prompt: int = 0
+    ) -> BackendSlots | None:
+        store = self.store
+        if store is None or store.up:
+            return super().place(model, tokens, exclude, prompt)
+        n = max(1, store.stats.live_replicas)
+        skip = set(exclude)
+        best: BackendSlots | None = None
+        for b in self.serving(model):
+            cap = b.max_num_seqs if b.seq_cap is None else b.seq_cap
+            if (
+                b.healthy
+                and b.name not in skip
+                and b.in_flight < max(1, cap // n)
+                and b.booked_tokens + tokens <= max(tokens, b.max_kv_tokens // n)
+                and (best is None or b.load < best.load)
+            ):
+                best = b
+        return best
+
+
+class ClusterCore(DispatchCore):
+    """A :class:`DispatchCore` whose pumps claim slots through a :class:`ClusterStore`; also
+    the store's :class:`~gateway.cluster.store.LocalView` of this replica."""
+
+    store: ClusterStore | None = None
+
+    def attach(self, store: ClusterStore) -> None:
+        assert isinstance(self.admission, ClusterAdmission)
+        self.store = store
+        self.admission.store = store
+        self._claiming: set[str] = set()  # models with a claim loop running
+        self._again: set[str] = set()  # models that saw news while their claim was in flight
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy: Counter[tuple[str, str]] = Counter()  # (model, tenant) -> running here
+
+    # -- LocalView ---------------------------------------------------------------------------
+    def counter(self, model: str, tenant: str) -> float:
+        return self.pool(model).counter(tenant)
+
+    def set_counter(self, model: str, tenant: str, value: float) -> None:
+        self.pool(model).set_counter(tenant, value)
+
+    def waiting(self, model: str, tenant: str) -> bool:
+        pool = self._pools.get(model)
+        return pool is not None and pool.queued(tenant) > 0
+
+    def busy(self, model: str, tenant: str) -> bool:
+        return self._busy[(model, tenant)] > 0
+
+    def credit(self, model: str, tenant: str) -> float:
+        credit = getattr(self.pool(model), "credit", None)
+        return float(credit(tenant, self.clock())) if credit is not None else 0.0
+
+    def wake(self, message: str) -> None:
+        kind, _, name = message.partition(":")
+        if kind == "m":
+            self.pump(name)
+        elif kind == "b":
+            for b in self.admission.backends():
+                if b.name == name:
+                    self.pump_backend(b)
+
+    def tick(self) -> None:
+        """Every sync interval: retry queues whose head was refused (a missed wake-up)."""
+        for model, pool in self._pools.items():
+            if pool.total_queued() and model not in self._claiming:
+                self.pump(model)
+
+    # -- queue and running side: keep the store's view current ---------------------------------
+    def submit(self, job: Job) -> None:
+        store = self.store
+        if store is not None:
+            pool = self.pool(job.model)
+            if getattr(type(pool), "lift", False):  # the lift is global while Redis is up
+                pool.lift = not store.up  # type: ignore[attr-defined]
+            store.touch(job.model, job.tenant)  # before: charges from here on are ours
+        super().submit(job)
+        if store is not None:
+            store.touch(job.model, job.tenant)
+
+    def cancel(self, job: Job) -> bool:
+        cancelled = super().cancel(job)
+        if self.store is not None:
+            self.store.touch(job.model, job.tenant)
+        return cancelled
+
+    def commit(self, sched: Scheduler, job: Job, backend: BackendSlots, now: float) -> None:
+        super().commit(sched, job, backend, now)
+        if self.store is not None:
+            self._busy[(job.model, job.tenant)] += 1
+            self.store.touch(job.model, job.tenant)
+
+    def _done(self, job: Job) -> None:
+        if self.store is not None:
+            self._busy[(job.model, job.tenant)] -= 1
+            self.store.touch(job.model, job.tenant)
+
+    def release(
+        self, job: Job, grant: Grant, ran: bool = True, output_tokens: int | None = None
+    ) -> None:
+        super().release(job, grant, ran, output_tokens)
+        self._done(job)
+
+    def abandon(self, job: Job) -> None:
+        super().abandon(job)
+        self._done(job)
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def pump(self, model: str) -> None:
+        store = self.store
+        if store is None or not store.up:
+            super().pump(model)  # local fair order on this replica's share
+            return
+        if model in self._claiming:
+            self._again.add(model)
+            return
+        self._claiming.add(model)
+        task = asyncio.get_running_loop().create_task(self._claim_loop(model, store))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _claim_loop(self, model: str, store: ClusterStore) -> None:
+        """Claim for the head of ``model``'s queue until it empties or a claim is refused."""
+        try:
+            while True:
+                self._again.discard(model)
+                sched = self._pools.get(model)
+                if sched is None:
+                    return
+                now = self.clock()
+                job = sched.peek(now)
+                if job is None:
+                    return
+                if self._is_live is not None and not self._is_live(job):
+                    self.cancel(job)  # its owner is gone and will withdraw it
+                    continue
+                if not store.up:
+                    super().pump(model)
+                    return
+                candidates = [
+                    Candidate(
+                        b.name, b.max_num_seqs if b.seq_cap is None else b.seq_cap, b.max_kv_tokens
+                    )
+                    for b in self.admission.serving(model)
+                    if b.healthy
+                ]
+                if not candidates:
+                    return
+                tokens = job.prompt_tokens + job.max_tokens
+                extra = self.prices.input * job.prompt_tokens / sched.weight(job.tenant)
+
+                def on_result(
+                    res: ClaimResult, sched: Scheduler = sched, job: Job = job, tokens: int = tokens
+                ) -> None:
+                    self._claimed(sched, job, tokens, res)
+
+                last = sched.queued(job.tenant) == 1
+                try:
+                    res = await store.claim(
+                        model, job.tenant, extra, last, tokens, candidates, on_result
+                    )
+                except ClusterUnavailable:
+                    continue  # the store is down now: the next pass decides locally
+                if res.status != "ok" and model not in self._again:
+                    return  # wait for a wake-up (a slot freed, the backlog changed, a tick)
+        finally:
+            self._claiming.discard(model)
+
+    def _claimed(self, sched: Scheduler, job: Job, tokens: int, res: ClaimResult) -> None:
+        """A claim's reply, processed inside the store's writer: use the slot or return it."""
+        if res.status != "ok" or res.backend is None or self.store is None:
+            return
+        now = self.clock()
+        backend = next((b for b in self.admission.backends() if b.name == res.backend), None)
+        live = self._is_live is None or self._is_live(job)
+        if backend is None or not live or sched.peek(now) is not job:
+            self.store.release(res.backend, tokens)  # the job left meanwhile: give it back
+            return
+        admission = self.admission
+        assert isinstance(admission, ClusterAdmission)
+        admission.claimed = True
+        try:
+            self.commit(sched, job, backend, now)
+        finally:
+            admission.claimed = False
+
+
+class ClusterDispatcher(Dispatcher):
+    """A :class:`Dispatcher` over a :class:`ClusterCore` and a :class:`ClusterAdmission`."""
+
+    core_class = ClusterCore
+    core: ClusterCore
+
+    def attach(self, store: ClusterStore) -> None:
+        self.core.attach(store)

@@ -1,0 +1,268 @@
+"""The Redis server-side scripts that make the shared decisions atomic.
+
+Every decision that must see one consistent state (lift a tenant against the global backlog,
+claim a batch slot against the global minimum and the backend's capacity, return slots) runs
+as one Lua script inside Redis; the gateway never reads, decides and writes back.
+
+Keys (``P`` is the configured prefix, hash-tagged so that every key lives in one slot)::
+
+    P:replicas         zset   replica -> lease expiry (ms, Redis clock)
+    P:c:<model>        hash   tenant -> counter (weighted service, counter units)
+    P:q:<model>        hash   tenant -> number of replicas where the tenant waits
+    P:bl:<model>       zset   tenant -> counter, for tenants waiting somewhere (the backlog)
+    P:last:<model>     string the tenant that most recently left the backlog
+    P:be:<backend>     hash   s -> sequences in flight, k -> KV tokens booked
+    P:hold:<replica>   hash   <backend>\\x1fs / <backend>\\x1fk -> what this replica holds
+    P:rq:<replica>     set    <model>\\x1f<tenant> the replica has waiting
+    P:wake             channel  "b:<backend>" (slots freed), "m:<model>" (backlog shrank)
+
+A replica's lease is renewed by every script it runs; any script first *reaps* replicas whose
+lease ran out: their slots return to the backends and their waiting tenants leave the backlog.
+Counters are never reaped (a tenant keeps its position). Slot counts are clamped at zero so a
+release racing a reap can never drive a backend negative.
+"""
+
+from __future__ import annotations
+
+_COMMON = r"""
+local P = ARGV[1]
+local SEP = '\31'
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function num(v) if v then return tonumber(v) end return nil end
+local function split(s)
+  local i = string.find(s, SEP, 1, true)
+  return string.sub(s, 1, i - 1), string.sub(s, i + 1)
+end
+local function counter(model, tenant)
+  return num(redis.call('HGET', P .. ':c:' .. model, tenant)) or 0
+end
+local function set_counter(model, tenant, c)
+  redis.call('HSET', P .. ':c:' .. model, tenant, tostring(c))
+  local bl = P .. ':bl:' .. model
+  if redis.call('ZSCORE', bl, tenant) then redis.call('ZADD', bl, c, tenant) end
+end
+-- Lift on entering the backlog: max(own, floor - credit), the floor being the smallest counter
+-- of the backlogged others or, with nobody waiting, the counter of the tenant that left the
+-- backlog last; credit > 0 only for a busy tenant resubmitting (see gateway/scheduler/vtc.py).
+local function lift(model, tenant, credit)
+  local c = counter(model, tenant)
+  local top = redis.call('ZRANGE', P .. ':bl:' .. model, 0, 0, 'WITHSCORES')
+  local floor = nil
+  if #top > 0 then
+    floor = tonumber(top[2])
+  else
+    local last = redis.call('GET', P .. ':last:' .. model)
+    if last then floor = counter(model, last) end
+  end
+  if floor and floor - credit > c then
+    c = floor - credit
+    redis.call('HSET', P .. ':c:' .. model, tenant, tostring(c))
+  end
+  return c
+end
+local function mark(replica, model, tenant, credit)
+  if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
+    local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
+    if n == 1 then
+      local c = lift(model, tenant, credit)
+      redis.call('ZADD', P .. ':bl:' .. model, c, tenant)
+    end
+  end
+end
+local function unmark(replica, model, tenant)
+  if redis.call('SREM', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
+    local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, -1)
+    if n <= 0 then
+      redis.call('HDEL', P .. ':q:' .. model, tenant)
+      redis.call('ZREM', P .. ':bl:' .. model, tenant)
+      redis.call('SET', P .. ':last:' .. model, tenant)
+      redis.call('PUBLISH', P .. ':wake', 'm:' .. model)
+    end
+  end
+end
+local function add_slots(replica, backend, seqs, kv)
+  local be = P .. ':be:' .. backend
+  local hold = P .. ':hold:' .. replica
+  local hs = num(redis.call('HGET', hold, backend .. SEP .. 's')) or 0
+  local hk = num(redis.call('HGET', hold, backend .. SEP .. 'k')) or 0
+  -- never return more than this replica holds: counts stay >= 0 whatever raced
+  if seqs < -hs then seqs = -hs end
+  if kv < -hk then kv = -hk end
+  local s = (num(redis.call('HGET', be, 's')) or 0) + seqs
+  local k = (num(redis.call('HGET', be, 'k')) or 0) + kv
+  if s < 0 then s = 0 end
+  if k < 0 then k = 0 end
+  redis.call('HSET', be, 's', s, 'k', k)
+  redis.call('HSET', hold, backend .. SEP .. 's', hs + seqs, backend .. SEP .. 'k', hk + kv)
+  if seqs < 0 then redis.call('PUBLISH', P .. ':wake', 'b:' .. backend) end
+end
+local function drop(replica)
+  local hold = redis.call('HGETALL', P .. ':hold:' .. replica)
+  for i = 1, #hold, 2 do
+    local backend, kind = split(hold[i])
+    if kind == 's' then
+      local k = num(redis.call('HGET', P .. ':hold:' .. replica, backend .. SEP .. 'k')) or 0
+      add_slots(replica, backend, -tonumber(hold[i + 1]), -k)
+    end
+  end
+  redis.call('DEL', P .. ':hold:' .. replica)
+  for _, m in ipairs(redis.call('SMEMBERS', P .. ':rq:' .. replica)) do
+    local model, tenant = split(m)
+    unmark(replica, model, tenant)
+  end
+  redis.call('DEL', P .. ':rq:' .. replica)
+  redis.call('ZREM', P .. ':replicas', replica)
+end
+-- Reap replicas whose lease ran out; renew ours if we are known. Returns whether we were.
+local function heartbeat(replica, lease_ms)
+  local now = now_ms()
+  for _, r in ipairs(redis.call('ZRANGEBYSCORE', P .. ':replicas', '-inf', now)) do
+    drop(r)
+  end
+  local known = redis.call('ZSCORE', P .. ':replicas', replica) ~= false
+  if known then redis.call('ZADD', P .. ':replicas', now + lease_ms, replica) end
+  return known, now
+end
+"""
+
+#: Heartbeat + flush of locally accumulated charges. ARGV: P, replica, lease_ms, then
+#: (model, tenant, base, sent) per tenant: ``base`` re-creates a counter lost by an empty
+#: restart, ``sent`` is added. Returns {known, live replicas, counter per entry...}.
+SYNC = (
+    _COMMON
+    + r"""
+local known = heartbeat(ARGV[2], tonumber(ARGV[3]))
+local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas')}
+for i = 4, #ARGV, 4 do
+  local model, tenant = ARGV[i], ARGV[i + 1]
+  local raw = redis.call('HGET', P .. ':c:' .. model, tenant)
+  local c = (raw and tonumber(raw) or tonumber(ARGV[i + 2])) + tonumber(ARGV[i + 3])
+  set_counter(model, tenant, c)
+  out[#out + 1] = tostring(c)
+end
+return out
+"""
+)
+
+#: (Re)register a replica with its full local state: what it holds and where tenants wait.
+#: ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then (model, tenant) *.
+REGISTER = (
+    _COMMON
+    + r"""
+local replica = ARGV[2]
+local known, now = heartbeat(replica, tonumber(ARGV[3]))
+local hold = P .. ':hold:' .. replica
+local n = tonumber(ARGV[4])
+local i = 5
+for _ = 1, n do
+  local backend, seqs, kv = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local hs = num(redis.call('HGET', hold, backend .. SEP .. 's')) or 0
+  local hk = num(redis.call('HGET', hold, backend .. SEP .. 'k')) or 0
+  add_slots(replica, backend, seqs - hs, kv - hk)
+  i = i + 3
+end
+local want = {}
+while i <= #ARGV do
+  want[ARGV[i] .. SEP .. ARGV[i + 1]] = true
+  i = i + 2
+end
+for _, m in ipairs(redis.call('SMEMBERS', P .. ':rq:' .. replica)) do
+  if not want[m] then
+    local model, tenant = split(m)
+    unmark(replica, model, tenant)
+  end
+end
+for m, _ in pairs(want) do
+  local model, tenant = split(m)
+  mark(replica, model, tenant, 0)
+end
+redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
+return 1
+"""
+)
+
+#: A tenant starts (1) or stops (0) waiting at this replica. ARGV: P, replica, lease_ms, model,
+#: tenant, on, credit (counter units a resubmitting tenant may stay below the lift's floor).
+#: Returns the tenant's counter (lifted when it joined the global backlog), or nil when the
+#: replica is unknown (it registers its whole state instead).
+MARK = (
+    _COMMON
+    + r"""
+local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
+if not heartbeat(replica, tonumber(ARGV[3])) then return false end
+if ARGV[6] == '1' then
+  mark(replica, model, tenant, tonumber(ARGV[7]))
+else
+  unmark(replica, model, tenant)
+end
+return tostring(counter(model, tenant))
+"""
+)
+
+#: Claim a slot for the head request of ``tenant``. ARGV: P, replica, lease_ms, model, tenant,
+#: extra (counter units charged on success), last ('1': the tenant's queue here empties),
+#: tokens, credit (as for MARK), then (backend, max_seqs, max_kv) per candidate backend.
+#:
+#: Granted when some candidate has room and either no backlogged tenant has a smaller counter
+#: or, after this booking, the candidates still have room for one more request of this size per
+#: such tenant (their replicas claim it; so a stale backlog entry holds back at most one slot).
+#: Returns {'ok', backend, counter} | {'full', counter, lower} | {'order', counter, lower} |
+#: {'unknown'} (the replica must register first).
+CLAIM = (
+    _COMMON
+    + r"""
+local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
+local known = heartbeat(replica, tonumber(ARGV[3]))
+if not known then return {'unknown'} end
+mark(replica, model, tenant, tonumber(ARGV[9]))
+local c = counter(model, tenant)
+local extra, last, tokens = tonumber(ARGV[6]), ARGV[7], math.max(1, tonumber(ARGV[8]))
+local tol = 1e-9 * math.max(1, math.abs(c))
+local lower = redis.call('ZCOUNT', P .. ':bl:' .. model, '-inf', '(' .. (c - tol))
+local best, best_room, total = nil, 0, 0
+for i = 10, #ARGV, 3 do
+  local be = P .. ':be:' .. ARGV[i]
+  local s = num(redis.call('HGET', be, 's')) or 0
+  local k = num(redis.call('HGET', be, 'k')) or 0
+  local room = math.min(tonumber(ARGV[i + 1]) - s, math.floor((tonumber(ARGV[i + 2]) - k) / tokens))
+  if room > 0 then
+    total = total + room
+    if room > best_room then best, best_room = ARGV[i], room end
+  end
+end
+if not best then return {'full', tostring(c), lower} end
+if lower > 0 and total - 1 < lower then return {'order', tostring(c), lower} end
+add_slots(replica, best, 1, tokens)
+c = c + extra
+set_counter(model, tenant, c)
+if last == '1' then unmark(replica, model, tenant) end
+return {'ok', best, tostring(c)}
+"""
+)
+
+#: Book (+) or return (-) slots without any check (a release, or a request moved to another
+#: backend after its first refused it). ARGV: P, replica, lease_ms, backend, seqs, kv.
+#: An unknown replica books nothing (its next registration carries its whole holdings).
+SLOTS = (
+    _COMMON
+    + r"""
+if not heartbeat(ARGV[2], tonumber(ARGV[3])) then return 0 end
+add_slots(ARGV[2], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+return 1
+"""
+)
+
+#: A replica shutting down returns its slots and leaves the backlog. ARGV: P, replica.
+LEAVE = _COMMON + "drop(ARGV[2])\nreturn 1\n"
+
+SCRIPTS = {
+    "sync": SYNC,
+    "register": REGISTER,
+    "mark": MARK,
+    "claim": CLAIM,
+    "slots": SLOTS,
+    "leave": LEAVE,
+}

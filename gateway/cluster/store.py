@@ -1,0 +1,443 @@
+"""The gateway's link to the shared state in Redis: one ordered writer, batched round trips.
+
+Everything a replica tells Redis goes through one writer task, in order, as pipelined batches:
+one round trip carries whatever accumulated since the previous one (claims, releases, backlog
+changes) behind one ``SYNC`` that renews the replica's lease and flushes the charges its local
+schedulers accumulated. Nothing crosses the network per output token; a dispatch costs one
+claim; with no events a replica still syncs once per ``sync_interval_s``.
+
+Counters are mirrored: the local schedulers keep charging as always, and for every (model,
+tenant) the store remembers ``sent`` — the local counter value that Redis already reflects.
+``local - sent`` is what the next batch flushes. Each reply carries Redis's counter, which
+becomes the local value plus whatever was charged meanwhile, so every replica orders its own
+queue by the global counters, at most one sync interval stale.
+
+Failure: any Redis error puts the store *down*: claims raise :class:`ClusterUnavailable` (the
+dispatcher falls back to its local fair order), one warning is logged, ``fallbacks`` counts it.
+Every sync interval (at least every 0.5 s) it tries again; on success it re-registers its whole
+state (slots held, tenants waiting) and re-merges its charges, which also rebuilds a Redis that
+restarted empty. Counters are merged, never reset: a counter Redis lost is re-created from the
+replica's last known value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .scripts import SCRIPTS
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (model, tenant)
+
+
+class ClusterUnavailable(Exception):
+    """Redis cannot be reached now; decide locally."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A backend a claim may book, with the capacity this replica knows for it."""
+
+    name: str
+    max_seqs: int
+    max_kv: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    status: str  # "ok" | "full" | "order"
+    backend: str | None = None
+    counter: float = 0.0
+    lower: int = 0  # backlogged tenants with a smaller counter (refusals)
+
+
+class LocalView(Protocol):
+    """What the store needs from the replica's schedulers (implemented by the dispatcher)."""
+
+    def counter(self, model: str, tenant: str) -> float: ...
+    def set_counter(self, model: str, tenant: str, value: float) -> None: ...
+    def waiting(self, model: str, tenant: str) -> bool: ...
+    def busy(self, model: str, tenant: str) -> bool: ...
+    def credit(self, model: str, tenant: str) -> float: ...
+    def wake(self, message: str) -> None: ...
+    def tick(self) -> None: ...
+
+
+@dataclass
+class StoreStats:
+    round_trips: int = 0
+    commands: int = 0
+    fallbacks: int = 0
+    last_sync: float = 0.0  # monotonic time of the last successful round trip
+    rtt_sum: float = 0.0
+    rtt: list[float] = field(default_factory=list)  # recent round-trip times (bounded)
+    live_replicas: int = 1
+
+    def observe(self, seconds: float) -> None:
+        self.rtt_sum += seconds
+        self.rtt.append(seconds)
+        if len(self.rtt) > 4096:
+            del self.rtt[:2048]
+
+
+@dataclass(slots=True)
+class _Op:
+    script: str
+    args: list[Any]
+    key: Key | None = None
+    on_result: Callable[[Any], None] | None = None
+
+
+class ClusterStore:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        listener: aioredis.Redis,
+        local: LocalView,
+        *,
+        replica: str,
+        prefix: str = "{vtc}",
+        sync_interval_s: float = 0.01,
+        lease_s: float = 5.0,
+    ) -> None:
+        self.redis = client
+        self._listener = listener
+        self.local = local
+        self.replica = replica
+        self.prefix = prefix
+        self.sync_interval_s = sync_interval_s
+        self.lease_ms = int(lease_s * 1000)
+        self.stats = StoreStats()
+        self.up = False
+        #: slots this replica holds per backend: [sequences, KV tokens] (the truth it registers)
+        self.held: dict[str, list[int]] = {}
+        self._marked: set[Key] = set()  # tenants Redis believes wait here
+        self._sent: dict[Key, float] = {}  # local counter value Redis already reflects
+        self._active: set[Key] = set()  # keys whose counter may still change here
+        self._dirty: set[Key] = set()  # keys whose waiting state may have changed
+        self._ops: list[_Op] = []
+        self._register_due = True
+        self._kick = asyncio.Event()
+        self._shas: dict[str, str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._warned = False  # the outage in progress has been logged
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect and register (or start down, retrying in the background)."""
+        with contextlib.suppress(ClusterUnavailable):
+            await self._batch(full=True)
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="cluster-writer"),
+            asyncio.create_task(self._listen(), name="cluster-listen"),
+        ]
+
+    async def close(self) -> None:
+        """Stop; a replica that can still reach Redis flushes its charges and leaves (its
+        slots return at once instead of after the lease)."""
+        self._closed = True
+        self._kick.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.up:
+            with contextlib.suppress(ClusterUnavailable):
+                self._ops.append(_Op("leave", []))
+                await self._batch(full=True)
+        await self.redis.aclose()
+        await self._listener.aclose()
+
+    # -- what the dispatcher tells the store ------------------------------------------------
+    def touch(self, model: str, tenant: str) -> None:
+        """The tenant's queue or charges here may have changed (submit, cancel, dispatch)."""
+        key = (model, tenant)
+        if key not in self._sent:  # charges from here on are this replica's to flush
+            self._sent[key] = self.local.counter(model, tenant)
+        self._dirty.add(key)
+        self._active.add(key)
+        self._kick.set()
+
+    async def claim(
+        self,
+        model: str,
+        tenant: str,
+        extra: float,
+        last: bool,
+        tokens: int,
+        candidates: Iterable[Candidate],
+        on_result: Callable[[ClaimResult], None],
+    ) -> ClaimResult:
+        """Ask for a slot for ``tenant``'s head request. ``on_result`` runs synchronously
+        inside the writer as the reply is processed (so the local pop and the counter mirror
+        move together); the result is also returned. Raises :class:`ClusterUnavailable`."""
+        if not self.up:
+            raise ClusterUnavailable
+        credit = repr(float(self.local.credit(model, tenant)))
+        args: list[Any] = [model, tenant, repr(float(extra)), "1" if last else "0", tokens, credit]
+        for c in candidates:
+            args += [c.name, c.max_seqs, c.max_kv]
+        fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
+        key = (model, tenant)
+
+        def done(raw: Any) -> None:
+            if isinstance(raw, BaseException):
+                if not fut.done():
+                    fut.set_exception(ClusterUnavailable())
+                return
+            if raw[0] == b"unknown":
+                self._register_due = True
+                self._kick.set()
+                res = ClaimResult("full")
+            elif raw[0] == b"ok":
+                res = ClaimResult("ok", raw[1].decode(), float(raw[2]))
+                held = self.held.setdefault(res.backend or "", [0, 0])
+                held[0] += 1
+                held[1] += tokens
+                if last:
+                    self._marked.discard(key)
+                    self._dirty.add(key)
+            else:
+                res = ClaimResult(raw[0].decode(), None, float(raw[1]), int(raw[2]))
+            on_result(res)  # the local pop (or, if the job left meanwhile, a release)
+            if raw[0] != b"unknown":
+                self._apply(key, res.counter, extra if res.status == "ok" else 0.0)
+            if not fut.done():
+                fut.set_result(res)
+
+        self._active.add(key)
+        self._push(_Op("claim", args, key, done))
+        return await fut
+
+    def book(self, backend: str, tokens: int) -> None:
+        """Book a slot without a check (local fallback, or a request moved between backends):
+        Redis hears of it now if up, else from the next registration."""
+        self._slots(backend, 1, tokens)
+
+    def release(self, backend: str, tokens: int) -> None:
+        self._slots(backend, -1, -tokens)
+
+    def _slots(self, backend: str, seqs: int, tokens: int) -> None:
+        held = self.held.setdefault(backend, [0, 0])
+        held[0] = max(0, held[0] + seqs)
+        held[1] = max(0, held[1] + tokens)
+        if self.up:
+            self._push(_Op("slots", [backend, seqs, tokens]))
+
+    def _push(self, op: _Op) -> None:
+        self._ops.append(op)
+        self._kick.set()
+
+    # -- the writer ---------------------------------------------------------------------------
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self.sync_interval_s
+        retry_s = max(self.sync_interval_s, 0.5)
+        while not self._closed:
+            now = loop.time()
+            if not self.up:  # only the tick tries again; news waits for the registration
+                await asyncio.sleep(max(0.0, next_tick - now))
+            elif not self._ops and not self._dirty and now < next_tick:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(next_tick - now):
+                        await self._kick.wait()
+            self._kick.clear()
+            if self._closed:
+                return
+            now = loop.time()
+            tick = now >= next_tick
+            if tick:
+                next_tick = now + (self.sync_interval_s if self.up else retry_s)
+            if not self.up and not tick:
+                continue  # the registration that ends an outage carries the whole state
+            was_up = self.up
+            try:
+                await self._batch(full=tick)
+            except ClusterUnavailable:
+                continue
+            if not was_up:
+                log.warning("cluster: Redis reachable again; shared fair order resumed")
+            if tick:
+                self.local.tick()
+            await asyncio.sleep(0)  # let granted handlers run before the next batch
+
+    async def _batch(self, full: bool) -> None:
+        """One round trip: [register] + sync + queued ops. Raises ClusterUnavailable."""
+        ops, self._ops = self._ops, []
+        local = self.local
+        # backlog changes since the last batch become mark/unmark ops
+        marks: list[_Op] = []
+        for key in self._dirty:
+            want = local.waiting(*key)
+            if want != (key in self._marked):
+                (self._marked.add if want else self._marked.discard)(key)
+                marks.append(self._mark_op(key, want))
+        self._dirty.clear()
+        register = self._register_due or not self.up
+        if register:  # the registration carries the whole waiting set
+            marks = []
+            self._marked = {k for k in self._active if local.waiting(*k)}
+        keys = set(self._active) if full else {op.key for op in ops if op.key is not None}
+        keys.update(op.key for op in marks if op.key is not None)
+        entries: list[tuple[Key, float]] = []
+        sync_args: list[Any] = []
+        before = {}
+        for key in keys:
+            value = local.counter(*key)
+            sent = self._sent.get(key, value)
+            before[key] = sent
+            entries.append((key, value))
+            sync_args += [key[0], key[1], repr(sent), repr(value - sent)]
+            self._sent[key] = value
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        if register:
+            if not self._shas:
+                await self._load_scripts()
+            reg: list[Any] = [len(self.held)]
+            for backend, (seqs, kv) in self.held.items():
+                reg += [backend, seqs, kv]
+            for model, tenant in self._marked:
+                reg += [model, tenant]
+            self._eval(pipe, "register", reg)
+            n += 1
+        self._eval(pipe, "sync", sync_args)
+        for op in (*marks, *ops):
+            self._eval(pipe, op.script, op.args)
+        n += 1 + len(marks) + len(ops)
+        start = time.perf_counter()
+        try:
+            results = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            for key, sent in before.items():
+                self._sent[key] = sent
+            self._down(exc, ops)
+            raise ClusterUnavailable from None
+        rtt = time.perf_counter() - start
+        stats = self.stats
+        stats.round_trips += 1
+        stats.commands += n
+        stats.observe(rtt)
+        stats.last_sync = time.monotonic()
+        self.up = True
+        self._warned = False
+        i = 0
+        if register:
+            self._register_due = False
+            i = 1
+        sync = results[i]
+        if not sync[0]:
+            self._register_due = True
+            self._kick.set()
+        stats.live_replicas = max(1, int(sync[1]))
+        for (key, _), raw in zip(entries, sync[2:], strict=True):
+            self._apply(key, float(raw))
+        for op, raw in zip((*marks, *ops), results[i + 1 :], strict=True):
+            if op.script == "mark":
+                if raw is None:
+                    self._register_due = True
+                    self._kick.set()
+                elif op.key is not None:
+                    self._apply(op.key, float(raw))
+            elif op.on_result is not None:
+                op.on_result(raw)
+        if full:  # forget keys that can no longer change here
+            for key in [k for k in self._active if not local.waiting(*k) and not local.busy(*k)]:
+                if local.counter(*key) == self._sent.get(key):
+                    self._active.discard(key)
+                    del self._sent[key]
+
+    def _apply(self, key: Key, remote: float, extra: float = 0.0) -> None:
+        """Redis says ``key``'s counter is ``remote``, which includes everything sent so far
+        plus ``extra`` charged by the script itself: local = remote + what is still unsent."""
+        local = self.local.counter(*key)
+        unsent = local - self._sent.get(key, local) - extra
+        value = remote + unsent
+        if value != local:
+            self.local.set_counter(key[0], key[1], value)
+        self._sent[key] = remote
+
+    def _mark_op(self, key: Key, on: bool) -> _Op:
+        credit = repr(float(self.local.credit(*key))) if on else "0"
+        return _Op("mark", [key[0], key[1], "1" if on else "0", credit], key)
+
+    def _eval(self, pipe: Any, script: str, args: list[Any]) -> None:
+        pipe.evalsha(self._shas[script], 0, self.prefix, self.replica, self.lease_ms, *args)
+
+    async def _load_scripts(self) -> None:
+        try:
+            for name, source in SCRIPTS.items():
+                self._shas[name] = await self.redis.script_load(source)
+        except (RedisError, OSError) as exc:
+            self._down(exc, [])
+            raise ClusterUnavailable from None
+
+    def _down(self, exc: BaseException, ops: list[_Op]) -> None:
+        if not self._warned:
+            self._warned = True
+            self.stats.fallbacks += 1
+            log.warning(
+                "cluster: Redis unreachable (%s); each replica keeps serving in its local "
+                "fair order until it returns",
+                exc.__class__.__name__,
+            )
+        self.up = False
+        self._shas.clear()
+        self._register_due = True
+        self._marked.clear()
+        for op in (*ops, *self._ops):
+            if op.on_result is not None:
+                op.on_result(exc)
+        self._ops.clear()
+
+    # -- wake-ups from other replicas ------------------------------------------------------------
+    async def _listen(self) -> None:
+        channel = f"{self.prefix}:wake"
+        while not self._closed:
+            try:
+                async with self._listener.pubsub() as ps:
+                    await ps.subscribe(channel)
+                    async for msg in ps.listen():
+                        if msg.get("type") == "message":
+                            self.local.wake(msg["data"].decode())
+            except (RedisError, OSError):
+                await asyncio.sleep(max(self.sync_interval_s, 0.5))
+
+
+def make_store(
+    url: str,
+    local: LocalView,
+    *,
+    replica: str,
+    prefix: str,
+    sync_interval_s: float,
+    lease_s: float,
+) -> ClusterStore:
+    """A store on ``url`` (``redis://host:port/db``); one connection for the ordered writer and
+    one for wake-ups. Timeouts are short: an unreachable Redis must not hold requests."""
+    timeout = min(1.0, lease_s / 4)
+    client = aioredis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=2
+    )
+    listener = aioredis.Redis.from_url(url, socket_connect_timeout=timeout)
+    return ClusterStore(
+        client,
+        listener,
+        local,
+        replica=replica,
+        prefix=prefix,
+        sync_interval_s=sync_interval_s,
+        lease_s=lease_s,
+    )

@@ -1,0 +1,223 @@
+"""The shared state against a real redis-server: lift, claim order, capacity, leases, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from redis import asyncio as aioredis
+
+from gateway.cluster.store import Candidate, ClaimResult, ClusterStore, ClusterUnavailable
+
+from .conftest import RedisServer
+
+M = "m"
+ONE_SLOT = [Candidate("b0", 1, 10_000)]
+
+
+class FakeLocal:
+    """The replica side: counters, who waits here, wake-ups received."""
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple[str, str], float] = {}
+        self.waiting_set: set[tuple[str, str]] = set()
+        self.wakes: list[str] = []
+        self.ticks = 0
+
+    def counter(self, model: str, tenant: str) -> float:
+        return self.counters.get((model, tenant), 0.0)
+
+    def set_counter(self, model: str, tenant: str, value: float) -> None:
+        self.counters[(model, tenant)] = value
+
+    def waiting(self, model: str, tenant: str) -> bool:
+        return (model, tenant) in self.waiting_set
+
+    def busy(self, model: str, tenant: str) -> bool:
+        return False
+
+    def credit(self, model: str, tenant: str) -> float:
+        return 0.0
+
+    def wake(self, message: str) -> None:
+        self.wakes.append(message)
+
+    def tick(self) -> None:
+        self.ticks += 1
+
+    def charge(self, tenant: str, units: float) -> None:
+        self.counters[(M, tenant)] = self.counter(M, tenant) + units
+
+
+async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def replica(
+    server: RedisServer, name: str, lease_s: float = 5.0, sync_s: float = 0.01
+) -> AsyncIterator[tuple[ClusterStore, FakeLocal]]:
+    local = FakeLocal()
+    timeout = 0.5
+    store = ClusterStore(
+        aioredis.Redis.from_url(server.url, socket_timeout=timeout, socket_connect_timeout=timeout),
+        aioredis.Redis.from_url(server.url, socket_connect_timeout=timeout),
+        local,
+        replica=name,
+        sync_interval_s=sync_s,
+        lease_s=lease_s,
+    )
+    await store.start()
+    try:
+        yield store, local
+    finally:
+        await store.close()
+
+
+async def arrive(store: ClusterStore, local: FakeLocal, tenant: str) -> None:
+    """The tenant starts waiting here; returns once Redis has it in the backlog."""
+    local.waiting_set.add((M, tenant))
+    store.touch(M, tenant)
+    rounds = store.stats.round_trips
+    await wait_for(lambda: store.stats.round_trips > rounds and not store._dirty)
+
+
+async def served(store: ClusterStore, local: FakeLocal, tenant: str, units: float) -> None:
+    """``units`` more charged locally; returns once a sync flushed them."""
+    local.charge(tenant, units)
+    target = local.counter(M, tenant)
+    await wait_for(lambda: store._sent.get((M, tenant)) == target)
+
+
+async def claim(
+    store: ClusterStore, tenant: str, cands: list[Candidate] = ONE_SLOT, extra: float = 0.0
+) -> ClaimResult:
+    """Claim like the dispatcher: on a grant the local pop charges ``extra`` at once."""
+    local = store.local
+    assert isinstance(local, FakeLocal)
+    seen: list[ClaimResult] = []
+
+    def on_result(res: ClaimResult) -> None:
+        seen.append(res)
+        if res.status == "ok":
+            local.charge(tenant, extra)
+
+    res = await store.claim(M, tenant, extra, False, 100, cands, on_result)
+    assert seen == [res]
+    return res
+
+
+async def test_claim_goes_to_the_globally_smallest_counter(redis_server: RedisServer) -> None:
+    async with replica(redis_server, "r1") as (s1, l1), replica(redis_server, "r2") as (s2, l2):
+        await arrive(s1, l1, "a")
+        await arrive(s2, l2, "b")
+        await served(s1, l1, "a", 50.0)  # a has been served more
+        refused = await claim(s1, "a")
+        assert (refused.status, refused.lower) == ("order", 1)
+        granted = await claim(s2, "b", extra=10.0)
+        assert (granted.status, granted.backend) == ("ok", "b0")
+        assert granted.counter == 10.0 and l2.counter(M, "b") == 10.0
+        assert (await claim(s2, "b")).status == "full"  # one slot, held by b
+        s2.release("b0", 100)
+        await wait_for(lambda: "b:b0" in l1.wakes)  # r1 hears that a slot freed
+        await served(s2, l2, "b", 100.0)  # b's output, charged locally, flushed by a sync
+        assert (await claim(s1, "a")).status == "ok"  # 50 < 110 now
+
+
+async def test_spare_capacity_is_not_held_back(redis_server: RedisServer) -> None:
+    """With room for the lower tenant's request as well, a higher counter is not refused."""
+    async with replica(redis_server, "r1") as (s1, l1), replica(redis_server, "r2") as (s2, l2):
+        await arrive(s1, l1, "a")
+        await arrive(s2, l2, "b")
+        await served(s1, l1, "a", 50.0)
+        two = [Candidate("b0", 2, 10_000)]
+        assert (await claim(s1, "a", two)).status == "ok"
+        assert (await claim(s1, "a", two)).status == "order"  # the last slot is b's
+
+
+async def test_lift_both_cases(redis_server: RedisServer) -> None:
+    async with replica(redis_server, "r1") as (s1, l1), replica(redis_server, "r2") as (s2, l2):
+        await arrive(s1, l1, "a")
+        await served(s1, l1, "a", 500.0)
+        # others backlogged: lifted to the smallest of them
+        await arrive(s2, l2, "new")
+        assert l2.counter(M, "new") == 500.0
+        # nobody backlogged: lifted to the counter of the tenant that left last
+        l1.waiting_set.clear()
+        l2.waiting_set.clear()
+        l1.charge("a", 300.0)
+        s1.touch(M, "a")
+        s2.touch(M, "new")
+        await wait_for(lambda: l1.ticks > 2 and l2.ticks > 2 and not s1._dirty and not s2._dirty)
+        await arrive(s2, l2, "late")
+        assert l2.counter(M, "late") in (500.0, 800.0)  # whichever of a, new left last
+
+
+async def test_dead_replica_slots_return_within_the_lease(redis_server: RedisServer) -> None:
+    async with replica(redis_server, "r1", lease_s=0.3) as (s1, l1):
+        async with replica(redis_server, "r2", lease_s=0.3) as (s2, l2):
+            await arrive(s2, l2, "b")
+            assert (await claim(s2, "b")).status == "ok"
+            # r2 dies without a word: its writer stops renewing the lease
+            for task in s2._tasks:
+                task.cancel()
+            await arrive(s1, l1, "a")
+            assert (await claim(s1, "a")).status == "full"
+            start = time.monotonic()
+            while (await claim(s1, "a")).status != "ok":
+                assert time.monotonic() - start < 5
+            assert time.monotonic() - start < 2.0  # reaped after ~0.3 s
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            be = await raw.hgetall("{vtc}:be:b0")
+            assert be == {b"s": b"1", b"k": b"100"}  # r1's slot only: nothing leaked, none < 0
+            assert await raw.zscore("{vtc}:bl:m", "b") is None  # b's place in the queue went too
+        finally:
+            await raw.aclose()
+
+
+async def test_release_never_drives_capacity_negative(redis_server: RedisServer) -> None:
+    async with replica(redis_server, "r1") as (s1, l1):
+        await arrive(s1, l1, "a")
+        assert (await claim(s1, "a")).status == "ok"
+        s1.release("b0", 100)
+        s1.release("b0", 100)  # a double release must not free someone else's slot
+        await wait_for(lambda: not s1._ops)
+        await wait_for(lambda: l1.ticks > 1)
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await raw.hgetall("{vtc}:be:b0") == {b"s": b"0", b"k": b"0"}
+        finally:
+            await raw.aclose()
+
+
+async def test_redis_down_then_restarted_empty(redis_server: RedisServer) -> None:
+    async with replica(redis_server, "r1") as (s1, l1):
+        await arrive(s1, l1, "a")
+        assert (await claim(s1, "a", extra=40.0)).status == "ok"
+        l1.charge("a", 60.0)
+        await wait_for(lambda: s1._sent.get((M, "a")) == 100.0)
+        redis_server.stop()
+        with pytest.raises(ClusterUnavailable):
+            await claim(s1, "a")
+        await wait_for(lambda: not s1.up)
+        assert s1.stats.fallbacks == 1
+        l1.charge("a", 25.0)  # served locally during the outage
+        redis_server.start()  # empty: no counters, no ledger
+        await wait_for(lambda: s1.up, limit_s=15)
+        await wait_for(lambda: s1._sent.get((M, "a")) == 125.0)
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert float(await raw.hget("{vtc}:c:m", "a")) == 125.0  # position kept, not reset
+            assert await raw.hgetall("{vtc}:be:b0") == {b"s": b"1", b"k": b"100"}  # slot re-held
+            assert await raw.zscore("{vtc}:bl:m", "a") == 125.0  # still waiting here
+        finally:
+            await raw.aclose()
+        assert s1.stats.fallbacks == 1
