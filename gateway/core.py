@@ -80,7 +80,7 @@ class DispatchCore:
     ``on_grant(job, grant)`` receives every dispatched job (it must not raise). ``is_live(job)``
     (optional) tells whether a queued job still wants its slot; a job that does not is
     cancelled when it reaches the head instead of being dispatched. ``observe_pump`` (optional)
-    (optional, also settable later as :attr:`observe_pump`) receives the duration in seconds of
+    (optional) receives the duration in seconds of
     every dispatch pass.
     """
 

@@ -109,11 +109,6 @@ class Dispatcher:
         self.pump_all()
         return failed
 
-    def observe_pumps(self, observe: Callable[[float], None]) -> None:
-        """Report the duration in seconds of every dispatch pass (one pump: the scheduler's
-        picks and admission checks) to ``observe``. Per pump call, never per token."""
-        self.core.observe_pump = observe
-
     def pool(self, model: str) -> Scheduler:
         return self.core.pool(model)
 
