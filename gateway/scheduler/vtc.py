@@ -18,9 +18,10 @@ own requests finishing (a moving average over its arrivals, > 1/2), or whose arr
 a slot held for it (see :class:`gateway.core.DispatchCore`):
 
 * ``c[t] = max(c[t], floor - credit[t])`` with ``credit[t]`` the expected cost of t's requests
-  in flight and of those whose slot is held for it (``(w_in * prompt + w_out * expected
-  output) / weight``, the expected output being the tenant's recent average, at most
-  ``max_tokens``); every other arrival to an empty queue gets the paper's lift (credit 0).
+  in flight and of those whose next request is expected (``(w_in * prompt + w_out * expected
+  output) / weight`` each, booked at dispatch; the expected output is the tenant's recent
+  average, at most ``max_tokens``); every other arrival to an empty queue gets the paper's
+  lift (credit 0).
 
 A tenant can therefore never be more than the cost of its own in-flight work behind the floor
 when it arrives: after a demand-limited period (one request in flight for a minute, then a
@@ -48,14 +49,24 @@ from .interface import Job, Prices, Scheduler
 
 
 class _Queue:
-    __slots__ = ("follows", "held", "jobs", "last_finish", "resubmits", "running", "version")
+    __slots__ = (
+        "committed",
+        "follows",
+        "held",
+        "jobs",
+        "last_finish",
+        "resubmits",
+        "running",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.jobs: OrderedDict[int, Job] = OrderedDict()  # seq -> job, FIFO
         self.version = 0
-        # in dispatch order (seq -> job), so that sums over them are reproducible
-        self.running: dict[int, Job] = {}  # dispatched, not finished
-        self.held: dict[int, Job] = {}  # finished, the tenant's next request expected
+        # seq -> expected cost in priced tokens (w_in * prompt + w_out * expected output)
+        self.running: dict[int, float] = {}  # dispatched, not finished
+        self.held: dict[int, float] = {}  # finished, the tenant's next request expected
+        self.committed = 0.0  # sum of both: the credit before dividing by the weight
         self.last_finish = float("-inf")  # when one of the tenant's requests last finished
         #: moving average of "this arrival came right after one of the tenant's finishes"
         self.resubmits = 0.0
@@ -147,16 +158,11 @@ class VTCScheduler(Scheduler):
     def credit(self, tenant: str, now: float) -> float:
         """Counter units a tenant arriving now may stay below the lift's floor: for one that
         resubmits (see the module docstring), the expected cost of its requests in flight and
-        of those whose slot is held for it; 0 otherwise."""
+        of those whose next request is expected; 0 otherwise. O(1)."""
         q = self._queues.get(tenant)
         if q is None or not (q.held or (q.running and q.follows)):
             return 0.0
-        cost = self.prices.cost
-        total = 0.0
-        for jobs in (q.running, q.held):
-            for job in jobs.values():
-                total += cost(job.prompt_tokens, max(job.expected_output, job.output_tokens))
-        return total / self._weights.get(tenant, 1.0)
+        return q.committed / self._weights.get(tenant, 1.0)
 
     def _lift(self, tenant: str, q: _Queue, now: float) -> None:
         floor = self._floor()
@@ -193,12 +199,14 @@ class VTCScheduler(Scheduler):
     def hold(self, job: Job) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.held[job.seq] = job
+            cost = self.prices.cost(job.prompt_tokens, job.expected_output)
+            q.held[job.seq] = cost
+            q.committed += cost
 
     def unhold(self, job: Job) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.held.pop(job.seq, None)
+            q.committed -= q.held.pop(job.seq, 0.0)
 
     def peek(self, now: float) -> Job | None:
         top = self._top()
@@ -213,7 +221,9 @@ class VTCScheduler(Scheduler):
         self._total -= 1
         self._predict(job)
         self._dispatched(job, now)  # raises the counter: the heap is not touched (lazy)
-        q.running[job.seq] = job
+        cost = self.prices.cost(job.prompt_tokens, job.expected_output)
+        q.running[job.seq] = cost
+        q.committed += cost
         if q.jobs:  # the tenant stays backlogged: re-key its entry at the top in one sift
             q.version += 1
             heapq.heapreplace(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
@@ -237,7 +247,7 @@ class VTCScheduler(Scheduler):
     def _finished(self, job: Job, now: float, ran: bool) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.running.pop(job.seq, None)
+            q.committed -= q.running.pop(job.seq, 0.0)
             q.last_finish = now
         if not ran:
             return  # refused before it ran: no evidence about the tenant's output lengths

@@ -44,6 +44,7 @@ class RefJob:
     output: int = 0
     predicted: int = 0
     expected: int = 0
+    dispatched_cost: float = 0.0
     charged: float = 0.0
     charged_cost: float = 0.0
     dispatched: bool = False
@@ -73,7 +74,7 @@ class RefVTC:
             return 0.0
         total = 0.0
         for j in running:
-            total += self.prices.cost(j.prompt, max(j.expected, j.output))
+            total += j.dispatched_cost
         return total / self.weights.get(t, 1.0)
 
     def set_tenant(self, t: str, w: float = 1.0) -> None:
@@ -135,6 +136,7 @@ class RefVTC:
         j.expected = min(j.max_tokens, round(sum(hist) / len(hist))) if hist else j.max_tokens
         if self.predict:
             j.predicted = j.expected
+        j.dispatched_cost = self.prices.cost(j.prompt, j.expected)
         j.dispatched = True
         self.running.setdefault(j.tenant, []).append(j)
         self._charge(j, self.prices.cost(j.prompt, j.predicted))
