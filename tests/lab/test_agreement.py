@@ -1,7 +1,7 @@
 """The live system behaves like the code that was simulated.
 
 The same short overloaded workload runs (a) in ``lab simulate``'s virtual time and (b) over HTTP
-through the real gateway to the simulated backend (same profile, same KV budget) at 4x real
+through the real gateway to the simulated backend (same profile, same KV budget) at 2x real
 time. Stated tolerances, generous enough for a busy 2-core machine:
 
 * throughput within 15 % of the simulated one;
@@ -27,7 +27,7 @@ from gateway.server import create_app
 
 PROFILE = "a10g-llama2-7b"
 KV = 2000
-SPEED = 4.0
+SPEED = 2.0  # slow enough that a loaded machine keeps the backend on time
 PRICES = Prices()
 #: Both sides reserve prompt + max_tokens. Under the profile's own "peak" admission the live
 #: run on a loaded 2-core machine lands at the edge of these tolerances (bursty admission makes
