@@ -86,7 +86,8 @@ def run(argv: list[str], host: str, port: int, workers: int) -> int:
                     str(port),
                     "--worker-index",
                     str(i),
-                ]
+                ],
+                preexec_fn=_die_with_parent,
             )
             for i in range(workers)
         ]
@@ -126,6 +127,18 @@ async def watch_parent(stop: asyncio.Event, every_s: float = 1.0) -> None:
             async with asyncio.timeout(every_s):
                 await stop.wait()
     stop.set()
+
+
+def _die_with_parent() -> None:
+    """In the forked worker before exec: on Linux, have the kernel send SIGTERM when the
+    supervising parent dies, even if the worker's event loop is too busy to notice
+    (:func:`watch_parent` covers the rest)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _wait_any() -> tuple[int, int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from redis import asyncio as aioredis
 
 from backends.sim.config import SimConfig
@@ -187,3 +188,41 @@ async def test_workers_without_cluster_is_a_config_error(tmp_path: Path) -> None
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert b"--workers > 1 needs a 'cluster:' section" in err
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_workers_stop_when_the_supervisor_is_killed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """kill -9 of the parent leaves no worker behind (the kernel signals them)."""
+    async with SimServer(SimConfig(port=0, speed=20.0)) as sim:
+        cfg = write_config(tmp_path / "g.yaml", sim.url, redis_server)
+        raw = json.loads(cfg.read_text())
+        raw["listen"] = {"admin_port": 0}
+        cfg.write_text(json.dumps(raw))
+        async with gateway(cfg, "--workers", "2", lines=4) as (proc, _):
+            workers = _children(proc.pid)
+            assert len(workers) == 2
+            proc.kill()
+            await proc.wait()
+            await wait_for(lambda: not any(_alive(w) for w in workers), limit_s=30)
