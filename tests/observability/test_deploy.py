@@ -201,3 +201,30 @@ def test_k8s_config_holds_only_digests_of_the_secret_keys() -> None:
         assert all(k.startswith("sha256:") for k in t.api_keys), t.name
         assert t.key_digests() == (hashlib.sha256(keys[t.name].encode()).digest(),)
     assert {t.name for t in config.tenants} == set(keys)
+
+
+def test_scaleout_overlays_share_one_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    """compose and k8s scale-out: Redis is there, every replica's config points at it and
+    passes check-config, and the overlay names objects that exist."""
+    over = yaml.safe_load((DEPLOY / "docker-compose.scaleout.yml").read_text())
+    base = _compose()["services"]
+    assert {"redis", "gateway", "gateway-2"} <= set(over["services"])
+    assert "gateway" in base  # the override extends the base service
+    for name in ("gateway", "gateway-2"):
+        (mount,) = over["services"][name]["volumes"]
+        assert mount.startswith("./gateway.scaleout.yaml:")
+    compose_cfg = load_config(DEPLOY / "gateway.scaleout.yaml")
+    assert compose_cfg.cluster is not None and compose_cfg.cluster.url.startswith("redis://redis:")
+
+    overlay = K8S / "scaleout"
+    kust = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    objects = _k8s_objects() + [o for r in kust["resources"][1:] for o in _docs(overlay / r)]
+    deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
+    assert {r["name"] for r in kust["replicas"]} <= deployments
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    k8s_cfg = load_config(overlay / "gateway.yaml")
+    assert k8s_cfg.cluster is not None
+    assert k8s_cfg.cluster.url.split("//")[1].split(":")[0] in services
+    for path in (DEPLOY / "gateway.scaleout.yaml", overlay / "gateway.yaml"):
+        assert main(["check-config", str(path)]) == 0
+    capsys.readouterr()
