@@ -95,6 +95,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="how long a finished request's slot waits for a resubmitting tenant's next "
         "request (the gateway's scheduler.hold_ms; default 50, 0 = never)",
     )
+    sim.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="gateway replicas in front of the backend: policies share one fair order synced "
+        "every --sync-ms; the 'vtc-local' policy runs each replica on its own (default 1)",
+    )
+    sim.add_argument(
+        "--ingress",
+        default="uniform",
+        help="which replica a request reaches: uniform (round robin), skewed (each tenant "
+        "pinned to one replica) or TENANT=R,... (default uniform)",
+    )
+    sim.add_argument(
+        "--sync-ms",
+        type=float,
+        default=10.0,
+        help="how often a replica's output charges reach the shared order (default 10)",
+    )
     sim.set_defaults(func=run_simulate)
 
     rep = lab_sub.add_parser("replay", help="send the workload over HTTP to a running gateway")
@@ -163,12 +182,13 @@ def _emit(args: argparse.Namespace, results: object, out: Path) -> None:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from .report import ProgressBar, build_results
-    from .simulate import SimConfig, simulate
+    from .simulate import LOCAL, SimConfig, simulate
 
     policies = [p.strip() for p in str(args.policy).split(",") if p.strip()]
-    bad = [p for p in policies if p not in POLICIES]
+    known = (*POLICIES, LOCAL) if args.replicas > 1 else POLICIES
+    bad = [p for p in policies if p not in known]
     if bad or not policies:
-        print(f"unknown policy {', '.join(bad)}; expected {', '.join(POLICIES)}", file=sys.stderr)
+        print(f"unknown policy {', '.join(bad)}; expected {', '.join(known)}", file=sys.stderr)
         return 2
     prices = Prices(args.price_input, args.price_output)
     config = SimConfig(
@@ -179,6 +199,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         prices=prices,
         kv_admission=args.kv_admission,
         hold_s=args.hold_ms / 1000,
+        replicas=args.replicas,
+        ingress=args.ingress,
+        sync_s=args.sync_ms / 1000,
     )
     try:
         config.engine_config()

@@ -68,6 +68,14 @@ class SimConfig:
     #: how long a finished request's slot waits for its busy tenant's next request (the
     #: gateway's default ``scheduler.hold_ms``)
     hold_s: float = 0.05
+    #: gateway replicas in front of the backend (see :func:`simulate`): with ``vtc`` and the
+    #: other policies they share one fair order whose output charges reach it only every
+    #: ``sync_s`` (``cluster.sync_interval_s``); ``vtc-local`` runs each replica on its own
+    replicas: int = 1
+    #: which replica a request reaches: ``uniform`` (round robin), ``skewed`` (each tenant
+    #: always the same replica, tenants dealt out in order) or ``TENANT=R,...``
+    ingress: str = "uniform"
+    sync_s: float = 0.01
 
     def engine_config(self, max_num_seqs: int | None = None) -> tuple[Profile, EngineConfig]:
         profile = get_profile(self.profile)
@@ -102,6 +110,10 @@ class SimResult:
     slot_seconds: dict[str, float] = field(default_factory=dict)
 
 
+#: The per-replica baseline of ``lab simulate --replicas``: every replica schedules on its own.
+LOCAL = "vtc-local"
+
+
 class _Run:
     """State of one simulation (one policy, one workload)."""
 
@@ -110,26 +122,41 @@ class _Run:
         self.cfg = cfg
         self.now = 0.0
         self.engine = EngineCore(cfg, profile.cost)
-        self.backend = BackendSlots(
-            "sim",
-            frozenset({MODEL}),
-            cfg.max_num_seqs,
-            cfg.kv_cache_tokens,
-            kv_admission=config.gateway_admission(),
-        )
-        self.admission = AdmissionController([self.backend])
-        self.core = DispatchCore(
-            self.admission,
-            self._granted,
-            policy=policy,
-            prices=config.prices,
-            rpm_limit=config.rpm_limit,
-            clock=lambda: self.now,
-            hold_s=config.hold_s,
-        )
+        self.replicas = max(1, config.replicas)
+        self.local = policy == LOCAL
+        if self.local and self.replicas < 2:
+            raise ValueError(f"{LOCAL} needs replicas >= 2")
+        self.sync_s = config.sync_s if self.replicas > 1 and not self.local else 0.0
+        self.cores: list[DispatchCore] = []
+        for _ in range(self.replicas if self.local else 1):
+            # vtc-local: each replica books the whole backend, unaware of the others
+            backend = BackendSlots(
+                "sim",
+                frozenset({MODEL}),
+                cfg.max_num_seqs,
+                cfg.kv_cache_tokens,
+                kv_admission=config.gateway_admission(),
+            )
+            core = DispatchCore(
+                AdmissionController([backend]),
+                self._granted,
+                policy="vtc" if self.local else policy,
+                prices=config.prices,
+                rpm_limit=config.rpm_limit,
+                clock=lambda: self.now,
+                hold_s=config.hold_s,
+            )
+            for tenant, weight in workload.tenants.items():
+                core.set_tenant(tenant, weight)
+            self.cores.append(core)
+        self.core = self.cores[0]
+        self.admission = self.core.admission
         self.sched = self.core.pool(MODEL)
-        for tenant, weight in workload.tenants.items():
-            self.core.set_tenant(tenant, weight)
+        self._route = _ingress(config.ingress, list(workload.tenants), self.replicas)
+        self.replica_of: dict[int, int] = {}  # request index -> replica
+        #: shared order: output charges per replica not yet synced (job index -> tokens)
+        self._unsynced: list[dict[int, int]] = [{} for _ in range(self.replicas)]
+        self._synced_at = 0.0
         self.workload = workload
         self.records = [
             RequestRecord(r.tenant, r.arrival_s, None, None, r.prompt_tokens, r.output_tokens, "ok")
@@ -188,12 +215,15 @@ class _Run:
         ):
             self._end(index, "error")  # the gateway answers 400: never queued
             return
+        replica = self._route(rec.tenant, index)
+        self.replica_of[index] = replica
+        core = self.cores[replica] if self.local else self.core
         try:
-            self.core.submit(job)
+            core.submit(job)
         except QueueRejected as exc:
             self._end(index, "rejected", exc.retry_after)
             return
-        self.core.pump(MODEL)
+        core.pump(MODEL)
 
     def _end(self, index: int, status: str, retry_after: float = 0.0) -> None:
         """Record the outcome; a closed-loop client sends its next request ``think`` seconds
@@ -222,12 +252,29 @@ class _Run:
         """Integrate each tenant's running requests over time (slot-seconds)."""
         dt = t - self._slot_mark
         if dt > 0:
-            running = self.core.running
             acc = self.slot_seconds
-            for tenant, n in running.items():
-                if n:
-                    acc[tenant] = acc.get(tenant, 0.0) + n * dt
+            for core in self.cores:
+                for tenant, n in core.running.items():
+                    if n:
+                        acc[tenant] = acc.get(tenant, 0.0) + n * dt
             self._slot_mark = t
+
+    def _core(self, index: int) -> DispatchCore:
+        return self.cores[self.replica_of[index]] if self.local else self.core
+
+    def _sync(self, t: float, index: int | None = None) -> None:
+        """Shared order: apply the output charges the replicas have made since the last sync
+        interval (all of them when one is due; only ``index``'s before it ends)."""
+        if not self.sync_s:
+            return
+        due = t - self._synced_at >= self.sync_s
+        if due:
+            self._synced_at = t
+        for pending in self._unsynced:
+            for i in list(pending) if due else ([index] if index in pending else []):
+                n = pending.pop(i)
+                job, grant = self.jobs[i]
+                self.core.on_output(job, grant, n)
 
     # -- engine ------------------------------------------------------------------------------
     def step(self, now: float, next_arrival: int) -> tuple[float, int]:
@@ -237,23 +284,32 @@ class _Run:
         i = self.arrive_until(next_arrival, end, inclusive=False)
         self._account_slots(end)
         self.now = end
-        self.core.expire_holds(end)
-        core, records = self.core, self.records
+        for core in self.cores:
+            core.expire_holds(end)
+        self._sync(end)
+        records, unsynced = self.records, self._unsynced
         for out in res.outputs:
             index = int(out.req_id)
             job, grant = self.jobs[index]
             rec = records[index]
+            core = self._core(index)
             if out.first_token:
                 rec.first_token_s = end
             if out.new_tokens:
-                core.on_output(job, grant, out.new_tokens)
+                if self.sync_s:  # charged locally, reaches the shared order at the next sync
+                    pending = unsynced[self.replica_of[index]]
+                    pending[index] = pending.get(index, 0) + out.new_tokens
+                else:
+                    core.on_output(job, grant, out.new_tokens)
             if out.finished:
+                self._sync(end, index)
                 rec.finish_s = end
                 rec.output_tokens = job.output_tokens
                 del self.jobs[index]
                 core.release(job, grant)
                 self._end(index, "ok")
-        core.pump(MODEL)
+        for core in self.cores:
+            core.pump(MODEL)
         waiting = self.engine.num_waiting
         if waiting > self.max_engine_waiting and self.engine.num_running:
             self.max_engine_waiting = waiting
@@ -281,18 +337,23 @@ class _Run:
             else:
                 return i
 
+    def _next_hold_expiry(self) -> float | None:
+        times = [t for c in self.cores if (t := c.next_hold_expiry()) is not None]
+        return min(times) if times else None
+
     def _expire(self, t: float) -> None:
-        nxt = self.core.next_hold_expiry()
+        nxt = self._next_hold_expiry()
         if nxt is not None and nxt <= t:
             self._account_slots(nxt)
             self.now = nxt
-            self.core.expire_holds(nxt)
+            for core in self.cores:
+                core.expire_holds(nxt)
 
     def next_arrival(self, i: int) -> float | None:
         """The next event while the engine is idle: an arrival or a held slot lapsing."""
         reqs = self.workload.requests
         times = [reqs[i].arrival_s] if i < len(reqs) else []
-        for t in (self.next_closed(), self.core.next_hold_expiry()):
+        for t in (self.next_closed(), self._next_hold_expiry()):
             if t is not None:
                 times.append(t)
         return min(times) if times else None
@@ -327,7 +388,7 @@ def simulate(
                 break
             now = nxt
             run._expire(now)
-    if run.core.total_queued():  # pragma: no cover - dispatch invariant
+    if any(c.total_queued() for c in run.cores):  # pragma: no cover - dispatch invariant
         raise RuntimeError("simulation ended with requests still queued in the scheduler")
     if progress is not None:
         progress(run.done, len(run.records))
@@ -341,9 +402,38 @@ def simulate(
         end_time=now,
         wall_seconds=time.perf_counter() - started,
         max_engine_waiting=run.max_engine_waiting,
-        lifts=run.sched.lift_stats(),
+        lifts=_merged_lifts(run.cores),
         slot_seconds=run.slot_seconds,
     )
+
+
+def _merged_lifts(cores: list[DispatchCore]) -> dict[str, tuple[int, float]]:
+    out: dict[str, tuple[int, float]] = {}
+    for core in cores:
+        for tenant, (count, units) in core.pool(MODEL).lift_stats().items():
+            c, u = out.get(tenant, (0, 0.0))
+            out[tenant] = (c + count, u + units)
+    return out
+
+
+def _ingress(spec: str, tenants: list[str], replicas: int) -> Callable[[str, int], int]:
+    """``(tenant, request index) -> replica`` for an ingress spec (see :class:`SimConfig`)."""
+    if replicas == 1:
+        return lambda tenant, index: 0
+    if spec == "uniform":
+        return lambda tenant, index: index % replicas
+    if spec == "skewed":
+        pinned = {t: i % replicas for i, t in enumerate(tenants)}
+        return lambda tenant, index: pinned.get(tenant, 0)
+    mapping: dict[str, int] = {}
+    for item in spec.split(","):
+        tenant, sep, replica = item.partition("=")
+        if not sep or not replica.strip().isdigit() or int(replica) >= replicas:
+            raise ValueError(
+                f"ingress {spec!r}: expected uniform, skewed or TENANT=R,... with R < {replicas}"
+            )
+        mapping[tenant.strip()] = int(replica)
+    return lambda tenant, index: mapping.get(tenant, index % replicas)
 
 
 def simulate_many(
