@@ -87,6 +87,14 @@ async def arrive(store: ClusterStore, local: FakeLocal, tenant: str) -> None:
     store.touch(M, tenant)
     rounds = store.stats.round_trips
     await wait_for(lambda: store.stats.round_trips > rounds and not store._dirty)
+    await _settled(store)
+
+
+async def _settled(store: ClusterStore) -> None:
+    """Wait until what the store has sent has come back: two round trips after it was sent,
+    whichever batch was in flight then (sent is not yet applied here)."""
+    rounds = store.stats.round_trips
+    await wait_for(lambda: store.stats.round_trips > rounds + 1)
 
 
 async def served(store: ClusterStore, local: FakeLocal, tenant: str, units: float) -> None:
@@ -94,6 +102,7 @@ async def served(store: ClusterStore, local: FakeLocal, tenant: str, units: floa
     local.charge(tenant, units)
     target = local.counter(M, tenant)
     await wait_for(lambda: store._sent.get((M, tenant)) == target)
+    await _settled(store)
 
 
 async def claim(
