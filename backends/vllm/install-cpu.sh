@@ -22,6 +22,11 @@ PY=${PYTHON:-python3}
 STAMP="$VENV/.vtc-vllm-ok"
 SKIP='^(torchaudio|torchvision|torchcodec)$'
 
+mkdir -p "$HOME_DIR"
+# one install at a time (several clones or test runs may share the cache)
+exec 9>"$HOME_DIR/.install.lock"
+flock 9
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$VERSION" ] \
    && "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(0 if "cpu" in m.version("vllm") else 1)' \
       2>/dev/null; then

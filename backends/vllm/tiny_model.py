@@ -17,6 +17,7 @@ vLLM the bottleneck on a small CPU (about 650 tokens/s for 8 streams).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import random
 import sys
@@ -158,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     spec = {k: getattr(a, k) for k in ("hidden", "layers", "vocab", "context", "seed")}
     stamp = a.out / STAMP
-    if stamp.exists() and json.loads(stamp.read_text()) == spec:
-        print(a.out)
-        return 0
-    build(a.out, **spec)
-    stamp.write_text(json.dumps(spec))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    # one build of a folder at a time (test runs may share the cache); readers wait for it
+    with open(a.out.parent / f".{a.out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.exists() and json.loads(stamp.read_text()) == spec):
+            build(a.out, **spec)
+            stamp.write_text(json.dumps(spec))
     print(a.out)
     return 0
 

@@ -268,7 +268,13 @@ async def wait_until(cond: Any, limit_s: float = 30.0, what: str = "condition") 
         await asyncio.sleep(0.05)
 
 
+#: Per-test limit here (the suite's is 120 s): a test's time includes starting vLLM for the
+#: fixtures it is the first to use (up to START_LIMIT_S on a busy machine).
+TEST_TIMEOUT_S = 600
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/vllm/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.vllm)
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
