@@ -139,6 +139,8 @@ class TenantConfig:
     weight: Annotated[float, Bounds(0, exclusive=True)] = 1.0
     api_keys: Annotated[tuple[str, ...], SECRET] = ()  # raw keys or "sha256:<hex>"
     max_queued: Count = 1024
+    #: requests of this tenant running at once; more wait in its queue (None: no cap)
+    max_in_flight: Count | None = None
 
     def key_digests(self) -> tuple[bytes, ...]:
         return tuple(key_digest(k) for k in self.api_keys)
@@ -404,6 +406,13 @@ def parse_config(raw: Any) -> GatewayConfig:
     if cluster is not None:
         if cluster.lease_s < 5 * cluster.sync_interval_s:
             r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
+        for i, tenant in enumerate(config.tenants):
+            if tenant.max_in_flight is not None:
+                r.fail(
+                    f"tenants[{i}].max_in_flight",
+                    "is not shared across replicas yet: not allowed with a cluster section",
+                    tenant.max_in_flight,
+                )
         if config.scheduler.policy not in CLUSTER_POLICIES:
             r.fail(
                 "scheduler.policy",

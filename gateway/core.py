@@ -16,6 +16,11 @@ arrived::
     the fair order waits and everything behind it too) -> pop it (the scheduler charges) ->
     reserve its tokens -> hand (job, grant) to ``on_grant``
 
+Per-tenant cap (``max_in_flight``): a tenant with that many requests running is *paused* in
+every pool (``Scheduler.pause``): its queued requests keep their place but the order passes
+over them, so a capped tenant never holds up the others; when one of its requests ends it is
+resumed and every pool pumps.
+
 Holding a slot for a busy tenant's next request: a closed-loop client (an SDK with N requests
 in flight, a batch job with N workers) sends its next request a moment after one finishes. If
 the slot that request frees went at once to whoever waits, such a tenant would lose a slot on
@@ -108,6 +113,8 @@ class DispatchCore:
         self.observe_pump = observe_pump
         self._pools: dict[str, Scheduler] = {}
         self._weights: dict[str, float] = {}
+        self._caps: dict[str, int] = {}  # tenant -> max_in_flight
+        self._paused: set[str] = set()  # tenants at their cap (paused in every pool)
         self.running: dict[str, int] = {}  # tenant -> in-flight jobs
         self.dispatched_total = 0
         #: how long a finished request's slot may wait for its tenant's next one (0: never)
@@ -119,14 +126,41 @@ class DispatchCore:
         self.holds_used = 0  # held slots released by their tenant's next request
 
     # -- tenants and pools -------------------------------------------------------------------
-    def set_tenant(self, name: str, weight: float) -> None:
+    def set_tenant(self, name: str, weight: float, max_in_flight: int | None = None) -> None:
+        """Add a tenant or change its weight and its cap on requests running at once (None:
+        no cap). A tighter cap pauses the tenant now; a looser one resumes it, and the
+        caller pumps (:meth:`pump_all`)."""
         self._weights[name] = weight
+        if max_in_flight is None:
+            self._caps.pop(name, None)
+        else:
+            self._caps[name] = max_in_flight
         for pool in self._pools.values():
             pool.set_tenant(name, weight)
+        self._check_cap(name)
 
     def forget_tenant(self, name: str) -> None:
         """New pools no longer list ``name`` (its counters stay where they are)."""
         self._weights.pop(name, None)
+        self._caps.pop(name, None)
+        self._check_cap(name)
+
+    def _check_cap(self, tenant: str) -> bool:
+        """Pause ``tenant`` in every pool while it runs its ``max_in_flight`` requests, resume
+        it below; True if it was resumed (its queued jobs may go now, in any pool)."""
+        cap = self._caps.get(tenant)
+        full = cap is not None and self.running.get(tenant, 0) >= cap
+        if full == (tenant in self._paused):
+            return False
+        if full:
+            self._paused.add(tenant)
+            for pool in self._pools.values():
+                pool.pause(tenant)
+            return False
+        self._paused.discard(tenant)
+        for pool in self._pools.values():
+            pool.resume(tenant)
+        return True
 
     def pool(self, model: str) -> Scheduler:
         sched = self._pools.get(model)
@@ -136,6 +170,8 @@ class DispatchCore:
                 sched.follow_s = self.hold_s  # a resubmission comes within the hold
             for name, weight in self._weights.items():
                 sched.set_tenant(name, weight)
+            for name in self._paused:
+                sched.pause(name)
             self._pools[model] = sched
         return sched
 
@@ -199,7 +235,7 @@ class DispatchCore:
         now = self.clock()
         pool = self._pools[job.model]
         pool.finish(job, now, ran=ran, output_tokens=output_tokens)
-        self.running[job.tenant] -= 1
+        resumed = self._ran_down(job.tenant)
         self.admission.release(grant.reservation)
         if ran and self.hold_s > 0 and pool.resubmits(job.tenant):
             pool.hold(job)  # counts in the tenant's credit while its next request is expected
@@ -207,7 +243,15 @@ class DispatchCore:
             self._holds.append(Hold(job, until))
             if self.on_hold is not None:
                 self.on_hold(until)
-        self.pump_backend(grant.backend)
+        if resumed:
+            self.pump_all()  # the tenant may have work waiting in any pool
+        else:
+            self.pump_backend(grant.backend)
+
+    def _ran_down(self, tenant: str) -> bool:
+        """One of ``tenant``'s requests stopped running; True if that resumed it."""
+        self.running[tenant] -= 1
+        return tenant in self._paused and self._check_cap(tenant)
 
     def _end_hold(self, hold: Hold, used: bool) -> None:
         self._pools[hold.job.model].unhold(hold.job)
@@ -244,7 +288,8 @@ class DispatchCore:
     def abandon(self, job: Job) -> None:
         """The job never ran and holds no reservation (see :meth:`move`): refund it."""
         self._pools[job.model].finish(job, self.clock(), ran=False)
-        self.running[job.tenant] -= 1
+        if self._ran_down(job.tenant):
+            self.pump_all()
 
     def move(self, job: Job, grant: Grant, exclude: Iterable[str]) -> Grant | None:
         """Retry a job that never ran on another backend with room now (no requeue)."""
@@ -325,6 +370,8 @@ class DispatchCore:
         popped = sched.pop(now)
         assert popped is job, "peek() and pop() disagree"
         self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
+        if job.tenant in self._caps:
+            self._check_cap(job.tenant)  # at its cap: its queue is passed over from now on
         self.dispatched_total += 1
         tokens = job.prompt_tokens + job.max_tokens
         grant = Grant(backend, self.admission.reserve(backend, tokens, job.prompt_tokens))

@@ -36,6 +36,7 @@ __all__ = ["Dispatcher", "Grant", "TenantLimits"]
 class TenantLimits:
     weight: float
     max_queued: int
+    max_in_flight: int | None = None  # None: no cap on requests running at once
 
 
 def _is_live(job: Job) -> bool:
@@ -95,9 +96,11 @@ class Dispatcher:
         return self.core.dispatched_total
 
     # -- tenants and pools -------------------------------------------------------------------
-    def set_tenant(self, name: str, weight: float, max_queued: int) -> None:
-        self._tenants[name] = TenantLimits(weight, max_queued)
-        self.core.set_tenant(name, weight)
+    def set_tenant(
+        self, name: str, weight: float, max_queued: int, max_in_flight: int | None = None
+    ) -> None:
+        self._tenants[name] = TenantLimits(weight, max_queued, max_in_flight)
+        self.core.set_tenant(name, weight, max_in_flight)
 
     def remove_tenant(self, name: str, exc: Exception) -> int:
         """A reload removed ``name``: forget its limits and answer its queued jobs with ``exc``

@@ -6,7 +6,8 @@ every second and, when they move, its SHA-256), both wired in ``vtc-gateway serv
 What reloads (takes effect for the next request; queued and running requests are kept):
 
 * ``tenants``: added tenants, weights (``Scheduler.set_tenant``: counters are kept),
-  ``max_queued``, API keys (the :class:`~gateway.server.auth.Authenticator` is rebuilt). A removed
+  ``max_queued``, ``max_in_flight`` (a lower cap stops new dispatches, running requests
+  finish), API keys (the :class:`~gateway.server.auth.Authenticator` is rebuilt). A removed
   tenant's *queued* requests are answered ``401 AuthenticationError`` "tenant removed by
   configuration reload"; its *running* requests finish and are charged normally; its counter
   is kept in case it comes back.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, GatewayConfig, LimitsConfig, loads_config
+from .config import ConfigError, GatewayConfig, LimitsConfig, TenantConfig, loads_config
 from .errors import TENANT_REMOVED, Unauthorized
 from .server.auth import Authenticator
 
@@ -59,7 +60,7 @@ RESTART_LIMITS = (
 class ReloadResult:
     added: tuple[str, ...]
     removed: tuple[str, ...]
-    changed: tuple[str, ...]  # tenants whose weight or max_queued changed
+    changed: tuple[str, ...]  # tenants whose weight, max_queued or max_in_flight changed
     rejected: int  # queued requests of removed tenants answered 401
     needs_restart: tuple[str, ...]  # changed settings that were not applied
 
@@ -75,17 +76,13 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     after = {t.name: t for t in effective.tenants}
     dispatcher = state.dispatcher
     added = tuple(n for n in after if n not in before)
-    changed = tuple(
-        n
-        for n, t in after.items()
-        if n in before and (t.weight, t.max_queued) != (before[n].weight, before[n].max_queued)
-    )
+    changed = tuple(n for n, t in after.items() if n in before and _limits(t) != _limits(before[n]))
     removed = tuple(n for n in before if n not in after)
 
     state.stats.max_tenant_labels = effective.metrics.max_tenant_labels
     state.recorder.fairness.window_s = effective.metrics.fairness_window_s
     for t in effective.tenants:
-        dispatcher.set_tenant(t.name, t.weight, t.max_queued)
+        dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight)
         state.stats.label(t.name)
     state.auth = Authenticator(effective)
     state.config = effective
@@ -106,6 +103,10 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
         list(changed),
     )
     return result
+
+
+def _limits(t: TenantConfig) -> tuple[float, int, int | None]:
+    return (t.weight, t.max_queued, t.max_in_flight)
 
 
 def _effective(old: GatewayConfig, new: GatewayConfig) -> tuple[GatewayConfig, tuple[str, ...]]:

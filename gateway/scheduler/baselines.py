@@ -29,12 +29,17 @@ class FCFSScheduler(Scheduler):
         self._per_tenant[job.tenant] = self._per_tenant.get(job.tenant, 0) + 1
 
     def peek(self, now: float) -> Job | None:
-        return next(iter(self._jobs.values())) if self._jobs else None
+        paused = self._paused
+        if not paused:
+            return next(iter(self._jobs.values())) if self._jobs else None
+        # passes over paused tenants' jobs: a baseline, so a scan is acceptable here
+        return next((j for j in self._jobs.values() if j.tenant not in paused), None)
 
     def pop(self, now: float) -> Job | None:
-        if not self._jobs:
+        job = self.peek(now)
+        if job is None:
             return None
-        _, job = self._jobs.popitem(last=False)
+        del self._jobs[job.seq]
         self._per_tenant[job.tenant] -= 1
         self._dispatched(job, now)
         return job

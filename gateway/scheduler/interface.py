@@ -13,6 +13,11 @@ Life of a :class:`Job` as seen by a policy::
     finish(job, now, ran)     the job ended (any reason); reconcile its charge with the truth
     cancel(job, now) -> bool  a *queued* job left (client gone, timeout): nothing stays charged
 
+A tenant may be *paused* (``pause``/``resume``; the dispatch core does it while the tenant has
+its ``max_in_flight`` requests running): its jobs keep their place in its queue, but ``peek``
+and ``pop`` pass over them, so the next tenant in the order is served instead of everyone
+waiting behind a tenant that may not run more now.
+
 Charging invariant: after ``finish`` a job has been charged exactly the price of its actual
 tokens, ``w_in * prompt_tokens + w_out * output_tokens`` (the backend's counts), each part
 divided by the tenant's weight *at the time it was charged*, so a weight changed by a reload
@@ -96,6 +101,7 @@ class Scheduler(ABC):
         self._weights: dict[str, float] = {}
         self._counters: dict[str, float] = {}
         self._service: dict[str, float] = {}
+        self._paused: set[str] = set()
         self._seq = 0
 
     # -- tenants -----------------------------------------------------------------------------
@@ -122,6 +128,24 @@ class Scheduler(ABC):
         if delta:
             self._counters[tenant] = value
             self._on_counter_change(tenant, delta)
+
+    def pause(self, tenant: str) -> None:
+        """Pass over ``tenant``'s queued jobs until :meth:`resume` (they stay queued)."""
+        if tenant not in self._paused:
+            self._paused.add(tenant)
+            self._on_pause(tenant, True)
+
+    def resume(self, tenant: str) -> None:
+        """``tenant``'s queued jobs compete in the order again."""
+        if tenant in self._paused:
+            self._paused.discard(tenant)
+            self._on_pause(tenant, False)
+
+    def paused(self, tenant: str) -> bool:
+        return tenant in self._paused
+
+    def _on_pause(self, tenant: str, paused: bool) -> None:
+        """Hook for policies that index tenants (a paused tenant leaves the index)."""
 
     def service(self, tenant: str) -> float:
         return self._service.get(tenant, 0.0)

@@ -30,6 +30,10 @@ at most 2U + C, C <= the cost of what one tenant can have in flight (<= max(w_in
 
 ``lcf`` (least counter first) is VTC without the lift.
 
+A paused tenant (see :class:`~gateway.scheduler.interface.Scheduler`) stays backlogged but
+leaves the heap: its entry is dropped when it reaches the top and ``resume`` pushes a fresh one,
+so the order passes over it at O(log T) and never stalls behind it.
+
 Finding the smallest counter is O(log T): backlogged tenants sit in a heap keyed by
 ``(counter, seq of head job)``. Output tokens only *raise* counters, which leaves heap keys
 stale-but-low; ``_top`` repairs stale entries lazily when they reach the top (a key that is
@@ -104,7 +108,7 @@ class VTCScheduler(Scheduler):
         self._heap = [
             (self._counters[t], q.head().seq, q.version, t)
             for t, q in self._queues.items()
-            if q.jobs
+            if q.jobs and t not in self._paused
         ]
         heapq.heapify(self._heap)
 
@@ -113,8 +117,8 @@ class VTCScheduler(Scheduler):
         while heap:
             key, seq, version, tenant = heap[0]
             q = self._queues.get(tenant)
-            if q is None or version != q.version or not q.jobs:
-                heapq.heappop(heap)
+            if q is None or version != q.version or not q.jobs or tenant in self._paused:
+                heapq.heappop(heap)  # stale, or paused (resume pushes a fresh entry)
                 continue
             counter = self._counters[tenant]
             if key != counter:
@@ -129,6 +133,11 @@ class VTCScheduler(Scheduler):
             q = self._queues.get(tenant)
             if q is not None and q.jobs:
                 self._push(tenant, q)
+
+    def _on_pause(self, tenant: str, paused: bool) -> None:
+        q = self._queues.get(tenant)
+        if not paused and q is not None and q.jobs:
+            self._push(tenant, q)  # back in the order; a paused one's entry drops at the top
 
     # -- policy ------------------------------------------------------------------------------
     def _admit(self, job: Job, now: float) -> None:

@@ -178,7 +178,7 @@ def test_bounds_and_types_come_from_the_schema_with_key_paths() -> None:
     raw = {
         "listen": {"admin_port": 65536, "port": None},
         "backends": [{"url": "http://x/", "max_model_len": 0, "adaptive": 1}],
-        "tenants": [{"name": "a", "weight": True, "max_queued": 1.5}],
+        "tenants": [{"name": "a", "weight": True, "max_queued": 1.5, "max_in_flight": 0}],
         "scheduler": {"input_price": -1, "rpm_limit": float("inf")},
         "tokenizer": "",
         "limits": {"max_body_bytes": 1000, "shutdown_timeout_s": -1, "health_interval_s": 0},
@@ -195,6 +195,7 @@ def test_bounds_and_types_come_from_the_schema_with_key_paths() -> None:
         "backends[0].adaptive: must be true or false, got 1",
         "tenants[0].weight: must be a number > 0, got True",
         "tenants[0].max_queued: must be an integer >= 1, got 1.5",
+        "tenants[0].max_in_flight: must be an integer >= 1, got 0",
         "scheduler.input_price: must be a number >= 0, got -1",
         "scheduler.rpm_limit: must be an integer >= 1, got inf",
         "tokenizer: must be a non-empty string, got ''",
@@ -215,3 +216,14 @@ def test_policy_literal_names_every_scheduler() -> None:
 def test_backend_url_loses_its_trailing_slash() -> None:
     raw = {**MINIMAL, "backends": [{"name": "b0", "url": "http://127.0.0.1:8000/"}]}
     assert parse_config(raw).backends[0].url == "http://127.0.0.1:8000"
+
+
+def test_max_in_flight_is_per_process_and_refused_with_a_cluster_section() -> None:
+    tenant = {**MINIMAL["tenants"][0], "max_in_flight": 2}
+    assert parse_config({**MINIMAL, "tenants": [tenant]}).tenants[0].max_in_flight == 2
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, "tenants": [tenant], "cluster": {"url": "redis://h:1/0"}})
+    assert info.value.problems == [
+        "tenants[0].max_in_flight: is not shared across replicas yet: not allowed with a "
+        "cluster section, got 2"
+    ]
