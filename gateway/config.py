@@ -33,12 +33,15 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 import yaml
 
 from .admission import KvAdmission
+from .scheduler.interface import TIERS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 #: Scheduling policies by name, as :func:`gateway.scheduler.make_scheduler` knows them.
 Policy = Literal["vtc", "vtc-predict", "fcfs", "lcf", "rpm"]
+#: Priority tiers by name (their order: :data:`gateway.scheduler.TIERS`).
+Tier = Literal["interactive", "batch"]
 
 
 class ConfigError(ValueError):
@@ -141,6 +144,13 @@ class TenantConfig:
     max_queued: Count = 1024
     #: requests of this tenant running at once; more wait in its queue (None: no cap)
     max_in_flight: Count | None = None
+    #: "batch": served only while no "interactive" request waits for the same model
+    tier: Tier = "interactive"
+
+    @property
+    def priority(self) -> int:
+        """The tier as the scheduler orders it (higher first)."""
+        return TIERS[self.tier]
 
     def key_digests(self) -> tuple[bytes, ...]:
         return tuple(key_digest(k) for k in self.api_keys)
@@ -407,12 +417,16 @@ def parse_config(raw: Any) -> GatewayConfig:
         if cluster.lease_s < 5 * cluster.sync_interval_s:
             r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
         for i, tenant in enumerate(config.tenants):
-            if tenant.max_in_flight is not None:
-                r.fail(
-                    f"tenants[{i}].max_in_flight",
-                    "is not shared across replicas yet: not allowed with a cluster section",
-                    tenant.max_in_flight,
-                )
+            for key, value, default in (
+                ("max_in_flight", tenant.max_in_flight, None),
+                ("tier", tenant.tier, "interactive"),
+            ):
+                if value != default:
+                    r.fail(
+                        f"tenants[{i}].{key}",
+                        "is not shared across replicas yet: not allowed with a cluster section",
+                        value,
+                    )
         if config.scheduler.policy not in CLUSTER_POLICIES:
             r.fail(
                 "scheduler.policy",

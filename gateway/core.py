@@ -16,6 +16,9 @@ arrived::
     the fair order waits and everything behind it too) -> pop it (the scheduler charges) ->
     reserve its tokens -> hand (job, grant) to ``on_grant``
 
+Priority tiers: each tenant has one (``set_tenant(..., tier=)``, higher first); every pool's
+scheduler serves a lower tier only while no higher-tier request waits in that pool.
+
 Per-tenant cap (``max_in_flight``): a tenant with that many requests running is *paused* in
 every pool (``Scheduler.pause``): its queued requests keep their place but the order passes
 over them, so a capped tenant never holds up the others; when one of its requests ends it is
@@ -114,6 +117,7 @@ class DispatchCore:
         self._pools: dict[str, Scheduler] = {}
         self._weights: dict[str, float] = {}
         self._caps: dict[str, int] = {}  # tenant -> max_in_flight
+        self._tiers: dict[str, int] = {}  # tenant -> priority tier
         self._paused: set[str] = set()  # tenants at their cap (paused in every pool)
         self.running: dict[str, int] = {}  # tenant -> in-flight jobs
         self.dispatched_total = 0
@@ -126,22 +130,26 @@ class DispatchCore:
         self.holds_used = 0  # held slots released by their tenant's next request
 
     # -- tenants and pools -------------------------------------------------------------------
-    def set_tenant(self, name: str, weight: float, max_in_flight: int | None = None) -> None:
-        """Add a tenant or change its weight and its cap on requests running at once (None:
-        no cap). A tighter cap pauses the tenant now; a looser one resumes it, and the
-        caller pumps (:meth:`pump_all`)."""
+    def set_tenant(
+        self, name: str, weight: float, max_in_flight: int | None = None, tier: int = 0
+    ) -> None:
+        """Add a tenant or change its weight, its priority tier (higher first) and its cap on
+        requests running at once (None: no cap). A tighter cap pauses the tenant now; a
+        looser one resumes it, and the caller pumps (:meth:`pump_all`)."""
         self._weights[name] = weight
+        self._tiers[name] = tier
         if max_in_flight is None:
             self._caps.pop(name, None)
         else:
             self._caps[name] = max_in_flight
         for pool in self._pools.values():
-            pool.set_tenant(name, weight)
+            pool.set_tenant(name, weight, tier)
         self._check_cap(name)
 
     def forget_tenant(self, name: str) -> None:
         """New pools no longer list ``name`` (its counters stay where they are)."""
         self._weights.pop(name, None)
+        self._tiers.pop(name, None)
         self._caps.pop(name, None)
         self._check_cap(name)
 
@@ -169,7 +177,7 @@ class DispatchCore:
             if self.hold_s > 0:
                 sched.follow_s = self.hold_s  # a resubmission comes within the hold
             for name, weight in self._weights.items():
-                sched.set_tenant(name, weight)
+                sched.set_tenant(name, weight, self._tiers.get(name, 0))
             for name in self._paused:
                 sched.pause(name)
             self._pools[model] = sched

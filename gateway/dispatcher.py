@@ -37,6 +37,7 @@ class TenantLimits:
     weight: float
     max_queued: int
     max_in_flight: int | None = None  # None: no cap on requests running at once
+    tier: int = 0  # priority tier, higher first (gateway.scheduler.TIERS)
 
 
 def _is_live(job: Job) -> bool:
@@ -97,10 +98,15 @@ class Dispatcher:
 
     # -- tenants and pools -------------------------------------------------------------------
     def set_tenant(
-        self, name: str, weight: float, max_queued: int, max_in_flight: int | None = None
+        self,
+        name: str,
+        weight: float,
+        max_queued: int,
+        max_in_flight: int | None = None,
+        tier: int = 0,
     ) -> None:
-        self._tenants[name] = TenantLimits(weight, max_queued, max_in_flight)
-        self.core.set_tenant(name, weight, max_in_flight)
+        self._tenants[name] = TenantLimits(weight, max_queued, max_in_flight, tier)
+        self.core.set_tenant(name, weight, max_in_flight, tier)
 
     def remove_tenant(self, name: str, exc: Exception) -> int:
         """A reload removed ``name``: forget its limits and answer its queued jobs with ``exc``

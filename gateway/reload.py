@@ -6,6 +6,7 @@ every second and, when they move, its SHA-256), both wired in ``vtc-gateway serv
 What reloads (takes effect for the next request; queued and running requests are kept):
 
 * ``tenants``: added tenants, weights (``Scheduler.set_tenant``: counters are kept),
+  ``tier`` (queued requests move with their tenant; under ``fcfs`` new ones only),
   ``max_queued``, ``max_in_flight`` (a lower cap stops new dispatches, running requests
   finish), API keys (the :class:`~gateway.server.auth.Authenticator` is rebuilt). A removed
   tenant's *queued* requests are answered ``401 AuthenticationError`` "tenant removed by
@@ -60,7 +61,7 @@ RESTART_LIMITS = (
 class ReloadResult:
     added: tuple[str, ...]
     removed: tuple[str, ...]
-    changed: tuple[str, ...]  # tenants whose weight, max_queued or max_in_flight changed
+    changed: tuple[str, ...]  # tenants whose weight, tier, max_queued or max_in_flight changed
     rejected: int  # queued requests of removed tenants answered 401
     needs_restart: tuple[str, ...]  # changed settings that were not applied
 
@@ -82,7 +83,7 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     state.stats.max_tenant_labels = effective.metrics.max_tenant_labels
     state.recorder.fairness.window_s = effective.metrics.fairness_window_s
     for t in effective.tenants:
-        dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight)
+        dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight, t.priority)
         state.stats.label(t.name)
     state.auth = Authenticator(effective)
     state.config = effective
@@ -105,8 +106,8 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     return result
 
 
-def _limits(t: TenantConfig) -> tuple[float, int, int | None]:
-    return (t.weight, t.max_queued, t.max_in_flight)
+def _limits(t: TenantConfig) -> tuple[float, int, int | None, str]:
+    return (t.weight, t.max_queued, t.max_in_flight, t.tier)
 
 
 def _effective(old: GatewayConfig, new: GatewayConfig) -> tuple[GatewayConfig, tuple[str, ...]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .baselines import FCFSScheduler, RPMScheduler
-from .interface import Job, Prices, QueueRejected, Scheduler, TenantStats
+from .interface import TIERS, Job, Prices, QueueRejected, Scheduler, TenantStats
 from .vtc import LCFScheduler, VTCPredictScheduler, VTCScheduler
 
 POLICIES = ("vtc", "vtc-predict", "fcfs", "lcf", "rpm")
@@ -26,6 +26,7 @@ def make_scheduler(policy: str, prices: Prices | None = None, rpm_limit: int = 6
 
 __all__ = [
     "POLICIES",
+    "TIERS",
     "FCFSScheduler",
     "Job",
     "LCFScheduler",

@@ -1,6 +1,8 @@
 """Baseline policies for side-by-side comparison with VTC.
 
-* ``fcfs``: one global queue in arrival order (what vLLM does on its own).
+* ``fcfs``: one global queue in arrival order (what vLLM does on its own); with priority tiers,
+  one such queue per tier, a higher tier first (strict priority bands, FCFS inside). A job
+  stays in the tier its tenant had when it arrived.
 * ``rpm``: FCFS plus a per-tenant cap of requests per sliding minute; requests over the cap are
   rejected at submit with :class:`QueueRejected` (the usual rate-limit answer, 429).
 
@@ -21,40 +23,59 @@ class FCFSScheduler(Scheduler):
 
     def __init__(self, prices: Prices | None = None) -> None:
         super().__init__(prices)
-        self._jobs: OrderedDict[int, Job] = OrderedDict()
+        self._bands: dict[int, OrderedDict[int, Job]] = {}  # tier -> its jobs in arrival order
+        self._levels: list[int] = []  # tiers with a band, highest first
         self._per_tenant: dict[str, int] = {}
+        self._total = 0
 
     def _admit(self, job: Job, now: float) -> None:
-        self._jobs[job.seq] = job
+        tier = self.tier(job.tenant)
+        band = self._bands.get(tier)
+        if band is None:
+            band = self._bands[tier] = OrderedDict()
+            self._levels = sorted(self._bands, reverse=True)
+        band[job.seq] = job
         self._per_tenant[job.tenant] = self._per_tenant.get(job.tenant, 0) + 1
+        self._total += 1
 
     def peek(self, now: float) -> Job | None:
         paused = self._paused
-        if not paused:
-            return next(iter(self._jobs.values())) if self._jobs else None
-        # passes over paused tenants' jobs: a baseline, so a scan is acceptable here
-        return next((j for j in self._jobs.values() if j.tenant not in paused), None)
+        for tier in self._levels:
+            band = self._bands[tier]
+            if not paused:
+                if band:
+                    return next(iter(band.values()))
+                continue
+            # passes over paused tenants' jobs: a baseline, so a scan is acceptable here
+            job = next((j for j in band.values() if j.tenant not in paused), None)
+            if job is not None:
+                return job
+        return None
 
     def pop(self, now: float) -> Job | None:
         job = self.peek(now)
         if job is None:
             return None
-        del self._jobs[job.seq]
-        self._per_tenant[job.tenant] -= 1
+        self._remove(job)
         self._dispatched(job, now)
         return job
 
+    def _remove(self, job: Job) -> bool:
+        for band in self._bands.values():
+            if band.pop(job.seq, None) is not None:
+                self._per_tenant[job.tenant] -= 1
+                self._total -= 1
+                return True
+        return False
+
     def cancel(self, job: Job, now: float) -> bool:
-        if self._jobs.pop(job.seq, None) is None:
-            return False
-        self._per_tenant[job.tenant] -= 1
-        return True
+        return self._remove(job)
 
     def queued(self, tenant: str) -> int:
         return self._per_tenant.get(tenant, 0)
 
     def total_queued(self) -> int:
-        return len(self._jobs)
+        return self._total
 
     def backlogged(self) -> Iterable[str]:
         return [t for t, n in self._per_tenant.items() if n > 0]

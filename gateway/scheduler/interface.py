@@ -13,6 +13,11 @@ Life of a :class:`Job` as seen by a policy::
     finish(job, now, ran)     the job ended (any reason); reconcile its charge with the truth
     cancel(job, now) -> bool  a *queued* job left (client gone, timeout): nothing stays charged
 
+Priority tiers: every tenant has one (an integer, 0 by default; :data:`TIERS`). ``peek`` and
+``pop`` serve a lower tier only while no job of a higher tier waits (strict priority; a lower
+tier can starve under sustained higher-tier load), and order tenants within a tier by the
+policy's own rule.
+
 A tenant may be *paused* (``pause``/``resume``; the dispatch core does it while the tenant has
 its ``max_in_flight`` requests running): its jobs keep their place in its queue, but ``peek``
 and ``pop`` pass over them, so the next tenant in the order is served instead of everyone
@@ -66,6 +71,10 @@ class Prices:
         return self.input * prompt_tokens + self.output * output_tokens
 
 
+#: Priority tiers by name (``tenants[].tier``): a higher one is served first.
+TIERS = {"interactive": 0, "batch": -1}
+
+
 class QueueRejected(Exception):
     """submit() refused the job (per-tenant request-rate cap). ``retry_after`` in seconds."""
 
@@ -102,16 +111,27 @@ class Scheduler(ABC):
         self._counters: dict[str, float] = {}
         self._service: dict[str, float] = {}
         self._paused: set[str] = set()
+        self._tiers: dict[str, int] = {}  # tenant -> priority tier (absent: 0)
         self._seq = 0
 
     # -- tenants -----------------------------------------------------------------------------
-    def set_tenant(self, tenant: str, weight: float = 1.0) -> None:
-        """Add a tenant or change its weight; its counter is kept."""
+    def set_tenant(self, tenant: str, weight: float = 1.0, tier: int | None = None) -> None:
+        """Add a tenant or change its weight and (unless None) its priority tier; its counter
+        is kept. Tiers are integers, higher served first (:data:`TIERS` names two)."""
         if not weight > 0:
             raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight!r}")
         self._weights[tenant] = float(weight)
         self._counters.setdefault(tenant, 0.0)
         self._service.setdefault(tenant, 0.0)
+        if tier is not None and tier != self._tiers.get(tenant, 0):
+            self._tiers[tenant] = tier
+            self._on_tier_change(tenant, tier)
+
+    def tier(self, tenant: str) -> int:
+        return self._tiers.get(tenant, 0)
+
+    def _on_tier_change(self, tenant: str, tier: int) -> None:
+        """Hook: a tenant moved to another tier (policies that keep one order per tier)."""
 
     def weight(self, tenant: str) -> float:
         return self._weights.get(tenant, 1.0)

@@ -34,6 +34,12 @@ A paused tenant (see :class:`~gateway.scheduler.interface.Scheduler`) stays back
 leaves the heap: its entry is dropped when it reaches the top and ``resume`` pushes a fresh one,
 so the order passes over it at O(log T) and never stalls behind it.
 
+Priority tiers: a tenant's tier (``Scheduler.set_tenant(..., tier=)``, higher first) picks its
+heap; the head of the order is the least counter of the highest tier with a backlogged tenant,
+so a lower tier is served only while no higher-tier request waits in this pool. The lift's
+floor (both cases) is taken within the arriving tenant's tier: tiers are fair within
+themselves. With one tier everything above is exactly the flat algorithm.
+
 Finding the smallest counter is O(log T): backlogged tenants sit in a heap keyed by
 ``(counter, seq of head job)``. Output tokens only *raise* counters, which leaves heap keys
 stale-but-low; ``_top`` repairs stale entries lazily when they reach the top (a key that is
@@ -61,11 +67,13 @@ class _Queue:
         "last_finish",
         "resubmits",
         "running",
+        "tier",
         "version",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, tier: int = 0) -> None:
         self.jobs: OrderedDict[int, Job] = OrderedDict()  # seq -> job, FIFO
+        self.tier = tier  # the tenant's priority tier (its heap)
         self.version = 0
         # seq -> expected cost in priced tokens (w_in * prompt + w_out * expected output)
         self.running: dict[int, float] = {}  # dispatched, not finished
@@ -90,30 +98,47 @@ class VTCScheduler(Scheduler):
         self._history: dict[str, deque[int]] = {}  # tenant -> recent actual output lengths
         self._lifts: dict[str, list[float]] = {}  # tenant -> [count, units added]
         self._queues: dict[str, _Queue] = {}
-        # heap entries: (counter key, head seq, version, tenant)
-        self._heap: list[tuple[float, int, int, str]] = []
+        # one heap per priority tier; entries: (counter key, head seq, version, tenant)
+        self._heaps: dict[int, list[tuple[float, int, int, str]]] = {}
+        self._levels: list[int] = []  # tiers that have a heap, highest first
         self._total = 0
-        self._last_left: str | None = None
+        self._last_left: dict[int, str] = {}  # tier -> its tenant that last left the backlog
 
     # -- heap maintenance --------------------------------------------------------------------
+    def _heap(self, tier: int) -> list[tuple[float, int, int, str]]:
+        heap = self._heaps.get(tier)
+        if heap is None:
+            heap = self._heaps[tier] = []
+            self._levels = sorted(self._heaps, reverse=True)
+        return heap
+
     def _push(self, tenant: str, q: _Queue) -> None:
         q.version += 1
-        heapq.heappush(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
-        if len(self._heap) > 2 * max(self._total + 32, len(self._queues)):
-            self._compact()
+        heap = self._heap(q.tier)
+        heapq.heappush(heap, (self._counters[tenant], q.head().seq, q.version, tenant))
+        if len(heap) > 2 * max(self._total + 32, len(self._queues)):
+            self._compact(q.tier)
 
-    def _compact(self) -> None:
+    def _compact(self, tier: int) -> None:
         """Drop stale entries (left by churn such as submit/cancel with no pick in between).
-        Runs after the heap doubles past max(queued jobs, tenants): amortised O(1) per push."""
-        self._heap = [
+        Runs after a heap doubles past max(queued jobs, tenants): amortised O(1) per push."""
+        heap = self._heaps[tier] = [
             (self._counters[t], q.head().seq, q.version, t)
             for t, q in self._queues.items()
-            if q.jobs and t not in self._paused
+            if q.jobs and q.tier == tier and t not in self._paused
         ]
-        heapq.heapify(self._heap)
+        heapq.heapify(heap)
 
     def _top(self) -> tuple[str, _Queue] | None:
-        heap = self._heap
+        """The head of the fair order: the least counter of the highest tier with work."""
+        for tier in self._levels:
+            top = self._top_in(tier)
+            if top is not None:
+                return top
+        return None
+
+    def _top_in(self, tier: int) -> tuple[str, _Queue] | None:
+        heap = self._heaps[tier]
         while heap:
             key, seq, version, tenant = heap[0]
             q = self._queues.get(tenant)
@@ -134,6 +159,13 @@ class VTCScheduler(Scheduler):
             if q is not None and q.jobs:
                 self._push(tenant, q)
 
+    def _on_tier_change(self, tenant: str, tier: int) -> None:
+        q = self._queues.get(tenant)
+        if q is not None and q.tier != tier:
+            q.tier = tier
+            if q.jobs:
+                self._push(tenant, q)  # a fresh entry in its new tier; the old one is stale
+
     def _on_pause(self, tenant: str, paused: bool) -> None:
         q = self._queues.get(tenant)
         if not paused and q is not None and q.jobs:
@@ -144,7 +176,7 @@ class VTCScheduler(Scheduler):
         tenant = job.tenant
         q = self._queues.get(tenant)
         if q is None:
-            q = self._queues[tenant] = _Queue()
+            q = self._queues[tenant] = _Queue(self.tier(tenant))
         q.resubmits = 0.75 * q.resubmits + (0.25 if now - q.last_finish <= self.follow_s else 0)
         q.follows = q.resubmits > 0.5
         if not q.jobs:
@@ -156,12 +188,15 @@ class VTCScheduler(Scheduler):
             q.jobs[job.seq] = job
         self._total += 1
 
-    def _floor(self) -> float | None:
-        top = self._top()
+    def _floor(self, tier: int) -> float | None:
+        """The lift's floor in ``tier``: its least backlogged counter, else the counter of its
+        tenant that last left the backlog (tiers are fair within themselves only)."""
+        top = self._top_in(tier) if tier in self._heaps else None
         if top is not None:
             return self._counters[top[0]]
-        if self._last_left is not None:
-            return self._counters[self._last_left]
+        last = self._last_left.get(tier)
+        if last is not None:
+            return self._counters[last]
         return None
 
     def credit(self, tenant: str, now: float) -> float:
@@ -174,7 +209,7 @@ class VTCScheduler(Scheduler):
         return q.committed / self._weights.get(tenant, 1.0)
 
     def _lift(self, tenant: str, q: _Queue, now: float) -> None:
-        floor = self._floor()
+        floor = self._floor(q.tier)
         if floor is None:
             return
         target = floor - self.credit(tenant, now)
@@ -201,6 +236,8 @@ class VTCScheduler(Scheduler):
         top = self._top()
         if top is None:
             return False  # nobody waits: a free slot stays free for its next request anyway
+        if top[1].tier != q.tier:
+            return q.tier > top[1].tier  # a higher tier goes first, a lower one after
         head = self._counters[top[0]]
         # its next request is lifted to at least head - credit (see _lift)
         return max(self._counters[tenant], head - self.credit(tenant, now)) < head
@@ -226,6 +263,7 @@ class VTCScheduler(Scheduler):
         if top is None:
             return None
         tenant, q = top
+        heap = self._heaps[q.tier]  # _top left the tenant's entry at its top
         _, job = q.jobs.popitem(last=False)
         self._total -= 1
         self._predict(job)
@@ -235,10 +273,10 @@ class VTCScheduler(Scheduler):
         q.committed += cost
         if q.jobs:  # the tenant stays backlogged: re-key its entry at the top in one sift
             q.version += 1
-            heapq.heapreplace(self._heap, (self._counters[tenant], q.head().seq, q.version, tenant))
+            heapq.heapreplace(heap, (self._counters[tenant], q.head().seq, q.version, tenant))
         else:
-            heapq.heappop(self._heap)
-            self._last_left = tenant
+            heapq.heappop(heap)
+            self._last_left[q.tier] = tenant
         return job
 
     def prediction(self, tenant: str, max_tokens: int) -> int:
@@ -274,7 +312,7 @@ class VTCScheduler(Scheduler):
             self._push(tenant=job.tenant, q=q)  # the head may have changed
         else:
             q.version += 1
-            self._last_left = job.tenant
+            self._last_left[q.tier] = job.tenant
         return True
 
     def queued(self, tenant: str) -> int:

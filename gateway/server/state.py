@@ -105,7 +105,7 @@ def build_state(
         hold_s=sc.hold_ms / 1000,
     )
     for t in config.tenants:
-        dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight)
+        dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight, t.priority)
     lim = config.limits
     if upstream is None:
         keys = {b.url: b.api_key for b in config.backends}

@@ -15,11 +15,12 @@ from gateway.config import (
     GatewayConfig,
     Policy,
     TenantConfig,
+    Tier,
     key_digest,
     load_config,
     parse_config,
 )
-from gateway.scheduler import POLICIES
+from gateway.scheduler import POLICIES, TIERS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -218,12 +219,24 @@ def test_backend_url_loses_its_trailing_slash() -> None:
     assert parse_config(raw).backends[0].url == "http://127.0.0.1:8000"
 
 
-def test_max_in_flight_is_per_process_and_refused_with_a_cluster_section() -> None:
-    tenant = {**MINIMAL["tenants"][0], "max_in_flight": 2}
-    assert parse_config({**MINIMAL, "tenants": [tenant]}).tenants[0].max_in_flight == 2
+def test_caps_and_tiers_are_per_process_and_refused_with_a_cluster_section() -> None:
+    tenant = {**MINIMAL["tenants"][0], "max_in_flight": 2, "tier": "batch"}
+    parsed = parse_config({**MINIMAL, "tenants": [tenant]}).tenants[0]
+    assert (parsed.max_in_flight, parsed.tier, parsed.priority) == (2, "batch", TIERS["batch"])
+    assert parse_config(MINIMAL).tenants[0].priority == TIERS["interactive"] > TIERS["batch"]
     with pytest.raises(ConfigError) as info:
         parse_config({**MINIMAL, "tenants": [tenant], "cluster": {"url": "redis://h:1/0"}})
     assert info.value.problems == [
         "tenants[0].max_in_flight: is not shared across replicas yet: not allowed with a "
-        "cluster section, got 2"
+        "cluster section, got 2",
+        "tenants[0].tier: is not shared across replicas yet: not allowed with a "
+        "cluster section, got 'batch'",
     ]
+
+
+def test_tier_names_match_the_schedulers_tiers() -> None:
+    assert set(get_args(Tier)) == set(TIERS)
+    bad = {**MINIMAL, "tenants": [{**MINIMAL["tenants"][0], "tier": "bulk"}]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad)
+    assert info.value.problems == ["tenants[0].tier: must be one of interactive, batch, got 'bulk'"]

@@ -306,7 +306,9 @@ def test_reference_detects_a_wrong_pick() -> None:
     class NewestHeadFirst(VTCScheduler):
         def _push(self, tenant: str, q: _Queue) -> None:
             q.version += 1
-            heapq.heappush(self._heap, (self._counters[tenant], -q.head().seq, q.version, tenant))
+            heapq.heappush(
+                self._heap(q.tier), (self._counters[tenant], -q.head().seq, q.version, tenant)
+            )
 
     POLICIES["broken"] = (NewestHeadFirst, True, False)
     try:
