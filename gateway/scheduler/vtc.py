@@ -233,6 +233,8 @@ class VTCScheduler(Scheduler):
         q = self._queues.get(tenant)
         if q is None or q.jobs:
             return False  # its queued work competes in the fair order itself
+        if tenant in self._paused:
+            return False  # at its cap: a slot held for it would stay unused
         top = self._top()
         if top is None:
             return False  # nobody waits: a free slot stays free for its next request anyway

@@ -55,6 +55,20 @@ def test_a_paused_tenant_with_the_lowest_counter_does_not_hold_up_the_order() ->
     assert [s.pop(0.0).tenant for _ in range(3)] == ["a", "a", "c"]  # type: ignore[union-attr]
 
 
+def test_no_slot_is_held_for_a_tenant_at_its_cap() -> None:
+    s = make_scheduler("vtc")
+    done = job("b")
+    s.submit(done, 0.0)
+    s.pop(0.0)
+    s.finish(done, 0.0)  # b: counter 20, queue empty
+    s.hold(done)  # its next request is expected (the dispatcher holds its slot)
+    s.submit(job("a"), 0.0)
+    s.set_counter("a", 1000.0)
+    assert s.entitled("b", 0.0)  # b's next request would precede a's head
+    s.pause("b")
+    assert not s.entitled("b", 0.0)
+
+
 class Harness:
     """A dispatch core over one backend (``seqs`` sequences); grants are recorded."""
 
