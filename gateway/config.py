@@ -164,6 +164,9 @@ class SchedulerConfig:
     rpm_limit: Count = 60
     #: how long (ms) a finished request's slot waits for its busy tenant's next request
     hold_ms: Annotated[float, Bounds(0)] = 50.0
+    #: share of the service the batch tier gets while interactive requests wait too
+    #: (0: strict priority, batch waits for every interactive request); vtc, vtc-predict, lcf
+    batch_min_share: Annotated[float, Bounds(0, maximum=0.9)] = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +415,14 @@ def parse_config(raw: Any) -> GatewayConfig:
     anonymous = config.auth.anonymous_tenant
     if anonymous is not None and config.tenant(anonymous) is None:
         r.fail("auth.anonymous_tenant", "must name a tenant in 'tenants'", anonymous)
+    sc = config.scheduler
+    if sc.batch_min_share and sc.policy not in CLUSTER_POLICIES:
+        r.fail(
+            "scheduler.batch_min_share",
+            f"needs a policy that orders by counters ({', '.join(CLUSTER_POLICIES)}), "
+            f"not {sc.policy}",
+            sc.batch_min_share,
+        )
     cluster = config.cluster
     if cluster is not None:
         if cluster.lease_s < 5 * cluster.sync_interval_s:

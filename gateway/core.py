@@ -17,7 +17,8 @@ arrived::
     reserve its tokens -> hand (job, grant) to ``on_grant``
 
 Priority tiers: each tenant has one (``set_tenant(..., tier=)``, higher first); every pool's
-scheduler serves a lower tier only while no higher-tier request waits in that pool.
+scheduler serves a lower tier only while no higher-tier request waits in that pool (or, with
+``batch_min_share``, gives the batch tier that share while both wait).
 
 Per-tenant cap (``max_in_flight``): a tenant with that many requests running is *paused* in
 every pool (``Scheduler.pause``): its queued requests keep their place but the order passes
@@ -49,7 +50,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .admission import AdmissionController, BackendSlots, Reservation
-from .scheduler import Job, Prices, Scheduler, make_scheduler
+from .scheduler import TIERS, Job, Prices, Scheduler, make_scheduler
 
 #: Output reserved for a request without any bound (no max_tokens, unknown context).
 UNBOUNDED_RESERVE = 4096
@@ -105,6 +106,7 @@ class DispatchCore:
         observe_pump: Callable[[float], None] | None = None,
         hold_s: float = 0.0,
         on_hold: Callable[[float], None] | None = None,
+        batch_min_share: float = 0.0,
     ) -> None:
         self.admission = admission
         self.policy = policy
@@ -123,6 +125,8 @@ class DispatchCore:
         self.dispatched_total = 0
         #: how long a finished request's slot may wait for its tenant's next one (0: never)
         self.hold_s = hold_s
+        #: the batch tier's share while interactive requests wait too (0: strict priority)
+        self.batch_min_share = batch_min_share
         #: called with the expiry time of each new hold (the owner calls expire_holds then)
         self.on_hold = on_hold
         self._holds: list[Hold] = []  # expected requests, in order of expiry
@@ -180,6 +184,7 @@ class DispatchCore:
                 sched.set_tenant(name, weight, self._tiers.get(name, 0))
             for name in self._paused:
                 sched.pause(name)
+            sched.set_min_share(TIERS["batch"], self.batch_min_share)
             self._pools[model] = sched
         return sched
 

@@ -58,6 +58,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         observe_pump: Callable[[float], None] | None = None,
         hold_s: float = 0.0,
+        batch_min_share: float = 0.0,
     ) -> None:
         self.core = self.core_class(
             admission,
@@ -69,6 +70,7 @@ class Dispatcher:
             is_live=_is_live,
             observe_pump=observe_pump,
             hold_s=hold_s,
+            batch_min_share=batch_min_share,
             on_hold=self._hold_timer,
         )
         self.admission = admission

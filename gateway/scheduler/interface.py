@@ -130,6 +130,12 @@ class Scheduler(ABC):
     def tier(self, tenant: str) -> int:
         return self._tiers.get(tenant, 0)
 
+    def set_min_share(self, tier: int, share: float) -> None:
+        """Give ``tier`` at least ``share`` of the service while higher tiers wait too (0:
+        strict priority). Policies that order by counters implement it; others refuse."""
+        if share:
+            raise ValueError(f"policy {self.name!r} has no minimum share for a tier")
+
     def _on_tier_change(self, tenant: str, tier: int) -> None:
         """Hook: a tenant moved to another tier (policies that keep one order per tier)."""
 

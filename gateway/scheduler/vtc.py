@@ -103,6 +103,10 @@ class VTCScheduler(Scheduler):
         self._levels: list[int] = []  # tiers that have a heap, highest first
         self._total = 0
         self._last_left: dict[int, str] = {}  # tier -> its tenant that last left the backlog
+        self._share: tuple[int, float] | None = None  # (tier, its minimum share); None: strict
+        #: with a share: [counter of that tier, counter of the tiers above it, together]
+        self._group = [0.0, 0.0]
+        self._tier_queued: dict[int, int] = {}  # tier -> queued jobs
 
     # -- heap maintenance --------------------------------------------------------------------
     def _heap(self, tier: int) -> list[tuple[float, int, int, str]]:
@@ -130,12 +134,54 @@ class VTCScheduler(Scheduler):
         heapq.heapify(heap)
 
     def _top(self) -> tuple[str, _Queue] | None:
-        """The head of the fair order: the least counter of the highest tier with work."""
+        """The head of the fair order: the least counter of the highest tier with work (or of
+        the tier with a minimum share, while it is owed service; see :meth:`set_min_share`)."""
         for tier in self._levels:
             top = self._top_in(tier)
             if top is not None:
+                share = self._share
+                if share is not None and tier > share[0] and self._group[0] < self._group[1]:
+                    low = self._top_in(share[0]) if share[0] in self._heaps else None
+                    if low is not None:
+                        return low
                 return top
         return None
+
+    def set_min_share(self, tier: int, share: float) -> None:
+        """Bound the strict priority: while jobs of ``tier`` and of higher tiers both wait,
+        ``tier`` gets ``share`` of the service (0 < share < 1; 0 restores strict priority).
+        ``tier`` and all tiers above it, together, form two groups ordered by VTC with
+        weights ``share : 1 - share`` (group counters charged with every charge, lifted when
+        a group's queue fills after it emptied); inside each group tiers and tenants go as
+        before. Jobs of tiers below ``tier`` still wait for both groups."""
+        if not 0 <= share < 1:
+            raise ValueError(f"a minimum share must be in [0, 1), got {share!r}")
+        self._share = (tier, share) if share > 0 else None
+
+    def _group_of(self, tier: int) -> int | None:
+        share = self._share
+        if share is None or tier < share[0]:
+            return None
+        return 0 if tier == share[0] else 1
+
+    def _queued_in(self, tier: int, n: int) -> None:
+        """``n`` more (fewer, if negative) jobs queued in ``tier``; lift its group's counter
+        when its queue fills after it emptied."""
+        before = self._tier_queued.get(tier, 0)
+        self._tier_queued[tier] = before + n
+        g = self._group_of(tier)
+        if g is not None and n > 0 and not self._group_queued(g, without=(tier, n)):
+            self._group[g] = max(self._group)
+
+    def _group_queued(self, g: int, without: tuple[int, int] = (0, 0)) -> bool:
+        """Does group ``g`` have queued jobs (not counting ``n`` just added to ``tier``)?"""
+        share = self._share
+        assert share is not None
+        total = 0
+        for tier, n in self._tier_queued.items():
+            if (tier == share[0]) == (g == 0) and tier >= share[0]:
+                total += n - (without[1] if tier == without[0] else 0)
+        return total > 0
 
     def _top_in(self, tier: int) -> tuple[str, _Queue] | None:
         heap = self._heaps[tier]
@@ -153,6 +199,15 @@ class VTCScheduler(Scheduler):
         return None
 
     def _on_counter_change(self, tenant: str, delta: float) -> None:
+        share = self._share
+        if share is not None:  # the groups' counters follow every charge
+            tier = self._tiers.get(tenant, 0)
+            if tier >= share[0]:
+                cost = delta * self._weights.get(tenant, 1.0)
+                if tier == share[0]:
+                    self._group[0] += cost / share[1]
+                else:
+                    self._group[1] += cost / (1 - share[1])
         # Raising a counter leaves a stale-low key that _top repairs; lowering needs a new entry.
         if delta < 0:
             q = self._queues.get(tenant)
@@ -162,6 +217,9 @@ class VTCScheduler(Scheduler):
     def _on_tier_change(self, tenant: str, tier: int) -> None:
         q = self._queues.get(tenant)
         if q is not None and q.tier != tier:
+            if q.jobs:
+                self._queued_in(q.tier, -len(q.jobs))
+                self._queued_in(tier, len(q.jobs))
             q.tier = tier
             if q.jobs:
                 self._push(tenant, q)  # a fresh entry in its new tier; the old one is stale
@@ -187,6 +245,7 @@ class VTCScheduler(Scheduler):
         else:
             q.jobs[job.seq] = job
         self._total += 1
+        self._queued_in(q.tier, 1)
 
     def _floor(self, tier: int) -> float | None:
         """The lift's floor in ``tier``: its least backlogged counter, else the counter of its
@@ -268,6 +327,7 @@ class VTCScheduler(Scheduler):
         heap = self._heaps[q.tier]  # _top left the tenant's entry at its top
         _, job = q.jobs.popitem(last=False)
         self._total -= 1
+        self._queued_in(q.tier, -1)
         self._predict(job)
         self._dispatched(job, now)  # raises the counter: the heap is not touched (lazy)
         cost = self.prices.cost(job.prompt_tokens, job.expected_output)
@@ -310,6 +370,7 @@ class VTCScheduler(Scheduler):
         if q is None or q.jobs.pop(job.seq, None) is None:
             return False
         self._total -= 1
+        self._queued_in(q.tier, -1)
         if q.jobs:
             self._push(tenant=job.tenant, q=q)  # the head may have changed
         else:

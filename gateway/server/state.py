@@ -103,6 +103,7 @@ def build_state(
         clock=clock,
         observe_pump=recorder.decision.observe,
         hold_s=sc.hold_ms / 1000,
+        batch_min_share=sc.batch_min_share,
     )
     for t in config.tenants:
         dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight, t.priority)

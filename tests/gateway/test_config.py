@@ -240,3 +240,18 @@ def test_tier_names_match_the_schedulers_tiers() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(bad)
     assert info.value.problems == ["tenants[0].tier: must be one of interactive, batch, got 'bulk'"]
+
+
+def test_batch_min_share_is_bounded_and_needs_a_counter_policy() -> None:
+    assert parse_config(MINIMAL).scheduler.batch_min_share == 0.0
+    ok = {**MINIMAL, "scheduler": {"batch_min_share": 0.2}}
+    assert parse_config(ok).scheduler.batch_min_share == 0.2
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, "scheduler": {"batch_min_share": 0.95}})
+    assert info.value.problems == ["scheduler.batch_min_share: must be <= 0.9, got 0.95"]
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, "scheduler": {"batch_min_share": 0.2, "policy": "fcfs"}})
+    assert info.value.problems == [
+        "scheduler.batch_min_share: needs a policy that orders by counters "
+        "(vtc, vtc-predict, lcf), not fcfs, got 0.2"
+    ]

@@ -56,3 +56,28 @@ async def test_batch_gets_nothing_while_interactive_waits_and_everything_when_id
         # the interactive requests did overtake queued batch work (the check above has teeth)
         assert sum(1 for t, _, batch_waiting in later if t != "c" and batch_waiting) >= 6
         assert d.total_queued() == 0 and stack.state.admission.in_flight() == 0
+
+
+async def test_a_minimum_share_gives_batch_its_part_while_interactive_waits() -> None:
+    ts = tenants(("a", 1), ("c", 1))
+    ts[1]["tier"] = "batch"
+    gw = {"tenants": ts, "scheduler": {"batch_min_share": 0.5}}
+    backend = {"max_num_seqs": SEQS}
+    async with gateway_stack(gateway=gw, sim={"speed": 4.0}, backend=backend) as stack:
+        d = stack.state.dispatcher
+        both: list[str] = []  # tenants dispatched while both tiers had requests waiting
+
+        def seen(job: Job) -> None:
+            if d.queued("a") and d.queued("c"):
+                both.append(job.tenant)
+
+        d.on_dispatch = seen
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as http:
+            sends = [
+                asyncio.create_task(_send(http, key, 16))
+                for _ in range(16)
+                for key in ("key-a", "key-c")
+            ]
+            assert await asyncio.gather(*sends) == [200] * 32
+        assert len(both) >= 10, both
+        assert 0.3 <= both.count("c") / len(both) <= 0.7, both

@@ -7,7 +7,7 @@ import pytest
 
 from gateway.admission import AdmissionController, BackendSlots
 from gateway.core import DispatchCore, Grant
-from gateway.scheduler import POLICIES, TIERS, Job, Scheduler, make_scheduler
+from gateway.scheduler import POLICIES, TIERS, Job, Scheduler, VTCScheduler, make_scheduler
 
 BATCH = TIERS["batch"]
 
@@ -108,3 +108,42 @@ def test_core_gives_batch_the_whole_backend_when_interactive_is_idle() -> None:
         core.release(j, g)
     assert order == ["c", "c", "a", "a", "a", "c", "c"]  # freed slots: interactive first
     assert core.total_queued() == 0 and admission.in_flight() == 0
+
+
+def test_a_minimum_share_bounds_the_priority() -> None:
+    s = make_scheduler("vtc")
+    assert isinstance(s, VTCScheduler)
+    s.set_min_share(BATCH, 0.25)
+    s.set_tenant("c", 1.0, tier=BATCH)
+    waiting = []
+    for _ in range(60):
+        waiting.append(job("a"))
+        s.submit(waiting[-1], 0.0)
+        s.submit(job("c"), 0.0)
+    first = pops(s, 40)  # equal jobs: batch gets a quarter of them while both wait
+    assert abs(first.count("c") - 10) <= 1, first
+    assert first[:4].count("c") <= 1  # interleaved, not in a block
+    for j in waiting:
+        s.cancel(j, 0.0)  # interactive leaves: batch gets everything
+    assert pops(s, s.queued("c")) == ["c"] * (60 - first.count("c"))
+    for _ in range(40):
+        s.submit(job("a"), 0.0)
+    assert pops(s, 20) == ["a"] * 20  # batch idle: interactive takes all, no debt builds
+    for _ in range(8):
+        s.submit(job("c"), 0.0)
+    back = pops(s, 8)  # batch returns: lifted, it gets its quarter, not a catch-up burst
+    assert 1 <= back.count("c") <= 3, back
+
+
+def test_without_a_share_batch_waits_for_every_interactive_job() -> None:
+    s = make_scheduler("vtc")
+    assert isinstance(s, VTCScheduler)
+    s.set_min_share(BATCH, 0.25)
+    s.set_min_share(BATCH, 0)  # back to strict priority
+    s.set_tenant("c", 1.0, tier=BATCH)
+    for _ in range(4):
+        s.submit(job("c"), 0.0)
+        s.submit(job("a"), 0.0)
+    assert pops(s, 8) == ["a"] * 4 + ["c"] * 4
+    with pytest.raises(ValueError, match="minimum share"):
+        s.set_min_share(BATCH, 1.0)
