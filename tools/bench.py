@@ -31,13 +31,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import pwd
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +146,114 @@ async def start_gateway(
     if uvloop:
         env["VTC_BENCH_UVLOOP"] = "1"
     return await start_service(f"gateway-{config['scheduler']['policy']}", argv, env)
+
+
+#: nginx as a reference proxy: one process (``master_process off``, so its CPU time is the
+#: whole proxy's), streaming (``proxy_buffering off``), HTTP/1.1 keep-alive upstream.
+NGINX_CONF = """\
+worker_processes 1;
+master_process off;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    upstream backend {{
+        server {upstream};
+        keepalive 1024;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+#: Unprivileged account nginx runs as when the benchmark runs as root.
+NGINX_USER = "nobody"
+
+
+def nginx_binary() -> str | None:
+    """The nginx executable (``PATH``, then ``/usr/sbin``), or None when not installed."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_listening(proc: asyncio.subprocess.Process, port: int, within_s: float) -> bool:
+    """Poll ``port`` until it accepts a connection (True) or ``proc`` exits (False)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and proc.returncode is None:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return True
+    return False
+
+
+@contextlib.asynccontextmanager
+async def running_nginx(
+    upstream_url: str, core: int | None, binary: str
+) -> AsyncIterator[tuple[Service, Path]]:
+    """nginx on a free loopback port in front of ``upstream_url``, its prefix, config, pid and
+    logs in a temp dir of its own; stopped and the dir removed on exit, whatever happens."""
+    upstream = upstream_url.split("://", 1)[1].rstrip("/")
+    prefix = Path(tempfile.mkdtemp(prefix="vtc-bench-nginx-"))
+    proc = None
+    try:
+        kw: dict[str, Any] = {}
+        if os.geteuid() == 0:  # never run the reference proxy as root
+            account = pwd.getpwnam(NGINX_USER)
+            kw = {"user": account.pw_uid, "group": account.pw_gid}
+            os.chown(prefix, account.pw_uid, account.pw_gid)
+        for _ in range(3):  # the free port may be taken between picking and binding it
+            port = _free_port()
+            conf = prefix / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(d=prefix, upstream=upstream, port=port))
+            argv = [*pin_prefix(core), binary, "-p", str(prefix), "-c", str(conf)]
+            argv += ["-e", str(prefix / "error.log")]
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # -e: startup errors go to error.log too
+                **kw,
+            )
+            if await _wait_listening(proc, port, 10.0):
+                break
+            await stop_process(proc)
+        else:
+            log_path = prefix / "error.log"
+            err_text = log_path.read_text(errors="replace")[-500:] if log_path.exists() else ""
+            raise RuntimeError(f"nginx did not start: {err_text}")
+        yield Service("nginx", proc, f"http://127.0.0.1:{port}"), prefix
+    finally:
+        if proc is not None:
+            await stop_process(proc)
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +474,12 @@ class ProxyOptions:
     wc_duration: float = 20.0
     memory: bool = True
     queued: int = 10_000
+    #: nginx as a reference path (skipped with a message when nginx is not installed)
+    nginx: bool = True
+    #: simulator speed of the proxy table: 0 = max rate (no step delays); > 0 = paced by the
+    #: real-speed engine schedule of ``paced_profile`` scaled by this factor
+    speed: float = 0.0
+    paced_profile: str = "h100-llama3-8b"
 
 
 def _cores(pin: bool) -> tuple[int | None, int | None]:
@@ -373,7 +492,13 @@ def _cores(pin: bool) -> tuple[int | None, int | None]:
     return cpus[0], cpus[1]
 
 
+def _cpu_per_token(row: dict[str, Any]) -> float | None:
+    """The proxy process's CPU-µs per streamed token (None on the direct path)."""
+    return (row.get("gateway") or {}).get("cpu_s_per_mtok")
+
+
 def _ratios(row: dict[str, Any], direct: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``row`` against a reference row (direct or nginx): ratios and added latencies."""
     if direct is None:
         return None
 
@@ -384,6 +509,7 @@ def _ratios(row: dict[str, Any], direct: dict[str, Any] | None) -> dict[str, Any
         return a - b if a is not None and b is not None else None
 
     return {
+        "cpu_per_token": div(_cpu_per_token(row), _cpu_per_token(direct)),
         "tokens_per_s": div(row["tokens_per_s"], direct["tokens_per_s"]),
         "requests_per_s": div(row["requests_per_s"], direct["requests_per_s"]),
         "ttft_p50_added_ms": sub(row["ttft_ms"]["p50"], direct["ttft_ms"]["p50"]),
@@ -401,52 +527,79 @@ async def proxy_benchmark(opts: ProxyOptions, log: Any = print) -> dict[str, Any
     scenarios = [(c, opts.max_tokens) for c in opts.concurrency]
     scenarios += [(c, 1) for c in opts.first_token_concurrency]
     results: dict[str, Any] = {"meta": _meta(opts, gw_core, load_core), "proxy": []}
+    nginx = nginx_binary() if opts.nginx else None
+    if opts.nginx and nginx is None:
+        log("nginx not installed: skipping the nginx reference path (apt-get install nginx)")
     with tempfile.TemporaryDirectory(prefix="vtc-bench-") as tmp:
         workdir = Path(tmp)
-        big = ("--max-num-seqs", "4096", "--kv-cache-tokens", "100000000")
-        async with running(start_sim(load_core, "--speed", "0", *big)) as (sim,):
-            gws = [
-                await start_gateway(
-                    gateway_config(sim.url, p, 4096), workdir, gw_core, opts.orjson, opts.uvloop
-                )
-                for p in opts.policies
-            ]
-            try:
-                for conc, mt in scenarios:
-                    # a stream takes ~conc/256 times longer at high concurrency: let several
-                    # generations of requests start and finish inside the window
-                    scale = max(1.0, conc / 256) if mt > 1 else 1.0
-                    direct = None
-                    paths: list[tuple[str, str, int | None]] = []
-                    if opts.direct:
-                        paths.append(("direct", sim.url, None))
-                    paths += [(p, g.url, g.pid) for p, g in zip(opts.policies, gws, strict=True)]
-                    for name, url, gpid in paths:
-                        row = await run_load(
-                            url,
-                            concurrency=conc,
-                            max_tokens=mt,
-                            warmup=opts.warmup * scale,
-                            duration=opts.duration * scale,
-                            fmt=opts.fmt,
-                            max_requests=opts.max_requests,
-                            gateway_pid=gpid,
-                            sim_pid=sim.pid,
-                        )
-                        row = {
-                            "scenario": "first_token" if mt == 1 else "stream",
-                            "path": name,
-                            **row,
-                        }
-                        if name == "direct":
-                            direct = row
-                        else:
-                            row["vs_direct"] = _ratios(row, direct)
-                        results["proxy"].append(row)
-                        log(_row_line(row))
-            finally:
-                for g in gws:
-                    await stop_process(g.proc)
+        async with contextlib.AsyncExitStack() as st:
+            big = ("--max-num-seqs", "4096", "--kv-cache-tokens", "100000000")
+            pace = ("--profile", opts.paced_profile) if opts.speed > 0 else ()
+            async with running(start_sim(load_core, "--speed", str(opts.speed), *pace, *big)) as (
+                sim,
+            ):
+                ngx = None
+                if nginx is not None:
+                    ngx, prefix = await st.enter_async_context(
+                        running_nginx(sim.url, gw_core, nginx)
+                    )
+                    results["meta"]["nginx"] = {
+                        "binary": nginx,
+                        "pid": ngx.pid,
+                        "prefix": str(prefix),
+                        "version": _nginx_version(nginx),
+                    }
+                gws = [
+                    await start_gateway(
+                        gateway_config(sim.url, p, 4096), workdir, gw_core, opts.orjson, opts.uvloop
+                    )
+                    for p in opts.policies
+                ]
+                try:
+                    for conc, mt in scenarios:
+                        # a stream takes ~conc/256 times longer at high concurrency: let several
+                        # generations of requests start and finish inside the window
+                        scale = max(1.0, conc / 256) if mt > 1 else 1.0
+                        direct = ref = None
+                        paths: list[tuple[str, str, int | None]] = []
+                        if opts.direct:
+                            paths.append(("direct", sim.url, None))
+                        if ngx is not None:
+                            paths.append(("nginx", ngx.url, ngx.pid))
+                        paths += [
+                            (p, g.url, g.pid) for p, g in zip(opts.policies, gws, strict=True)
+                        ]
+                        for name, url, gpid in paths:
+                            row = await run_load(
+                                url,
+                                concurrency=conc,
+                                max_tokens=mt,
+                                warmup=opts.warmup * scale,
+                                duration=opts.duration * scale,
+                                fmt=opts.fmt,
+                                max_requests=opts.max_requests,
+                                gateway_pid=gpid,
+                                sim_pid=sim.pid,
+                            )
+                            row = {
+                                "scenario": "first_token" if mt == 1 else "stream",
+                                "path": name,
+                                **row,
+                            }
+                            if name == "direct":
+                                direct = row
+                            else:
+                                row["vs_direct"] = _ratios(row, direct)
+                            if name == "nginx":
+                                ref = row
+                            elif name != "direct":
+                                row["vs_nginx"] = _ratios(row, ref)
+                            results["proxy"].append(row)
+                            log(_row_line(row))
+                finally:
+                    for g in gws:
+                        await stop_process(g.proc)
+                    await st.aclose()  # nginx stops before the simulator
         if opts.work_conservation:
             results["work_conservation"] = await work_conservation(
                 opts, workdir, gw_core, load_core
@@ -562,6 +715,11 @@ async def memory_check(
     }
 
 
+def _nginx_version(binary: str) -> str:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
+    return (out.stderr or out.stdout).strip().rsplit("/", 1)[-1]
+
+
 def _meta(opts: ProxyOptions, gw_core: int | None, load_core: int | None) -> dict[str, Any]:
     def has(mod: str) -> bool:
         try:
@@ -579,6 +737,8 @@ def _meta(opts: ProxyOptions, gw_core: int | None, load_core: int | None) -> dic
         "uvloop": opts.uvloop and has("uvloop"),
         "pinned": {"gateway": gw_core, "sim_and_load": load_core},
         "format": opts.fmt,
+        "speed": opts.speed,
+        "paced_profile": opts.paced_profile if opts.speed > 0 else None,
         "duration_s": opts.duration,
         "warmup_s": opts.warmup,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -598,7 +758,7 @@ HEADER = (
     f"{'scenario':<12}{'conc':>5} {'path':<7}{'req/s':>8}{'tok/s':>9}"
     f"{'ttft50':>8}{'ttft99':>8}{'itl50':>7}{'itl99':>7}"
     f"{'cpu/Mtok':>9}{'rssMiB':>7}{'gw%':>5}{'sim%':>5}{'cli%':>5}{'core%':>8}"
-    f"{'x dir':>6}{'+ttft':>7}"
+    f"{'x dir':>6}{'+ttft':>7}{'cpu x ngx':>10}{'+ttft ngx':>10}"
 )
 
 
@@ -606,6 +766,7 @@ def _row_line(r: dict[str, Any]) -> str:
     gw = r.get("gateway") or {}
     share = r["cpu_share"]
     ratio = r.get("vs_direct") or {}
+    ngx = r.get("vs_nginx") or {}
     rss = gw.get("rss_kib")
     return (
         f"{r['scenario']:<12}{r['concurrency']:>5} {r['path']:<7}"
@@ -618,6 +779,7 @@ def _row_line(r: dict[str, Any]) -> str:
         f"{share.get('sim', 0) * 100:>5.0f}{share['client'] * 100:>5.0f}"
         f"{'/'.join(f'{v * 100:.0f}' for v in r.get('core_busy', {}).values())[:7]:>8}"
         f"{_f(ratio.get('tokens_per_s')):>6}{_f(ratio.get('ttft_p50_added_ms')):>7}"
+        f"{_f(ngx.get('cpu_per_token')):>10}{_f(ngx.get('ttft_p50_added_ms')):>10}"
         + (f"  errors={r['errors']}" if r["errors"] else "")
         + (f"  bad_counts={r['bad_token_counts']}" if r["bad_token_counts"] else "")
     )
@@ -703,6 +865,15 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--queued", type=int, default=d.queued, help="requests held for the memory check"
     )
+    p.add_argument("--nginx", action=argparse.BooleanOptionalAction, default=d.nginx)
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=d.speed,
+        help="simulator speed: 0 = max rate; > 0 = paced by the --paced-profile engine schedule "
+        "(0.4 ~ 20 ms/token at 64 streams)",
+    )
+    p.add_argument("--paced-profile", default=d.paced_profile)
     p.add_argument("--out", default="bench-results/proxy.json", help="JSON results file")
     p.set_defaults(func=_cmd_proxy)
 
@@ -737,6 +908,9 @@ def options_from_args(args: argparse.Namespace) -> ProxyOptions:
         wc_duration=args.wc_duration,
         memory=args.memory,
         queued=args.queued,
+        nginx=args.nginx,
+        speed=args.speed,
+        paced_profile=args.paced_profile,
     )
 
 
