@@ -756,9 +756,9 @@ def _f(x: float | None, spec: str = ".2f") -> str:
 
 HEADER = (
     f"{'scenario':<12}{'conc':>5} {'path':<7}{'req/s':>8}{'tok/s':>9}"
-    f"{'ttft50':>8}{'ttft99':>8}{'itl50':>7}{'itl99':>7}"
+    f"{'ttft50':>8}{'ttft99':>8}{'itl50':>7}{'itl99':>8}"
     f"{'cpu/Mtok':>9}{'rssMiB':>7}{'gw%':>5}{'sim%':>5}{'cli%':>5}{'core%':>8}"
-    f"{'x dir':>6}{'+ttft':>7}{'cpu x ngx':>10}{'+ttft ngx':>10}"
+    f"{'x dir':>6}{'+ttft':>9}{'cpu x ngx':>10}{'+ttft ngx':>10}"
 )
 
 
@@ -772,13 +772,13 @@ def _row_line(r: dict[str, Any]) -> str:
         f"{r['scenario']:<12}{r['concurrency']:>5} {r['path']:<7}"
         f"{r['requests_per_s']:>8.0f}{r['tokens_per_s']:>9.0f}"
         f"{_f(r['ttft_ms']['p50']):>8}{_f(r['ttft_ms']['p99']):>8}"
-        f"{_f(r['itl_ms']['p50']):>7}{_f(r['itl_ms']['p99']):>7}"
+        f"{_f(r['itl_ms']['p50']):>7}{_f(r['itl_ms']['p99']):>8}"
         f"{_f(gw.get('cpu_s_per_mtok'), '.1f'):>9}"
         f"{_f(rss / 1024 if rss else None, '.0f'):>7}"
         f"{_f(share.get('gateway', 0) * 100 if 'gateway' in share else None, '.0f'):>5}"
         f"{share.get('sim', 0) * 100:>5.0f}{share['client'] * 100:>5.0f}"
         f"{'/'.join(f'{v * 100:.0f}' for v in r.get('core_busy', {}).values())[:7]:>8}"
-        f"{_f(ratio.get('tokens_per_s')):>6}{_f(ratio.get('ttft_p50_added_ms')):>7}"
+        f"{_f(ratio.get('tokens_per_s')):>6}{_f(ratio.get('ttft_p50_added_ms')):>9}"
         f"{_f(ngx.get('cpu_per_token')):>10}{_f(ngx.get('ttft_p50_added_ms')):>10}"
         + (f"  errors={r['errors']}" if r["errors"] else "")
         + (f"  bad_counts={r['bad_token_counts']}" if r["bad_token_counts"] else "")
