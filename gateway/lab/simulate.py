@@ -151,7 +151,6 @@ class _Run:
             self.cores.append(core)
         self.core = self.cores[0]
         self.admission = self.core.admission
-        self.sched = self.core.pool(MODEL)
         self._route = _ingress(config.ingress, list(workload.tenants), self.replicas)
         self.replica_of: dict[int, int] = {}  # request index -> replica
         #: shared order: output charges per replica not yet synced (job index -> tokens)

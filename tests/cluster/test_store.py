@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from redis import asyncio as aioredis
 
 from gateway.cluster.store import Candidate, ClaimResult, ClusterStore, ClusterUnavailable
 
+from ..gateway.conftest import wait_for
 from .conftest import RedisServer
 
 M = "m"
@@ -50,14 +50,6 @@ class FakeLocal:
 
     def charge(self, tenant: str, units: float) -> None:
         self.counters[(M, tenant)] = self.counter(M, tenant) + units
-
-
-async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
