@@ -23,6 +23,13 @@ its ``max_in_flight`` requests running): its jobs keep their place in its queue,
 and ``pop`` pass over them, so the next tenant in the order is served instead of everyone
 waiting behind a tenant that may not run more now.
 
+Hierarchy (``set_group``, ``set_tenant(..., parent=)``): tenants may sit in a tree of groups
+(organisation, team, ...), each node with a weight. Backlogged siblings share their parent's
+service by weight at every level; policies that order by counters keep a counter per group
+(see :mod:`gateway.scheduler.vtc`). A tenant or group with no parent is a top-level node; a
+config without groups is the flat algorithm. Groups are pause targets too (a group at its
+``max_in_flight``). A node's tier is its top-level node's tier (callers pass it to every node).
+
 Charging invariant: after ``finish`` a job has been charged exactly the price of its actual
 tokens, ``w_in * prompt_tokens + w_out * output_tokens`` (the backend's counts), each part
 divided by the tenant's weight *at the time it was charged*, so a weight changed by a reload
@@ -112,20 +119,91 @@ class Scheduler(ABC):
         self._service: dict[str, float] = {}
         self._paused: set[str] = set()
         self._tiers: dict[str, int] = {}  # tenant -> priority tier (absent: 0)
+        self._parents: dict[str, str] = {}  # tenant or group -> its parent group (absent: top)
+        self._group_weights: dict[str, float] = {}  # group -> weight
         self._seq = 0
 
     # -- tenants -----------------------------------------------------------------------------
-    def set_tenant(self, tenant: str, weight: float = 1.0, tier: int | None = None) -> None:
-        """Add a tenant or change its weight and (unless None) its priority tier; its counter
-        is kept. Tiers are integers, higher served first (:data:`TIERS` names two)."""
+    def set_tenant(
+        self, tenant: str, weight: float = 1.0, tier: int | None = None, parent: str | None = None
+    ) -> None:
+        """Add a tenant or change its weight, (unless None) its priority tier and its parent
+        group (None: top level); its counter is kept. Tiers are integers, higher served first
+        (:data:`TIERS` names two)."""
         if not weight > 0:
             raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight!r}")
+        if tenant in self._group_weights:
+            raise ValueError(f"{tenant!r} is a group, not a tenant")
         self._weights[tenant] = float(weight)
         self._counters.setdefault(tenant, 0.0)
         self._service.setdefault(tenant, 0.0)
         if tier is not None and tier != self._tiers.get(tenant, 0):
             self._tiers[tenant] = tier
             self._on_tier_change(tenant, tier)
+        self._set_parent(tenant, parent)
+
+    def set_group(
+        self, name: str, weight: float = 1.0, parent: str | None = None, tier: int | None = None
+    ) -> None:
+        """Add an inner node of the tenant tree (or change its weight, tier, parent). A parent
+        must be set before its children; a parent that is a descendant of ``name`` is an
+        error. Policies without per-group order (fcfs, rpm) only keep the structure."""
+        if not weight > 0:
+            raise ValueError(f"weight of group {name!r} must be > 0, got {weight!r}")
+        if name in self._weights:
+            raise ValueError(f"{name!r} is a tenant, not a group")
+        self._group_weights[name] = float(weight)
+        if tier is not None and tier != self._tiers.get(name, 0):
+            self._tiers[name] = tier
+        self._set_parent(name, parent)
+        self._on_tree_change()
+
+    def _set_parent(self, node: str, parent: str | None) -> None:
+        if parent == self._parents.get(node):
+            return
+        if parent is None:
+            del self._parents[node]
+        else:
+            if parent not in self._group_weights:
+                raise ValueError(f"parent {parent!r} of {node!r} is not a group")
+            up: str | None = parent
+            while up is not None:
+                if up == node:
+                    raise ValueError(f"group {parent!r} is inside {node!r}: not a tree")
+                up = self._parents.get(up)
+            self._parents[node] = parent
+        self._on_tree_change()
+
+    def _on_tree_change(self) -> None:
+        """Hook: the tree changed (a parent, a group's weight or tier)."""
+
+    def parent(self, node: str) -> str | None:
+        return self._parents.get(node)
+
+    def groups(self) -> Iterable[str]:
+        return self._group_weights.keys()
+
+    def queued_under(self, node: str) -> int:
+        """Waiting jobs of ``node``'s subtree (a tenant: its own queue)."""
+        if node in self._weights:
+            return self.queued(node)
+        return sum(self.queued(t) for t in self._weights if node in self.path(t))
+
+    def group_counter(self, name: str) -> float:
+        """A group's counter (0 for policies without per-group counters)."""
+        return 0.0
+
+    def group_weight(self, name: str) -> float:
+        return self._group_weights.get(name, 1.0)
+
+    def path(self, node: str) -> tuple[str, ...]:
+        """``node`` and its ancestors, top-level node first."""
+        out = [node]
+        up = self._parents.get(node)
+        while up is not None:
+            out.append(up)
+            up = self._parents.get(up)
+        return tuple(reversed(out))
 
     def tier(self, tenant: str) -> int:
         return self._tiers.get(tenant, 0)

@@ -40,6 +40,22 @@ so a lower tier is served only while no higher-tier request waits in this pool. 
 floor (both cases) is taken within the arriving tenant's tier: tiers are fair within
 themselves. With one tier everything above is exactly the flat algorithm.
 
+Hierarchy (``set_group``; ``set_tenant(..., parent=)``): every group has a counter and a heap
+of its backlogged children. A charge of ``cost`` priced tokens to a tenant adds ``cost / w`` to
+the tenant and to each of its groups (each at its own weight): O(depth), no sibling is looked
+at. A pick descends from the tier's root, taking at each level the backlogged child with the
+least counter (ties: the earliest to become backlogged): O(depth · log fan-out). The lift
+applies among siblings: a node whose subtree was idle is lifted, on the arrival that makes it
+backlogged, to the least counter of its backlogged siblings, else to the counter of the sibling
+that last left the backlog (both cases, per level). So each level is flat VTC among siblings,
+with the parent's service as the capacity they share, and the flat bound holds per level: two
+siblings ``a``, ``b`` backlogged over an interval get services ``S`` with
+``|S_a / w_a - S_b / w_b| <= U / w_a + U / w_b`` (``2·U`` at equal weights 1; U the most one
+request is charged while others wait, as in the flat bound), whatever happens below them. The
+busy-tenant credit applies at the tenant's own level only (a group is lifted by the paper's
+rules), and a slot is held for a tenant only if its next request would compete with the head
+under the same parent. Tiers are the top level: a tenant's tier is its top-level node's.
+
 Finding the smallest counter is O(log T): backlogged tenants sit in a heap keyed by
 ``(counter, seq of head job)``. Output tokens only *raise* counters, which leaves heap keys
 stale-but-low; ``_top`` repairs stale entries lazily when they reach the top (a key that is
@@ -88,6 +104,26 @@ class _Queue:
         return next(iter(self.jobs.values()))
 
 
+class _Group:
+    """An inner node of the tenant tree (or a tier's root): its counter and a heap of its
+    backlogged children, entries ``(counter key, seq, version, name)`` as for tenants."""
+
+    __slots__ = ("counter", "heap", "kids", "last_left", "name", "queued", "since", "tier")
+    __slots__ += ("version", "weight")
+
+    def __init__(self, name: str, weight: float = 1.0) -> None:
+        self.name = name
+        self.weight = weight
+        self.counter = 0.0
+        self.heap: list[tuple[float, int, int, str]] = []
+        self.kids: list[str] = []  # children (tenants and groups)
+        self.queued = 0  # jobs waiting in the subtree
+        self.since = 0  # seq of the arrival that made the subtree backlogged (ties)
+        self.version = 0
+        self.last_left: str | None = None  # the child that last left the backlog
+        self.tier = 0
+
+
 class VTCScheduler(Scheduler):
     name = "vtc"
     lift = True
@@ -107,6 +143,13 @@ class VTCScheduler(Scheduler):
         #: with a share: [counter of that tier, counter of the tiers above it, together]
         self._group = [0.0, 0.0]
         self._tier_queued: dict[int, int] = {}  # tier -> queued jobs
+        # the tenant tree (set_group); built lazily after a change (_rebuild)
+        self._tree = False  # any node has a parent: pick descends the tree
+        self._dirty = False  # the tree changed since the last _rebuild
+        self._groups: dict[str, _Group] = {}
+        self._roots: dict[int, _Group] = {}  # tier -> its root (its heap is self._heaps[tier])
+        self._up: dict[str, _Group] = {}  # tenant or group -> its parent (a root at the top)
+        self._anc: dict[str, tuple[_Group, ...]] = {}  # tenant -> its groups, nearest first
 
     # -- heap maintenance --------------------------------------------------------------------
     def _heap(self, tier: int) -> list[tuple[float, int, int, str]]:
@@ -117,6 +160,9 @@ class VTCScheduler(Scheduler):
         return heap
 
     def _push(self, tenant: str, q: _Queue) -> None:
+        if self._tree:
+            self._push_node(tenant)
+            return
         q.version += 1
         heap = self._heap(q.tier)
         heapq.heappush(heap, (self._counters[tenant], q.head().seq, q.version, tenant))
@@ -136,6 +182,8 @@ class VTCScheduler(Scheduler):
     def _top(self) -> tuple[str, _Queue] | None:
         """The head of the fair order: the least counter of the highest tier with work (or of
         the tier with a minimum share, while it is owed service; see :meth:`set_min_share`)."""
+        if self._dirty:
+            self._rebuild()
         for tier in self._levels:
             top = self._top_in(tier)
             if top is not None:
@@ -185,6 +233,8 @@ class VTCScheduler(Scheduler):
 
     def _top_in(self, tier: int) -> tuple[str, _Queue] | None:
         heap = self._heaps[tier]
+        if self._tree:
+            return self._descend(heap)
         while heap:
             key, seq, version, tenant = heap[0]
             q = self._queues.get(tenant)
@@ -199,6 +249,8 @@ class VTCScheduler(Scheduler):
         return None
 
     def _on_counter_change(self, tenant: str, delta: float) -> None:
+        if self._tree or self._dirty:
+            self._charge_groups(tenant, delta)
         share = self._share
         if share is not None:  # the groups' counters follow every charge
             tier = self._tiers.get(tenant, 0)
@@ -209,12 +261,15 @@ class VTCScheduler(Scheduler):
                 else:
                     self._group[1] += cost / (1 - share[1])
         # Raising a counter leaves a stale-low key that _top repairs; lowering needs a new entry.
-        if delta < 0:
+        if delta < 0 and not self._tree:
             q = self._queues.get(tenant)
             if q is not None and q.jobs:
                 self._push(tenant, q)
 
     def _on_tier_change(self, tenant: str, tier: int) -> None:
+        if self._tree or self._parents:
+            self._dirty = True  # the tree is rebuilt with the new tier
+            return
         q = self._queues.get(tenant)
         if q is not None and q.tier != tier:
             if q.jobs:
@@ -225,9 +280,247 @@ class VTCScheduler(Scheduler):
                 self._push(tenant, q)  # a fresh entry in its new tier; the old one is stale
 
     def _on_pause(self, tenant: str, paused: bool) -> None:
+        if self._tree or self._dirty:
+            if self._dirty:
+                self._rebuild()
+            if self._tree:
+                if not paused and self._queued_at(tenant):
+                    self._push_node(tenant)  # back in its parent's order, and its ancestors
+                return
         q = self._queues.get(tenant)
         if not paused and q is not None and q.jobs:
             self._push(tenant, q)  # back in the order; a paused one's entry drops at the top
+
+    # -- the tenant tree ---------------------------------------------------------------------
+    def _on_tree_change(self) -> None:
+        self._dirty = True  # rebuilt before the next decision: a reload sets many nodes at once
+
+    def _rebuild(self) -> None:
+        """Index the tree as it is now: parents, ancestors, per-group queued counts and heaps.
+        O(tenants + groups); runs after a change of the tree only (start-up, reload)."""
+        self._dirty = False
+        self._tree = bool(self._parents)
+        tier_queued: dict[int, int] = {}
+        for heap in self._heaps.values():
+            heap.clear()
+        if not self._tree:
+            self._groups, self._roots, self._up, self._anc = {}, {}, {}, {}
+            for t, q in self._queues.items():
+                q.tier = self.tier(t)
+                if q.jobs:
+                    tier_queued[q.tier] = tier_queued.get(q.tier, 0) + len(q.jobs)
+                    if t not in self._paused:
+                        self._push(t, q)
+            self._tier_queued = tier_queued
+            return
+        old = self._groups
+        groups: dict[str, _Group] = {}
+        for name, weight in self._group_weights.items():
+            g = groups[name] = old.get(name) or _Group(name)
+            g.weight, g.queued, g.kids, g.last_left = weight, 0, [], None
+            g.heap = []
+        roots: dict[int, _Group] = {}
+        up: dict[str, _Group] = {}
+        nodes = [*groups, *self._weights]
+        for node in nodes:
+            path = self.path(node)
+            tier = self._tiers.get(path[0], 0)
+            parent = self._parents.get(node)
+            if parent is None:
+                root = roots.get(tier)
+                if root is None:
+                    root = roots[tier] = _Group(f"<tier {tier}>")
+                    root.heap = self._heap(tier)
+                    root.tier = tier
+                    root.last_left = self._last_left.get(tier)
+                up[node] = root
+            else:
+                up[node] = groups[parent]
+            up[node].kids.append(node)
+            if node in groups:
+                groups[node].tier = tier
+        self._groups, self._roots, self._up = groups, roots, up
+        self._anc = {
+            t: tuple(groups[g] for g in reversed(self.path(t)[:-1])) for t in self._weights
+        }
+        for t, q in self._queues.items():
+            q.tier = up[t].tier if t in up else self.tier(t)
+            if not q.jobs:
+                continue
+            n = len(q.jobs)
+            tier_queued[q.tier] = tier_queued.get(q.tier, 0) + n
+            roots[q.tier].queued += n
+            for g in self._anc.get(t, ()):
+                g.queued += n
+            q.version += 1
+            if t not in self._paused:
+                heapq.heappush(up[t].heap, (self._counters[t], q.head().seq, q.version, t))
+        for name, g in groups.items():
+            g.version += 1
+            if g.queued and name not in self._paused:
+                heapq.heappush(up[name].heap, (g.counter, g.since, g.version, name))
+        self._tier_queued = tier_queued
+
+    def _node_counter(self, name: str) -> float | None:
+        g = self._groups.get(name)
+        return g.counter if g is not None else self._counters.get(name)
+
+    def _queued_at(self, node: str) -> int:
+        g = self._groups.get(node)
+        return g.queued if g is not None else self.queued(node)
+
+    def _entry(self, name: str) -> tuple[float, int, int, str]:
+        """A fresh heap entry for a backlogged node (the old ones become stale)."""
+        g = self._groups.get(name)
+        if g is None:
+            q = self._queues[name]
+            q.version += 1
+            return (self._counters[name], q.head().seq, q.version, name)
+        g.version += 1
+        return (g.counter, g.since, g.version, name)
+
+    def _push_node(self, name: str) -> None:
+        """Enter the backlogged node ``name`` in its parent's heap, and each ancestor in its
+        parent's (one of them may have left it, all its children paused): O(depth · log)."""
+        up = self._up.get(name)
+        while up is not None:
+            heap = up.heap
+            heapq.heappush(heap, self._entry(name))
+            if len(heap) > 2 * max(up.queued + 32, len(up.kids)):
+                self._compact_group(up)
+            name = up.name
+            up = self._up.get(name)
+
+    def _compact_group(self, g: _Group) -> None:
+        """Drop stale entries of ``g``'s heap (as :meth:`_compact` does for a flat tier)."""
+        entries = []
+        for kid in g.kids:
+            if kid in self._paused or not self._queued_at(kid):
+                continue
+            sub = self._groups.get(kid)
+            if sub is None:
+                q = self._queues[kid]
+                entries.append((self._counters[kid], q.head().seq, q.version, kid))
+            else:
+                entries.append((sub.counter, sub.since, sub.version, kid))
+        g.heap[:] = entries
+        heapq.heapify(g.heap)
+
+    def _best(self, heap: list[tuple[float, int, int, str]]) -> str | None:
+        """The least backlogged, unpaused node of one heap (stale entries repaired lazily)."""
+        while heap:
+            key, seq, version, name = heap[0]
+            g = self._groups.get(name)
+            if g is None:
+                q = self._queues.get(name)
+                if q is None or version != q.version or not q.jobs or name in self._paused:
+                    heapq.heappop(heap)
+                    continue
+                counter = self._counters[name]
+            else:
+                if version != g.version or not g.queued or name in self._paused:
+                    heapq.heappop(heap)
+                    continue
+                counter = g.counter
+            if key != counter:
+                heapq.heapreplace(heap, (counter, seq, version, name))
+                continue
+            return name
+        return None
+
+    def _descend(self, heap: list[tuple[float, int, int, str]]) -> tuple[str, _Queue] | None:
+        """From a tier's root down: at each level the child with the least counter. A group
+        whose backlogged children are all paused leaves its parent's heap (it comes back with
+        :meth:`_push_node`). O(depth · log fan-out) amortised."""
+        stack: list[list[tuple[float, int, int, str]]] = []
+        while True:
+            name = self._best(heap)
+            if name is None:
+                if not stack:
+                    return None
+                heap = stack.pop()
+                heapq.heappop(heap)  # its top: a group with nothing to run now
+                continue
+            g = self._groups.get(name)
+            if g is None:
+                return name, self._queues[name]
+            stack.append(heap)
+            heap = g.heap
+
+    def _level_floor(self, up: _Group) -> float | None:
+        """The lift's floor among ``up``'s children: their least backlogged counter, else the
+        counter of the child that last left the backlog."""
+        best = self._best(up.heap)
+        if best is not None:
+            return self._node_counter(best)
+        return self._node_counter(up.last_left) if up.last_left is not None else None
+
+    def _admit_tree(self, tenant: str, q: _Queue, job: Job, now: float) -> None:
+        """Queue ``job`` in the tree: a node whose subtree was idle is lifted among its
+        siblings, level by level (the paper's rules at every level)."""
+        up = self._up.get(tenant)
+        if up is None:  # a tenant added since the last rebuild
+            self._rebuild()
+            up = self._up[tenant]
+            q.tier = up.tier
+        anc = self._anc.get(tenant, ())
+        if not q.jobs:
+            if self.lift:
+                self._lift(tenant, q, now, self._level_floor(up))
+            for g in anc:
+                if g.queued:
+                    break  # this group and those above it were backlogged already
+                g.since = job.seq
+                floor = self._level_floor(self._up[g.name]) if self.lift else None
+                if floor is not None and floor > g.counter:
+                    g.counter = floor
+        q.jobs[job.seq] = job
+        for g in anc:
+            g.queued += 1
+        self._roots[q.tier].queued += 1
+        if len(q.jobs) == 1:
+            self._push_node(tenant)
+
+    def _leave(self, tenant: str, q: _Queue) -> None:
+        """One job of ``tenant`` left the queue (dispatched or cancelled)."""
+        self._roots[q.tier].queued -= 1
+        for g in self._anc.get(tenant, ()):
+            g.queued -= 1
+            if not g.queued:
+                self._up[g.name].last_left = g.name
+
+    def _charge_groups(self, tenant: str, delta: float) -> None:
+        """Charge ``tenant``'s groups what its counter moved by (in priced tokens over each
+        group's weight): O(depth), no sibling is looked at."""
+        if self._dirty:
+            self._rebuild()
+        if not self._tree:
+            return
+        anc = self._anc.get(tenant)
+        if anc:
+            cost = delta * self._weights.get(tenant, 1.0)
+            for g in anc:
+                g.counter += cost / g.weight
+        if delta < 0:  # lowered keys need fresh entries, from the lowest backlogged node up
+            if self.queued(tenant):
+                self._push_node(tenant)
+            elif anc:
+                for g in anc:
+                    if g.queued:
+                        self._push_node(g.name)
+                        break
+
+    def group_counter(self, name: str) -> float:
+        if self._dirty:
+            self._rebuild()
+        g = self._groups.get(name)
+        return g.counter if g is not None else 0.0
+
+    def queued_under(self, node: str) -> int:
+        if self._dirty:
+            self._rebuild()
+        g = self._groups.get(node)
+        return g.queued if g is not None else self.queued(node)
 
     # -- policy ------------------------------------------------------------------------------
     def _admit(self, job: Job, now: float) -> None:
@@ -237,9 +530,13 @@ class VTCScheduler(Scheduler):
             q = self._queues[tenant] = _Queue(self.tier(tenant))
         q.resubmits = 0.75 * q.resubmits + (0.25 if now - q.last_finish <= self.follow_s else 0)
         q.follows = q.resubmits > 0.5
-        if not q.jobs:
+        if self._dirty:
+            self._rebuild()
+        if self._tree:
+            self._admit_tree(tenant, q, job, now)
+        elif not q.jobs:
             if self.lift:
-                self._lift(tenant, q, now)
+                self._lift(tenant, q, now, self._floor(q.tier))
             q.jobs[job.seq] = job
             self._push(tenant, q)
         else:
@@ -267,8 +564,7 @@ class VTCScheduler(Scheduler):
             return 0.0
         return q.committed / self._weights.get(tenant, 1.0)
 
-    def _lift(self, tenant: str, q: _Queue, now: float) -> None:
-        floor = self._floor(q.tier)
+    def _lift(self, tenant: str, q: _Queue, now: float, floor: float | None) -> None:
         if floor is None:
             return
         target = floor - self.credit(tenant, now)
@@ -299,6 +595,10 @@ class VTCScheduler(Scheduler):
             return False  # nobody waits: a free slot stays free for its next request anyway
         if top[1].tier != q.tier:
             return q.tier > top[1].tier  # a higher tier goes first, a lower one after
+        if self._tree and self._up.get(tenant) is not self._up.get(top[0]):
+            # the order diverges above the tenant: its group, not backlogged (it would be
+            # lifted to the head's sibling) or backlogged (at or above it), does not go first
+            return False
         head = self._counters[top[0]]
         # its next request is lifted to at least head - credit (see _lift)
         return max(self._counters[tenant], head - self.credit(tenant, now)) < head
@@ -324,7 +624,8 @@ class VTCScheduler(Scheduler):
         if top is None:
             return None
         tenant, q = top
-        heap = self._heaps[q.tier]  # _top left the tenant's entry at its top
+        # _top left the tenant's entry at the top of its parent's heap (its tier's, if flat)
+        heap = self._up[tenant].heap if self._tree else self._heaps[q.tier]
         _, job = q.jobs.popitem(last=False)
         self._total -= 1
         self._queued_in(q.tier, -1)
@@ -338,7 +639,12 @@ class VTCScheduler(Scheduler):
             heapq.heapreplace(heap, (self._counters[tenant], q.head().seq, q.version, tenant))
         else:
             heapq.heappop(heap)
-            self._last_left[q.tier] = tenant
+            if self._tree:
+                self._up[tenant].last_left = tenant
+            else:
+                self._last_left[q.tier] = tenant
+        if self._tree:
+            self._leave(tenant, q)
         return job
 
     def prediction(self, tenant: str, max_tokens: int) -> int:
@@ -366,16 +672,23 @@ class VTCScheduler(Scheduler):
         hist.append(job.output_tokens)
 
     def cancel(self, job: Job, now: float) -> bool:
+        if self._dirty:
+            self._rebuild()
         q = self._queues.get(job.tenant)
         if q is None or q.jobs.pop(job.seq, None) is None:
             return False
         self._total -= 1
         self._queued_in(q.tier, -1)
+        if self._tree:
+            self._leave(job.tenant, q)
         if q.jobs:
             self._push(tenant=job.tenant, q=q)  # the head may have changed
         else:
             q.version += 1
-            self._last_left[q.tier] = job.tenant
+            if self._tree:
+                self._up[job.tenant].last_left = job.tenant
+            else:
+                self._last_left[q.tier] = job.tenant
         return True
 
     def queued(self, tenant: str) -> int:
