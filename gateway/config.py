@@ -136,21 +136,42 @@ class BackendConfig:
     adaptive: bool = False
 
 
+#: Queued requests a tenant (a leaf) may have when ``max_queued`` is not set.
+DEFAULT_MAX_QUEUED = 1024
+#: Levels of nested tenants at most (organisation, team, key holder, ...).
+MAX_DEPTH = 6
+
+
 @dataclass(frozen=True, slots=True)
 class TenantConfig:
+    """A node of the tenant tree: a tenant (a leaf, with API keys) or, with ``tenants``, a
+    group whose children share its service by weight."""
+
     name: Name
     weight: Annotated[float, Bounds(0, exclusive=True)] = 1.0
     api_keys: Annotated[tuple[str, ...], SECRET] = ()  # raw keys or "sha256:<hex>"
-    max_queued: Count = 1024
-    #: requests of this tenant running at once; more wait in its queue (None: no cap)
+    #: queued requests of this node (a group: of its whole subtree); more get 429.
+    #: None: 1024 for a tenant, no limit of its own for a group
+    max_queued: Count | None = None
+    #: requests of this node (a group: of its subtree) running at once (None: no cap)
     max_in_flight: Count | None = None
     #: "batch": served only while no "interactive" request waits for the same model
+    #: (top-level nodes only; nested ones inherit it)
     tier: Tier = "interactive"
+    #: nested nodes: this node is a group, and its children share its service by weight
+    tenants: tuple[TenantConfig, ...] = ()
 
     @property
     def priority(self) -> int:
         """The tier as the scheduler orders it (higher first)."""
         return TIERS[self.tier]
+
+    @property
+    def queue_limit(self) -> int | None:
+        """``max_queued`` with its default (None: no limit of its own)."""
+        if self.max_queued is None and not self.tenants:
+            return DEFAULT_MAX_QUEUED
+        return self.max_queued
 
     def key_digests(self) -> tuple[bytes, ...]:
         return tuple(key_digest(k) for k in self.api_keys)
@@ -217,6 +238,29 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantNode:
+    """A node of the tenant tree with where it sits: its parent's name (None at the top), its
+    path (``org/team/key-holder``) and its tier (the top-level node's)."""
+
+    config: TenantConfig
+    parent: str | None
+    path: str
+    priority: int
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def leaf(self) -> bool:
+        return not self.config.tenants
+
+    @property
+    def depth(self) -> int:
+        return self.path.count("/") + 1
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     backends: tuple[BackendConfig, ...] = ()
@@ -229,16 +273,44 @@ class GatewayConfig:
     cluster: ClusterConfig | None = None  # None: one process, nothing shared
 
     def tenant(self, name: str) -> TenantConfig | None:
-        for t in self.tenants:
-            if t.name == name:
-                return t
+        """The tenant (a leaf of the tree) called ``name``."""
+        for node in self.nodes():
+            if node.name == name and node.leaf:
+                return node.config
         return None
+
+    def nodes(self) -> tuple[TenantNode, ...]:
+        """Every node of the tenant tree, parents before their children (a flat list: the
+        tenants in order, all at the top)."""
+        out: list[TenantNode] = []
+
+        def walk(items: tuple[TenantConfig, ...], parent: TenantNode | None) -> None:
+            for t in items:
+                path = f"{parent.path}/{t.name}" if parent else t.name
+                tier = parent.priority if parent else t.priority
+                node = TenantNode(t, parent.name if parent else None, path, tier)
+                out.append(node)
+                walk(t.tenants, node)
+
+        walk(self.tenants, None)
+        return tuple(out)
+
+    def leaves(self) -> tuple[TenantConfig, ...]:
+        """The tenants requests are served as (the leaves of the tree)."""
+        return tuple(n.config for n in self.nodes() if n.leaf)
+
+    @property
+    def hierarchical(self) -> bool:
+        return any(t.tenants for t in self.tenants)
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, API keys replaced by their digests' prefixes."""
         out: dict[str, Any] = _as_dict(self)
-        for t in out["tenants"]:
+        todo = list(out["tenants"])
+        while todo:
+            t = todo.pop()
             t["api_keys"] = [f"sha256:{key_digest(k).hex()[:12]}..." for k in t["api_keys"]]
+            todo.extend(t["tenants"])
         for b in out["backends"]:
             if b["api_key"] is not None:
                 b["api_key"] = "<redacted>"
@@ -393,13 +465,17 @@ def parse_config(raw: Any) -> GatewayConfig:
     config: GatewayConfig = r.section(GatewayConfig, raw, "")
     # checks across fields (each field's own type, default and bounds are in the schema)
     _unique(r, "backends", [b.name for b in config.backends])
-    _unique(r, "tenants", [t.name for t in config.tenants])
+    nodes = config.nodes()
+    where = _node_keys(config.tenants, "tenants")  # node name -> its key path
+    _unique(r, "tenants", [n.name for n in nodes], [where[n.path] for n in nodes])
+    _check_tree(r, config, where)
     seen: dict[bytes, str] = {}
-    for i, tenant in enumerate(config.tenants):
+    for node in nodes:
+        tenant = node.config
         for j, key in enumerate(tenant.api_keys):
             if key.startswith("sha256:") and not _SHA256_RE.match(key):
                 r.fail(
-                    f"tenants[{i}].api_keys[{j}]",
+                    f"{where[node.path]}.api_keys[{j}]",
                     "sha256: entries need 64 lowercase hex digits",
                     show=False,
                 )
@@ -407,14 +483,14 @@ def parse_config(raw: Any) -> GatewayConfig:
             digest = key_digest(key)
             if digest in seen and seen[digest] != tenant.name:
                 r.fail(
-                    f"tenants[{i}].api_keys[{j}]",
+                    f"{where[node.path]}.api_keys[{j}]",
                     f"key also belongs to tenant {seen[digest]!r}",
                     show=False,
                 )
             seen[digest] = tenant.name
     anonymous = config.auth.anonymous_tenant
     if anonymous is not None and config.tenant(anonymous) is None:
-        r.fail("auth.anonymous_tenant", "must name a tenant in 'tenants'", anonymous)
+        r.fail("auth.anonymous_tenant", "must name a tenant (a leaf) in 'tenants'", anonymous)
     sc = config.scheduler
     if sc.batch_min_share and sc.policy not in CLUSTER_POLICIES:
         r.fail(
@@ -427,6 +503,13 @@ def parse_config(raw: Any) -> GatewayConfig:
     if cluster is not None:
         if cluster.lease_s < 5 * cluster.sync_interval_s:
             r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
+        if config.hierarchical:
+            r.fail(
+                "tenants",
+                "nested tenants are not shared across replicas yet: not allowed with a "
+                "cluster section",
+                show=False,
+            )
         for i, tenant in enumerate(config.tenants):
             for key, value, default in (
                 ("max_in_flight", tenant.max_in_flight, None),
@@ -453,12 +536,46 @@ def parse_config(raw: Any) -> GatewayConfig:
     return config
 
 
-def _unique(r: _Reader, path: str, names: list[str]) -> None:
+def _unique(r: _Reader, path: str, names: list[str], paths: list[str] | None = None) -> None:
     seen: set[str] = set()
     for i, n in enumerate(names):
         if n in seen:
-            r.fail(f"{path}[{i}].name", "duplicate name", n)
+            r.fail(f"{paths[i] if paths else f'{path}[{i}]'}.name", "duplicate name", n)
         seen.add(n)
+
+
+def _node_keys(items: tuple[TenantConfig, ...], prefix: str) -> dict[str, str]:
+    """Tree path (``org/team``) -> key path (``tenants[0].tenants[1]``) of every node."""
+    out: dict[str, str] = {}
+
+    def walk(items: tuple[TenantConfig, ...], key: str, path: str) -> None:
+        for i, t in enumerate(items):
+            p = f"{path}/{t.name}" if path else t.name
+            out[p] = f"{key}[{i}]"
+            walk(t.tenants, f"{key}[{i}].tenants", p)
+
+    walk(items, prefix, "")
+    return out
+
+
+def _check_tree(r: _Reader, config: GatewayConfig, where: dict[str, str]) -> None:
+    """Nested tenants: keys on leaves, tiers at the top, a bounded depth, a counting policy."""
+    for node in config.nodes():
+        key = where[node.path]
+        t = node.config
+        if t.tenants and t.api_keys:
+            r.fail(f"{key}.api_keys", "a group has no keys: keys belong to its tenants", show=False)
+        if node.parent is not None and t.tier != "interactive":
+            r.fail(f"{key}.tier", "is set on top-level nodes only (nested ones inherit it)", t.tier)
+        if node.depth > MAX_DEPTH and node.leaf:
+            r.fail(key, f"nested deeper than {MAX_DEPTH} levels", show=False)
+    policy = config.scheduler.policy
+    if config.hierarchical and policy not in CLUSTER_POLICIES:
+        r.fail(
+            "scheduler.policy",
+            f"nested tenants need a policy that orders by counters ({', '.join(CLUSTER_POLICIES)})",
+            policy,
+        )
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -25,6 +25,11 @@ every pool (``Scheduler.pause``): its queued requests keep their place but the o
 over them, so a capped tenant never holds up the others; when one of its requests ends it is
 resumed and every pool pumps.
 
+Hierarchy (``set_group``, ``set_tenant(..., parent=)``): tenants may sit in a tree of groups,
+set the same in every pool (parents first); the schedulers share service by weight at every
+level. A group's ``max_in_flight`` counts its whole subtree: at its cap the group is paused in
+every pool (the order passes over all its tenants) until one of its requests ends.
+
 Holding a slot for a busy tenant's next request: a closed-loop client (an SDK with N requests
 in flight, a batch job with N workers) sends its next request a moment after one finishes. If
 the slot that request frees went at once to whoever waits, such a tenant would lose a slot on
@@ -118,7 +123,12 @@ class DispatchCore:
         self.observe_pump = observe_pump
         self._pools: dict[str, Scheduler] = {}
         self._weights: dict[str, float] = {}
-        self._caps: dict[str, int] = {}  # tenant -> max_in_flight
+        self._caps: dict[str, int] = {}  # tenant or group -> max_in_flight
+        self._groups: dict[str, tuple[float, str | None, int]] = {}  # (weight, parent, tier)
+        self._parents: dict[str, str] = {}  # tenant or group -> its parent group
+        self._anc: dict[str, tuple[str, ...]] = {}  # tenant -> its groups, nearest first
+        self.group_running: dict[str, int] = {}  # group -> in-flight jobs of its subtree
+        self._ran_under: dict[int, tuple[str, ...]] = {}  # id(job) -> its groups at dispatch
         self._tiers: dict[str, int] = {}  # tenant -> priority tier
         self._paused: set[str] = set()  # tenants at their cap (paused in every pool)
         self.running: dict[str, int] = {}  # tenant -> in-flight jobs
@@ -135,19 +145,66 @@ class DispatchCore:
 
     # -- tenants and pools -------------------------------------------------------------------
     def set_tenant(
-        self, name: str, weight: float, max_in_flight: int | None = None, tier: int = 0
+        self,
+        name: str,
+        weight: float,
+        max_in_flight: int | None = None,
+        tier: int = 0,
+        parent: str | None = None,
     ) -> None:
-        """Add a tenant or change its weight, its priority tier (higher first) and its cap on
-        requests running at once (None: no cap). A tighter cap pauses the tenant now; a
-        looser one resumes it, and the caller pumps (:meth:`pump_all`)."""
+        """Add a tenant or change its weight, its priority tier (higher first), its cap on
+        requests running at once (None: no cap) and its parent group (None: top level; set
+        the group first). A tighter cap pauses the tenant now; a looser one resumes it, and
+        the caller pumps (:meth:`pump_all`)."""
         self._weights[name] = weight
         self._tiers[name] = tier
+        self._set_parent(name, parent)
+        for pool in self._pools.values():
+            pool.set_tenant(name, weight, tier, parent)
+        self._set_cap(name, max_in_flight)
+
+    def set_group(
+        self,
+        name: str,
+        weight: float,
+        max_in_flight: int | None = None,
+        tier: int = 0,
+        parent: str | None = None,
+    ) -> None:
+        """Add an inner node of the tenant tree or change it (as :meth:`set_tenant`; its cap
+        counts the requests of its whole subtree). Parents before children."""
+        self._groups[name] = (weight, parent, tier)
+        self._set_parent(name, parent)
+        for pool in self._pools.values():
+            pool.set_group(name, weight, parent, tier)
+        self._set_cap(name, max_in_flight)
+
+    def _set_parent(self, node: str, parent: str | None) -> None:
+        if parent == self._parents.get(node):
+            return
+        if parent is None:
+            self._parents.pop(node, None)
+        else:
+            self._parents[node] = parent
+        self._anc.clear()  # rebuilt on demand (a reload moves many nodes at once)
+
+    def path(self, node: str) -> tuple[str, ...]:
+        """``node``'s groups, nearest first (empty at the top level)."""
+        anc = self._anc.get(node)
+        if anc is None:
+            out = []
+            up = self._parents.get(node)
+            while up is not None:
+                out.append(up)
+                up = self._parents.get(up)
+            anc = self._anc[node] = tuple(out)
+        return anc
+
+    def _set_cap(self, name: str, max_in_flight: int | None) -> None:
         if max_in_flight is None:
             self._caps.pop(name, None)
         else:
             self._caps[name] = max_in_flight
-        for pool in self._pools.values():
-            pool.set_tenant(name, weight, tier)
         self._check_cap(name)
 
     def forget_tenant(self, name: str) -> None:
@@ -157,11 +214,27 @@ class DispatchCore:
         self._caps.pop(name, None)
         self._check_cap(name)
 
+    def forget_group(self, name: str) -> None:
+        """A reload removed group ``name``: no cap of its own any more (its children were
+        moved or removed first; pools keep it, empty, at the top level)."""
+        entry = self._groups.pop(name, None)
+        if entry is not None:
+            self._set_parent(name, None)
+            for pool in self._pools.values():
+                pool.set_group(name, entry[0], None, entry[2])
+        self._caps.pop(name, None)
+        self._check_cap(name)
+
+    def _in_flight(self, node: str) -> int:
+        if node in self._groups:
+            return self.group_running.get(node, 0)
+        return self.running.get(node, 0)
+
     def _check_cap(self, tenant: str) -> bool:
-        """Pause ``tenant`` in every pool while it runs its ``max_in_flight`` requests, resume
-        it below; True if it was resumed (its queued jobs may go now, in any pool)."""
+        """Pause ``tenant`` (or group) in every pool while it runs its ``max_in_flight``
+        requests, resume it below; True if it was resumed (its queued jobs may go now)."""
         cap = self._caps.get(tenant)
-        full = cap is not None and self.running.get(tenant, 0) >= cap
+        full = cap is not None and self._in_flight(tenant) >= cap
         if full == (tenant in self._paused):
             return False
         if full:
@@ -180,8 +253,12 @@ class DispatchCore:
             sched = make_scheduler(self.policy, self.prices, self.rpm_limit)
             if self.hold_s > 0:
                 sched.follow_s = self.hold_s  # a resubmission comes within the hold
+            depth = {g: len(self.path(g)) for g in self._groups}
+            for name in sorted(self._groups, key=depth.__getitem__):  # parents first
+                weight, parent, tier = self._groups[name]
+                sched.set_group(name, weight, parent, tier)
             for name, weight in self._weights.items():
-                sched.set_tenant(name, weight, self._tiers.get(name, 0))
+                sched.set_tenant(name, weight, self._tiers.get(name, 0), self._parents.get(name))
             for name in self._paused:
                 sched.pause(name)
             sched.set_min_share(TIERS["batch"], self.batch_min_share)
@@ -193,6 +270,10 @@ class DispatchCore:
 
     def queued(self, tenant: str) -> int:
         return sum(p.queued(tenant) for p in self._pools.values())
+
+    def queued_under(self, node: str) -> int:
+        """Waiting jobs of a tenant or of a group's whole subtree, in every pool."""
+        return sum(p.queued_under(node) for p in self._pools.values())
 
     def total_queued(self) -> int:
         return sum(p.total_queued() for p in self._pools.values())
@@ -248,7 +329,7 @@ class DispatchCore:
         now = self.clock()
         pool = self._pools[job.model]
         pool.finish(job, now, ran=ran, output_tokens=output_tokens)
-        resumed = self._ran_down(job.tenant)
+        resumed = self._ran_down(job)
         self.admission.release(grant.reservation)
         if ran and self.hold_s > 0 and pool.resubmits(job.tenant):
             pool.hold(job)  # counts in the tenant's credit while its next request is expected
@@ -261,10 +342,18 @@ class DispatchCore:
         else:
             self.pump_backend(grant.backend)
 
-    def _ran_down(self, tenant: str) -> bool:
-        """One of ``tenant``'s requests stopped running; True if that resumed it."""
+    def _ran_down(self, job: Job) -> bool:
+        """``job`` stopped running; True if that resumed its tenant (or one of its groups,
+        those it was dispatched under: a reload may have moved the tenant since)."""
+        tenant = job.tenant
         self.running[tenant] -= 1
-        return tenant in self._paused and self._check_cap(tenant)
+        resumed = tenant in self._paused and self._check_cap(tenant)
+        if self._ran_under:
+            for g in self._ran_under.pop(id(job), ()):
+                self.group_running[g] -= 1
+                if g in self._paused and self._check_cap(g):
+                    resumed = True
+        return resumed
 
     def _end_hold(self, hold: Hold, used: bool) -> None:
         self._pools[hold.job.model].unhold(hold.job)
@@ -301,7 +390,7 @@ class DispatchCore:
     def abandon(self, job: Job) -> None:
         """The job never ran and holds no reservation (see :meth:`move`): refund it."""
         self._pools[job.model].finish(job, self.clock(), ran=False)
-        if self._ran_down(job.tenant):
+        if self._ran_down(job):
             self.pump_all()
 
     def move(self, job: Job, grant: Grant, exclude: Iterable[str]) -> Grant | None:
@@ -385,6 +474,12 @@ class DispatchCore:
         self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
         if job.tenant in self._caps:
             self._check_cap(job.tenant)  # at its cap: its queue is passed over from now on
+        if self._parents:
+            groups = self._ran_under[id(job)] = self.path(job.tenant)
+            for g in groups:
+                self.group_running[g] = self.group_running.get(g, 0) + 1
+                if g in self._caps:
+                    self._check_cap(g)
         self.dispatched_total += 1
         tokens = job.prompt_tokens + job.max_tokens
         grant = Grant(backend, self.admission.reserve(backend, tokens, job.prompt_tokens))

@@ -35,9 +35,10 @@ __all__ = ["Dispatcher", "Grant", "TenantLimits"]
 @dataclass(slots=True)
 class TenantLimits:
     weight: float
-    max_queued: int
+    max_queued: int | None  # None: no limit of its own (a group)
     max_in_flight: int | None = None  # None: no cap on requests running at once
     tier: int = 0  # priority tier, higher first (gateway.scheduler.TIERS)
+    parent: str | None = None  # its group in the tenant tree (None: top level)
 
 
 def _is_live(job: Job) -> bool:
@@ -78,6 +79,7 @@ class Dispatcher:
         self.prices = self.core.prices
         self.clock = clock
         self._tenants: dict[str, TenantLimits] = {}
+        self._groups: dict[str, TenantLimits] = {}  # inner nodes of the tenant tree
         self.running = self.core.running  # tenant -> in-flight jobs
         self._waiting: set[Job] = set()  # queued jobs whose handler awaits a grant
         self._closed: Exception | None = None  # set by close(): no new work
@@ -106,9 +108,29 @@ class Dispatcher:
         max_queued: int,
         max_in_flight: int | None = None,
         tier: int = 0,
+        parent: str | None = None,
     ) -> None:
-        self._tenants[name] = TenantLimits(weight, max_queued, max_in_flight, tier)
-        self.core.set_tenant(name, weight, max_in_flight, tier)
+        self._tenants[name] = TenantLimits(weight, max_queued, max_in_flight, tier, parent)
+        self.core.set_tenant(name, weight, max_in_flight, tier, parent)
+
+    def set_group(
+        self,
+        name: str,
+        weight: float,
+        max_queued: int | None = None,
+        max_in_flight: int | None = None,
+        tier: int = 0,
+        parent: str | None = None,
+    ) -> None:
+        """Add or change an inner node of the tenant tree (parents before children); its
+        limits count its whole subtree."""
+        self._groups[name] = TenantLimits(weight, max_queued, max_in_flight, tier, parent)
+        self.core.set_group(name, weight, max_in_flight, tier, parent)
+
+    def remove_group(self, name: str) -> None:
+        """A reload removed group ``name`` (after moving or removing its children)."""
+        self._groups.pop(name, None)
+        self.core.forget_group(name)
 
     def remove_tenant(self, name: str, exc: Exception) -> int:
         """A reload removed ``name``: forget its limits and answer its queued jobs with ``exc``
@@ -125,6 +147,9 @@ class Dispatcher:
 
     def tenant_limits(self) -> dict[str, TenantLimits]:
         return self._tenants
+
+    def group_limits(self) -> dict[str, TenantLimits]:
+        return self._groups
 
     def pools(self) -> dict[str, Scheduler]:
         return self.core.pools()
@@ -154,12 +179,21 @@ class Dispatcher:
         limits = self._tenants.get(job.tenant)
         if limits is None:  # removed by a reload after this request was authenticated
             raise Unauthorized(TENANT_REMOVED)
-        if self.core.queued(job.tenant) >= limits.max_queued:
+        if limits.max_queued is not None and self.core.queued(job.tenant) >= limits.max_queued:
             raise RateLimited(
                 f"too many queued requests for this tenant (limit {limits.max_queued})",
                 retry_after=1.0,
                 outcome="rejected_queue_full",
             )
+        if self._groups:
+            for name in self.core.path(job.tenant):
+                cap = self._groups[name].max_queued
+                if cap is not None and self.core.queued_under(name) >= cap:
+                    raise RateLimited(
+                        f"too many queued requests for group {name!r} (limit {cap})",
+                        retry_after=1.0,
+                        outcome="rejected_queue_full",
+                    )
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         job.payload = fut
         try:

@@ -12,6 +12,10 @@ What reloads (takes effect for the next request; queued and running requests are
   tenant's *queued* requests are answered ``401 AuthenticationError`` "tenant removed by
   configuration reload"; its *running* requests finish and are charged normally; its counter
   is kept in case it comes back.
+* the tenant tree: a tenant or group may move to another parent, groups may be added and
+  removed, weights and limits change; queued requests of tenants that stay keep their place
+  (and their counters), whatever group they are in now. A removed group's own counter is
+  forgotten by the order only when no tenant stays under it.
 * ``auth``, ``metrics.max_tenant_labels`` (new label values only), ``metrics.fairness_window_s``,
   ``limits.queue_timeout_s``, ``limits.max_tokens_default``, ``limits.health_interval_s``.
 
@@ -37,6 +41,7 @@ from typing import TYPE_CHECKING
 from .config import ConfigError, GatewayConfig, LimitsConfig, TenantConfig, loads_config
 from .errors import TENANT_REMOVED, Unauthorized
 from .server.auth import Authenticator
+from .server.state import apply_tenants
 
 if TYPE_CHECKING:
     from .server import GatewayState
@@ -73,17 +78,27 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     for item in ignored:
         log.warning("config reload: %s changed; it takes effect after a restart", item)
 
-    before = {t.name: t for t in old.tenants}
-    after = {t.name: t for t in effective.tenants}
+    before = {t.name: t for t in old.leaves()}
+    after = {t.name: t for t in effective.leaves()}
+    groups_before = {n.name for n in old.nodes() if not n.leaf}
+    groups_after = {n.name for n in effective.nodes() if not n.leaf}
+    moved = _parents(effective)
     dispatcher = state.dispatcher
     added = tuple(n for n in after if n not in before)
-    changed = tuple(n for n, t in after.items() if n in before and _limits(t) != _limits(before[n]))
+    was = _parents(old)
+    changed = tuple(
+        n
+        for n, t in after.items()
+        if n in before and (_limits(t) != _limits(before[n]) or moved[n] != was[n])
+    )
     removed = tuple(n for n in before if n not in after)
 
     state.stats.max_tenant_labels = effective.metrics.max_tenant_labels
     state.recorder.fairness.window_s = effective.metrics.fairness_window_s
-    for t in effective.tenants:
-        dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight, t.priority)
+    for name in groups_after & groups_before:
+        dispatcher.set_group(name, 1.0)  # to the top first: the new parents may be below it
+    apply_tenants(dispatcher, effective)
+    for t in effective.leaves():
         state.stats.label(t.name)
     state.auth = Authenticator(effective)
     state.config = effective
@@ -91,6 +106,8 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     rejected = 0
     for name in removed:
         rejected += dispatcher.remove_tenant(name, Unauthorized(REMOVED_MESSAGE))
+    for name in groups_before - groups_after:
+        dispatcher.remove_group(name)
     dispatcher.pump_all()  # weights changed the fair order; let it act now
     state.stats.reload(ok=True)
     result = ReloadResult(added, removed, changed, rejected, ignored)
@@ -106,7 +123,11 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     return result
 
 
-def _limits(t: TenantConfig) -> tuple[float, int, int | None, str]:
+def _parents(config: GatewayConfig) -> dict[str, str | None]:
+    return {n.name: n.parent for n in config.nodes()}
+
+
+def _limits(t: TenantConfig) -> tuple[float, int | None, int | None, str]:
     return (t.weight, t.max_queued, t.max_in_flight, t.tier)
 
 

@@ -25,11 +25,11 @@ from ..errors import Unauthorized
 class Authenticator:
     def __init__(self, config: GatewayConfig) -> None:
         self._entries: list[tuple[bytes, str]] = [
-            (digest, t.name) for t in config.tenants for digest in t.key_digests()
+            (digest, t.name) for t in config.leaves() for digest in t.key_digests()
         ]
         self._anonymous = config.auth.anonymous_tenant
         self._trusted_header = config.auth.trusted_tenant_header
-        self._tenants = frozenset(t.name for t in config.tenants)
+        self._tenants = frozenset(t.name for t in config.leaves())
 
     def authenticate(self, headers: Mapping[str, str] | Any) -> str:
         """Tenant for a request's headers (a multidict); raises :class:`Unauthorized`."""

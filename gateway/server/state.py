@@ -69,6 +69,20 @@ def snapshot(dispatcher: Dispatcher, pool: BackendPool) -> GatewaySnapshot:
     )
 
 
+def apply_tenants(dispatcher: Dispatcher, config: GatewayConfig) -> None:
+    """Set every node of ``config``'s tenant tree on ``dispatcher``, parents first."""
+    for node in config.nodes():
+        t = node.config
+        if node.leaf:
+            dispatcher.set_tenant(
+                t.name, t.weight, t.queue_limit or 0, t.max_in_flight, node.priority, node.parent
+            )
+        else:
+            dispatcher.set_group(
+                t.name, t.weight, t.queue_limit, t.max_in_flight, node.priority, node.parent
+            )
+
+
 def build_state(
     config: GatewayConfig,
     *,
@@ -79,7 +93,7 @@ def build_state(
     backends (default: HTTP, :class:`~gateway.upstream.AiohttpUpstream`); ``clock``: monotonic
     seconds for queueing, latencies and rate windows."""
     stats = GatewayStats(max_tenant_labels=config.metrics.max_tenant_labels)
-    for t in config.tenants:  # configured tenants get their labels first
+    for t in config.leaves():  # configured tenants get their labels first
         stats.label(t.name)
     recorder = Recorder(
         stats,
@@ -105,8 +119,7 @@ def build_state(
         hold_s=sc.hold_ms / 1000,
         batch_min_share=sc.batch_min_share,
     )
-    for t in config.tenants:
-        dispatcher.set_tenant(t.name, t.weight, t.max_queued, t.max_in_flight, t.priority)
+    apply_tenants(dispatcher, config)
     lim = config.limits
     if upstream is None:
         keys = {b.url: b.api_key for b in config.backends}
