@@ -108,7 +108,8 @@ class _Group:
     """An inner node of the tenant tree (or a tier's root): its counter and a heap of its
     backlogged children, entries ``(counter key, seq, version, name)`` as for tenants."""
 
-    __slots__ = ("counter", "heap", "kids", "last_left", "name", "queued", "since", "tier")
+    __slots__ = ("committed", "counter", "heap", "kids", "last_left", "name", "queued", "since")
+    __slots__ += ("tier",)
     __slots__ += ("version", "weight")
 
     def __init__(self, name: str, weight: float = 1.0) -> None:
@@ -122,6 +123,7 @@ class _Group:
         self.version = 0
         self.last_left: str | None = None  # the child that last left the backlog
         self.tier = 0
+        self.committed = 0.0  # its tenants' committed costs (their credit, see credit())
 
 
 class VTCScheduler(Scheduler):
@@ -317,7 +319,7 @@ class VTCScheduler(Scheduler):
         groups: dict[str, _Group] = {}
         for name, weight in self._group_weights.items():
             g = groups[name] = old.get(name) or _Group(name)
-            g.weight, g.queued, g.kids, g.last_left = weight, 0, [], None
+            g.weight, g.queued, g.kids, g.last_left, g.committed = weight, 0, [], None, 0.0
             g.heap = []
         roots: dict[int, _Group] = {}
         up: dict[str, _Group] = {}
@@ -345,6 +347,8 @@ class VTCScheduler(Scheduler):
         }
         for t, q in self._queues.items():
             q.tier = up[t].tier if t in up else self.tier(t)
+            for g in self._anc.get(t, ()):
+                g.committed += q.committed
             if not q.jobs:
                 continue
             n = len(q.jobs)
@@ -467,13 +471,17 @@ class VTCScheduler(Scheduler):
         if not q.jobs:
             if self.lift:
                 self._lift(tenant, q, now, self._level_floor(up))
+            busy = self.credit(tenant, now) > 0
             for g in anc:
                 if g.queued:
                     break  # this group and those above it were backlogged already
                 g.since = job.seq
                 floor = self._level_floor(self._up[g.name]) if self.lift else None
-                if floor is not None and floor > g.counter:
-                    g.counter = floor
+                if floor is not None:
+                    # a busy tenant's group keeps the credit of what its subtree has in flight
+                    target = floor - (g.committed / g.weight if busy else 0.0)
+                    if target > g.counter:
+                        g.counter = target
         q.jobs[job.seq] = job
         for g in anc:
             g.queued += 1
@@ -577,6 +585,13 @@ class VTCScheduler(Scheduler):
             stat[1] += delta
             self._counters[tenant] = target
 
+    def _commit(self, tenant: str, q: _Queue, cost: float) -> None:
+        """A job's expected cost enters (or leaves) its tenant's credit, and its groups'."""
+        q.committed += cost
+        if self._tree:
+            for g in self._anc.get(tenant, ()):
+                g.committed += cost
+
     def lift_stats(self) -> dict[str, tuple[int, float]]:
         return {t: (int(c), u) for t, (c, u) in self._lifts.items()}
 
@@ -596,24 +611,45 @@ class VTCScheduler(Scheduler):
         if top[1].tier != q.tier:
             return q.tier > top[1].tier  # a higher tier goes first, a lower one after
         if self._tree and self._up.get(tenant) is not self._up.get(top[0]):
-            # the order diverges above the tenant: its group, not backlogged (it would be
-            # lifted to the head's sibling) or backlogged (at or above it), does not go first
-            return False
+            return self._entitled_above(tenant, top[0], now)
         head = self._counters[top[0]]
         # its next request is lifted to at least head - credit (see _lift)
         return max(self._counters[tenant], head - self.credit(tenant, now)) < head
+
+    def _entitled_above(self, tenant: str, head: str, now: float) -> bool:
+        """``entitled`` where the order diverges above ``tenant``: at ``x``, its group that is
+        a sibling of ``y`` on the head's path. A backlogged ``x`` lost to ``y`` already; an idle
+        one is lifted to ``y``'s counter less its credit (see :meth:`_admit_tree`), and then
+        its subtree holds nothing but the tenant's next request."""
+        parents: dict[int, _Group | None] = {
+            id(self._up[g.name]): g for g in self._anc.get(head, ())
+        }
+        parents[id(self._up[head])] = None  # the head itself, under its parent
+        credit = self.credit(tenant, now)
+        y = parents.get(id(self._up[tenant]), False)
+        if isinstance(y, _Group):  # the tenant is a sibling of the head's group
+            return max(self._counters[tenant], y.counter - credit) < y.counter
+        for x in self._anc.get(tenant, ()):
+            key = id(self._up[x.name])
+            if key in parents:
+                y = parents[key]
+                if x.queued or x.name in self._paused or credit <= 0:
+                    return False
+                head_counter = y.counter if y is not None else self._counters[head]
+                return max(x.counter, head_counter - x.committed / x.weight) < head_counter
+        return False
 
     def hold(self, job: Job) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
             cost = self.prices.cost(job.prompt_tokens, job.expected_output)
             q.held[job.seq] = cost
-            q.committed += cost
+            self._commit(job.tenant, q, cost)
 
     def unhold(self, job: Job) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.committed -= q.held.pop(job.seq, 0.0)
+            self._commit(job.tenant, q, -q.held.pop(job.seq, 0.0))
 
     def peek(self, now: float) -> Job | None:
         top = self._top()
@@ -633,7 +669,7 @@ class VTCScheduler(Scheduler):
         self._dispatched(job, now)  # raises the counter: the heap is not touched (lazy)
         cost = self.prices.cost(job.prompt_tokens, job.expected_output)
         q.running[job.seq] = cost
-        q.committed += cost
+        self._commit(tenant, q, cost)
         if q.jobs:  # the tenant stays backlogged: re-key its entry at the top in one sift
             q.version += 1
             heapq.heapreplace(heap, (self._counters[tenant], q.head().seq, q.version, tenant))
@@ -662,7 +698,7 @@ class VTCScheduler(Scheduler):
     def _finished(self, job: Job, now: float, ran: bool) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            q.committed -= q.running.pop(job.seq, 0.0)
+            self._commit(job.tenant, q, -q.running.pop(job.seq, 0.0))
             q.last_finish = now
         if not ran:
             return  # refused before it ran: no evidence about the tenant's output lengths

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from gateway.scheduler import Job, Prices, VTCScheduler, make_scheduler
 
 from .batchsim import BatchLoop, make_job
+from .test_caps import Harness, job
 from .test_fairness import backlogged_loop
 
 # -- trees ---------------------------------------------------------------------------------------
@@ -435,3 +436,60 @@ def test_reparenting_keeps_queued_jobs_and_counters() -> None:
     assert sched.total_queued() == 0
     with pytest.raises(ValueError, match="not a tree"):
         sched.set_group("A", 1.0, parent="A")
+
+
+# -- the dispatch core: caps per group -----------------------------------------------------------
+
+
+def _org_core(seqs: int, cap_a: int | None) -> Harness:
+    h = Harness(seqs=seqs, models=frozenset({"m", "n"}))
+    h.core.set_group("A", 3.0, max_in_flight=cap_a)
+    h.core.set_group("B", 1.0)
+    h.core.set_tenant("a1", 1.0, parent="A")
+    h.core.set_tenant("a2", 1.0, parent="A")
+    h.core.set_tenant("b", 1.0, parent="B")
+    return h
+
+
+def test_a_group_cap_counts_its_whole_subtree_in_every_pool() -> None:
+    h = _org_core(seqs=6, cap_a=2)
+    h.submit(*(job(t, m) for t in ("a1", "a2") for m in ("m", "n") for _ in range(2)))
+    h.submit(*(job("b", "m") for _ in range(6)))
+    assert h.running("a1") + h.running("a2") == 2  # A at its cap: b gets the other 4 slots
+    assert h.running("b") == 4
+    assert h.core.group_running == {"A": 2, "B": 4}
+    assert h.core.queued_under("A") == 6
+    h.release("b")  # a freed slot goes to b: A is still at its cap
+    assert h.running("b") == 4 and h.core.group_running["A"] == 2
+    h.release("a1" if h.running("a1") else "a2")  # A below its cap: resumed, takes the slot
+    assert h.core.group_running["A"] == 2 and h.core.queued_under("A") == 5
+    while h.granted:
+        h.release(h.granted[0][0].tenant)
+    assert h.core.total_queued() == 0
+    assert h.core.group_running == {"A": 0, "B": 0}
+    assert h.admission.in_flight() == 0 and h.backend.booked_tokens == 0
+
+
+def test_core_shares_slots_by_the_tree() -> None:
+    """Equal jobs, all teams flooding: dispatches follow 3/8, 3/8, 2/8 (within one job)."""
+    h = _org_core(seqs=1, cap_a=None)
+    for t in ("a1", "a2", "b"):
+        h.submit(*(job(t) for _ in range(20)))
+    order = []
+    for _ in range(40):
+        j = h.release(h.granted[0][0].tenant)
+        order.append(j.tenant)
+    for t, want in (("a1", 15), ("a2", 15), ("b", 10)):
+        assert abs(order.count(t) - want) <= 1, order
+
+
+def test_moving_a_running_tenant_keeps_group_counts_right() -> None:
+    h = _org_core(seqs=2, cap_a=1)
+    h.submit(job("a1"), job("a1"))
+    assert h.core.group_running["A"] == 1
+    h.core.set_tenant("a1", 1.0, parent="B")  # reload: a1 moves to B while one request runs
+    h.core.pump("m")
+    assert h.running("a1") == 2  # A's cap no longer covers it
+    while h.granted:
+        h.release(h.granted[0][0].tenant)
+    assert h.core.group_running == {"A": 0, "B": 0}  # each release counted where it started

@@ -1,0 +1,118 @@
+"""Hierarchical tenants end to end: organisations and teams through HTTP and the simulated
+backend.
+
+Org A (weight 3) has teams a1 and a2 (1:1), org B (weight 1) has one team b. Every team runs
+more closed-loop clients than its share of the backend's slots, so all stay backlogged. Service
+is read from the gateway's ledger between two completion counts (after a warm-up), never over
+a wall-clock window: a slow machine changes how long the test takes, not what it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from .conftest import MODEL, Stack, gateway_stack, wait_for
+
+PROMPT = "tell me a story " * 12
+MAX_TOKENS = 48
+SPEED = 0.5
+SLOTS = 8
+CLIENTS = 8  # per team: more than any team's share of the 8 slots
+
+ORGS: list[dict[str, Any]] = [
+    {
+        "name": "org-a",
+        "weight": 3,
+        "tenants": [
+            {"name": "a1", "api_keys": ["key-a1"]},
+            {"name": "a2", "api_keys": ["key-a2"]},
+        ],
+    },
+    {"name": "org-b", "weight": 1, "tenants": [{"name": "b", "api_keys": ["key-b"]}]},
+]
+
+
+class Clients:
+    """Closed-loop clients per team, each team stoppable on its own; counts completions."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.done = 0
+        self.marks: dict[int, asyncio.Event] = {}
+        self.stops: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, list[asyncio.Task[None]]] = {}
+
+    def start(self, team: str, n: int) -> None:
+        self.stops[team] = asyncio.Event()
+        self.tasks[team] = [asyncio.create_task(self._client(team)) for _ in range(n)]
+
+    async def stop(self, team: str) -> None:
+        self.stops[team].set()
+        await asyncio.gather(*self.tasks.pop(team))
+
+    async def until(self, count: int) -> None:
+        """Wait until ``count`` more requests have completed."""
+        mark = self.marks[self.done + count] = asyncio.Event()
+        await mark.wait()
+
+    async def _client(self, team: str) -> None:
+        body = {
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": MAX_TOKENS,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        headers = {"Authorization": f"Bearer key-{team}"}
+        while not self.stops[team].is_set():
+            async with self.http.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+                assert r.status_code == 200
+                async for _ in r.aiter_bytes():
+                    pass
+            self.done += 1
+            mark = self.marks.pop(self.done, None)
+            if mark is not None:
+                mark.set()
+
+
+async def _service(stack: Stack, clients: Clients, teams: list[str], warm: int, n: int) -> dict:
+    """Each team's share of the ledger's service over ``n`` completions after ``warm``."""
+    pool = stack.state.dispatcher.pool(MODEL)
+    await clients.until(warm)
+    start = {t: pool.service(t) for t in teams}
+    await clients.until(n)
+    got = {t: pool.service(t) - start[t] for t in teams}
+    total = sum(got.values())
+    return {t: v / total for t, v in got.items()}
+
+
+def _within(shares: dict[str, float], want: dict[str, float], rel: float = 0.10) -> bool:
+    return all(abs(shares[t] - w) <= rel * w for t, w in want.items())
+
+
+async def test_orgs_and_teams_share_3_8_3_8_2_8_and_an_idle_teams_part_stays_in_its_org() -> None:
+    gw = {"tenants": ORGS, "scheduler": {"hold_ms": 1000}}
+    backend = {"max_num_seqs": SLOTS}
+    async with gateway_stack(gateway=gw, backend=backend, sim={"speed": SPEED}) as stack:
+        d = stack.state.dispatcher
+        limits = httpx.Limits(max_connections=3 * CLIENTS + 4)
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120, limits=limits) as http:
+            clients = Clients(http)
+            try:
+                async with asyncio.timeout(300):
+                    for team in ("a1", "a2", "b"):
+                        clients.start(team, CLIENTS)
+                    all3 = await _service(stack, clients, ["a1", "a2", "b"], 3 * SLOTS, 24 * SLOTS)
+                    await clients.stop("a2")  # team a2 goes idle
+                    two = await _service(stack, clients, ["a1", "b"], 3 * SLOTS, 24 * SLOTS)
+            finally:
+                for team in list(clients.tasks):
+                    await clients.stop(team)
+        await wait_for(lambda: stack.state.admission.in_flight() == 0 and d.core.held() == 0)
+        assert d.total_queued() == 0 and not any(d.core.group_running.values())
+    print("SHARES", all3, two)
+    assert _within(all3, {"a1": 3 / 8, "a2": 3 / 8, "b": 2 / 8}), all3
+    assert _within(two, {"a1": 3 / 4, "b": 1 / 4}), two
