@@ -68,6 +68,22 @@ class BackendSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    """An inner node of the tenant tree (``path``: ``org/team``; ``level``: 1 at the top)."""
+
+    path: str
+    weight: float
+    counters: Mapping[str, float]  # model -> the group's counter in that pool
+    queued: int  # requests waiting in its subtree
+    running: int  # requests of its subtree in flight
+    service: float  # its tenants' service, summed
+
+    @property
+    def level(self) -> int:
+        return self.path.count("/") + 1
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySnapshot:
     """Everything the collector exports besides :class:`GatewayStats`, read at scrape time."""
 
@@ -79,6 +95,8 @@ class GatewaySnapshot:
     holds_total: int = 0  # slots held for a resubmitting tenant's next request, ever
     holds_used: int = 0  # ... of which its next request took over
     held: int = 0  # slots held right now
+    groups: tuple[GroupSnapshot, ...] = ()  # the tenant tree's inner nodes (none if flat)
+    paths: Mapping[str, str] = field(default_factory=dict)  # nested tenant -> its path
 
 
 @dataclass
@@ -215,6 +233,44 @@ class _StateCollector(Collector):
         yield from self._backends(snap)
         yield from self._global(snap)
 
+    def _groups(self, snap: GatewaySnapshot) -> Iterator[Metric]:
+        """The tenant tree: one series per group (``group`` its path, ``level`` its depth),
+        at most ``max_tenant_labels`` groups (configured, in config order), and each nested
+        tenant's path (join on ``tenant`` for per-level views)."""
+        if not snap.groups:
+            return
+        stats = self._stats
+        path = GaugeMetricFamily(
+            "vtc_tenant_path",
+            "Where a nested tenant sits in the tree (1; the path is the label).",
+            labels=["tenant", "path"],
+        )
+        for tenant, p in snap.paths.items():
+            lab = stats.label(tenant)
+            if lab != "other":
+                path.add_metric([lab, p], 1)
+        labels = ["group", "level"]
+        counter = GaugeMetricFamily(
+            "vtc_group_counter",
+            "Virtual token counter of a group (its subtree's priced tokens / its weight).",
+            labels=[*labels, "model"],
+        )
+        service = CounterMetricFamily(
+            "vtc_group_service_tokens", "Service received by a group's tenants.", labels=labels
+        )
+        queued = GaugeMetricFamily("vtc_group_queued", "Requests waiting.", labels=labels)
+        inflight = GaugeMetricFamily("vtc_group_in_flight", "Requests running.", labels=labels)
+        weight = GaugeMetricFamily("vtc_group_weight", "Configured weight.", labels=labels)
+        for g in snap.groups[: stats.max_tenant_labels]:
+            key = [g.path, str(g.level)]
+            for model, c in sorted(g.counters.items()):
+                counter.add_metric([*key, model], c)
+            service.add_metric(key, g.service)
+            queued.add_metric(key, g.queued)
+            inflight.add_metric(key, g.running)
+            weight.add_metric(key, g.weight)
+        yield from (path, counter, service, queued, inflight, weight)
+
     def _tenants(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         stats = self._stats
         counter = GaugeMetricFamily(
@@ -284,6 +340,7 @@ class _StateCollector(Collector):
             lifts.add_metric([lab], n)
             lift_units.add_metric([lab], agg_units[lab])
         yield from (counter, service, queued, inflight, weight, lifts, lift_units)
+        yield from self._groups(snap)
 
         prompt = CounterMetricFamily(
             "vtc_tenant_prompt_tokens", "Prompt tokens of requests that ran.", labels=["tenant"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -20,7 +21,7 @@ from ..backend_pool import BackendPool
 from ..config import GatewayConfig
 from ..dispatcher import Dispatcher
 from ..errors import SHUTTING_DOWN, ShuttingDown
-from ..metrics import GatewaySnapshot, GatewayStats, PoolSnapshot, Recorder
+from ..metrics import GatewaySnapshot, GatewayStats, GroupSnapshot, PoolSnapshot, Recorder
 from ..scheduler import Prices
 from ..upstream import AiohttpUpstream, Upstream
 from .auth import Authenticator
@@ -66,7 +67,43 @@ def snapshot(dispatcher: Dispatcher, pool: BackendPool) -> GatewaySnapshot:
         holds_total=dispatcher.core.holds_total,
         holds_used=dispatcher.core.holds_used,
         held=dispatcher.core.held(),
+        **_tree(dispatcher),
     )
+
+
+def _tree(dispatcher: Dispatcher) -> dict[str, Any]:
+    """The tenant tree's part of the snapshot: groups (parents first) and nested tenants'
+    paths. O(tenants · depth), at scrape time only."""
+    groups = dispatcher.group_limits()
+    if not groups:
+        return {}
+    core = dispatcher.core
+
+    def path(node: str) -> str:
+        return "/".join([*reversed(core.path(node)), node])
+
+    service: dict[str, float] = dict.fromkeys(groups, 0.0)
+    paths = {}
+    for tenant in dispatcher.tenant_limits():
+        above = core.path(tenant)
+        if above:
+            paths[tenant] = path(tenant)
+        served = sum(p.service(tenant) for p in core.pools().values())
+        for g in above:
+            if g in service:
+                service[g] += served
+    snaps = [
+        GroupSnapshot(
+            path(g),
+            lim.weight,
+            {m: p.group_counter(g) for m, p in core.pools().items()},
+            core.queued_under(g),
+            core.group_running.get(g, 0),
+            service[g],
+        )
+        for g, lim in groups.items()
+    ]
+    return {"groups": tuple(snaps), "paths": paths}
 
 
 def apply_tenants(dispatcher: Dispatcher, config: GatewayConfig) -> None:

@@ -113,6 +113,5 @@ async def test_orgs_and_teams_share_3_8_3_8_2_8_and_an_idle_teams_part_stays_in_
                     await clients.stop(team)
         await wait_for(lambda: stack.state.admission.in_flight() == 0 and d.core.held() == 0)
         assert d.total_queued() == 0 and not any(d.core.group_running.values())
-    print("SHARES", all3, two)
     assert _within(all3, {"a1": 3 / 8, "a2": 3 / 8, "b": 2 / 8}), all3
     assert _within(two, {"a1": 3 / 4, "b": 1 / 4}), two
