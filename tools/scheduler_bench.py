@@ -49,6 +49,7 @@ class Result:
     charge_us: float
     cycle_us: float
     heap_entries: int | None  # VTC family: lazy-heap size after the run (stale entries included)
+    depth: int = 1  # levels of the tenant tree (1: flat; see --fanout)
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -68,13 +69,35 @@ def _job(tenant: str, rng: random.Random) -> Job:
     return Job(tenant=tenant, prompt_tokens=rng.randint(16, 512), max_tokens=256, arrival=0.0)
 
 
-def run_once(policy: str, tenants: int, ops: int, seed: int) -> dict[str, float | int | None]:
+def build_tree(sched: Scheduler, names: list[str], fanout: int, rng: random.Random) -> dict:
+    """Group ``names`` ``fanout`` to a group, level by level, until at most ``fanout`` nodes
+    are left at the top; returns tenant -> parent (None at the top)."""
+    parents: dict[str, str | None] = dict.fromkeys(names)
+    level, depth = list(names), 0
+    layers: list[list[tuple[str, list[str]]]] = []
+    while fanout > 1 and len(level) > fanout:
+        depth += 1
+        groups = [(f"g{depth}-{i}", level[i : i + fanout]) for i in range(0, len(level), fanout)]
+        layers.append(groups)
+        level = [g for g, _ in groups]
+    for groups in reversed(layers):  # parents first
+        for g, kids in groups:
+            sched.set_group(g, rng.choice((1.0, 2.0)), parents.get(g))
+            for kid in kids:
+                parents[kid] = g
+    return parents
+
+
+def run_once(
+    policy: str, tenants: int, ops: int, seed: int, fanout: int = 0
+) -> dict[str, float | int | None]:
     """One fresh scheduler through every phase; returns seconds per phase (and heap size)."""
     rng = random.Random(seed)
     names = [f"tenant-{i}" for i in range(tenants)]
     sched: Scheduler = make_scheduler(policy, rpm_limit=1 << 30)
+    parents = build_tree(sched, names, fanout, rng) if fanout else {}
     for name in names:
-        sched.set_tenant(name, rng.choice((1.0, 1.0, 2.0, 4.0)))
+        sched.set_tenant(name, rng.choice((1.0, 1.0, 2.0, 4.0)), parent=parents.get(name))
         sched.submit(_job(name, rng), 0.0)
 
     new_jobs = [_job(rng.choice(names), rng) for _ in range(ops)]
@@ -126,11 +149,14 @@ def run_once(policy: str, tenants: int, ops: int, seed: int) -> dict[str, float 
     out["cycle"] = _timed(cycle)
     heap = getattr(sched, "_heap", None)
     out["heap_entries"] = len(heap) if isinstance(heap, list) else None
+    out["depth"] = max((len(sched.path(t)) for t in names[:1]), default=1)
     return out
 
 
-def bench(policy: str, tenants: int, ops: int, repeat: int, seed: int = 1) -> Result:
-    runs = [run_once(policy, tenants, ops, seed + r) for r in range(repeat)]
+def bench(
+    policy: str, tenants: int, ops: int, repeat: int, seed: int = 1, fanout: int = 0
+) -> Result:
+    runs = [run_once(policy, tenants, ops, seed + r, fanout) for r in range(repeat)]
 
     def best(phase: str, per: int) -> float:
         return min(float(r[phase] or 0.0) for r in runs) / per * 1e6
@@ -145,16 +171,20 @@ def bench(policy: str, tenants: int, ops: int, repeat: int, seed: int = 1) -> Re
         charge_us=best("charge", ops),
         cycle_us=best("cycle", max(1, ops // 10)),
         heap_entries=int(heap) if heap is not None else None,
+        depth=int(runs[-1]["depth"] or 1),
     )
 
 
 def format_table(results: Sequence[Result]) -> str:
-    head = f"{'policy':<12}{'tenants':>9}{'enqueue':>10}{'pick':>9}{'charge':>9}{'cycle':>9}"
+    head = (
+        f"{'policy':<12}{'tenants':>9}{'depth':>6}{'enqueue':>10}{'pick':>9}{'charge':>9}"
+        f"{'cycle':>9}"
+    )
     note = "µs per op; cycle: per request (submit + pop + 4 x on_output + finish)"
     lines = [note, head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.policy:<12}{r.tenants:>9,}{r.enqueue_us:>10.2f}{r.pick_us:>9.2f}"
+            f"{r.policy:<12}{r.tenants:>9,}{r.depth:>6}{r.enqueue_us:>10.2f}{r.pick_us:>9.2f}"
             f"{r.charge_us:>9.2f}{r.cycle_us:>9.2f}"
         )
     return "\n".join(lines)
@@ -171,6 +201,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ops", type=int, default=20_000, help="operations timed per phase")
     ap.add_argument("--repeat", type=int, default=3, help="fresh runs per point; best is kept")
     ap.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    ap.add_argument(
+        "--fanout",
+        type=_ints,
+        default=[0],
+        help="tenant trees to time: groups of this many children per level (0: flat)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     for policy in [p for p in args.policies.split(",") if p]:
         for t in args.tenants:
-            results.append(bench(policy, t, args.ops, args.repeat))
-            print(f"  {policy} x {t:,} tenants done", file=sys.stderr, flush=True)
+            for fanout in args.fanout:
+                results.append(bench(policy, t, args.ops, args.repeat, fanout=fanout))
+                print(f"  {policy} x {t:,} tenants done", file=sys.stderr, flush=True)
     print(format_table(results))
     if args.out is not None:
         doc = {
