@@ -536,6 +536,20 @@ def parse_config(raw: Any) -> GatewayConfig:
     return config
 
 
+def parse_tenant_tree(raw: Any, where: str = "tenants") -> tuple[TenantNode, ...]:
+    """A ``tenants`` list alone (the lab's workload files use it): every node, parents first;
+    :class:`ConfigError` for what :func:`parse_config` would refuse in it."""
+    r = _Reader()
+    config = GatewayConfig(tenants=r.items(TenantConfig, raw, where))
+    nodes = config.nodes()
+    keys = _node_keys(config.tenants, where)
+    _unique(r, where, [n.name for n in nodes], [keys[n.path] for n in nodes])
+    _check_tree(r, config, keys)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return nodes
+
+
 def _unique(r: _Reader, path: str, names: list[str], paths: list[str] | None = None) -> None:
     seen: set[str] = set()
     for i, n in enumerate(names):

@@ -136,6 +136,29 @@ def accumulated_service(
     return sum(service_in(r, a, b, prices) for r in records if r.tenant == tenant)
 
 
+def level_shares(
+    records: Iterable[RequestRecord],
+    paths: Mapping[str, str],
+    a: float,
+    b: float,
+    prices: Prices,
+) -> dict[int, dict[str, float]]:
+    """Share of the service in ``[a, b]`` of every node of the tenant tree, per level (1: the
+    top): ``{level: {path: share}}``; ``paths`` maps a tenant to ``org/team/tenant``."""
+    per_tenant: dict[str, float] = {}
+    for r in records:
+        per_tenant[r.tenant] = per_tenant.get(r.tenant, 0.0) + service_in(r, a, b, prices)
+    total = sum(per_tenant.values()) or 1.0
+    out: dict[int, dict[str, float]] = {}
+    for tenant, path in paths.items():
+        parts = path.split("/")
+        for level in range(1, len(parts) + 1):
+            node = "/".join(parts[:level])
+            shares = out.setdefault(level, {})
+            shares[node] = shares.get(node, 0.0) + per_tenant.get(tenant, 0.0) / total
+    return out
+
+
 def by_tenant(
     records: Iterable[RequestRecord], tenants: Iterable[str] = ()
 ) -> dict[str, list[RequestRecord]]:

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,13 +43,18 @@ class LabResults:
     prices: Prices
     tenants: dict[str, float]
     policies: dict[str, PolicyRun]
+    #: tenant -> its path in the tenant tree (``org/team/tenant``); empty for a flat workload
+    paths: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "workload": self.workload,
             "duration_s": self.duration_s,
             "prices": {"input": self.prices.input, "output": self.prices.output},
-            "tenants": {t: {"weight": w} for t, w in self.tenants.items()},
+            "tenants": {
+                t: {"weight": w, **({"path": self.paths[t]} if t in self.paths else {})}
+                for t, w in self.tenants.items()
+            },
             "policies": {
                 p: {
                     "summary": run.summary.to_json(),
@@ -77,7 +82,8 @@ class LabResults:
             records = [m.RequestRecord.from_json(r) for r in body["requests"]]
             policies[p] = PolicyRun(records, summary)
         tenants = {t: float(v["weight"]) for t, v in doc["tenants"].items()}
-        return cls(str(doc["workload"]), float(doc["duration_s"]), prices, tenants, policies)
+        paths = {t: str(v["path"]) for t, v in doc["tenants"].items() if "path" in v}
+        return cls(str(doc["workload"]), float(doc["duration_s"]), prices, tenants, policies, paths)
 
 
 def build_results(
@@ -98,7 +104,10 @@ def build_results(
             longest_prompt=workload.longest_prompt(),
         )
         policies[policy] = PolicyRun(list(records), summary)
-    return LabResults(workload.name, workload.duration_s, prices, dict(workload.tenants), policies)
+    paths = workload.paths() if workload.tree else {}
+    return LabResults(
+        workload.name, workload.duration_s, prices, dict(workload.tenants), policies, paths
+    )
 
 
 def write_json(results: LabResults, path: Path) -> None:
@@ -163,7 +172,32 @@ def markdown(results: LabResults) -> str:
             p50, p99 = lat[p].get(t, (math.nan, math.nan))
             cells.append(f"{_num(p50)} / {_num(p99)} | {_num(svc[p].get(t, 0.0), 0)}")
         lines.append(f"| {t} | {w:g} | " + " | ".join(cells) + " |")
+    if results.paths:
+        lines += ["", *level_table(results)]
     return "\n".join(lines) + "\n"
+
+
+def level_table(results: LabResults) -> list[str]:
+    """Markdown: each node's share of the service after the warm-up, level by level."""
+    ticks = m.Ticks.for_duration(results.duration_s)
+    policies = list(results.policies)
+    shares = {
+        p: m.level_shares(run.records, results.paths, ticks.warmup, ticks.duration, results.prices)
+        for p, run in results.policies.items()
+    }
+    lines = [
+        "Share of the service after the warm-up, per level of the tenant tree:",
+        "",
+        "| level | node | " + " | ".join(policies) + " |",
+        "|---:|---|" + "---:|" * len(policies),
+    ]
+    levels = sorted({lv for s in shares.values() for lv in s})
+    for level in levels:
+        nodes = list(shares[policies[0]].get(level, {}))
+        for node in nodes:
+            cells = [f"{shares[p].get(level, {}).get(node, 0.0):.3f}" for p in policies]
+            lines.append(f"| {level} | {node} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # -- progress ----------------------------------------------------------------------------------

@@ -146,8 +146,7 @@ class _Run:
                 clock=lambda: self.now,
                 hold_s=config.hold_s,
             )
-            for tenant, weight in workload.tenants.items():
-                core.set_tenant(tenant, weight)
+            configure_tenants(core, workload)
             self.cores.append(core)
         self.core = self.cores[0]
         self.admission = self.core.admission
@@ -404,6 +403,23 @@ def simulate(
         lifts=_merged_lifts(run.cores),
         slot_seconds=run.slot_seconds,
     )
+
+
+def configure_tenants(core: DispatchCore, workload: Workload) -> None:
+    """The workload's tenants on ``core``: the tree's groups (parents first), weights, tiers
+    and caps when it has one; tenants outside the tree at the top level."""
+    nodes = {n.name: n for n in workload.tree}
+    for node in workload.tree:
+        if not node.leaf:
+            t = node.config
+            core.set_group(t.name, t.weight, t.max_in_flight, node.priority, node.parent)
+    for tenant, weight in workload.tenants.items():
+        node = nodes.get(tenant)
+        if node is None:
+            core.set_tenant(tenant, weight)
+        else:
+            t = node.config
+            core.set_tenant(tenant, weight, t.max_in_flight, node.priority, node.parent)
 
 
 def _merged_lifts(cores: list[DispatchCore]) -> dict[str, tuple[int, float]]:

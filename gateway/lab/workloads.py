@@ -55,6 +55,16 @@ User formats (:func:`load_workload` picks by file extension):
           prompt_tokens: 256
           output_tokens: 250
 
+  A top-level ``tenants`` list, in the gateway config's format, sets weights, tiers, caps and
+  a hierarchy of groups (clients are its leaves; a client not in it is a top-level tenant;
+  API keys are not needed)::
+
+      tenants:
+        - name: org-a
+          weight: 3
+          tenants: [{name: a1}, {name: a2}]
+        - {name: org-b, tier: batch, tenants: [{name: b, max_in_flight: 4}]}
+
   ``max_num_seqs: 7`` at the top level sets the backend's batch slots for ``lab simulate``
   (``--max-num-seqs`` overrides it).
 
@@ -73,6 +83,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..config import ConfigError, TenantNode, parse_tenant_tree
 
 #: Workload data shipped with the package (``data/README.md`` says where each file comes from).
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -123,6 +135,13 @@ class Workload:
     seed: int = 42
     #: batch slots this workload is meant for (closed-loop cases); None: the backend's own
     max_num_seqs: int | None = None
+    #: the tenant tree (groups, tiers, caps) when the file has a ``tenants`` list
+    tree: tuple[TenantNode, ...] = ()
+
+    def paths(self) -> dict[str, str]:
+        """Tenant -> its path in the tree (``org/team/tenant``; the name when not nested)."""
+        nested = {n.name: n.path for n in self.tree if n.leaf}
+        return {t: nested.get(t, t) for t in self.tenants}
 
     def truncated(self, duration_s: float) -> Workload:
         """The same workload cut to its first ``duration_s`` seconds (for quick runs)."""
@@ -136,6 +155,7 @@ class Workload:
             list(self.closed),
             self.seed,
             self.max_num_seqs,
+            self.tree,
         )
 
     def longest_prompt(self) -> int:
@@ -316,6 +336,23 @@ def _closed(
     )
 
 
+def _closed_orgs(seed: int) -> Workload:
+    """Org A (weight 3: teams a1, a2 at 1:1) and org B (weight 1: team b), 8 clients each on
+    8 slots; a2 stops halfway: 3/8, 3/8, 2/8 of the service, then 3/4 and 1/4."""
+    wl = _closed("closed_orgs", 8, 300, [("a1", 1, 8), ("a2", 1, 8), ("b", 1, 8)])
+    a2 = wl.closed[1]
+    wl.closed[1] = ClosedClient(
+        a2.name, a2.concurrency, a2.think, a2.prompt_tokens, a2.output_tokens, end=150.0
+    )
+    wl.tree = parse_tenant_tree(
+        [
+            {"name": "org-a", "weight": 3, "tenants": [{"name": "a1"}, {"name": "a2"}]},
+            {"name": "org-b", "weight": 1, "tenants": [{"name": "b"}]},
+        ]
+    )
+    return wl
+
+
 def _closed_1to2_8v8(seed: int) -> Workload:
     return _closed("closed_1to2_8v8", 7, 300, [("a", 1, 8), ("b", 2, 8)])
 
@@ -386,6 +423,7 @@ CLOSED_LOOP: dict[str, Callable[[int], Workload]] = {
     "closed_equal_10v22": _closed_equal_10v22,
     "closed_1to1to2": _closed_1to1to2,
     "closed_trickle_burst": _closed_trickle_burst,
+    "closed_orgs": _closed_orgs,
 }
 
 #: The paper suite in the order the docs present it.
@@ -460,7 +498,7 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
     doc = yaml.safe_load(p.read_text())
     if not isinstance(doc, dict) or not isinstance(doc.get("clients"), list):
         raise ValueError(f"{p}: expected a mapping with a 'clients' list")
-    unknown = set(doc) - {"name", "duration", "seed", "clients", "max_num_seqs"}
+    unknown = set(doc) - {"name", "duration", "seed", "clients", "max_num_seqs", "tenants"}
     if unknown:
         raise ValueError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}")
     duration = doc.get("duration")
@@ -506,6 +544,14 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
     for c in closed:
         wl.tenants.setdefault(c.name, c.weight)
     wl.closed, wl.seed, wl.max_num_seqs = closed, use_seed, slots
+    if doc.get("tenants") is not None:
+        try:
+            wl.tree = parse_tenant_tree(doc["tenants"])
+        except ConfigError as exc:
+            raise ValueError(f"{p}: " + "; ".join(exc.problems)) from exc
+        for node in wl.tree:
+            if node.leaf:
+                wl.tenants[node.name] = node.config.weight
     return wl
 
 
