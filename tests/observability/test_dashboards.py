@@ -177,7 +177,8 @@ def test_substitute_formats_variables_like_grafana() -> None:
 
 @needs_prometheus
 async def test_every_panel_query_returns_data_from_real_prometheus(tmp_path: Path) -> None:
-    gw = {"tenants": tenants(("a", 1), ("b", 2), ("c", 1))}
+    a, b, c = tenants(("a", 1), ("b", 2), ("c", 1))
+    gw = {"tenants": [{"name": "org", "weight": 2, "tenants": [a, b]}, c]}  # tree panels too
     backend = {"max_num_seqs": 2}
     async with gateway_stack(gateway=gw, backend=backend) as stack:
         async with (
