@@ -69,7 +69,9 @@ def _job(tenant: str, rng: random.Random) -> Job:
     return Job(tenant=tenant, prompt_tokens=rng.randint(16, 512), max_tokens=256, arrival=0.0)
 
 
-def build_tree(sched: Scheduler, names: list[str], fanout: int, rng: random.Random) -> dict:
+def build_tree(
+    sched: Scheduler, names: list[str], fanout: int, rng: random.Random
+) -> dict[str, str | None]:
     """Group ``names`` ``fanout`` to a group, level by level, until at most ``fanout`` nodes
     are left at the top; returns tenant -> parent (None at the top)."""
     parents: dict[str, str | None] = dict.fromkeys(names)

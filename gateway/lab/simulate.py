@@ -414,12 +414,12 @@ def configure_tenants(core: DispatchCore, workload: Workload) -> None:
             t = node.config
             core.set_group(t.name, t.weight, t.max_in_flight, node.priority, node.parent)
     for tenant, weight in workload.tenants.items():
-        node = nodes.get(tenant)
-        if node is None:
+        leaf = nodes.get(tenant)
+        if leaf is None:
             core.set_tenant(tenant, weight)
         else:
-            t = node.config
-            core.set_tenant(tenant, weight, t.max_in_flight, node.priority, node.parent)
+            t = leaf.config
+            core.set_tenant(tenant, weight, t.max_in_flight, leaf.priority, leaf.parent)
 
 
 def _merged_lifts(cores: list[DispatchCore]) -> dict[str, tuple[int, float]]:

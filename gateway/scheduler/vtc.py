@@ -108,9 +108,19 @@ class _Group:
     """An inner node of the tenant tree (or a tier's root): its counter and a heap of its
     backlogged children, entries ``(counter key, seq, version, name)`` as for tenants."""
 
-    __slots__ = ("committed", "counter", "heap", "kids", "last_left", "name", "queued", "since")
-    __slots__ += ("tier",)
-    __slots__ += ("version", "weight")
+    __slots__ = (
+        "committed",
+        "counter",
+        "heap",
+        "kids",
+        "last_left",
+        "name",
+        "queued",
+        "since",
+        "tier",
+        "version",
+        "weight",
+    )
 
     def __init__(self, name: str, weight: float = 1.0) -> None:
         self.name = name
