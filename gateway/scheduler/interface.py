@@ -156,7 +156,7 @@ class Scheduler(ABC):
         if tier is not None and tier != self._tiers.get(name, 0):
             self._tiers[name] = tier
         self._set_parent(name, parent)
-        self._on_tree_change()
+        self._on_tree_change(name)
 
     def _set_parent(self, node: str, parent: str | None) -> None:
         if parent == self._parents.get(node):
@@ -172,10 +172,10 @@ class Scheduler(ABC):
                     raise ValueError(f"group {parent!r} is inside {node!r}: not a tree")
                 up = self._parents.get(up)
             self._parents[node] = parent
-        self._on_tree_change()
+        self._on_tree_change(node)
 
-    def _on_tree_change(self) -> None:
-        """Hook: the tree changed (a parent, a group's weight or tier)."""
+    def _on_tree_change(self, node: str) -> None:
+        """Hook: ``node``'s place in the tree changed (its parent; a group's weight or tier)."""
 
     def parent(self, node: str) -> str | None:
         return self._parents.get(node)

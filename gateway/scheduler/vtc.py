@@ -304,8 +304,31 @@ class VTCScheduler(Scheduler):
             self._push(tenant, q)  # back in the order; a paused one's entry drops at the top
 
     # -- the tenant tree ---------------------------------------------------------------------
-    def _on_tree_change(self) -> None:
-        self._dirty = True  # rebuilt before the next decision: a reload sets many nodes at once
+    def _on_tree_change(self, node: str) -> None:
+        if self._dirty or not self._tree or not self._attach(node):
+            self._dirty = True  # rebuilt before the next decision: a reload sets many at once
+
+    def _attach(self, tenant: str) -> bool:
+        """Index a tenant new since the last rebuild, without queued jobs, under a group (or
+        tier) that is indexed already: O(depth). False when a rebuild is needed instead."""
+        if tenant not in self._weights or tenant in self._up or self.queued(tenant):
+            return False
+        parent = self._parents.get(tenant)
+        up = self._groups.get(parent) if parent is not None else self._roots.get(self.tier(tenant))
+        if up is None:
+            return False
+        self._up[tenant] = up
+        up.kids.append(tenant)
+        anc = []
+        g = up
+        while g.name in self._groups:
+            anc.append(g)
+            g = self._up[g.name]
+        self._anc[tenant] = tuple(anc)
+        q = self._queues.get(tenant)
+        if q is not None:
+            q.tier = up.tier
+        return True
 
     def _rebuild(self) -> None:
         """Index the tree as it is now: parents, ancestors, per-group queued counts and heaps.
@@ -474,7 +497,8 @@ class VTCScheduler(Scheduler):
         siblings, level by level (the paper's rules at every level)."""
         up = self._up.get(tenant)
         if up is None:  # a tenant added since the last rebuild
-            self._rebuild()
+            if not self._attach(tenant):
+                self._rebuild()
             up = self._up[tenant]
             q.tier = up.tier
         anc = self._anc.get(tenant, ())
