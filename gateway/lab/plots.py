@@ -137,8 +137,33 @@ def plot_latency(results: LabResults, path: Path, dpi: int = 80) -> None:
     plt.close(fig)
 
 
+def plot_levels(results: LabResults, path: Path, dpi: int = 80) -> None:
+    """Service rate of every node of the tenant tree (a group: its tenants' summed), labelled
+    by path; line style by level (solid: the top)."""
+    plt = _pyplot()
+    ticks = m.Ticks.for_duration(results.duration_s)
+    grid = _time_grid(results.duration_s)
+    fig, axes = _panels(plt, len(results.policies), dpi)
+    styles = ("-", "--", ":", "-.")
+    nodes: dict[str, list[str]] = {}  # path -> its tenants
+    for tenant, p in results.paths.items():
+        parts = p.split("/")
+        for level in range(1, len(parts) + 1):
+            nodes.setdefault("/".join(parts[:level]), []).append(tenant)
+    for ax, (policy, run) in zip(axes, results.policies.items(), strict=True):
+        by = m.by_tenant(run.records, results.tenants)
+        groups = {n: [r for t in ts for r in by.get(t, [])] for n, ts in nodes.items()}
+        rates = m.service_rates(groups, grid, ticks.window, results.prices)
+        for node, ys in rates.items():
+            style = styles[min(node.count("/"), len(styles) - 1)]
+            ax.plot(grid, ys, linewidth=1, linestyle=style, label=node)
+        _style_panel(ax, policy, "service (tok/s)")
+    _finish(fig, axes, path, len(nodes))
+    plt.close(fig)
+
+
 def plot_all(results: LabResults, out_dir: Path, dpi: int = 80, prefix: str = "") -> list[Path]:
-    """Write the three figures into ``out_dir``; returns their paths."""
+    """Write the three figures (four with a tenant tree) into ``out_dir``; their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [
         out_dir / f"{prefix}service_rate.png",
@@ -148,4 +173,7 @@ def plot_all(results: LabResults, out_dir: Path, dpi: int = 80, prefix: str = ""
     plot_service_rate(results, paths[0], dpi)
     plot_acc_gap(results, paths[1], dpi)
     plot_latency(results, paths[2], dpi)
+    if results.paths:
+        paths.append(out_dir / f"{prefix}service_per_level.png")
+        plot_levels(results, paths[-1], dpi)
     return paths

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.lab.metrics import level_shares
+from gateway.lab.plots import plot_all
 from gateway.lab.report import build_results, load_json, markdown, write_json
 from gateway.lab.simulate import SimConfig, simulate
 from gateway.lab.workloads import load_workload
@@ -70,6 +71,8 @@ clients:
     assert "per level of the tenant tree" in text and "| 2 | org-a/a2 |" in text
     write_json(results, tmp_path / "r.json")
     assert load_json(tmp_path / "r.json").paths == wl.paths()
+    figures = plot_all(results, tmp_path)
+    assert figures[-1].name == "service_per_level.png" and figures[-1].stat().st_size > 0
 
 
 def test_a_bad_tree_in_a_workload_file_is_refused(tmp_path: Path) -> None:
