@@ -115,3 +115,53 @@ async def test_orgs_and_teams_share_3_8_3_8_2_8_and_an_idle_teams_part_stays_in_
         assert d.total_queued() == 0 and not any(d.core.group_running.values())
     assert _within(all3, {"a1": 3 / 8, "a2": 3 / 8, "b": 2 / 8}), all3
     assert _within(two, {"a1": 3 / 4, "b": 1 / 4}), two
+
+
+async def _send(http: httpx.AsyncClient, key: str, max_tokens: int) -> int:
+    body = {"model": MODEL, "prompt": "go", "max_tokens": max_tokens, "ignore_eos": True}
+    resp = await http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    return resp.status_code
+
+
+async def test_a_batch_organisation_waits_for_interactive_teams_and_takes_an_idle_backend() -> None:
+    """Tiers are the tree's top level: org-n (batch) with teams n1, n2 gets every slot while
+    the interactive org is idle, and no dispatch while any interactive request waits."""
+    seqs = 4
+    tree = [
+        {"name": "org-i", "tenants": [{"name": t, "api_keys": [f"key-{t}"]} for t in ("a", "b")]},
+        {
+            "name": "org-n",
+            "tier": "batch",
+            "tenants": [{"name": t, "api_keys": [f"key-{t}"]} for t in ("n1", "n2")],
+        },
+    ]
+    sim = {"speed": 4.0, "max_num_seqs": seqs}
+    async with gateway_stack(
+        gateway={"tenants": tree}, sim=sim, backend={"max_num_seqs": seqs}
+    ) as stack:
+        d = stack.state.dispatcher
+        log: list[tuple[str, int, int]] = []  # (tenant, interactive queued, batch queued)
+
+        def seen(job: Any) -> None:
+            log.append((job.tenant, d.core.queued_under("org-i"), d.core.queued_under("org-n")))
+
+        d.on_dispatch = seen
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120) as http:
+            batch = [
+                asyncio.create_task(_send(http, key, 1200)) for key in ("key-n1", "key-n2") * 2
+            ]
+            await wait_for(lambda: d.core.group_running.get("org-n") == seqs)
+            batch += [asyncio.create_task(_send(http, key, 16)) for key in ("key-n1", "key-n2") * 2]
+            await wait_for(lambda: d.core.queued_under("org-n") == seqs)
+            inter = [
+                asyncio.create_task(_send(http, key, 16))
+                for _ in range(6)
+                for key in ("key-a", "key-b")
+            ]
+            assert await asyncio.gather(*inter, *batch) == [200] * (12 + 2 * seqs)
+        assert {t for t, _, _ in log[:seqs]} == {"n1", "n2"}  # the idle backend, both teams
+        later = log[seqs:]
+        assert all(waiting == 0 for t, waiting, _ in later if t in ("n1", "n2"))
+        assert sum(1 for t, _, queued in later if t in ("a", "b") and queued) >= 6
+        await wait_for(lambda: stack.state.admission.in_flight() == 0)
+        assert d.total_queued() == 0 and d.core.group_running == {"org-i": 0, "org-n": 0}
