@@ -72,9 +72,21 @@ class ReloadResult:
 
 
 def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
-    """Apply the reloadable parts of ``new`` to ``state`` (see the module docstring)."""
+    """Apply the reloadable parts of ``new`` to ``state`` (see the module docstring).
+    Raises :class:`ConfigError`, changing nothing, if a name turns from a tenant into a group
+    or back (that needs a restart: the schedulers know it as the other kind)."""
     old = state.config
     effective, ignored = _effective(old, new)
+    core = state.dispatcher.core
+    flipped = [
+        n.name
+        for n in effective.nodes()
+        if core.role(n.name) not in (None, "tenant" if n.leaf else "group")
+    ]
+    if flipped:
+        raise ConfigError(
+            [f"tenants: {n!r} would change between tenant and group; restart" for n in flipped]
+        )
     for item in ignored:
         log.warning("config reload: %s changed; it takes effect after a restart", item)
 
@@ -171,7 +183,12 @@ class Reloader:
             )
             return False
         log.info("config reload (%s) from %s", reason, self.path)
-        apply_config(self.state, new)
+        try:
+            apply_config(self.state, new)
+        except ConfigError as exc:
+            self.state.stats.reload(ok=False)
+            log.error("config reload (%s) refused: %s", reason, "; ".join(exc.problems))
+            return False
         return True
 
     def changed(self) -> bool:

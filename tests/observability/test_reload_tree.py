@@ -7,8 +7,9 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 
-from gateway.config import parse_config
+from gateway.config import ConfigError, parse_config
 from gateway.reload import apply_config
 from tests.gateway.conftest import MODEL, gateway_stack, wait_for
 
@@ -93,3 +94,16 @@ async def test_a_group_queue_limit_answers_429_for_all_its_tenants() -> None:
             assert [r.status_code for r in responses] == [200] * 4
         await wait_for(lambda: stack.state.admission.in_flight() == 0)
         assert d.total_queued() == 0
+
+
+async def test_a_tenant_cannot_become_a_group_by_reload() -> None:
+    async with gateway_stack(gateway={"tenants": OLD}) as stack:
+        d = stack.state.dispatcher
+        flipped = [{"name": "a1", "tenants": [team("x")]}, {**team("b2"), "name": "org-b"}]
+        with pytest.raises(ConfigError) as exc:
+            apply_config(stack.state, parse_config(raw_config(stack, flipped)))
+        assert exc.value.problems == [
+            "tenants: 'a1' would change between tenant and group; restart",
+            "tenants: 'org-b' would change between tenant and group; restart",
+        ]
+        assert stack.state.config.hierarchical and "x" not in d.tenant_limits()  # unchanged
