@@ -487,9 +487,12 @@ class VTCScheduler(Scheduler):
     def _level_floor(self, up: _Group) -> float | None:
         """The lift's floor among ``up``'s children: their least backlogged counter, else the
         counter of the child that last left the backlog."""
-        best = self._best(up.heap)
-        if best is not None:
-            return self._node_counter(best)
+        heap = up.heap
+        while (best := self._best(heap)) is not None:
+            g = self._groups.get(best)
+            if g is None or self._descend(g.heap) is not None:
+                return self._node_counter(best)
+            heapq.heappop(heap)  # a group whose tenants are all paused is no floor (as flat)
         return self._node_counter(up.last_left) if up.last_left is not None else None
 
     def _admit_tree(self, tenant: str, q: _Queue, job: Job, now: float) -> None:

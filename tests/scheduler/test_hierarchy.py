@@ -493,3 +493,21 @@ def test_moving_a_running_tenant_keeps_group_counts_right() -> None:
     while h.granted:
         h.release(h.granted[0][0].tenant)
     assert h.core.group_running == {"A": 0, "B": 0}  # each release counted where it started
+
+
+def test_a_group_with_only_paused_tenants_is_no_lift_floor() -> None:
+    """As a paused tenant in a flat order: an organisation that cannot run now does not lift
+    a returning one to its counter."""
+    sched = shipped(ORGS, Prices())
+    for _ in range(5):
+        sched.submit(make_job("a1", 100, 10), 0)
+    for _ in range(3):
+        sched.pop(0)
+    assert sched.group_counter("A") == 100
+    sched.pause("a1")
+    sched.submit(make_job("b", 10, 10), 0)
+    assert sched.group_counter("B") == 0
+    sched.resume("a1")
+    sched.pause("b")
+    sched.submit(make_job("a2", 10, 10), 0)  # a1 runs again: a2 is lifted to it
+    assert sched.counter("a2") == sched.counter("a1")
