@@ -511,3 +511,20 @@ def test_a_group_with_only_paused_tenants_is_no_lift_floor() -> None:
     sched.pause("b")
     sched.submit(make_job("a2", 10, 10), 0)  # a1 runs again: a2 is lifted to it
     assert sched.counter("a2") == sched.counter("a1")
+
+
+def test_a_slot_is_held_for_a_busy_tenant_ahead_at_the_level_where_paths_diverge() -> None:
+    sched = shipped(ORGS, Prices())
+    done = make_job("a1", 10, 10)
+    sched.submit(done, 0)
+    sched.pop(0)
+    sched.finish(done, 0)
+    assert not sched.entitled("a1", 0)  # nobody waits: nothing to hold against
+    sched.submit(make_job("b", 10, 10), 0)
+    sched.set_counter("b", 1000.0)  # org B far ahead of org A
+    assert not sched.entitled("a1", 0)  # not busy: no credit, no hold
+    sched.hold(done)  # a1's next request is expected: A keeps what a1 has committed
+    assert sched.entitled("a1", 0)  # A (idle) would be lifted below B: a1 goes first
+    sched.set_counter("a1", 5000.0)  # A's counter passes B's
+    assert not sched.entitled("a1", 0)
+    sched.unhold(done)
