@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import aiohttp
 
-from ..errors import BackendRejected, BackendUnreachable, StreamBroken
-from .interface import ModelInfo
+from ..errors import BackendRejected, BackendUnreachable, GatewayError, StreamBroken
+from .interface import ModelInfo, UpstreamStream
+from .sse import sse_batches
 from .vllm_metrics import parse_kv_capacity
 
 _TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -28,42 +29,18 @@ class _AiohttpStream:
         self._resp = resp
         self.finished = False  # [DONE] was read
 
-    async def batches(self) -> AsyncIterator[list[bytes]]:
+    def batches(self) -> AsyncIterator[list[bytes]]:
         """Yield the ``data:`` payloads of each network read (a non-empty list) until
         ``[DONE]``.
 
         One ``readany`` per read, split into lines here: far cheaper than one ``readline`` per
         line, and a relay that writes each batch at once makes one client write per read.
         """
-        content = self._resp.content
-        rest = b""
+        return sse_batches(self._read, self)
+
+    async def _read(self) -> bytes:
         try:
-            while True:
-                data = await content.readany()
-                if not data:
-                    raise StreamBroken("backend closed the stream before [DONE]")
-                if rest:
-                    data = rest + data
-                if b"\r" in data:  # CRLF or CR line ends: blank lines are skipped anyway
-                    data = data.replace(b"\r", b"\n")
-                end = data.rfind(b"\n")
-                if end < 0:
-                    rest = data
-                    continue
-                rest = data[end + 1 :]
-                batch: list[bytes] = []
-                for line in data[:end].split(b"\n"):
-                    if line.startswith(b"data:"):
-                        payload = line[5:].strip()
-                        if payload == b"[DONE]":
-                            self.finished = True
-                            if batch:
-                                yield batch
-                            return
-                        batch.append(payload)
-                    # blank separators, comments (": ping") and other fields are skipped
-                if batch:
-                    yield batch
+            return await self._resp.content.readany()
         except TimeoutError as exc:
             raise StreamBroken("backend stalled: no data within the read timeout") from exc
         except aiohttp.ClientError as exc:
@@ -77,6 +54,9 @@ class AiohttpUpstream:
 
     ``api_keys`` maps a backend URL to the bearer token it expects (vLLM's ``--api-key``,
     ``backends[].api_key``); it is sent on ``/v1/*`` and ``/tokenize`` and never logged.
+
+    ``lean``: stream from ``http://`` backends on :mod:`.h1` (httptools) instead of aiohttp's
+    client; None (default) = when httptools is installed.
     """
 
     def __init__(
@@ -84,6 +64,7 @@ class AiohttpUpstream:
         connect_timeout: float = 5.0,
         read_timeout: float = 300.0,
         api_keys: Mapping[str, str | None] | None = None,
+        lean: bool | None = None,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
@@ -93,6 +74,15 @@ class AiohttpUpstream:
         self._headers: dict[str, dict[str, str]] = {  # backend URL -> headers to send
             url: {"Authorization": f"Bearer {key}"} for url, key in (api_keys or {}).items() if key
         }
+        self._h1: Any = None
+        if lean is not False:
+            try:
+                from .h1 import H1Client
+            except ImportError:
+                if lean:
+                    raise
+            else:
+                self._h1 = H1Client(connect_timeout, read_timeout, self._headers, _status_error)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -101,6 +91,8 @@ class AiohttpUpstream:
         )
 
     async def close(self) -> None:
+        if self._h1 is not None:
+            self._h1.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -111,8 +103,15 @@ class AiohttpUpstream:
             raise RuntimeError("upstream session not started")
         return self._session
 
+    def open(self, url: str, path: str, body: bytes) -> AbstractAsyncContextManager[UpstreamStream]:
+        if self._h1 is not None and self._h1.supports(url):
+            return self._h1.open(url, path, body)  # type: ignore[no-any-return]
+        return self._open_aiohttp(url, path, body)
+
     @asynccontextmanager
-    async def open(self, url: str, path: str, body: bytes) -> AsyncIterator[_AiohttpStream]:
+    async def _open_aiohttp(
+        self, url: str, path: str, body: bytes
+    ) -> AsyncIterator[_AiohttpStream]:
         try:
             resp = await self.session.post(
                 url + path,
@@ -202,19 +201,27 @@ def _probe_failed(exc: BaseException) -> BackendUnreachable:
 
 async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     try:
-        raw = await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise BackendUnreachable(
-            f"backend answered {resp.status} and broke off", kind="error_before_stream"
-        ) from exc
+        raw: bytes | None = await resp.read()
+    except (aiohttp.ClientError, TimeoutError):
+        raw = None
+    raise _status_error(resp.status, raw)
+
+
+def _status_error(status: int, raw: bytes | None) -> GatewayError:
+    """The error for a non-200 answer before streaming with body ``raw`` (None: the body
+    broke off)."""
+    if raw is None:
+        return BackendUnreachable(
+            f"backend answered {status} and broke off", kind="error_before_stream"
+        )
     try:
         body = json.loads(raw)
     except ValueError:
         body = None
-    if resp.status >= 500 or resp.status in (401, 403) or not isinstance(body, dict):
+    if status >= 500 or status in (401, 403) or not isinstance(body, dict):
         # 401/403: the backend refuses the gateway's own credentials (backends[].api_key), not
         # the client's request: treat it as a failing backend, never pass it to the client
-        raise BackendUnreachable(
-            f"backend answered {resp.status} before streaming", kind="error_before_stream"
+        return BackendUnreachable(
+            f"backend answered {status} before streaming", kind="error_before_stream"
         )
-    raise BackendRejected(resp.status, body)
+    return BackendRejected(status, body)
