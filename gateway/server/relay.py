@@ -2,7 +2,8 @@
 
 Upstream the gateway always streams with ``stream_options: {include_usage: true,
 continuous_usage_stats: true}``, so every chunk carries the exact cumulative
-``usage.completion_tokens``; the difference from the previous chunk is charged at once. A backend
+``usage.completion_tokens``; what one upstream read brought is charged at once, when the read
+has been processed (one charge per read, not per chunk). A backend
 that ignores ``continuous_usage_stats`` still works: the tokens of each delta's text are counted
 instead, and the final usage chunk reconciles.
 
@@ -18,7 +19,9 @@ The client gets exactly the format it asked for:
 
 Hot path (streaming, every chunk after the first): vLLM dumps compact JSON with ``usage`` as the
 last top-level key, so :meth:`ChunkProcessor.feed` reads ``completion_tokens`` from that tail and
-cuts it off with byte operations, without parsing or re-serialising the chunk. A raw ``"`` can
+cuts it off with byte operations, without parsing or re-serialising the chunk; the top-level keys
+before ``choices`` (id, object, created, model) are the same bytes in every chunk of a stream, so
+once checked they are compared with one ``startswith``. A raw ``"`` can
 only be structural in JSON (inside strings it is escaped), so the byte patterns below cannot
 match string content. Anything that does not have exactly that shape (an error, spaces, nested
 usage details, a reordered chunk) takes the full JSON path, which behaves the same.
@@ -108,7 +111,9 @@ class ChunkProcessor:
         self.reported_completion: int | None = None
         self.prompt_tokens: int | None = None  # backend's count, once known
         self._usage: dict[str, Any] | None = None
-        self._usage_raw: bytes | None = None  # the latest usage object, parsed on demand
+        #: (payload, offset of ',"usage":') of the latest fast-path chunk: parsed on demand
+        self._usage_at: tuple[bytes, int] | None = None
+        self._prefix: bytes | None = None  # a checked chunk's bytes up to '"choices":'
         self.error: dict[str, Any] | None = None
         self.malformed: str | None = None  # set by feed_batch when a payload is not a chunk
         self.first_chunk: dict[str, Any] | None = None
@@ -122,58 +127,74 @@ class ChunkProcessor:
     @property
     def usage(self) -> dict[str, Any] | None:
         """The backend's latest ``usage`` object."""
-        if self._usage_raw is not None:
-            self._usage = _loads(self._usage_raw)
-            self._usage_raw = None
+        at = self._usage_at
+        if at is not None:
+            payload, i = at
+            self._usage = _loads(payload[i + 9 : payload.index(b"}", i) + 1])
+            self._usage_at = None
         return self._usage
 
     def feed_batch(self, payloads: list[bytes]) -> bytes:
         """Feed the payloads of one upstream read in order; return the client's bytes for all
         of them, joined. Stops at the first error event (:attr:`error` is set) or malformed
-        payload (:attr:`malformed` is set); the bytes returned are those before it."""
-        if len(payloads) == 1:
-            try:
-                return self.feed(payloads[0]) or b""
-            except ValueError as exc:
-                self.malformed = str(exc) or exc.__class__.__name__
-                return b""
+        payload (:attr:`malformed` is set); the bytes returned are those before it. The output
+        tokens the read brought are charged once, at its end."""
         out: list[bytes] = []
-        for payload in payloads:
-            try:
-                rendered = self.feed(payload)
-            except ValueError as exc:
-                self.malformed = str(exc) or exc.__class__.__name__
-                break
-            if self.error is not None:
-                break
-            if rendered is not None:
-                out.append(rendered)
-        return b"".join(out)
+        try:
+            for payload in payloads:
+                rendered = self._feed_one(payload)
+                if self.error is not None:
+                    break
+                if rendered:
+                    out.append(rendered)
+        except ValueError as exc:
+            self.malformed = str(exc) or exc.__class__.__name__
+        self._settle()
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def feed(self, payload: bytes) -> bytes | None:
         """Process one upstream ``data:`` payload; return the SSE bytes for the client (or None)."""
+        rendered = self._feed_one(payload)
+        self._settle()
+        return rendered or None
+
+    def _settle(self) -> None:
+        """Charge the output tokens the backend reported beyond those charged so far."""
+        n = self.reported_completion
+        if n is not None and n > self.completion_tokens:
+            self._charge(n - self.completion_tokens)
+            self.completion_tokens = n
+
+    def _feed_one(self, payload: bytes) -> bytes | None:
         if self.first_chunk is not None and self._fast:
             fast = self._feed_fast(payload)
             if fast is not None:
-                return fast or None
+                return fast
         return self._feed_json(payload)
 
     def _feed_fast(self, payload: bytes) -> bytes | None:
         """The byte-level path for a compact chunk ending in a flat ``usage``; None when the
         payload does not have that shape (then nothing was changed), else the client's bytes
-        (``b""`` for nothing)."""
+        (``b""`` for nothing). Records the backend's count; :meth:`_settle` charges it."""
+        # Every chunk of a stream starts with the same top-level keys up to "choices" (id,
+        # object, created, model): once checked, that prefix is compared in one step.
+        prefix = self._prefix
+        if prefix is not None and payload.startswith(prefix):
+            j = len(prefix) - 10
+        else:
+            j = payload.find(_CHOICES)
+            if j < 0 or payload.find(b"{", 1, j) >= 0 or payload.find(b"[", 0, j) >= 0:
+                return None  # "choices" is not a plain top-level key
+            self._prefix = payload[: j + 10]
         # usage closes the chunk: look for it in the tail only (a forward search is cheaper
         # than rfind; a nested "usage" found there instead fails the anchored match below)
-        i = payload.find(_USAGE_KEY, max(0, len(payload) - _USAGE_WINDOW))
+        i = payload.find(_USAGE_KEY, max(j + 10, len(payload) - _USAGE_WINDOW))
         if i < 0 or b'"error":' in payload:
             return None
-        j = payload.find(_CHOICES, 0, i)
-        if j < 0 or payload.find(b"{", 1, j) >= 0 or payload.find(b"[", 0, j) >= 0:
-            return None  # "choices" is not a plain top-level key before usage
         m = _VLLM_USAGE.fullmatch(payload, i + 9)
         if m is not None:
-            self.prompt_tokens = int(m.group(1))
-            n = int(m.group(2))
+            self.prompt_tokens = int(m[1])
+            self.reported_completion = int(m[2])
         else:
             if _USAGE_TAIL.fullmatch(payload, i + 9) is None:
                 return None
@@ -183,12 +204,8 @@ class ChunkProcessor:
             pt = _PROMPT.search(payload, i)
             if pt is not None:
                 self.prompt_tokens = int(pt.group(1))
-            n = int(ct.group(1))
-        self._usage_raw = payload[i + 9 : payload.index(b"}", i) + 1]
-        self.reported_completion = n
-        if n > self.completion_tokens:
-            self._charge(n - self.completion_tokens)
-            self.completion_tokens = n
+            self.reported_completion = int(ct.group(1))
+        self._usage_at = (payload, i)  # parsed only if asked for
         fmt = self.fmt
         if fmt.passthrough:
             return b"data: " + payload + b"\n\n"
@@ -208,7 +225,7 @@ class ChunkProcessor:
         choices = obj.get("choices") or []
         if isinstance(usage, dict):
             self._usage = usage
-            self._usage_raw = None
+            self._usage_at = None
             pt = usage.get("prompt_tokens")
             if isinstance(pt, int):
                 self.prompt_tokens = pt

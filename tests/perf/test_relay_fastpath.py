@@ -145,3 +145,17 @@ def test_compact_vllm_chunks_take_the_fast_path(chunk: bytes) -> None:
     )
     proc.feed(STREAMS["chat"][0])
     assert proc._feed_fast(chunk) is not None
+
+
+def test_a_read_is_charged_once_with_all_its_tokens() -> None:
+    charged: list[int] = []
+    fmt = client_format({"stream": True}, chat=True)
+    proc = ChunkProcessor(Job("t", 5, 10, 0.0), fmt, charged.append, TokenCounter())
+    proc.feed_batch([_chat("", 0)])
+    out = proc.feed_batch([_chat("a", 1), _chat("b", 2), _chat("c", 3)])
+    assert charged == [3] and out.count(b"data: ") == 3
+    # a malformed payload ends the read: the tokens before it are still charged
+    proc.feed_batch([_chat("d", 4), b"{not json"])
+    assert charged == [3, 1] and proc.malformed is not None
+    assert proc.completion_tokens == proc.reported_completion == 4
+    assert proc.usage == _usage(4)
