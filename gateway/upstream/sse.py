@@ -20,6 +20,18 @@ class SseSplitter:
         self.done = False
 
     def feed(self, data: bytes) -> list[bytes]:
+        if (  # the common read: exactly one whole event, "data: ...\n\n"
+            not self._rest
+            and data.startswith(b"data:")
+            and data.find(b"\n") == len(data) - 2
+            and data.endswith(b"\n\n")
+            and b"\r" not in data
+        ):
+            payload = data[5:-2].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                return []
+            return [payload]
         if self._rest:
             data = self._rest + data
         if b"\r" in data:  # CRLF or CR line ends: blank lines are skipped anyway
