@@ -166,7 +166,7 @@ class ChunkProcessor:
             self.completion_tokens = n
 
     def _feed_one(self, payload: bytes) -> bytes | None:
-        if self.first_chunk is not None and self._fast:
+        if self._fast:  # a stream's chunks, the first included, are never parsed
             fast = self._feed_fast(payload)
             if fast is not None:
                 return fast
