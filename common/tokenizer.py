@@ -91,13 +91,26 @@ def get_encoder(spec: str = DEFAULT_ENCODING) -> Encoder:
     return _TiktokenEncoder(spec)
 
 
+#: Texts up to this many characters have their counts remembered (roles, system prompts and
+#: other repeated short texts are counted once), at most this many of them (least recently used
+#: dropped): at most a few MB.
+CACHED_TEXT_CHARS = 2048
+CACHED_TEXTS = 4096
+
+
 class TokenCounter:
     """Counts prompt tokens of OpenAI request bodies with one encoder."""
 
     def __init__(self, encoder: Encoder | None = None) -> None:
         self.encoder = encoder if encoder is not None else get_encoder()
+        self._short = functools.lru_cache(maxsize=CACHED_TEXTS)(self._encoded_len)
+
+    def _encoded_len(self, text: str) -> int:
+        return len(self.encoder.encode(text))
 
     def count_text(self, text: str) -> int:
+        if len(text) <= CACHED_TEXT_CHARS:
+            return self._short(text)
         return len(self.encoder.encode(text))
 
     def count_chat(self, messages: Any) -> int:

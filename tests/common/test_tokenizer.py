@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from common.tokenizer import (
+    CACHED_TEXT_CHARS,
     NON_TEXT_PART_TOKENS,
     REPLY_PRIMING_TOKENS,
     TOKENS_PER_MESSAGE,
@@ -79,3 +80,23 @@ def test_bad_prompts_name_the_field(
     with pytest.raises(PromptError) as info:
         counter.count_request(body, chat)
     assert info.value.param == param
+
+
+def test_repeated_short_texts_are_counted_once_and_exactly(counter: TokenCounter) -> None:
+    calls: list[str] = []
+    enc = counter.encoder
+
+    class Spy:
+        def encode(self, text: str) -> list[int]:
+            calls.append(text)
+            return list(enc.encode(text))
+
+    spy = TokenCounter(Spy())  # type: ignore[arg-type]
+    short = "You are a helpful assistant. " * 10
+    long = "x y " * CACHED_TEXT_CHARS  # longer than the cached texts
+    for _ in range(3):
+        assert spy.count_text(short) == len(enc.encode(short))
+        assert spy.count_text(long) == len(enc.encode(long))
+    assert calls.count(short) == 1 and calls.count(long) == 3
+    # a counter with another encoder never sees these counts
+    assert TokenCounter(enc).count_text(short) == len(enc.encode(short))
