@@ -19,7 +19,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -190,6 +190,7 @@ class Recorder:
     ) -> None:
         self.registry = CollectorRegistry()
         self.stats = stats
+        self._children: dict[tuple[int, str], Any] = {}
         self.queue_wait = self._latency("vtc_queue_wait_seconds", "Time from arrival to dispatch.")
         self.ttft = self._latency(
             "vtc_time_to_first_token_seconds", "Time from arrival to the first output token."
@@ -206,6 +207,15 @@ class Recorder:
         )
         self.fairness = FairnessWindow(fairness_window_s)
         self.registry.register(_StateCollector(stats, snapshot, self.fairness, clock))
+
+    def observe(self, hist: Histogram, label: str, seconds: float) -> None:
+        """``hist.labels(label).observe(seconds)``, the labelled child looked up once (labels()
+        validates and locks on every call: three times per request)."""
+        key = (id(hist), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = hist.labels(label)
+        child.observe(seconds)
 
     def _latency(self, name: str, documentation: str) -> Histogram:
         """A per-tenant latency histogram in seconds."""

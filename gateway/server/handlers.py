@@ -104,7 +104,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         state.stats.outcome(tenant, "client_cancelled")
         raise
     lab = state.stats.label(tenant)
-    state.recorder.queue_wait.labels(lab).observe(state.clock() - arrival)
+    state.recorder.observe(state.recorder.queue_wait, lab, state.clock() - arrival)
     return await forward(request, state, job, grant, payload, client_format(body, chat), chat)
 
 

@@ -133,7 +133,8 @@ async def forward(
             stats.completion_tokens[job.tenant] += job.output_tokens
         stats.outcome(job.tenant, outcome)
         if outcome == "ok":
-            state.recorder.e2e.labels(stats.label(job.tenant)).observe(state.clock() - job.arrival)
+            rec = state.recorder
+            rec.observe(rec.e2e, stats.label(job.tenant), state.clock() - job.arrival)
 
 
 async def _relay(
@@ -168,7 +169,7 @@ async def _relay(
             out = proc.feed_batch(batch)
             if waiting_first and job.output_tokens:
                 waiting_first = False
-                state.recorder.ttft.labels(lab).observe(state.clock() - job.arrival)
+                state.recorder.observe(state.recorder.ttft, lab, state.clock() - job.arrival)
             if out and resp is not None:
                 if transport is not None and transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                     await _write_or_drop(resp, out, transport, write_timeout)
