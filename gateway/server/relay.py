@@ -64,6 +64,11 @@ _VLLM_USAGE = re.compile(
     rb'\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)'
     rb'(?:,"prompt_tokens_details":null)?\}\}\s*'
 )
+#: vLLM's last chunk (``"choices":[]``): the usage object, then ``system_fingerprint``.
+_VLLM_FINAL = re.compile(
+    rb'\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)'
+    rb'(?:,"prompt_tokens_details":null)?\},"system_fingerprint":(?:null|"[^"\\]*")\}\s*'
+)
 _USAGE_WINDOW = 256  # the longest usage tail searched for, in bytes
 _COMPLETION = re.compile(rb'"completion_tokens":(\d+)')
 _PROMPT = re.compile(rb'"prompt_tokens":(\d+)')
@@ -192,6 +197,8 @@ class ChunkProcessor:
         if i < 0 or b'"error":' in payload:
             return None
         m = _VLLM_USAGE.fullmatch(payload, i + 9)
+        if m is None and payload.startswith(b"[]", j + 10):
+            m = _VLLM_FINAL.fullmatch(payload, i + 9)  # sent whole or not at all (below)
         if m is not None:
             self.prompt_tokens = int(m[1])
             self.reported_completion = int(m[2])

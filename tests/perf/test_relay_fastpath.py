@@ -24,14 +24,17 @@ def _usage(completion: int, details: bool = False) -> dict[str, Any]:
     return u
 
 
-def _chat(text: str | None, n: int, finish: str | None = None, **usage: Any) -> bytes:
+def _chat(
+    text: str | None, n: int, finish: str | None = None, fingerprint: str = "", **usage: Any
+) -> bytes:
     choices = (
         []
         if text is None
         else [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}]
     )
     head = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-    return _compact({**head, "choices": choices, "usage": _usage(n, **usage)})
+    last = {"system_fingerprint": fingerprint} if fingerprint else {}
+    return _compact({**head, "choices": choices, "usage": _usage(n, **usage), **last})
 
 
 def _completion(text: str | None, n: int) -> bytes:
@@ -55,9 +58,10 @@ STREAMS = {
         _chat("long " * 300, 3),
         _compact({"choices": [{"delta": {"content": "s"}}], "usage": _usage(4)})[:-1] + b"}",
         _chat("x", 5, finish="length"),
-        _chat(None, 5),
+        _chat(None, 5, fingerprint="vllm-0.32.0"),  # vLLM's last chunk
     ],
     "completions": [_completion("a", 1), _completion(TRICKY, 2), _completion(None, 2)],
+    "final": [_chat("", 0), _chat("a", 1), _chat(None, 1), _chat(None, 1, fingerprint='x"y')],
     "odd": [
         _chat("", 0),
         json.dumps(json.loads(_chat("spaced", 1))).encode(),  # not compact: slow path
