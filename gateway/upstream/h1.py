@@ -189,9 +189,8 @@ class _Conn(asyncio.Protocol):
 class H1Stream:
     """A started response (status 200): its ``data:`` payloads, batched per read."""
 
-    def __init__(self, conn: _Conn, read_timeout: float) -> None:
+    def __init__(self, conn: _Conn) -> None:
         self._conn = conn
-        self._timeout = read_timeout
         self.finished = False  # [DONE] was read
 
     async def _read(self) -> bytes:
@@ -323,7 +322,7 @@ class H1Client:
                 except (_Lost, TimeoutError):
                     raw = None
                 raise self._status_error(conn.status, raw)
-            stream = H1Stream(conn, self._read_timeout)
+            stream = H1Stream(conn)
             yield stream
         finally:
             if timer:

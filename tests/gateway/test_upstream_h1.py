@@ -19,8 +19,6 @@ from gateway.upstream.http import AiohttpUpstream
 
 from .conftest import wait_for
 
-pytest.importorskip("httptools")
-
 
 def _body(model: str, max_tokens: int = 6, **extra: Any) -> bytes:
     return json.dumps(
