@@ -58,10 +58,15 @@ STREAMS = {
         _chat("long " * 300, 3),
         _compact({"choices": [{"delta": {"content": "s"}}], "usage": _usage(4)})[:-1] + b"}",
         _chat("x", 5, finish="length"),
-        _chat(None, 5, fingerprint="vllm-0.32.0"),  # vLLM's last chunk
+        _chat(None, 5),
     ],
     "completions": [_completion("a", 1), _completion(TRICKY, 2), _completion(None, 2)],
-    "final": [_chat("", 0), _chat("a", 1), _chat(None, 1), _chat(None, 1, fingerprint='x"y')],
+    "final": [  # vLLM's last chunk ends with system_fingerprint
+        _chat("", 0),
+        _chat("a", 1),
+        _chat(None, 1, fingerprint="vllm-0.32.0"),
+        _chat(None, 1, fingerprint='x"y'),  # not the pattern's shape: JSON path
+    ],
     "odd": [
         _chat("", 0),
         json.dumps(json.loads(_chat("spaced", 1))).encode(),  # not compact: slow path
@@ -142,7 +147,10 @@ def test_feed_batch_stops_at_error_and_malformed() -> None:
     assert p.feed_batch([b"[1]"]) == b"" and p.malformed is not None
 
 
-@pytest.mark.parametrize("chunk", STREAMS["chat"][1:] + STREAMS["completions"])
+COMPACT_VLLM = STREAMS["chat"][1:] + STREAMS["completions"] + STREAMS["final"][1:3]
+
+
+@pytest.mark.parametrize("chunk", COMPACT_VLLM)
 def test_compact_vllm_chunks_take_the_fast_path(chunk: bytes) -> None:
     proc = ChunkProcessor(
         Job("t", 5, 10, 0.0), client_format({"stream": True}, chat=True), lambda n: None, None
