@@ -813,7 +813,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``bench proxy`` and ``bench scheduler`` to the ``vtc-gateway`` CLI."""
+    """Add ``bench proxy``, ``bench scheduler`` and ``bench cluster`` to the ``vtc-gateway`` CLI."""
     bench = subparsers.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser(
@@ -886,6 +886,16 @@ def register(subparsers: Any) -> None:
     )
     scheduler_bench.add_arguments(sched)
     sched.set_defaults(func=scheduler_bench.run)
+
+    from . import cluster_bench
+
+    cluster = bsub.add_parser(
+        "cluster",
+        help="serve --workers N sharing Redis vs one process: tokens/s, fairness, Redis ops",
+        description=(cluster_bench.__doc__ or "").split("\n\n")[0],
+    )
+    cluster_bench.add_arguments(cluster)
+    cluster.set_defaults(func=cluster_bench.run)
 
 
 def options_from_args(args: argparse.Namespace) -> ProxyOptions:
