@@ -17,8 +17,9 @@ machine drifts):
 * Redis operations per streamed token, from ``INFO commandstats`` deltas over the measured
   window: script calls (``EVALSHA``: what crosses the network) and all commands (including
   those the scripts run inside Redis);
-* TTFT p50 on an idle gateway (``--ttft-concurrency`` clients, short outputs), and what the
-  shared dispatch adds over ``single`` (target <= 0.5 ms);
+* TTFT p50 on idle gateways: every mode runs side by side and ``--ttft-requests`` requests,
+  one at a time, alternate between them (so all see the same machine); what the shared
+  dispatch adds is the median of the paired differences to ``single`` (target <= 0.5 ms);
 * the CPU of the gateway processes (parent and workers), of the simulator and of the load
   generator, the busy share of each core and the load average, so a saturated machine shows.
 
@@ -47,6 +48,7 @@ from redis import asyncio as aioredis
 
 from .bench import (
     MODEL,
+    TOKEN_MARK,
     _f,
     _free_port,
     _pct,
@@ -71,9 +73,8 @@ class ClusterOptions:
     max_num_seqs: int = 32
     duration: float = 8.0
     warmup: float = 2.0
-    ttft_concurrency: int = 1
+    ttft_requests: int = 200
     ttft_max_tokens: int = 16
-    ttft_duration: float = 4.0
     sync_ms: float = 10.0
     lease_s: float = 5.0
 
@@ -299,37 +300,50 @@ async def two_tenant_load(
     return out
 
 
-async def idle_ttft(url: str, opts: ClusterOptions) -> dict[str, Any]:
-    """TTFT with ``ttft_concurrency`` clients of tenant a (no queue): the dispatch latency."""
+async def _ttft_once(session: aiohttp.ClientSession, url: str, body: bytes) -> float | None:
+    """Seconds to the first output token of one streaming request (None on an error)."""
+    headers = {"Authorization": "Bearer bench-key-a", "Content-Type": "application/json"}
+    t0 = time.perf_counter()
+    first = None
+    async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as resp:
+        if resp.status != 200:
+            await resp.read()
+            return None
+        async for data in resp.content.iter_any():
+            if first is None and TOKEN_MARK in data:
+                first = time.perf_counter() - t0
+    return first
+
+
+async def paired_ttft(urls: dict[str, str], opts: ClusterOptions) -> dict[str, Any]:
+    """TTFT on idle gateways, one request at a time, alternating between the modes (all
+    running at once), so that every mode sees the same machine: per mode the p50, and per
+    cluster mode the median of its paired differences to ``single``."""
     body = request_body(opts.ttft_max_tokens, "plain")
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
-    now = time.perf_counter()
-    w = _Window(start=now + 1.0, end=now + 1.0 + opts.ttft_duration)
+    samples: dict[str, list[float | None]] = {m: [] for m in urls}
+    timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        headers = {"Authorization": "Bearer bench-key-a", "Content-Type": "application/json"}
-        await asyncio.gather(
-            *(
-                _worker(
-                    session,
-                    url + "/v1/chat/completions",
-                    body,
-                    headers,
-                    opts.ttft_max_tokens,
-                    w,
-                    [1 << 62],
-                    0.0,
-                )
-                for _ in range(opts.ttft_concurrency)
-            )
-        )
-    return {
-        "concurrency": opts.ttft_concurrency,
-        "max_tokens": opts.ttft_max_tokens,
-        "p50": _pct(w.ttft, 0.5),
-        "p90": _pct(w.ttft, 0.9),
-        "n": len(w.ttft),
-        "errors": w.errors,
-    }
+        for url in urls.values():  # warm up: connections, first-use paths
+            for _ in range(5):
+                await _ttft_once(session, url, body)
+        for i in range(opts.ttft_requests):
+            order = list(urls.items())
+            if i % 2:
+                order.reverse()
+            for m, url in order:
+                samples[m].append(await _ttft_once(session, url, body))
+    out: dict[str, Any] = {"requests": opts.ttft_requests, "max_tokens": opts.ttft_max_tokens}
+    for m, xs in samples.items():
+        ok = [x for x in xs if x is not None]
+        out[m] = {"p50": _pct(ok, 0.5), "p90": _pct(ok, 0.9), "n": len(ok)}
+        if m != "single" and "single" in samples:
+            diffs = [
+                x - y
+                for x, y in zip(xs, samples["single"], strict=True)
+                if x is not None and y is not None
+            ]
+            out[m]["added_p50"] = _pct(diffs, 0.5)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +374,7 @@ async def cluster_benchmark(opts: ClusterOptions, log: Any = print) -> dict[str,
         ):
             redis = aioredis.Redis.from_url(redis_url)
             try:
-                for rnd in range(opts.rounds):
+                for rnd in range(opts.rounds if opts.duration > 0 else 0):
                     for mode in modes:
                         await redis.flushall()
                         await redis.config_resetstat()
@@ -378,18 +392,48 @@ async def cluster_benchmark(opts: ClusterOptions, log: Any = print) -> dict[str,
                                 pids=pids,
                                 redis=redis if mode is not None else None,
                             )
-                            row["ttft_idle_ms"] = await idle_ttft(gw.url, opts)
                         finally:
                             await stop_process(gw.proc)
                         row = {"round": rnd, "mode": _mode(mode), **row}
                         results["runs"].append(row)
                         log(_line(row))
+                if opts.ttft_requests > 0:
+                    await redis.flushall()
+                    results["ttft_idle_ms"] = await _ttft_phase(sim.url, redis_url, workdir, opts)
+                    log(_ttft_line(results["ttft_idle_ms"]))
             finally:
                 await redis.aclose()
     results["summary"] = summarize(results["runs"], opts)
     for line in _summary_lines(results["summary"]):
         log(line)
     return results
+
+
+async def _ttft_phase(
+    sim_url: str, redis_url: str, workdir: Path, opts: ClusterOptions
+) -> dict[str, Any]:
+    """Start ``single`` and each ``wN`` side by side (separate Redis prefixes) and measure."""
+    async with contextlib.AsyncExitStack() as stack:
+        urls: dict[str, str] = {}
+        for mode in [None, *opts.workers]:
+            config = cluster_config(sim_url, opts, None if mode is None else redis_url, "ttft")
+            if mode is not None:
+                config["cluster"]["prefix"] = f"{{vtc-ttft-{mode}}}"
+            gw = await start_gateways(config, workdir, mode)
+            stack.push_async_callback(stop_process, gw.proc)
+            urls[_mode(mode)] = gw.url
+        return await paired_ttft(urls, opts)
+
+
+def _ttft_line(t: dict[str, Any]) -> str:
+    parts = [f"idle TTFT ({t['requests']} requests each, alternating):"]
+    for m, v in t.items():
+        if isinstance(v, dict):
+            part = f"{m} p50 {_f(v['p50'])} ms"
+            if "added_p50" in v:
+                part += f" (+{_f(v['added_p50'])} ms paired, target <= 0.5)"
+            parts.append(part)
+    return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
 def _mode(workers: int | None) -> str:
@@ -410,13 +454,12 @@ def summarize(runs: list[dict[str, Any]], opts: ClusterOptions) -> dict[str, Any
     for mode, rows in by.items():
         redis = [r.get("redis") or {} for r in rows]
         out[mode] = {
-            "tokens_per_s": _range([r["tokens_per_s"] for r in rows]),
-            "share_b": _range([r["share_b"] for r in rows]),
+            "tokens_per_s": _range([r.get("tokens_per_s") for r in rows]),
+            "share_b": _range([r.get("share_b") for r in rows]),
             "script_calls_per_token": _range([x.get("script_calls_per_token") for x in redis]),
             "commands_per_token": _range([x.get("commands_per_token") for x in redis]),
-            "ttft_idle_p50_ms": _range([r["ttft_idle_ms"]["p50"] for r in rows]),
-            "gateway_cpu": _range([r["cpu_share"]["gateway"] for r in rows]),
-            "loadavg_1m": _range([x for r in rows for x in r["loadavg_1m"]]),
+            "gateway_cpu": _range([r.get("cpu_share", {}).get("gateway") for r in rows]),
+            "loadavg_1m": _range([x for r in rows for x in r.get("loadavg_1m", ())]),
         }
 
     def per_round(mode: str, ref: str, key: Any) -> list[float] | None:
@@ -431,18 +474,14 @@ def summarize(runs: list[dict[str, Any]], opts: ClusterOptions) -> dict[str, Any
         return _range(vals)
 
     def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-        return a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
-
-    def added(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-        x, y = a["ttft_idle_ms"]["p50"], b["ttft_idle_ms"]["p50"]
-        return x - y if x is not None and y is not None else None
+        x, y = a.get("tokens_per_s"), b.get("tokens_per_s")
+        return x / y if x is not None and y else None
 
     for mode in list(out):
         if mode != "w1" and mode.startswith("w"):
             out[mode]["tokens_per_s_vs_w1"] = per_round(mode, "w1", ratio)
         if mode != "single":
             out[mode]["tokens_per_s_vs_single"] = per_round(mode, "single", ratio)
-            out[mode]["ttft_idle_p50_added_ms"] = per_round(mode, "single", added)
     return out
 
 
@@ -452,7 +491,7 @@ def summarize(runs: list[dict[str, Any]], opts: ClusterOptions) -> dict[str, Any
 
 HEADER = (
     f"{'round':<6}{'mode':<7}{'tok/s':>8}{'b share':>8}{'scr/tok':>8}{'cmd/tok':>8}"
-    f"{'ttft50':>8}{'idle50':>8}{'gw cpu':>7}{'sim':>5}{'cli':>5}{'cores%':>8}{'load':>11}"
+    f"{'ttft50':>8}{'gw cpu':>7}{'sim':>5}{'cli':>5}{'cores%':>8}{'load':>11}"
 )
 
 
@@ -463,7 +502,7 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['round']:<6}{r['mode']:<7}{r['tokens_per_s']:>8.0f}{_f(r['share_b'], '.3f'):>8}"
         f"{_f(redis.get('script_calls_per_token'), '.4f'):>8}"
         f"{_f(redis.get('commands_per_token'), '.3f'):>8}"
-        f"{_f(r['ttft_ms']['p50']):>8}{_f(r['ttft_idle_ms']['p50']):>8}"
+        f"{_f(r['ttft_ms']['p50']):>8}"
         f"{cpu['gateway']:>7.2f}{cpu['sim']:>5.2f}{cpu['client']:>5.2f}"
         f"{'/'.join(f'{v * 100:.0f}' for v in r['core_busy'].values())[:7]:>8}"
         f"{'-'.join(f'{x:.2f}' for x in r['loadavg_1m']):>11}"
@@ -494,12 +533,6 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
                 f"Redis scripts/token {_rng(v['script_calls_per_token'], '.4f')} (target <= 0.05)"
                 f", commands/token {_rng(v['commands_per_token'], '.3f')}"
             )
-        if "ttft_idle_p50_added_ms" in v:
-            parts.append(
-                f"idle TTFT p50 +{_rng(v['ttft_idle_p50_added_ms'], '.2f')} ms (target <= 0.5)"
-            )
-        else:
-            parts.append(f"idle TTFT p50 {_rng(v['ttft_idle_p50_ms'], '.2f')} ms")
         parts.append(f"load {_rng(v['loadavg_1m'], '.1f')}")
         lines.append(", ".join(parts))
     return lines
@@ -527,11 +560,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="clients per tenant")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    p.add_argument("--duration", type=float, default=d.duration, help="measured seconds per run")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=d.duration,
+        help="measured seconds of the max-rate load per run (0: only the idle TTFT)",
+    )
     p.add_argument("--warmup", type=float, default=d.warmup)
-    p.add_argument("--ttft-concurrency", type=int, default=d.ttft_concurrency)
+    p.add_argument(
+        "--ttft-requests",
+        type=int,
+        default=d.ttft_requests,
+        help="idle TTFT: sequential requests per mode, alternating (0: skip)",
+    )
     p.add_argument("--ttft-max-tokens", type=int, default=d.ttft_max_tokens)
-    p.add_argument("--ttft-duration", type=float, default=d.ttft_duration)
     p.add_argument("--sync-ms", type=float, default=d.sync_ms, help="cluster.sync_interval_s")
     p.add_argument("--out", default="bench-results/cluster.json", help="JSON results file")
 
@@ -546,9 +588,8 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         duration=args.duration,
         warmup=args.warmup,
-        ttft_concurrency=args.ttft_concurrency,
+        ttft_requests=args.ttft_requests,
         ttft_max_tokens=args.ttft_max_tokens,
-        ttft_duration=args.ttft_duration,
         sync_ms=args.sync_ms,
     )
     print(HEADER, flush=True)

@@ -95,6 +95,9 @@ class ClusterCore(DispatchCore):
     the store's :class:`~gateway.cluster.store.LocalView` of this replica."""
 
     store: ClusterStore | None = None
+    #: requests of one tenant one claim may ask slots for (pipelined dispatch: a burst of
+    #: freed slots costs one round trip, not one each)
+    claim_batch: int = 8
 
     def attach(self, store: ClusterStore) -> None:
         assert isinstance(self.admission, ClusterAdmission)
@@ -218,43 +221,71 @@ class ClusterCore(DispatchCore):
                 ]
                 if not candidates:
                     return
-                tokens = job.prompt_tokens + job.max_tokens
-                extra = self.prices.input * job.prompt_tokens / sched.weight(job.tenant)
+                jobs = self._heads(sched, job, now)
+                weight = sched.weight(job.tenant)
+                requests = [
+                    (self.prices.input * j.prompt_tokens / weight, j.prompt_tokens + j.max_tokens)
+                    for j in jobs
+                ]
 
                 def on_result(
-                    res: ClaimResult, sched: Scheduler = sched, job: Job = job, tokens: int = tokens
+                    res: ClaimResult, sched: Scheduler = sched, jobs: list[Job] = jobs
                 ) -> None:
-                    self._claimed(sched, job, tokens, res)
+                    self._claimed(sched, jobs, res)
 
-                last = sched.queued(job.tenant) == 1
+                last = sched.queued(job.tenant) == len(jobs)
                 try:
                     res = await store.claim(
-                        model, job.tenant, extra, last, tokens, candidates, on_result
+                        model, job.tenant, requests, last, candidates, on_result
                     )
                 except ClusterUnavailable:
                     continue  # the store is down now: the next pass decides locally
-                if res.status != "ok" and model not in self._again:
+                if model in self._again:
+                    continue
+                if res.status == "full" or not res.backends:
                     return  # wait for a wake-up (a slot freed, the backlog changed, a tick)
         finally:
             self._claiming.discard(model)
 
-    def _claimed(self, sched: Scheduler, job: Job, tokens: int, res: ClaimResult) -> None:
-        """A claim's reply, processed inside the store's writer: use the slot or return it."""
-        if res.status != "ok" or res.backend is None or self.store is None:
+    def _heads(self, sched: Scheduler, head: Job, now: float) -> list[Job]:
+        """``head`` and up to ``claim_batch - 1`` of its tenant's jobs queued behind it: one
+        claim asks for all of them (Redis grants the later ones only while the tenant keeps
+        the smallest counter, i.e. while they would be the head here too)."""
+        if self.claim_batch <= 1 or sched.queued(head.tenant) <= 1:
+            return [head]
+        jobs = sched.queued_jobs(head.tenant, self.claim_batch)
+        if not jobs or jobs[0] is not head:
+            return [head]
+        live = self._is_live
+        out: list[Job] = []
+        for j in jobs:  # stop at a withdrawn job: the ones behind it would not be the head
+            if live is not None and not live(j):
+                break
+            out.append(j)
+        return out or [head]
+
+    def _claimed(self, sched: Scheduler, jobs: list[Job], res: ClaimResult) -> None:
+        """A claim's reply, processed inside the store's writer: dispatch each granted job
+        that is still the head of the fair order here, return the other slots."""
+        store = self.store
+        if not res.backends or store is None:
             return
         now = self.clock()
-        backend = next((b for b in self.admission.backends() if b.name == res.backend), None)
-        live = self._is_live is None or self._is_live(job)
-        if backend is None or not live or sched.peek(now) is not job:
-            self.store.release(res.backend, tokens)  # the job left meanwhile: give it back
-            return
         admission = self.admission
         assert isinstance(admission, ClusterAdmission)
-        admission.claimed = True
-        try:
-            self.commit(sched, job, backend, now)
-        finally:
-            admission.claimed = False
+        backends = {b.name: b for b in admission.backends()}
+        for job, name in zip(jobs, res.backends, strict=False):
+            backend = backends.get(name)
+            live = self._is_live is None or self._is_live(job)
+            if backend is None or not live or sched.peek(now) is not job:
+                # the job left meanwhile, or another tenant comes first here: give it back
+                store.release(name, job.prompt_tokens + job.max_tokens)
+                continue
+            admission.claimed = True
+            try:
+                self.commit(sched, job, backend, now)
+            finally:
+                admission.claimed = False
 
 
 class ClusterDispatcher(Dispatcher):

@@ -202,14 +202,19 @@ return tostring(counter(model, tenant))
 """
 )
 
-#: Claim a slot for the head request of ``tenant``. ARGV: P, replica, lease_ms, model, tenant,
-#: extra (counter units charged on success), last ('1': the tenant's queue here empties),
-#: tokens, credit (as for MARK), then (backend, max_seqs, max_kv) per candidate backend.
+#: Claim slots for the next ``n`` requests of ``tenant`` (its head request and those queued
+#: behind it here), flushing the claimant's own charges first. ARGV: P, replica, lease_ms, model,
+#: tenant, last ('1': the tenant's queue here empties if all are granted), credit (as for MARK),
+#: base, sent (the flush, as in SYNC), n, then (extra, tokens) per request (``extra``: counter
+#: units charged when granted), then (backend, max_seqs, max_kv) per candidate backend.
 #:
-#: Granted when some candidate has room and either no backlogged tenant has a smaller counter
-#: or, after this booking, the candidates still have room for one more request of this size per
-#: such tenant (their replicas claim it; so a stale backlog entry holds back at most one slot).
-#: Returns {'ok', backend, counter} | {'full', counter, lower} | {'order', counter, lower} |
+#: The first request is granted when some candidate has room and either no backlogged tenant
+#: has a smaller counter or, after this booking, the candidates still have room for one more
+#: request of this size per such tenant (their replicas claim it; so a stale backlog entry holds
+#: back at most one slot). Each further one only while the tenant, charged for the ones before,
+#: still has the smallest counter of the backlog and a candidate has room; the first refusal
+#: ends the claim. Returns {status, counter, lower, backend per granted request...}: status
+#: 'ok' (all granted), 'full' or 'order' (why the first not granted was refused); or
 #: {'unknown'} (the replica must register first).
 CLAIM = (
     _COMMON
@@ -217,29 +222,42 @@ CLAIM = (
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 local known = heartbeat(replica, tonumber(ARGV[3]))
 if not known then return {'unknown'} end
-mark(replica, model, tenant, tonumber(ARGV[9]))
+local raw = redis.call('HGET', P .. ':c:' .. model, tenant)
+set_counter(model, tenant, (raw and tonumber(raw) or tonumber(ARGV[8])) + tonumber(ARGV[9]))
+mark(replica, model, tenant, tonumber(ARGV[7]))
 local c = counter(model, tenant)
-local extra, last, tokens = tonumber(ARGV[6]), ARGV[7], math.max(1, tonumber(ARGV[8]))
-local tol = 1e-9 * math.max(1, math.abs(c))
-local lower = redis.call('ZCOUNT', P .. ':bl:' .. model, '-inf', '(' .. (c - tol))
-local best, best_room, total = nil, 0, 0
-for i = 10, #ARGV, 3 do
-  local be = P .. ':be:' .. ARGV[i]
-  local s = num(redis.call('HGET', be, 's')) or 0
-  local k = num(redis.call('HGET', be, 'k')) or 0
-  local room = math.min(tonumber(ARGV[i + 1]) - s, math.floor((tonumber(ARGV[i + 2]) - k) / tokens))
-  if room > 0 then
-    total = total + room
-    if room > best_room then best, best_room = ARGV[i], room end
+local n = tonumber(ARGV[10])
+local first = 11 + 2 * n
+local out = {'ok', '', 0}
+for j = 1, n do
+  local extra = tonumber(ARGV[9 + 2 * j])
+  local tokens = math.max(1, tonumber(ARGV[10 + 2 * j]))
+  local tol = 1e-9 * math.max(1, math.abs(c))
+  local lower = redis.call('ZCOUNT', P .. ':bl:' .. model, '-inf', '(' .. (c - tol))
+  out[3] = lower
+  if j > 1 and lower > 0 then out[1] = 'order' break end
+  local best, best_room, total = nil, 0, 0
+  for i = first, #ARGV, 3 do
+    local be = P .. ':be:' .. ARGV[i]
+    local s = num(redis.call('HGET', be, 's')) or 0
+    local k = num(redis.call('HGET', be, 'k')) or 0
+    local room = math.min(tonumber(ARGV[i + 1]) - s,
+                          math.floor((tonumber(ARGV[i + 2]) - k) / tokens))
+    if room > 0 then
+      total = total + room
+      if room > best_room then best, best_room = ARGV[i], room end
+    end
   end
+  if not best then out[1] = 'full' break end
+  if lower > 0 and total - 1 < lower then out[1] = 'order' break end
+  add_slots(replica, best, 1, tokens)
+  c = c + extra
+  set_counter(model, tenant, c)
+  out[#out + 1] = best
 end
-if not best then return {'full', tostring(c), lower} end
-if lower > 0 and total - 1 < lower then return {'order', tostring(c), lower} end
-add_slots(replica, best, 1, tokens)
-c = c + extra
-set_counter(model, tenant, c)
-if last == '1' then unmark(replica, model, tenant) end
-return {'ok', best, tostring(c)}
+if out[1] == 'ok' and ARGV[6] == '1' then unmark(replica, model, tenant) end
+out[2] = tostring(c)
+return out
 """
 )
 

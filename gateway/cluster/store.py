@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,10 +55,11 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    status: str  # "ok" | "full" | "order"
-    backend: str | None = None
+    status: str  # "ok" (all granted) | "full" | "order" (why the rest was refused)
+    backend: str | None = None  # the first request's backend, if granted
     counter: float = 0.0
     lower: int = 0  # backlogged tenants with a smaller counter (refusals)
+    backends: tuple[str, ...] = ()  # one per granted request, in order
 
 
 class LocalView(Protocol):
@@ -174,19 +175,24 @@ class ClusterStore:
         self,
         model: str,
         tenant: str,
-        extra: float,
+        requests: Sequence[tuple[float, int]],
         last: bool,
-        tokens: int,
         candidates: Iterable[Candidate],
         on_result: Callable[[ClaimResult], None],
     ) -> ClaimResult:
-        """Ask for a slot for ``tenant``'s head request. ``on_result`` runs synchronously
-        inside the writer as the reply is processed (so the local pop and the counter mirror
-        move together); the result is also returned. Raises :class:`ClusterUnavailable`."""
+        """Ask for slots for ``tenant``'s next requests, ``(extra, tokens)`` each: the head
+        request and those queued behind it, granted in order while the tenant keeps its place
+        (see ``scripts.CLAIM``). The claim carries the tenant's unsent charges. ``on_result``
+        runs synchronously inside the writer as the reply is processed (so the local pops and
+        the counter mirror move together); the result is also returned. ``last``: granting all
+        of them empties the tenant's queue here. Raises :class:`ClusterUnavailable`."""
         if not self.up:
             raise ClusterUnavailable
         credit = repr(float(self.local.credit(model, tenant)))
-        args: list[Any] = [model, tenant, repr(float(extra)), "1" if last else "0", tokens, credit]
+        # base and sent (args 4, 5) are the flush, filled in when the batch is built
+        args: list[Any] = [model, tenant, "1" if last else "0", credit, "0", "0", len(requests)]
+        for extra, tokens in requests:
+            args += [repr(float(extra)), tokens]
         for c in candidates:
             args += [c.name, c.max_seqs, c.max_kv]
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
@@ -201,19 +207,26 @@ class ClusterStore:
                 self._register_due = True
                 self._kick.set()
                 res = ClaimResult("full")
-            elif raw[0] == b"ok":
-                res = ClaimResult("ok", raw[1].decode(), float(raw[2]))
-                held = self.held.setdefault(res.backend or "", [0, 0])
-                held[0] += 1
-                held[1] += tokens
-                if last:
+            else:
+                backends = tuple(b.decode() for b in raw[3:])
+                res = ClaimResult(
+                    raw[0].decode(),
+                    backends[0] if backends else None,
+                    float(raw[1]),
+                    int(raw[2]),
+                    backends,
+                )
+                for backend, (_, tokens) in zip(backends, requests, strict=False):
+                    held = self.held.setdefault(backend, [0, 0])
+                    held[0] += 1
+                    held[1] += tokens
+                if last and res.status == "ok":
                     self._marked.discard(key)
                     self._dirty.add(key)
-            else:
-                res = ClaimResult(raw[0].decode(), None, float(raw[1]), int(raw[2]))
-            on_result(res)  # the local pop (or, if the job left meanwhile, a release)
+            on_result(res)  # the local pops (or, if a job left meanwhile, a release)
             if raw[0] != b"unknown":
-                self._apply(key, res.counter, extra if res.status == "ok" else 0.0)
+                extra = sum(e for e, _ in requests[: len(res.backends)])
+                self._apply(key, res.counter, extra)
             if not fut.done():
                 fut.set_result(res)
 
@@ -254,6 +267,7 @@ class ClusterStore:
                     async with asyncio.timeout(next_tick - now):
                         await self._kick.wait()
             self._kick.clear()
+            await asyncio.sleep(0)  # let the claims this wake-up triggers join the batch
             if self._closed:
                 return
             now = loop.time()
@@ -279,28 +293,45 @@ class ClusterStore:
         local = self.local
         # backlog changes since the last batch become mark/unmark ops
         marks: list[_Op] = []
+        claims = {op.key for op in ops if op.script == "claim"}
         for key in self._dirty:
             want = local.waiting(*key)
             if want != (key in self._marked):
                 (self._marked.add if want else self._marked.discard)(key)
-                marks.append(self._mark_op(key, want))
+                if not (want and key in claims):  # a claim enters the backlog itself
+                    marks.append(self._mark_op(key, want))
         self._dirty.clear()
         register = self._register_due or not self.up
+        if not (full or register or ops or marks):
+            return  # nothing to say between ticks
         if register:  # the registration carries the whole waiting set
             marks = []
             self._marked = {k for k in self._active if local.waiting(*k)}
-        keys = set(self._active) if full else {op.key for op in ops if op.key is not None}
-        keys.update(op.key for op in marks if op.key is not None)
-        entries: list[tuple[Key, float]] = []
-        sync_args: list[Any] = []
-        before = {}
-        for key in keys:
+        before: dict[Key, float] = {}
+
+        def flush(key: Key) -> tuple[str, str]:
+            """(base, sent) of ``key``'s charges since its last flush; now counted as sent."""
             value = local.counter(*key)
             sent = self._sent.get(key, value)
             before[key] = sent
-            entries.append((key, value))
-            sync_args += [key[0], key[1], repr(sent), repr(value - sent)]
             self._sent[key] = value
+            return repr(sent), repr(value - sent)
+
+        claimed = set()
+        for op in ops:  # a claim carries its own tenant's flush
+            if op.script == "claim" and op.key is not None:
+                op.args[4:6] = flush(op.key)
+                claimed.add(op.key)
+        # the SYNC renews the lease and flushes everything else once per interval; between
+        # ticks the claims, releases and backlog changes go alone (each renews the lease too)
+        sync = full
+        entries: list[Key] = []
+        sync_args: list[Any] = []
+        if sync:
+            for key in self._active:
+                if key not in claimed:
+                    entries.append(key)
+                    sync_args += [key[0], key[1], *flush(key)]
         pipe = self.redis.pipeline(transaction=False)
         n = 0
         if register:
@@ -313,10 +344,11 @@ class ClusterStore:
                 reg += [model, tenant]
             self._eval(pipe, "register", reg)
             n += 1
-        self._eval(pipe, "sync", sync_args)
+        if sync:
+            self._eval(pipe, "sync", sync_args)
         for op in (*marks, *ops):
             self._eval(pipe, op.script, op.args)
-        n += 1 + len(marks) + len(ops)
+        n += int(sync) + len(marks) + len(ops)
         start = time.perf_counter()
         try:
             results = await pipe.execute()
@@ -337,20 +369,25 @@ class ClusterStore:
         if register:
             self._register_due = False
             i = 1
-        sync = results[i]
-        if not sync[0]:
-            self._register_due = True
-            self._kick.set()
-        stats.live_replicas = max(1, int(sync[1]))
-        for (key, _), raw in zip(entries, sync[2:], strict=True):
-            self._apply(key, float(raw))
-        for op, raw in zip((*marks, *ops), results[i + 1 :], strict=True):
+        if sync:
+            reply = results[i]
+            i += 1
+            if not reply[0]:
+                self._register_due = True
+                self._kick.set()
+            stats.live_replicas = max(1, int(reply[1]))
+            for key, raw in zip(entries, reply[2:], strict=True):
+                self._apply(key, float(raw))
+        for op, raw in zip((*marks, *ops), results[i:], strict=True):
             if op.script == "mark":
                 if raw is None:
                     self._register_due = True
                     self._kick.set()
                 elif op.key is not None:
                     self._apply(op.key, float(raw))
+            elif op.script == "slots" and not raw:
+                self._register_due = True  # Redis no longer knows this replica
+                self._kick.set()
             elif op.on_result is not None:
                 op.on_result(raw)
         if full:  # forget keys that can no longer change here

@@ -291,6 +291,11 @@ class Scheduler(ABC):
     def queued(self, tenant: str) -> int:
         """Number of waiting jobs of a tenant."""
 
+    def queued_jobs(self, tenant: str, n: int) -> list[Job]:
+        """Up to ``n`` of ``tenant``'s waiting jobs, in the order it would be served (empty
+        when the policy cannot tell)."""
+        return []
+
     @abstractmethod
     def total_queued(self) -> int: ...
 

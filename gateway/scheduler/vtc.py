@@ -68,6 +68,7 @@ pick is amortised O(log T); nothing scans all tenants.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
@@ -767,6 +768,10 @@ class VTCScheduler(Scheduler):
     def queued(self, tenant: str) -> int:
         q = self._queues.get(tenant)
         return len(q.jobs) if q is not None else 0
+
+    def queued_jobs(self, tenant: str, n: int) -> list[Job]:
+        q = self._queues.get(tenant)
+        return list(itertools.islice(q.jobs.values(), n)) if q is not None else []
 
     def total_queued(self) -> int:
         return self._total

@@ -98,19 +98,23 @@ async def served(store: ClusterStore, local: FakeLocal, tenant: str, units: floa
 
 
 async def claim(
-    store: ClusterStore, tenant: str, cands: list[Candidate] = ONE_SLOT, extra: float = 0.0
+    store: ClusterStore,
+    tenant: str,
+    cands: list[Candidate] = ONE_SLOT,
+    extra: float = 0.0,
+    n: int = 1,
 ) -> ClaimResult:
-    """Claim like the dispatcher: on a grant the local pop charges ``extra`` at once."""
+    """Claim for ``n`` requests like the dispatcher: each granted one's local pop charges
+    ``extra`` at once."""
     local = store.local
     assert isinstance(local, FakeLocal)
     seen: list[ClaimResult] = []
 
     def on_result(res: ClaimResult) -> None:
         seen.append(res)
-        if res.status == "ok":
-            local.charge(tenant, extra)
+        local.charge(tenant, extra * len(res.backends))
 
-    res = await store.claim(M, tenant, extra, False, 100, cands, on_result)
+    res = await store.claim(M, tenant, [(extra, 100)] * n, False, cands, on_result)
     assert seen == [res]
     return res
 
@@ -130,6 +134,33 @@ async def test_claim_goes_to_the_globally_smallest_counter(redis_server: RedisSe
         await wait_for(lambda: "b:b0" in l1.wakes)  # r1 hears that a slot freed
         await served(s2, l2, "b", 100.0)  # b's output, charged locally, flushed by a sync
         assert (await claim(s1, "a")).status == "ok"  # 50 < 110 now
+
+
+async def test_one_claim_grants_several_while_the_tenant_keeps_its_place(
+    redis_server: RedisServer,
+) -> None:
+    """One round trip claims slots for a tenant's next requests; each is granted only while
+    the tenant, charged for the ones before, has the smallest counter of the backlog."""
+    four = [Candidate("b0", 4, 1000)]
+    async with replica(redis_server, "r1") as (s1, l1), replica(redis_server, "r2") as (s2, l2):
+        await arrive(s1, l1, "a")
+        await arrive(s2, l2, "b")
+        await served(s2, l2, "b", 50.0)
+        l1.charge("a", 5.0)  # not flushed yet: the claim carries it
+        res = await claim(s1, "a", four, extra=20.0, n=4)
+        # a at 5 -> 25 -> 45 -> 65: the fourth would pass b (50), so it is refused
+        assert (res.status, res.backends) == ("order", ("b0", "b0", "b0"))
+        assert res.counter == 65.0 and l1.counter(M, "a") == 65.0
+        assert s1.held["b0"] == [3, 300]
+        assert (await claim(s2, "b", four)).status == "ok"  # b is the smallest now
+        assert (await claim(s2, "b", four)).status == "full"  # 4 of 4 booked
+        for _ in range(3):
+            s1.release("b0", 100)
+        await _settled(s1)
+        # 65 > 50, but 3 slots are free: the first fits beside b's next (spare room), the
+        # second would not be a's turn
+        res = await claim(s1, "a", four, extra=20.0, n=2)
+        assert (res.status, res.backends) == ("order", ("b0",))
 
 
 async def test_spare_capacity_is_not_held_back(redis_server: RedisServer) -> None:
