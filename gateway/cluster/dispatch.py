@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from ..admission import AdmissionController, BackendSlots, Reservation
-from ..core import DispatchCore, Grant
+from ..core import DispatchCore, Grant, Hold
 from ..dispatcher import Dispatcher
 from ..scheduler import Job, Scheduler
 from .store import Candidate, ClaimResult, ClusterStore, ClusterUnavailable
@@ -107,6 +107,10 @@ class ClusterCore(DispatchCore):
         self._again: set[str] = set()  # models that saw news while their claim was in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy: Counter[tuple[str, str]] = Counter()  # (model, tenant) -> running here
+        #: the credit of a tenant whose request arrived to an empty queue, taken before the
+        #: arrival ends a hold for it (as the local lift does): what its entry into the
+        #: shared backlog uses
+        self._entry_credit: dict[tuple[str, str], float] = {}
 
     # -- LocalView ---------------------------------------------------------------------------
     def counter(self, model: str, tenant: str) -> float:
@@ -123,6 +127,9 @@ class ClusterCore(DispatchCore):
         return self._busy[(model, tenant)] > 0
 
     def credit(self, model: str, tenant: str) -> float:
+        entry = self._entry_credit.pop((model, tenant), None)
+        if entry is not None:  # as it was when the tenant's request arrived to an empty queue
+            return entry
         credit = getattr(self.pool(model), "credit", None)
         return float(credit(tenant, self.clock())) if credit is not None else 0.0
 
@@ -148,6 +155,9 @@ class ClusterCore(DispatchCore):
             pool = self.pool(job.model)
             if getattr(type(pool), "lift", False):  # the lift is global while Redis is up
                 pool.lift = not store.up  # type: ignore[attr-defined]
+            if store.up and pool.queued(job.tenant) == 0:
+                self._entry_credit.pop((job.model, job.tenant), None)
+                self._entry_credit[(job.model, job.tenant)] = self.credit(job.model, job.tenant)
             store.touch(job.model, job.tenant)  # before: charges from here on are ours
         super().submit(job)
         if store is not None:
@@ -195,7 +205,9 @@ class ClusterCore(DispatchCore):
         task.add_done_callback(self._tasks.discard)
 
     async def _claim_loop(self, model: str, store: ClusterStore) -> None:
-        """Claim for the head of ``model``'s queue until it empties or a claim is refused."""
+        """Claim for the head of ``model``'s queue until it empties or a claim is refused;
+        first, a slot for each expected request that would precede the head (holds)."""
+        passed: set[int] = set()  # holds the shared order refused in this pass
         try:
             while True:
                 self._again.discard(model)
@@ -221,6 +233,15 @@ class ClusterCore(DispatchCore):
                 ]
                 if not candidates:
                     return
+                hold = self._pending_hold(sched, model, now, passed)
+                if hold is not None:
+                    res = await self._claim_hold(model, store, hold, candidates)
+                    if res is None or res.backends or model in self._again:
+                        continue
+                    if res.status == "full":
+                        return  # no room: wait for a wake-up
+                    passed.add(id(hold))  # another tenant comes first: claim for the head
+                    continue
                 jobs = self._heads(sched, job, now)
                 weight = sched.weight(job.tenant)
                 requests = [
@@ -246,6 +267,63 @@ class ClusterCore(DispatchCore):
                     return  # wait for a wake-up (a slot freed, the backlog changed, a tick)
         finally:
             self._claiming.discard(model)
+
+    def _pending_hold(
+        self, sched: Scheduler, model: str, now: float, passed: set[int]
+    ) -> Hold | None:
+        """The first expected request of ``model`` without a slot whose tenant would be
+        served before the head here (as ``DispatchCore._hold_for`` decides locally)."""
+        for hold in self._holds:
+            finished = hold.job
+            if (
+                hold.grant is None
+                and finished.model == model
+                and hold.until > now
+                and id(hold) not in passed
+                and sched.entitled(finished.tenant, now)
+            ):
+                return hold
+        return None
+
+    async def _claim_hold(
+        self, model: str, store: ClusterStore, hold: Hold, candidates: list[Candidate]
+    ) -> ClaimResult | None:
+        """Book a slot for ``hold`` in the shared ledger, checked against the global order;
+        None if Redis went down meanwhile."""
+        finished = hold.job
+        tokens = finished.prompt_tokens + finished.max_tokens
+
+        def on_result(res: ClaimResult) -> None:
+            self._held(hold, tokens, res)
+
+        try:
+            return await store.claim(
+                model, finished.tenant, [(0.0, tokens)], False, candidates, on_result, hold=True
+            )
+        except ClusterUnavailable:
+            return None
+
+    def _held(self, hold: Hold, tokens: int, res: ClaimResult) -> None:
+        """A hold's reply: keep the slot for the expected request, unless it came (or the
+        hold lapsed) meanwhile; then the slot goes back."""
+        store = self.store
+        if not res.backends or store is None:
+            return
+        name = res.backends[0]
+        backend = next((b for b in self.admission.backends() if b.name == name), None)
+        pending = any(h is hold for h in self._holds) and hold.until > self.clock()
+        if backend is None or not pending or hold.grant is not None:
+            store.release(name, tokens)
+            return
+        admission = self.admission
+        assert isinstance(admission, ClusterAdmission)
+        admission.claimed = True
+        try:
+            reservation = admission.reserve(backend, tokens, hold.job.prompt_tokens)
+        finally:
+            admission.claimed = False
+        hold.grant = Grant(backend, reservation)
+        self.holds_total += 1
 
     def _heads(self, sched: Scheduler, head: Job, now: float) -> list[Job]:
         """``head`` and up to ``claim_batch - 1`` of its tenant's jobs queued behind it: one

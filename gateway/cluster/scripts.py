@@ -204,7 +204,8 @@ return tostring(counter(model, tenant))
 
 #: Claim slots for the next ``n`` requests of ``tenant`` (its head request and those queued
 #: behind it here), flushing the claimant's own charges first. ARGV: P, replica, lease_ms, model,
-#: tenant, last ('1': the tenant's queue here empties if all are granted), credit (as for MARK),
+#: tenant, last ('1': the tenant's queue here empties if all are granted; 'h': a *hold*, see
+#: below), credit (as for MARK),
 #: base, sent (the flush, as in SYNC), n, then (extra, tokens) per request (``extra``: counter
 #: units charged when granted), then (backend, max_seqs, max_kv) per candidate backend.
 #:
@@ -213,7 +214,11 @@ return tostring(counter(model, tenant))
 #: request of this size per such tenant (their replicas claim it; so a stale backlog entry holds
 #: back at most one slot). Each further one only while the tenant, charged for the ones before,
 #: still has the smallest counter of the backlog and a candidate has room; the first refusal
-#: ends the claim. Returns {status, counter, lower, backend per granted request...}: status
+#: ends the claim. A hold books a slot for the expected next request of a tenant that waits
+#: nowhere (a busy tenant resubmitting, see gateway/core.py): one request, charged nothing, the
+#: tenant not entered in the backlog, its counter taken as it would be lifted on arrival
+#: (``max(own, floor - credit)``) for the order check. Returns {status, counter, lower, backend
+#: per granted request...}: status
 #: 'ok' (all granted), 'full' or 'order' (why the first not granted was refused); or
 #: {'unknown'} (the replica must register first).
 CLAIM = (
@@ -224,8 +229,15 @@ local known = heartbeat(replica, tonumber(ARGV[3]))
 if not known then return {'unknown'} end
 local raw = redis.call('HGET', P .. ':c:' .. model, tenant)
 set_counter(model, tenant, (raw and tonumber(raw) or tonumber(ARGV[8])) + tonumber(ARGV[9]))
-mark(replica, model, tenant, tonumber(ARGV[7]))
+local hold = ARGV[6] == 'h'
 local c = counter(model, tenant)
+if hold then
+  local top = redis.call('ZRANGE', P .. ':bl:' .. model, 0, 0, 'WITHSCORES')
+  if #top > 0 then c = math.max(c, tonumber(top[2]) - tonumber(ARGV[7])) end
+else
+  mark(replica, model, tenant, tonumber(ARGV[7]))
+  c = counter(model, tenant)
+end
 local n = tonumber(ARGV[10])
 local first = 11 + 2 * n
 local out = {'ok', '', 0}
@@ -251,12 +263,13 @@ for j = 1, n do
   if not best then out[1] = 'full' break end
   if lower > 0 and total - 1 < lower then out[1] = 'order' break end
   add_slots(replica, best, 1, tokens)
+  out[#out + 1] = best
+  if hold then break end
   c = c + extra
   set_counter(model, tenant, c)
-  out[#out + 1] = best
 end
 if out[1] == 'ok' and ARGV[6] == '1' then unmark(replica, model, tenant) end
-out[2] = tostring(c)
+out[2] = tostring(counter(model, tenant))
 return out
 """
 )

@@ -179,18 +179,22 @@ class ClusterStore:
         last: bool,
         candidates: Iterable[Candidate],
         on_result: Callable[[ClaimResult], None],
+        hold: bool = False,
     ) -> ClaimResult:
         """Ask for slots for ``tenant``'s next requests, ``(extra, tokens)`` each: the head
         request and those queued behind it, granted in order while the tenant keeps its place
         (see ``scripts.CLAIM``). The claim carries the tenant's unsent charges. ``on_result``
         runs synchronously inside the writer as the reply is processed (so the local pops and
         the counter mirror move together); the result is also returned. ``last``: granting all
-        of them empties the tenant's queue here. Raises :class:`ClusterUnavailable`."""
+        of them empties the tenant's queue here. ``hold``: one slot for the expected next
+        request of a tenant waiting nowhere, checked against the order but charged nothing
+        (``requests`` holds its size). Raises :class:`ClusterUnavailable`."""
         if not self.up:
             raise ClusterUnavailable
         credit = repr(float(self.local.credit(model, tenant)))
         # base and sent (args 4, 5) are the flush, filled in when the batch is built
-        args: list[Any] = [model, tenant, "1" if last else "0", credit, "0", "0", len(requests)]
+        flag = "h" if hold else "1" if last else "0"
+        args: list[Any] = [model, tenant, flag, credit, "0", "0", len(requests)]
         for extra, tokens in requests:
             args += [repr(float(extra)), tokens]
         for c in candidates:
@@ -220,12 +224,12 @@ class ClusterStore:
                     held = self.held.setdefault(backend, [0, 0])
                     held[0] += 1
                     held[1] += tokens
-                if last and res.status == "ok":
+                if last and not hold and res.status == "ok":
                     self._marked.discard(key)
                     self._dirty.add(key)
             on_result(res)  # the local pops (or, if a job left meanwhile, a release)
             if raw[0] != b"unknown":
-                extra = sum(e for e, _ in requests[: len(res.backends)])
+                extra = 0.0 if hold else sum(e for e, _ in requests[: len(res.backends)])
                 self._apply(key, res.counter, extra)
             if not fut.done():
                 fut.set_result(res)
@@ -293,7 +297,7 @@ class ClusterStore:
         local = self.local
         # backlog changes since the last batch become mark/unmark ops
         marks: list[_Op] = []
-        claims = {op.key for op in ops if op.script == "claim"}
+        claims = {op.key for op in ops if op.script == "claim" and op.args[2] != "h"}
         for key in self._dirty:
             want = local.waiting(*key)
             if want != (key in self._marked):
