@@ -12,8 +12,10 @@ tenant) the store remembers ``sent`` — the local counter value that Redis alre
 becomes the local value plus whatever was charged meanwhile, so every replica orders its own
 queue by the global counters, at most one sync interval stale.
 
-Failure: any Redis error puts the store *down*: claims raise :class:`ClusterUnavailable` (the
-dispatcher falls back to its local fair order), one warning is logged, ``fallbacks`` counts it.
+Failure: any Redis error puts the store *down* (a round trip past the socket timeout only if
+the next one, a registration sent at once, times out too: one slow round trip on a loaded
+machine is no outage): claims raise :class:`ClusterUnavailable` (the dispatcher falls back to
+its local fair order), one warning is logged, ``fallbacks`` counts it.
 Every sync interval (at least every 0.5 s) it tries again; on success it re-registers its whole
 state (slots held, tenants waiting) and re-merges its charges, which also rebuilds a Redis that
 restarted empty. Counters are merged, never reset: a counter Redis lost is re-created from the
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from .scripts import SCRIPTS
 
@@ -133,6 +136,7 @@ class ClusterStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._warned = False  # the outage in progress has been logged
+        self._slow = False  # the last round trip timed out (once is not an outage)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -359,6 +363,14 @@ class ClusterStore:
         except (RedisError, OSError) as exc:
             for key, sent in before.items():
                 self._sent[key] = sent
+            if self.up and not self._slow and isinstance(exc, (RedisTimeout, TimeoutError)):
+                # one slow round trip (a loaded machine) is not an outage: its outcome is
+                # unknown, so re-register at once (that makes the ledger exact again); only if
+                # that fails too does the replica fall back
+                self._slow = True
+                self._lost(ops)
+                self._kick.set()
+                raise ClusterUnavailable from None
             self._down(exc, ops)
             raise ClusterUnavailable from None
         rtt = time.perf_counter() - start
@@ -369,6 +381,7 @@ class ClusterStore:
         stats.last_sync = time.monotonic()
         self.up = True
         self._warned = False
+        self._slow = False
         i = 0
         if register:
             self._register_due = False
@@ -436,12 +449,18 @@ class ClusterStore:
             )
         self.up = False
         self._shas.clear()
+        self._lost(ops, exc)
+
+    def _lost(self, ops: list[_Op], exc: BaseException | None = None) -> None:
+        """The outcome of ``ops`` is unknown: fail them and every queued op; the next batch
+        registers the replica's whole state instead."""
         self._register_due = True
         self._marked.clear()
-        for op in (*ops, *self._ops):
+        err = exc if exc is not None else ClusterUnavailable()
+        pending, self._ops = [*ops, *self._ops], []
+        for op in pending:
             if op.on_result is not None:
-                op.on_result(exc)
-        self._ops.clear()
+                op.on_result(err)
 
     # -- wake-ups from other replicas ------------------------------------------------------------
     async def _listen(self) -> None:
@@ -467,8 +486,10 @@ def make_store(
     lease_s: float,
 ) -> ClusterStore:
     """A store on ``url`` (``redis://host:port/db``); one connection for the ordered writer and
-    one for wake-ups. Timeouts are short: an unreachable Redis must not hold requests."""
-    timeout = min(1.0, lease_s / 4)
+    one for wake-ups. Timeouts are short (a third of the lease, at most 1 s): an unreachable
+    Redis must not hold requests; one round trip past it is retried at once with a
+    registration, a second in a row is an outage."""
+    timeout = min(1.0, lease_s / 3)
     client = aioredis.Redis.from_url(
         url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=2
     )

@@ -54,10 +54,14 @@ class FakeLocal:
 
 @contextlib.asynccontextmanager
 async def replica(
-    server: RedisServer, name: str, lease_s: float = 5.0, sync_s: float = 0.01
+    server: RedisServer,
+    name: str,
+    lease_s: float = 5.0,
+    sync_s: float = 0.01,
+    socket_timeout_s: float = 0.5,
 ) -> AsyncIterator[tuple[ClusterStore, FakeLocal]]:
     local = FakeLocal()
-    timeout = 0.5
+    timeout = socket_timeout_s
     store = ClusterStore(
         aioredis.Redis.from_url(server.url, socket_timeout=timeout, socket_connect_timeout=timeout),
         aioredis.Redis.from_url(server.url, socket_connect_timeout=timeout),
@@ -253,3 +257,28 @@ async def test_redis_down_then_restarted_empty(redis_server: RedisServer) -> Non
         finally:
             await raw.aclose()
         assert s1.stats.fallbacks == 1
+
+
+async def test_one_slow_round_trip_is_not_an_outage(redis_server: RedisServer) -> None:
+    """Redis stalls (CLIENT PAUSE) longer than one socket timeout but shorter than two: the
+    round trip in flight fails, the registration sent at once gets through, no fallback. A
+    stall past two timeouts is an outage."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with replica(redis_server, "r1", socket_timeout_s=1.0) as (s1, l1):
+            await arrive(s1, l1, "a")
+            await raw.execute_command("CLIENT", "PAUSE", 1400, "ALL")  # ms
+            with pytest.raises(ClusterUnavailable):
+                await claim(s1, "a")  # its outcome is unknown: the dispatcher asks again
+            assert s1.up and s1.stats.fallbacks == 0
+            await wait_for(lambda: not s1._register_due)
+            assert (await claim(s1, "a")).status == "ok"
+            assert await raw.hgetall("{vtc}:be:b0") == {b"s": b"1", b"k": b"100"}
+            assert s1.up and s1.stats.fallbacks == 0
+            await raw.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+            await wait_for(lambda: not s1.up)
+            assert s1.stats.fallbacks == 1
+            await wait_for(lambda: s1.up, limit_s=15)
+            assert await raw.hgetall("{vtc}:be:b0") == {b"s": b"1", b"k": b"100"}
+    finally:
+        await raw.aclose()
