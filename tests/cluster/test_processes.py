@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from redis import asyncio as aioredis
 from backends.sim.config import SimConfig
 from backends.sim.server import SimServer
 
-from ..gateway.conftest import MODEL, tenants, wait_for
+from ..gateway.conftest import MODEL, gateway_output, tenants, url_of, wait_for
 from .conftest import RedisServer
 
 UNLIMITED = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -40,46 +39,12 @@ def write_config(path: Path, sim_url: str, redis: RedisServer, **cluster: Any) -
     return path
 
 
-@contextlib.asynccontextmanager
-async def gateway(
+def gateway(
     config: Path, *extra: str, lines: int = 1
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
-    """``vtc-gateway serve --config CONFIG --port 0 EXTRA``; yields the process and the first
-    ``lines`` lines it printed (``listening on ...``); killed after."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--config",
-        str(config),
-        "--no-watch",
-        "--port",
-        "0",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert proc.stdout is not None
-        out = [(await asyncio.wait_for(proc.stdout.readline(), 60)).decode() for _ in range(lines)]
-        yield proc, out
-    finally:
-        if proc.returncode is None:
-            proc.terminate()  # --workers: the parent stops its workers
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-def url_of(line: str) -> str:
-    assert line.startswith("listening on http://"), line
-    return line.split()[-1]
+) -> contextlib.AbstractAsyncContextManager[tuple[asyncio.subprocess.Process, list[str]]]:
+    """``vtc-gateway serve --port 0 --config CONFIG EXTRA``; yields the process and the first
+    ``lines`` lines it printed (``listening on ...``); SIGTERM after (workers stop too)."""
+    return gateway_output("--config", str(config), "--no-watch", *extra, lines=lines, graceful=True)
 
 
 async def send(http: httpx.AsyncClient, url: str, tenant: str) -> int:

@@ -76,8 +76,12 @@ async def gateway_stack(
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """``python -m gateway serve --port 0 ARGS``; yields (process, base URL), kills it after."""
+async def gateway_output(
+    *args: str, lines: int = 1, graceful: bool = False
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
+    """``python -m gateway serve --port 0 ARGS``; yields the process and the first ``lines``
+    lines it printed. Killed after; with ``graceful`` it gets SIGTERM first (a ``--workers``
+    parent then stops its workers), SIGKILL only after 30 s."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -94,13 +98,30 @@ async def gateway_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.
     )
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        assert line.startswith("listening on http://"), line
-        yield proc, line.split()[-1]
+        out = [(await asyncio.wait_for(proc.stdout.readline(), 60)).decode() for _ in range(lines)]
+        yield proc, out
     finally:
         if proc.returncode is None:
-            proc.kill()
+            if graceful:
+                proc.terminate()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 30)
+            if proc.returncode is None:
+                proc.kill()
         await proc.wait()
+
+
+def url_of(line: str) -> str:
+    """The base URL of a ``listening on URL`` line."""
+    assert line.startswith("listening on http://"), line
+    return line.split()[-1]
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``python -m gateway serve --port 0 ARGS``; yields (process, base URL), kills it after."""
+    async with gateway_output(*args) as (proc, out):
+        yield proc, url_of(out[0])
 
 
 async def wait_for(cond: Callable[[], bool], limit_s: float = 10.0) -> None:
