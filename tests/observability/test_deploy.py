@@ -215,6 +215,14 @@ def test_scaleout_overlays_share_one_redis(capsys: pytest.CaptureFixture[str]) -
         assert mount.startswith("./gateway.scaleout.yaml:")
     compose_cfg = load_config(DEPLOY / "gateway.scaleout.yaml")
     assert compose_cfg.cluster is not None and compose_cfg.cluster.url.startswith("redis://redis:")
+    # Prometheus scrapes every replica (each /metrics describes that replica only)
+    (prom_mount,) = over["services"]["prometheus"]["volumes"]
+    source, target = prom_mount.split(":")[:2]
+    assert target == "/etc/prometheus/prometheus.yml"
+    prom = yaml.safe_load((DEPLOY / source.removeprefix("./")).read_text())
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "vtc-gateway"]
+    scraped = {t.split(":")[0] for c in job["static_configs"] for t in c["targets"]}
+    assert scraped == {name for name in over["services"] if name.startswith("gateway")}
 
     overlay = K8S / "scaleout"
     kust = yaml.safe_load((overlay / "kustomization.yaml").read_text())
