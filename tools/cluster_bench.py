@@ -149,9 +149,12 @@ def cluster_config(
     return config
 
 
-async def start_gateways(config: dict[str, Any], workdir: Path, workers: int | None) -> Service:
+async def start_gateways(
+    config: dict[str, Any], workdir: Path, workers: int | None
+) -> tuple[Service, list[str]]:
     """``serve`` (``workers`` None) or ``serve --workers N``; returns once every worker
-    listens. The service's pid is the parent's (the supervisor with workers)."""
+    listens, with the admin URLs (``/metrics``) of the workers. The service's pid is the
+    parent's (the supervisor with workers)."""
     path = write_config(config, workdir)
     argv = [sys.executable, "-m", "gateway", "--log-level", "WARNING", "serve"]
     argv += ["--config", str(path), "--port", "0", "--no-watch"]
@@ -165,21 +168,37 @@ async def start_gateways(config: dict[str, Any], workdir: Path, workers: int | N
     )
     assert proc.stdout is not None
     url = None
-    want = workers or 1
+    admins: list[str] = []
     try:
-        while want:
+        while len(admins) < (workers or 1):
             line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
             if not line:
                 raise RuntimeError("the gateway exited before listening")
-            if line.startswith("admin listening on "):
-                want -= 1  # printed after the worker's main port listens
+            if line.startswith("admin listening on "):  # after the worker's main port
+                admins.append(line.split()[-1].rstrip("/"))
             elif line.startswith("listening on "):
                 url = line.split()[-1].rstrip("/")
     except BaseException:
         await stop_process(proc)
         raise
     assert url is not None
-    return Service(f"gateway-{workers or 'single'}", proc, url)
+    return Service(f"gateway-{workers or 'single'}", proc, url), admins
+
+
+async def redis_rtt_ms(admins: list[str]) -> float | None:
+    """Mean round trip to Redis over the workers' lifetime (``vtc_cluster_redis_rtt_seconds``
+    from each worker's ``/metrics``), in ms."""
+    total = count = 0.0
+    async with aiohttp.ClientSession() as session:
+        for admin in admins:
+            async with session.get(admin + "/metrics") as resp:
+                text = await resp.text()
+            for line in text.splitlines():
+                if line.startswith("vtc_cluster_redis_rtt_seconds_sum"):
+                    total += float(line.split()[-1])
+                elif line.startswith("vtc_cluster_redis_rtt_seconds_count"):
+                    count += float(line.split()[-1])
+    return total / count * 1000 if count else None
 
 
 def family(pid: int) -> list[int]:
@@ -380,7 +399,7 @@ async def cluster_benchmark(opts: ClusterOptions, log: Any = print) -> dict[str,
                         await redis.config_resetstat()
                         url = None if mode is None else redis_url
                         config = cluster_config(sim.url, opts, url, f"bench-{rnd}")
-                        gw = await start_gateways(config, workdir, mode)
+                        gw, _ = await start_gateways(config, workdir, mode)
                         try:
                             pids = {"gateway": family(gw.pid), "sim": [sim.pid]}
                             row = await two_tenant_load(
@@ -415,14 +434,18 @@ async def _ttft_phase(
     """Start ``single`` and each ``wN`` side by side (separate Redis prefixes) and measure."""
     async with contextlib.AsyncExitStack() as stack:
         urls: dict[str, str] = {}
+        admins: dict[str, list[str]] = {}
         for mode in [None, *opts.workers]:
             config = cluster_config(sim_url, opts, None if mode is None else redis_url, "ttft")
             if mode is not None:
                 config["cluster"]["prefix"] = f"{{vtc-ttft-{mode}}}"
-            gw = await start_gateways(config, workdir, mode)
+            gw, admins[_mode(mode)] = await start_gateways(config, workdir, mode)
             stack.push_async_callback(stop_process, gw.proc)
             urls[_mode(mode)] = gw.url
-        return await paired_ttft(urls, opts)
+        out = await paired_ttft(urls, opts)
+        for mode in opts.workers:
+            out[_mode(mode)]["redis_rtt_ms"] = await redis_rtt_ms(admins[_mode(mode)])
+        return out
 
 
 def _ttft_line(t: dict[str, Any]) -> str:
@@ -431,7 +454,8 @@ def _ttft_line(t: dict[str, Any]) -> str:
         if isinstance(v, dict):
             part = f"{m} p50 {_f(v['p50'])} ms"
             if "added_p50" in v:
-                part += f" (+{_f(v['added_p50'])} ms paired, target <= 0.5)"
+                part += f" (+{_f(v['added_p50'])} ms paired, target <= 0.5"
+                part += f"; mean Redis round trip {_f(v.get('redis_rtt_ms'))} ms)"
             parts.append(part)
     return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
 

@@ -203,11 +203,13 @@ return tostring(counter(model, tenant))
 )
 
 #: Claim slots for the next ``n`` requests of ``tenant`` (its head request and those queued
-#: behind it here), flushing the claimant's own charges first. ARGV: P, replica, lease_ms, model,
-#: tenant, last ('1': the tenant's queue here empties if all are granted; 'h': a *hold*, see
-#: below), credit (as for MARK),
-#: base, sent (the flush, as in SYNC), n, then (extra, tokens) per request (``extra``: counter
-#: units charged when granted), then (backend, max_seqs, max_kv) per candidate backend.
+#: behind it here), flushing the replica's unsent charges first (the claimant's and its other
+#: tenants', so that the order check sees this replica's own counters exact). ARGV: P, replica,
+#: lease_ms, model, tenant, last ('1': the tenant's queue here empties if all are granted; 'h':
+#: a *hold*, see below), credit (as for MARK), f, then (model, tenant, base, sent) per flushed
+#: counter (as in SYNC; the claimant's first), then n, then (extra, tokens) per request
+#: (``extra``: counter units charged when granted), then (backend, max_seqs, max_kv) per
+#: candidate backend.
 #:
 #: The first request is granted when some candidate has room and either no backlogged tenant
 #: has a smaller counter or, after this booking, the candidates still have room for one more
@@ -217,8 +219,8 @@ return tostring(counter(model, tenant))
 #: ends the claim. A hold books a slot for the expected next request of a tenant that waits
 #: nowhere (a busy tenant resubmitting, see gateway/core.py): one request, charged nothing, the
 #: tenant not entered in the backlog, its counter taken as it would be lifted on arrival
-#: (``max(own, floor - credit)``) for the order check. Returns {status, counter, lower, backend
-#: per granted request...}: status
+#: (``max(own, floor - credit)``) for the order check. Returns {status, counter, lower, k,
+#: backend per granted request (k), counter per flushed entry...}: status
 #: 'ok' (all granted), 'full' or 'order' (why the first not granted was refused); or
 #: {'unknown'} (the replica must register first).
 CLAIM = (
@@ -226,9 +228,13 @@ CLAIM = (
     + r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 local known = heartbeat(replica, tonumber(ARGV[3]))
+local f = tonumber(ARGV[8])
+for i = 9, 8 + 4 * f, 4 do  -- the charges count whether or not the replica is known
+  local raw = redis.call('HGET', P .. ':c:' .. ARGV[i], ARGV[i + 1])
+  set_counter(ARGV[i], ARGV[i + 1],
+              (raw and tonumber(raw) or tonumber(ARGV[i + 2])) + tonumber(ARGV[i + 3]))
+end
 if not known then return {'unknown'} end
-local raw = redis.call('HGET', P .. ':c:' .. model, tenant)
-set_counter(model, tenant, (raw and tonumber(raw) or tonumber(ARGV[8])) + tonumber(ARGV[9]))
 local hold = ARGV[6] == 'h'
 local c = counter(model, tenant)
 if hold then
@@ -238,12 +244,14 @@ else
   mark(replica, model, tenant, tonumber(ARGV[7]))
   c = counter(model, tenant)
 end
-local n = tonumber(ARGV[10])
-local first = 11 + 2 * n
+local base = 9 + 4 * f
+local n = tonumber(ARGV[base])
+local first = base + 1 + 2 * n
+local granted = {}
 local out = {'ok', '', 0}
 for j = 1, n do
-  local extra = tonumber(ARGV[9 + 2 * j])
-  local tokens = math.max(1, tonumber(ARGV[10 + 2 * j]))
+  local extra = tonumber(ARGV[base - 1 + 2 * j])
+  local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
   local tol = 1e-9 * math.max(1, math.abs(c))
   local lower = redis.call('ZCOUNT', P .. ':bl:' .. model, '-inf', '(' .. (c - tol))
   out[3] = lower
@@ -263,13 +271,16 @@ for j = 1, n do
   if not best then out[1] = 'full' break end
   if lower > 0 and total - 1 < lower then out[1] = 'order' break end
   add_slots(replica, best, 1, tokens)
-  out[#out + 1] = best
+  granted[#granted + 1] = best
   if hold then break end
   c = c + extra
   set_counter(model, tenant, c)
 end
 if out[1] == 'ok' and ARGV[6] == '1' then unmark(replica, model, tenant) end
 out[2] = tostring(counter(model, tenant))
+out[4] = #granted
+for _, b in ipairs(granted) do out[#out + 1] = b end
+for i = 9, 8 + 4 * f, 4 do out[#out + 1] = tostring(counter(ARGV[i], ARGV[i + 1])) end
 return out
 """
 )

@@ -100,6 +100,8 @@ class _Op:
     args: list[Any]
     key: Key | None = None
     on_result: Callable[[Any], None] | None = None
+    #: a claim's flushed counters (the claimant's first), set when its batch is built
+    flushed: list[Key] = field(default_factory=list)
 
 
 class ClusterStore:
@@ -196,15 +198,16 @@ class ClusterStore:
         if not self.up:
             raise ClusterUnavailable
         credit = repr(float(self.local.credit(model, tenant)))
-        # base and sent (args 4, 5) are the flush, filled in when the batch is built
+        # the flush (after the credit) is inserted when the batch is built
         flag = "h" if hold else "1" if last else "0"
-        args: list[Any] = [model, tenant, flag, credit, "0", "0", len(requests)]
+        args: list[Any] = [model, tenant, flag, credit, len(requests)]
         for extra, tokens in requests:
             args += [repr(float(extra)), tokens]
         for c in candidates:
             args += [c.name, c.max_seqs, c.max_kv]
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         key = (model, tenant)
+        op = _Op("claim", args, key)
 
         def done(raw: Any) -> None:
             if isinstance(raw, BaseException):
@@ -216,7 +219,8 @@ class ClusterStore:
                 self._kick.set()
                 res = ClaimResult("full")
             else:
-                backends = tuple(b.decode() for b in raw[3:])
+                k = int(raw[3])
+                backends = tuple(b.decode() for b in raw[4 : 4 + k])
                 res = ClaimResult(
                     raw[0].decode(),
                     backends[0] if backends else None,
@@ -235,11 +239,14 @@ class ClusterStore:
             if raw[0] != b"unknown":
                 extra = 0.0 if hold else sum(e for e, _ in requests[: len(res.backends)])
                 self._apply(key, res.counter, extra)
+                for other, remote in zip(op.flushed[1:], raw[5 + k :], strict=True):
+                    self._apply(other, float(remote))
             if not fut.done():
                 fut.set_result(res)
 
+        op.on_result = done
         self._active.add(key)
-        self._push(_Op("claim", args, key, done))
+        self._push(op)
         return await fut
 
     def book(self, backend: str, tokens: int) -> None:
@@ -321,15 +328,21 @@ class ClusterStore:
             """(base, sent) of ``key``'s charges since its last flush; now counted as sent."""
             value = local.counter(*key)
             sent = self._sent.get(key, value)
-            before[key] = sent
+            before.setdefault(key, sent)
             self._sent[key] = value
             return repr(sent), repr(value - sent)
 
-        claimed = set()
-        for op in ops:  # a claim carries its own tenant's flush
+        claimed: set[Key] = set()
+        unsent = [k for k in self._active if local.counter(*k) != self._sent.get(k)]
+        for op in ops:  # a claim carries the claimant's unsent charges, the first the others'
             if op.script == "claim" and op.key is not None:
-                op.args[4:6] = flush(op.key)
-                claimed.add(op.key)
+                others = [] if claimed else [k for k in unsent if k != op.key]
+                op.flushed = [op.key, *others]
+                claimed.update(op.flushed)
+                entries_f: list[Any] = []
+                for k in op.flushed:
+                    entries_f += [k[0], k[1], *flush(k)]
+                op.args[4:4] = [len(op.flushed), *entries_f]
         # the SYNC renews the lease and flushes everything else once per interval; between
         # ticks the claims, releases and backlog changes go alone (each renews the lease too)
         sync = full
