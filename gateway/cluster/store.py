@@ -2,9 +2,10 @@
 
 Everything a replica tells Redis goes through one writer task, in order, as pipelined batches:
 one round trip carries whatever accumulated since the previous one (claims, releases, backlog
-changes) behind one ``SYNC`` that renews the replica's lease and flushes the charges its local
-schedulers accumulated. Nothing crosses the network per output token; a dispatch costs one
-claim; with no events a replica still syncs once per ``sync_interval_s``.
+changes); every ``sync_interval_s`` a ``SYNC`` renews the replica's lease and flushes the
+charges its local schedulers accumulated, and a claim carries the unsent charges itself.
+Nothing crosses the network per output token; a claim (one script call) dispatches one or
+several requests.
 
 Counters are mirrored: the local schedulers keep charging as always, and for every (model,
 tenant) the store remembers ``sent`` — the local counter value that Redis already reflects.
