@@ -245,7 +245,7 @@ class ClusterCore(DispatchCore):
                         return  # no room: wait for a wake-up
                     passed.add(id(hold))  # another tenant comes first: claim for the head
                     continue
-                jobs = self._heads(sched, job, now)
+                jobs = self._heads(sched, job)
                 weight = sched.weight(job.tenant)
                 requests = [
                     (self.prices.input * j.prompt_tokens / weight, j.prompt_tokens + j.max_tokens)
@@ -328,7 +328,7 @@ class ClusterCore(DispatchCore):
         hold.grant = Grant(backend, reservation)
         self.holds_total += 1
 
-    def _heads(self, sched: Scheduler, head: Job, now: float) -> list[Job]:
+    def _heads(self, sched: Scheduler, head: Job) -> list[Job]:
         """``head`` and up to ``claim_batch - 1`` of its tenant's jobs queued behind it: one
         claim asks for all of them (Redis grants the later ones only while the tenant keeps
         the smallest counter, i.e. while they would be the head here too)."""
