@@ -204,6 +204,8 @@ class Dispatcher:
             ) from exc
         self._waiting.add(job)
         self.core.pump(job.model)
+        if fut.done():  # this pump granted it (an empty queue, a free slot): no wait, no timer
+            return fut.result()
         try:
             async with asyncio.timeout(queue_timeout):
                 return await fut
