@@ -57,6 +57,7 @@ from .procs import (
     cpu_times,
     pin_prefix,
     proc_sample,
+    run_benchmark,
     running,
     start_service,
     stop_process,
@@ -926,10 +927,4 @@ def options_from_args(args: argparse.Namespace) -> ProxyOptions:
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    print(HEADER, flush=True)
-    results = asyncio.run(proxy_benchmark(opts, log=lambda s: print(s, flush=True)))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+    return run_benchmark(HEADER, lambda log: proxy_benchmark(opts, log=log), args.out)

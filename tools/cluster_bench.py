@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -58,7 +57,15 @@ from .bench import (
     start_sim,
     write_config,
 )
-from .procs import Service, busy_shares, cpu_times, proc_sample, running, stop_process
+from .procs import (
+    Service,
+    busy_shares,
+    cpu_times,
+    proc_sample,
+    run_benchmark,
+    running,
+    stop_process,
+)
 
 TENANT_WEIGHTS = {"a": 1.0, "b": 2.0}
 
@@ -616,10 +623,4 @@ def run(args: argparse.Namespace) -> int:
         ttft_max_tokens=args.ttft_max_tokens,
         sync_ms=args.sync_ms,
     )
-    print(HEADER, flush=True)
-    results = asyncio.run(cluster_benchmark(opts, log=lambda s: print(s, flush=True)))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+    return run_benchmark(HEADER, lambda log: cluster_benchmark(opts, log=log), args.out)

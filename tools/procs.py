@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -138,3 +141,17 @@ async def running(*starting: Awaitable[Service]) -> AsyncIterator[list[Service]]
     finally:
         for service in services:
             await stop_process(service.proc)
+
+
+def run_benchmark(
+    header: str, bench: Callable[[Callable[[str], None]], Coroutine[Any, Any, Any]], out: str
+) -> int:
+    """Print ``header``, run ``bench(log)`` (which prints its rows through ``log``), write its
+    results to ``out`` as JSON; the exit status of a bench command."""
+    print(header, flush=True)
+    results = asyncio.run(bench(lambda s: print(s, flush=True)))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
