@@ -98,6 +98,11 @@ class BackendSlots:
     _peak: int | None = field(default=None, repr=False)
 
     @property
+    def cap(self) -> int:
+        """Sequences admitted at most now: the learned cap, else ``max_num_seqs``."""
+        return self.max_num_seqs if self.seq_cap is None else self.seq_cap
+
+    @property
     def reserved_tokens(self) -> int:
         """KV demand compared with ``max_kv_tokens``: booked tokens (``"reserve"``) or the peak
         estimate of the in-flight requests (``"peak"``)."""
@@ -109,8 +114,7 @@ class BackendSlots:
 
     def fits(self, tokens: int, prompt: int = 0) -> bool:
         """Room for a request of ``tokens`` (= ``prompt`` + reserved output) right now?"""
-        cap = self.max_num_seqs if self.seq_cap is None else self.seq_cap
-        if not self.healthy or self.in_flight >= cap:
+        if not self.healthy or self.in_flight >= self.cap:
             return False
         if self.kv_admission == "reserve":
             return self.booked_tokens + tokens <= self.max_kv_tokens
@@ -277,7 +281,7 @@ def adapt_seq_cap(slots: BackendSlots, waiting: int, running: int, gateway_queue
     * Nothing waits in the backend, the cap binds and the gateway's queue waits for this
       backend: grow the cap by 10 % (at least 1) back towards ``max_num_seqs``.
     """
-    cap = slots.max_num_seqs if slots.seq_cap is None else slots.seq_cap
+    cap = slots.cap
     new = cap
     if waiting > 0:
         new = max(1, min(cap, running))

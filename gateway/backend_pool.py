@@ -223,7 +223,7 @@ class BackendPool:
                 in_flight=st.slots.in_flight,
                 reserved_tokens=st.slots.reserved_tokens,
                 max_num_seqs=st.slots.max_num_seqs,
-                seq_cap=st.slots.max_num_seqs if st.slots.seq_cap is None else st.slots.seq_cap,
+                seq_cap=st.slots.cap,
                 max_kv_tokens=st.slots.max_kv_tokens,
                 admitted_total=st.slots.admitted_total,
                 errors=dict(st.errors),

@@ -151,7 +151,7 @@ def run_once(
     out["cycle"] = _timed(cycle)
     heap = getattr(sched, "_heap", None)
     out["heap_entries"] = len(heap) if isinstance(heap, list) else None
-    out["depth"] = max((len(sched.path(t)) for t in names[:1]), default=1)
+    out["depth"] = len(sched.path(names[0])) if names else 1
     return out
 
 

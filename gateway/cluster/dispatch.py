@@ -81,7 +81,7 @@ class ClusterAdmission(AdmissionController):
         skip = set(exclude)
         best: BackendSlots | None = None
         for b in self.serving(model):
-            cap = b.max_num_seqs if b.seq_cap is None else b.seq_cap
+            cap = b.cap
             if (
                 b.healthy
                 and b.name not in skip
@@ -163,8 +163,6 @@ class ClusterCore(DispatchCore):
                 self._entry_credit[(job.model, job.tenant)] = self.credit(job.model, job.tenant)
             store.touch(job.model, job.tenant)  # before: charges from here on are ours
         super().submit(job)
-        if store is not None:
-            store.touch(job.model, job.tenant)
 
     def cancel(self, job: Job) -> bool:
         cancelled = super().cancel(job)
@@ -228,9 +226,7 @@ class ClusterCore(DispatchCore):
                     super().pump(model)
                     return
                 candidates = [
-                    Candidate(
-                        b.name, b.max_num_seqs if b.seq_cap is None else b.seq_cap, b.max_kv_tokens
-                    )
+                    Candidate(b.name, b.cap, b.max_kv_tokens)
                     for b in self.admission.serving(model)
                     if b.healthy
                 ]

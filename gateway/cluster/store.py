@@ -60,10 +60,14 @@ class Candidate:
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     status: str  # "ok" (all granted) | "full" | "order" (why the rest was refused)
-    backend: str | None = None  # the first request's backend, if granted
     counter: float = 0.0
     lower: int = 0  # backlogged tenants with a smaller counter (refusals)
     backends: tuple[str, ...] = ()  # one per granted request, in order
+
+    @property
+    def backend(self) -> str | None:
+        """The first request's backend, if granted."""
+        return self.backends[0] if self.backends else None
 
 
 class LocalView(Protocol):
@@ -85,14 +89,10 @@ class StoreStats:
     fallbacks: int = 0
     last_sync: float = 0.0  # monotonic time of the last successful round trip
     rtt_sum: float = 0.0
-    rtt: list[float] = field(default_factory=list)  # recent round-trip times (bounded)
     live_replicas: int = 1
 
     def observe(self, seconds: float) -> None:
         self.rtt_sum += seconds
-        self.rtt.append(seconds)
-        if len(self.rtt) > 4096:
-            del self.rtt[:2048]
 
 
 @dataclass(slots=True)
@@ -224,7 +224,6 @@ class ClusterStore:
                 backends = tuple(b.decode() for b in raw[4 : 4 + k])
                 res = ClaimResult(
                     raw[0].decode(),
-                    backends[0] if backends else None,
                     float(raw[1]),
                     int(raw[2]),
                     backends,
@@ -334,10 +333,17 @@ class ClusterStore:
             return repr(sent), repr(value - sent)
 
         claimed: set[Key] = set()
-        unsent = [k for k in self._active if local.counter(*k) != self._sent.get(k)]
         for op in ops:  # a claim carries the claimant's unsent charges, the first the others'
             if op.script == "claim" and op.key is not None:
-                others = [] if claimed else [k for k in unsent if k != op.key]
+                others = (
+                    []
+                    if claimed
+                    else [
+                        k
+                        for k in self._active
+                        if k != op.key and local.counter(*k) != self._sent.get(k)
+                    ]
+                )
                 op.flushed = [op.key, *others]
                 claimed.update(op.flushed)
                 entries_f: list[Any] = []
