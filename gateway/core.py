@@ -228,7 +228,7 @@ class DispatchCore:
     def role(self, name: str) -> str | None:
         """``"tenant"`` or ``"group"``: what ``name`` is to this core or any pool (a removed
         tenant stays a tenant in the pools that knew it); None if unknown."""
-        if name in self._weights or any(name in set(p.tenants()) for p in self._pools.values()):
+        if name in self._weights or any(name in p.tenants() for p in self._pools.values()):
             return "tenant"
         if name in self._groups or any(name in set(p.groups()) for p in self._pools.values()):
             return "group"

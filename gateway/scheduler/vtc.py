@@ -293,13 +293,12 @@ class VTCScheduler(Scheduler):
                 self._push(tenant, q)  # a fresh entry in its new tier; the old one is stale
 
     def _on_pause(self, tenant: str, paused: bool) -> None:
-        if self._tree or self._dirty:
-            if self._dirty:
-                self._rebuild()
-            if self._tree:
-                if not paused and self._queued_at(tenant):
-                    self._push_node(tenant)  # back in its parent's order, and its ancestors
-                return
+        if self._dirty:
+            return  # the rebuild before the next decision reads the paused set itself
+        if self._tree:
+            if not paused and self._queued_at(tenant):
+                self._push_node(tenant)  # back in its parent's order, and its ancestors
+            return
         q = self._queues.get(tenant)
         if not paused and q is not None and q.jobs:
             self._push(tenant, q)  # back in the order; a paused one's entry drops at the top
