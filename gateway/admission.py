@@ -5,11 +5,24 @@ running batch would wait in vLLM's own FCFS queue and fairness would be lost. Pe
 in-flight sequences and their KV demand and admit while both fit:
 
 * ``max_num_seqs``: concurrent sequences (vLLM's knob of the same name);
-* ``max_kv_tokens``: the KV budget, checked in one of two ways (``kv_admission``):
+* ``max_kv_tokens``: the KV budget, checked in one of three ways (``kv_admission``):
 
-  - ``"reserve"`` (default): the sum over in-flight requests of ``prompt_tokens +
-    reserved_output`` must fit. Simple and safe, but a request that stops early held its whole
-    reservation.
+  - ``"predict"`` (default): what vLLM itself does, planned ahead. vLLM does not reserve: it
+    allocates KV blocks as tokens are generated and preempts when it runs out. The gateway
+    knows each running request's current KV use exactly (prompt + tokens streamed so far,
+    :meth:`AdmissionController.note_output`) and predicts only the rest of its output
+    (``expect``: a high quantile of the history of its tenant, model and endpoint, from
+    :class:`gateway.scheduler.predictor.OutputPredictor`, at most its ``max_tokens``; a request
+    that outruns its prediction is expected to go on for a quarter of what it has generated,
+    at least a block). Admission runs the peak check below on those numbers, plus a block of
+    rounding per request, against ``max_kv_tokens * kv_scale``; engine feedback
+    (:func:`adapt_kv_scale`) moves ``kv_scale`` down when vLLM queues or preempts and up when
+    its KV cache has room while the gateway's queue waits. A request without ``max_tokens`` no
+    longer books the rest of the context: on a 128k-context model the gateway runs as many
+    requests as vLLM alone would.
+  - ``"reserve"``: the sum over in-flight requests of ``prompt_tokens + reserved_output`` must
+    fit. Strict (vLLM never preempts) but a request that stops early held its whole
+    reservation, and one without ``max_tokens`` books the rest of the context.
   - ``"peak"``: the peak-future-memory check of S-LoRA, the VTC paper's engine
     (``_can_add_new_req`` in the artifact's ``vtc_req_queue.py``). Each in-flight request holds
     ``run = prompt + generated`` tokens and has ``left = reserved_output - generated`` to come;
@@ -45,11 +58,15 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Literal, get_args
 
-#: How the KV budget is checked: sum of reservations, or S-LoRA's peak-future-memory estimate.
-KvAdmission = Literal["reserve", "peak"]
+#: How the KV budget is checked: current use plus predicted output (default), sum of
+#: reservations, or S-LoRA's peak-future-memory estimate over the reservations.
+KvAdmission = Literal["predict", "reserve", "peak"]
 KV_ADMISSION_MODES: tuple[str, ...] = get_args(KvAdmission)
 
 _LEFT = attrgetter("left")
+
+#: Output tokens at least still expected of a request that outran its prediction.
+OVERRUN_MIN = 16
 
 
 @dataclass(slots=True)
@@ -57,8 +74,9 @@ class Reservation:
     """What one admitted request holds on a backend.
 
     ``tokens`` is ``prompt + reserved output`` (what ``"reserve"`` mode books); ``prompt`` the
-    part of it held from admission on. ``generated``, ``run`` and ``left`` follow the output as
-    :meth:`AdmissionController.note_output` reports it (``"peak"`` mode reads them).
+    part of it held from admission on; ``expect`` the output ``"predict"`` mode plans for (at
+    most ``tokens - prompt``). ``generated``, ``run`` and ``left`` follow the output as
+    :meth:`AdmissionController.note_output` reports it (``"peak"`` and ``"predict"`` read them).
     """
 
     backend: str
@@ -68,10 +86,26 @@ class Reservation:
     run: int = field(default=0, compare=False, repr=False)
     left: int = field(default=0, compare=False, repr=False)
     peak: bool = field(default=False, compare=False, repr=False)  # held by a "peak" backend
+    expect: int | None = field(default=None, compare=False)  # None: the whole reservation
+    #: "predict" mode: ``left`` follows ``expect``, not the reservation
+    predict: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run = self.prompt + self.generated
-        self.left = max(0, self.tokens - self.run)
+        self.left = self.remaining()
+
+    def remaining(self) -> int:
+        """Output still to come: up to the reservation, or (``"predict"``) the prediction,
+        and for a request that outran it a quarter of what it generated (a block at least),
+        never past the reservation."""
+        cap = self.tokens - self.run
+        if not self.predict or self.expect is None:
+            return cap if cap > 0 else 0
+        g = self.generated
+        left = self.expect - g
+        if left <= 0:
+            left = max(OVERRUN_MIN, g // 4)
+        return max(0, min(cap, left))
 
 
 @dataclass(slots=True)
@@ -88,9 +122,13 @@ class BackendSlots:
     booked_tokens: int = 0
     # requests admitted over the backend's life (for metrics)
     admitted_total: int = field(default=0)
-    kv_admission: KvAdmission = "reserve"
+    kv_admission: KvAdmission = "reserve"  # the config's default is "predict"
     #: sequence cap learned from the backend's own queue (None: ``max_num_seqs``)
     seq_cap: int | None = None
+    #: "predict" mode: the budget is ``max_kv_tokens * kv_scale`` (engine feedback moves it)
+    kv_scale: float = 1.0
+    #: the backend's KV block size (a request's use is rounded up to whole blocks)
+    block_size: int = 16
     # "peak" mode: the in-flight reservations in (nearly) sorted order of `left`, descending;
     # _dirty: something changed since the last sort; _peak: cached reserved_tokens (or None)
     _held: list[Reservation] = field(default_factory=list, repr=False)
@@ -103,22 +141,41 @@ class BackendSlots:
         return self.max_num_seqs if self.seq_cap is None else self.seq_cap
 
     @property
+    def kv_budget(self) -> int:
+        """Tokens admission may plan for: ``max_kv_tokens`` (``"predict"``: times
+        ``kv_scale``)."""
+        if self.kv_admission == "predict":
+            return int(self.max_kv_tokens * self.kv_scale)
+        return self.max_kv_tokens
+
+    @property
     def reserved_tokens(self) -> int:
-        """KV demand compared with ``max_kv_tokens``: booked tokens (``"reserve"``) or the peak
-        estimate of the in-flight requests (``"peak"``)."""
+        """KV demand compared with the budget: booked tokens (``"reserve"``) or the peak
+        estimate of the in-flight requests (``"peak"``, ``"predict"``: with a block of rounding
+        per request)."""
         if self.kv_admission == "reserve":
             return self.booked_tokens
         if self._peak is None:
             self._peak = self.peak_with(0, 0)  # a (0, 0) candidate adds nothing to the peak
+        if self.kv_admission == "predict":
+            return self._peak + self.in_flight * self.block_size
         return self._peak
 
-    def fits(self, tokens: int, prompt: int = 0) -> bool:
-        """Room for a request of ``tokens`` (= ``prompt`` + reserved output) right now?"""
+    def fits(self, tokens: int, prompt: int = 0, expect: int | None = None) -> bool:
+        """Room for a request of ``tokens`` (= ``prompt`` + reserved output) right now?
+        ``expect``: the output ``"predict"`` mode plans for (None: the reservation)."""
         if not self.healthy or self.in_flight >= self.cap:
             return False
-        if self.kv_admission == "reserve":
+        mode = self.kv_admission
+        if mode == "reserve":
             return self.booked_tokens + tokens <= self.max_kv_tokens
-        return self.peak_with(prompt, tokens - prompt) <= self.max_kv_tokens
+        left = tokens - prompt
+        if mode == "predict":
+            if expect is not None and expect < left:
+                left = expect
+            pad = (self.in_flight + 1) * self.block_size
+            return self.peak_with(prompt, left) + pad <= self.kv_budget
+        return self.peak_with(prompt, left) <= self.max_kv_tokens
 
     def peak_with(self, run: int, left: int) -> int:
         """Peak estimate of the in-flight requests plus one holding ``run`` tokens with ``left``
@@ -157,7 +214,7 @@ class BackendSlots:
     @property
     def load(self) -> float:
         """Fraction of the tighter of the two limits in use (for least-loaded placement)."""
-        return max(self.in_flight / self.max_num_seqs, self.reserved_tokens / self.max_kv_tokens)
+        return max(self.in_flight / self.max_num_seqs, self.reserved_tokens / self.kv_budget)
 
 
 class AdmissionController:
@@ -191,29 +248,40 @@ class AdmissionController:
         return any(tokens <= b.max_kv_tokens for b in self.serving(model))
 
     def place(
-        self, model: str, tokens: int, exclude: Iterable[str] = (), prompt: int = 0
+        self,
+        model: str,
+        tokens: int,
+        exclude: Iterable[str] = (),
+        prompt: int = 0,
+        expect: int | None = None,
     ) -> BackendSlots | None:
         """The least-loaded healthy backend serving ``model`` with room for ``tokens``, of
-        which ``prompt`` is prompt (the rest output to come; only ``"peak"`` mode tells them
-        apart)."""
+        which ``prompt`` is prompt (the rest output to come, of which ``"predict"`` mode plans
+        for ``expect``; ``"reserve"`` mode books it all)."""
         skip = set(exclude)
         best: BackendSlots | None = None
         for b in self._backends.values():
             if (
                 model in b.models
                 and b.name not in skip
-                and b.fits(tokens, prompt)
+                and b.fits(tokens, prompt, expect)
                 and (best is None or b.load < best.load)
             ):
                 best = b
         return best
 
-    def reserve(self, backend: BackendSlots, tokens: int, prompt: int = 0) -> Reservation:
-        reservation = Reservation(backend.name, tokens, prompt)
+    def reserve(
+        self, backend: BackendSlots, tokens: int, prompt: int = 0, expect: int | None = None
+    ) -> Reservation:
+        mode = backend.kv_admission
+        predict = mode == "predict"
+        reservation = Reservation(
+            backend.name, tokens, prompt, expect=expect if predict else None, predict=predict
+        )
         backend.in_flight += 1
         backend.booked_tokens += tokens
         backend.admitted_total += 1
-        if backend.kv_admission == "peak":
+        if mode != "reserve":
             reservation.peak = True
             backend._held.append(reservation)
             backend._dirty = True
@@ -224,9 +292,12 @@ class AdmissionController:
         """``n`` more output tokens of ``reservation``'s request have been generated. O(1)."""
         reservation.generated += n
         reservation.run += n
-        left = reservation.left - n
-        reservation.left = left if left > 0 else 0
-        if reservation.peak:  # only "peak" mode re-sorts on progress
+        if reservation.predict:
+            reservation.left = reservation.remaining()
+        else:
+            left = reservation.left - n
+            reservation.left = left if left > 0 else 0
+        if reservation.peak:  # only "peak" and "predict" re-sort on progress
             b = self._backends.get(reservation.backend)
             if b is not None:
                 b._dirty = True
@@ -241,6 +312,8 @@ class AdmissionController:
             reservation.prompt = prompt
             reservation.tokens += delta
             reservation.run += delta
+            if reservation.predict:
+                reservation.left = reservation.remaining()
             b = self._backends.get(reservation.backend)
             if b is not None:
                 b.booked_tokens += delta
@@ -255,7 +328,7 @@ class AdmissionController:
         if b.in_flight < 1 or b.booked_tokens < reservation.tokens:
             # checked before touching the counts: a refused release leaves them as they were
             raise AssertionError(f"backend {b.name!r}: released more than was reserved")
-        if b.kv_admission == "peak":
+        if reservation.peak or b.kv_admission != "reserve":
             held = b._held
             for i, r in enumerate(held):
                 if r is reservation:
@@ -289,3 +362,45 @@ def adapt_seq_cap(slots: BackendSlots, waiting: int, running: int, gateway_queue
         new = min(slots.max_num_seqs, cap + max(1, cap // 10))
     slots.seq_cap = None if new >= slots.max_num_seqs else new
     return new > cap
+
+
+#: Bounds of ``BackendSlots.kv_scale``: feedback never plans for less than half the cache, nor
+#: for more than twice it (the plan is a peak estimate: the real use stays below it).
+KV_SCALE_MIN = 0.5
+KV_SCALE_MAX = 2.0
+
+
+def adapt_kv_scale(
+    slots: BackendSlots,
+    *,
+    waiting: float,
+    preempted: float,
+    kv_usage: float | None,
+    gateway_queued: int,
+    running: float = 0.0,
+) -> bool:
+    """One step of ``"predict"`` admission feedback from the engine's own view; returns True
+    when the budget grew (the caller should dispatch). Pure; called every feedback interval.
+
+    * The engine preempted requests since the last step (``preempted`` > 0) or queues more than
+      requests just sent would explain (``waiting`` above 1 and above 5 % of ``running``): the
+      gateway admitted more than fits; shrink the budget by 15 %.
+    * Otherwise, while the gateway's queue waits for this backend although the engine's KV
+      cache is below 85 % used (``kv_usage``, 0-1), the predictions are too cautious: grow the
+      budget by 10 %.
+    * Otherwise drift back towards 1 (the cache as it is) by 5 %.
+    """
+    if slots.kv_admission != "predict":
+        return False
+    scale = slots.kv_scale
+    new = scale
+    if preempted > 0 or waiting > max(1.0, 0.05 * running):
+        new = max(KV_SCALE_MIN, scale * 0.85)
+    elif gateway_queued > 0 and kv_usage is not None and kv_usage < 0.85:
+        new = min(KV_SCALE_MAX, scale * 1.10)
+    elif gateway_queued == 0 and scale != 1.0:
+        new = min(1.0, scale * 1.05) if scale < 1.0 else max(1.0, scale / 1.05)
+    slots.kv_scale = new
+    if new != scale:
+        slots._peak = None
+    return new > scale

@@ -20,12 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .admission import AdmissionController, BackendSlots, adapt_seq_cap
+from .admission import AdmissionController, BackendSlots, adapt_kv_scale, adapt_seq_cap
 from .config import BackendConfig
 from .errors import BackendError
 from .metrics import BackendSnapshot
 from .outcomes import BackendErrorKind
-from .upstream import Upstream, parse_gauge_sum
+from .upstream import (
+    Upstream,
+    parse_block_size,
+    parse_gauge_sum,
+    parse_kv_usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ class BackendState:
     stale: bool = False
     failures: int = 0
     errors: dict[BackendErrorKind, int] = field(default_factory=dict)  # kind -> count
+    #: the engine's preemption counter at the last feedback step (None: not read yet)
+    preemptions: float | None = None
+    #: engine preemptions seen since the gateway started (for metrics)
+    preemptions_seen: float = 0.0
 
     @property
     def name(self) -> str:
@@ -70,6 +79,7 @@ class BackendPool:
         self._on_capacity = on_capacity
         self._queued_for = queued_for
         self.health_interval = health_interval
+        self.feedback_interval = 1.0
         self.states: dict[str, BackendState] = {}
         for cfg in configs:
             slots = BackendSlots(
@@ -151,13 +161,29 @@ class BackendPool:
             await asyncio.sleep(self.health_interval)
             await self.check_once()
 
+    async def feedback_loop(self) -> None:
+        """Engine feedback every ``feedback_interval`` seconds (:meth:`feedback_once`)."""
+        while True:
+            await asyncio.sleep(self.feedback_interval)
+            await self.feedback_once()
+
+    async def feedback_once(self) -> None:
+        """Read each healthy backend's ``/metrics`` once and adapt its admission: the KV
+        budget of ``"predict"`` backends (:func:`adapt_kv_scale`) and, with ``adaptive``, the
+        sequence cap (:func:`adapt_seq_cap`)."""
+        for st in list(self.states.values()):
+            if (
+                st.discovered
+                and st.slots.healthy
+                and (st.config.adaptive or st.slots.kv_admission == "predict")
+            ):
+                await self._adapt(st)
+
     async def check_once(self) -> None:
         for st in list(self.states.values()):
             if not st.discovered:
                 await self._discover(st)
                 continue
-            if st.config.adaptive and st.slots.healthy:
-                await self._adapt(st)
             ok = await self.upstream.healthy(st.url)
             if ok and (st.stale or not st.slots.healthy):
                 # back (or maybe restarted): its context length or KV size may have changed
@@ -189,7 +215,7 @@ class BackendPool:
         return None
 
     async def _adapt(self, st: BackendState) -> None:
-        """Admission feedback from the backend's own queue (``backends[].adaptive``)."""
+        """Admission feedback from the engine's own view: its queue, preemptions, KV use."""
         try:
             text = await self.upstream.metrics_text(st.url)
         except BackendError:
@@ -198,19 +224,55 @@ class BackendPool:
         running = parse_gauge_sum(text, "vllm:num_requests_running")
         if waiting is None or running is None:
             return
-        before = st.slots.seq_cap
-        queued = self._queued_for(st.slots) if self._queued_for is not None else 0
-        if adapt_seq_cap(st.slots, int(waiting), int(running), queued):
-            self._on_capacity(st.slots)
-        if st.slots.seq_cap != before:
-            log.info(
-                "backend %s: sequence cap %s -> %s (backend waiting %d, running %d)",
-                st.name,
-                before,
-                st.slots.seq_cap,
-                waiting,
-                running,
+        slots = st.slots
+        queued = self._queued_for(slots) if self._queued_for is not None else 0
+        grew = False
+        if slots.kv_admission == "predict":
+            block = parse_block_size(text)
+            if block is not None:
+                slots.block_size = block
+            total = parse_gauge_sum(text, "vllm:num_preemptions_total")
+            preempted = 0.0
+            if total is not None:
+                if st.preemptions is not None and total >= st.preemptions:
+                    preempted = total - st.preemptions
+                st.preemptions = total
+                st.preemptions_seen += preempted
+            scale = slots.kv_scale
+            grew = adapt_kv_scale(
+                slots,
+                waiting=waiting,
+                preempted=preempted,
+                kv_usage=parse_kv_usage(text),
+                gateway_queued=queued,
+                running=running,
             )
+            if slots.kv_scale != scale and (slots.kv_scale < 1.0 or preempted):
+                log.info(
+                    "backend %s: KV budget scale %.2f -> %.2f (waiting %d, running %d, "
+                    "preempted %d)",
+                    st.name,
+                    scale,
+                    slots.kv_scale,
+                    waiting,
+                    running,
+                    preempted,
+                )
+        if st.config.adaptive:
+            before = slots.seq_cap
+            if adapt_seq_cap(slots, int(waiting), int(running), queued):
+                grew = True
+            if slots.seq_cap != before:
+                log.info(
+                    "backend %s: sequence cap %s -> %s (backend waiting %d, running %d)",
+                    st.name,
+                    before,
+                    slots.seq_cap,
+                    waiting,
+                    running,
+                )
+        if grew:
+            self._on_capacity(slots)
 
     # -- queries -----------------------------------------------------------------------------
     def snapshot(self) -> tuple[BackendSnapshot, ...]:
@@ -227,6 +289,8 @@ class BackendPool:
                 max_kv_tokens=st.slots.max_kv_tokens,
                 admitted_total=st.slots.admitted_total,
                 errors=dict(st.errors),
+                kv_scale=st.slots.kv_scale,
+                engine_preemptions=st.preemptions_seen,
             )
             for st in self.states.values()
         )

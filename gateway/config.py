@@ -128,9 +128,10 @@ class BackendConfig:
     max_model_len: Count | None = None  # None: discovered from /v1/models
     #: sent as a bearer token to the backend (vLLM --api-key)
     api_key: Annotated[str | None, SECRET] = None
-    #: how admission checks the KV budget: "reserve" (sum of prompt + max_tokens) or "peak"
-    #: (S-LoRA's peak-future-memory estimate; see gateway/admission.py)
-    kv_admission: KvAdmission = "reserve"
+    #: how admission checks the KV budget: "predict" (current use + predicted output, engine
+    #: feedback), "reserve" (sum of prompt + max_tokens: strict, no preemption) or "peak"
+    #: (S-LoRA's peak-future-memory estimate over max_tokens); see gateway/admission.py
+    kv_admission: KvAdmission = "predict"
     #: Follow the backend's own queue: shrink the sequence cap while vLLM reports waiting
     #: requests (over-admission), grow it back while the gateway's queue waits on it.
     adaptive: bool = False
@@ -197,6 +198,8 @@ class LimitsConfig:
     connect_timeout_s: Seconds = 5.0
     read_timeout_s: Seconds = 300.0
     health_interval_s: Seconds = 5.0
+    #: how often the backends' /metrics are read for admission feedback ("predict", adaptive)
+    feedback_interval_s: Seconds = 1.0
     max_tokens_default: Count | None = None  # reservation when a request sets no max_tokens
     #: SIGTERM: how long running streams may finish
     shutdown_timeout_s: Annotated[float, Bounds(0)] = 30.0

@@ -45,7 +45,12 @@ hold shorter than a step costs little; ``hold_s = 0`` turns all of this off.
 
 Reservation arithmetic: a request books ``prompt + reserved output`` tokens, the reserved output
 being ``max_tokens`` (or the configured default) capped by what the context leaves after the
-prompt (:func:`reserved_output`). ``Job.max_tokens`` holds the reserved output.
+prompt (:func:`reserved_output`). ``Job.max_tokens`` holds the reserved output. Backends in
+``"predict"`` admission (the default) plan for less: the output the core's
+:class:`~gateway.scheduler.predictor.OutputPredictor` expects of the job (a high quantile of its
+tenant's, model's and endpoint's recent lengths, at most the reserved output;
+:meth:`DispatchCore.expect`). Every pool's scheduler shares that predictor, so ``vtc-predict``
+charges from the same history that admission plans with.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ from dataclasses import dataclass
 
 from .admission import AdmissionController, BackendSlots, Reservation
 from .scheduler import TIERS, Job, Prices, Scheduler, make_scheduler
+from .scheduler.interface import job_key
+from .scheduler.predictor import OutputPredictor
 
 #: Output reserved for a request without any bound (no max_tokens, unknown context).
 UNBOUNDED_RESERVE = 4096
@@ -142,6 +149,8 @@ class DispatchCore:
         self._holds: list[Hold] = []  # expected requests, in order of expiry
         self.holds_total = 0  # slots held
         self.holds_used = 0  # held slots released by their tenant's next request
+        #: output lengths of finished jobs, shared by every pool (admission and vtc-predict)
+        self.predictor = OutputPredictor()
 
     # -- tenants and pools -------------------------------------------------------------------
     def set_tenant(
@@ -260,6 +269,7 @@ class DispatchCore:
         sched = self._pools.get(model)
         if sched is None:
             sched = make_scheduler(self.policy, self.prices, self.rpm_limit)
+            sched.predictor = self.predictor
             if self.hold_s > 0:
                 sched.follow_s = self.hold_s  # a resubmission comes within the hold
             depth = {g: len(self.path(g)) for g in self._groups}
@@ -406,10 +416,11 @@ class DispatchCore:
         """Retry a job that never ran on another backend with room now (no requeue)."""
         held = grant.reservation
         self.admission.release(held)
-        backend = self.admission.place(job.model, held.tokens, exclude, held.prompt)
+        expect = self.expect(job)
+        backend = self.admission.place(job.model, held.tokens, exclude, held.prompt, expect)
         new = None
         if backend is not None:
-            new = Grant(backend, self.admission.reserve(backend, held.tokens, held.prompt))
+            new = Grant(backend, self.admission.reserve(backend, held.tokens, held.prompt, expect))
         self.pump_backend(grant.backend)
         return new
 
@@ -447,10 +458,15 @@ class DispatchCore:
                 if not sched.entitled(finished.tenant, now):
                     continue
                 tokens = finished.prompt_tokens + finished.max_tokens
-                backend = self.admission.place(model, tokens, prompt=finished.prompt_tokens)
+                expect = self.expect(finished)
+                backend = self.admission.place(
+                    model, tokens, prompt=finished.prompt_tokens, expect=expect
+                )
                 if backend is None:
                     return False
-                reservation = self.admission.reserve(backend, tokens, finished.prompt_tokens)
+                reservation = self.admission.reserve(
+                    backend, tokens, finished.prompt_tokens, expect
+                )
                 hold.grant = Grant(backend, reservation)
                 self.holds_total += 1
                 return True
@@ -470,7 +486,9 @@ class DispatchCore:
             if self._holds and self._hold_for(sched, model, now):
                 continue  # a slot went to a resubmitting tenant that precedes the head
             tokens = job.prompt_tokens + job.max_tokens
-            backend = admission.place(model, tokens, prompt=job.prompt_tokens)
+            backend = admission.place(
+                model, tokens, prompt=job.prompt_tokens, expect=self.expect(job)
+            )
             if backend is None:
                 return  # head of the fair order waits for room; later ones wait behind it
             self.commit(sched, job, backend, now)
@@ -491,5 +509,11 @@ class DispatchCore:
                     self._check_cap(g)
         self.dispatched_total += 1
         tokens = job.prompt_tokens + job.max_tokens
-        grant = Grant(backend, self.admission.reserve(backend, tokens, job.prompt_tokens))
+        reservation = self.admission.reserve(backend, tokens, job.prompt_tokens, self.expect(job))
+        grant = Grant(backend, reservation)
         self._on_grant(job, grant)
+
+    def expect(self, job: Job) -> int:
+        """Output tokens ``"predict"`` admission plans for: the predictor's bound for the
+        job's tenant, model and endpoint, at most its reserved output."""
+        return self.predictor.bound(job_key(job), job.max_tokens)

@@ -65,6 +65,8 @@ class BackendSnapshot:
     max_kv_tokens: int
     admitted_total: int
     errors: Mapping[BackendErrorKind, int]
+    kv_scale: float = 1.0  # "predict" admission: the budget is max_kv_tokens times this
+    engine_preemptions: float = 0.0  # preemptions the engine reported since the gateway started
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +404,20 @@ class _StateCollector(Collector):
         b_err = CounterMetricFamily(
             "vtc_backend_errors", "Upstream errors by kind.", labels=["backend", "kind"]
         )
+        b_scale = GaugeMetricFamily(
+            "vtc_backend_kv_scale",
+            "Predict admission: the KV budget as a fraction of max_kv_tokens (engine feedback "
+            "lowers it while the backend queues or preempts).",
+            labels=["backend"],
+        )
+        b_pre = CounterMetricFamily(
+            "vtc_backend_engine_preemptions",
+            "Preemptions the backend's engine reported since the gateway started.",
+            labels=["backend"],
+        )
         for b in snap.backends:
+            b_scale.add_metric([b.name], b.kv_scale)
+            b_pre.add_metric([b.name], b.engine_preemptions)
             b_inflight.add_metric([b.name], b.in_flight)
             b_reserved.add_metric([b.name], b.reserved_tokens)
             b_seqs.add_metric([b.name], b.max_num_seqs)
@@ -415,6 +430,7 @@ class _StateCollector(Collector):
             for kind, n in sorted(errors.items()):
                 b_err.add_metric([b.name, kind], n)
         yield from (b_inflight, b_reserved, b_seqs, b_cap, b_kv, b_up, b_admitted, b_err)
+        yield from (b_scale, b_pre)
 
     def _global(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         stats = self._stats

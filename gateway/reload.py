@@ -17,7 +17,8 @@ What reloads (takes effect for the next request; queued and running requests are
   (and their counters), whatever group they are in now. A removed group's own counter is
   forgotten by the order only when no tenant stays under it.
 * ``auth``, ``metrics.max_tenant_labels`` (new label values only), ``metrics.fairness_window_s``,
-  ``limits.queue_timeout_s``, ``limits.max_tokens_default``, ``limits.health_interval_s``.
+  ``limits.queue_timeout_s``, ``limits.max_tokens_default``, ``limits.health_interval_s``,
+  ``limits.feedback_interval_s``.
 
 What needs a restart (a change is logged as a warning and the running value stays):
 ``listen``, ``backends``, ``scheduler`` (policy and prices define what a counter means),
@@ -115,6 +116,7 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     state.auth = Authenticator(effective)
     state.config = effective
     state.pool.health_interval = effective.limits.health_interval_s
+    state.pool.feedback_interval = effective.limits.feedback_interval_s
     rejected = 0
     for name in removed:
         rejected += dispatcher.remove_tenant(name, Unauthorized(REMOVED_MESSAGE))

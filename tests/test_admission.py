@@ -436,3 +436,88 @@ def test_adaptive_cap_shrinks_on_backend_queue_and_grows_back() -> None:
         b.in_flight = b.seq_cap or b.max_num_seqs
         adapt_seq_cap(b, waiting=0, running=b.in_flight, gateway_queued=3)
     assert b.seq_cap is None  # back to max_num_seqs
+
+
+# -- "predict" mode --------------------------------------------------------------------------------
+
+
+def predict_backend(seqs: int = 256, kv: int = 10_000, block: int = 16) -> BackendSlots:
+    b = BackendSlots("v", frozenset({"m"}), seqs, kv, kv_admission="predict")
+    b.block_size = block
+    return b
+
+
+def test_predict_plans_for_the_prediction_not_the_context() -> None:
+    """32k context, no max_tokens: reserve books the whole rest of the context; predict plans
+    for the predicted output and admits as many requests as the cache really holds."""
+    counts = {}
+    for mode in ("reserve", "predict"):
+        b = BackendSlots("v", frozenset({"m"}), 256, 450_000, kv_admission=mode)
+        ac = AdmissionController([b])
+        n = 0
+        while ac.place("m", 32_768, prompt=1_000, expect=400) is not None and n < 1_000:
+            ac.reserve(b, 32_768, 1_000, expect=400)
+            n += 1
+        counts[mode] = n
+    assert counts["reserve"] == 450_000 // 32_768  # 13
+    assert counts["predict"] == 256  # the sequence limit binds, not the KV budget
+
+
+def test_predict_tracks_current_use_and_pads_a_block_per_request() -> None:
+    ac = AdmissionController([predict_backend(kv=1_000, block=16)])
+    b = ac.get("v")
+    r = ac.reserve(b, 5_000, prompt=100, expect=200)
+    assert (r.run, r.left) == (100, 200)
+    assert b.reserved_tokens == 300 + 16
+    ac.note_output(r, 150)  # current use exact, remaining prediction shrinks
+    assert (r.run, r.left) == (250, 50) and b.reserved_tokens == 300 + 16
+    ac.note_output(r, 100)  # outran its prediction: a quarter of what it generated is expected
+    assert (r.generated, r.left) == (250, 62) and b.reserved_tokens == 350 + 62 + 16
+    # the peak with the candidate (350 + its prompt, all held at once) + one block per request
+    # must fit the budget, inclusively
+    assert b.fits(1_000, prompt=1_000 - 350 - 32, expect=0)
+    assert not b.fits(1_000, prompt=1_000 - 350 - 31, expect=0)
+    ac.release(r)
+    assert (b.in_flight, b.booked_tokens, b.reserved_tokens) == (0, 0, 0)
+
+
+def test_predict_left_never_exceeds_the_reservation() -> None:
+    ac = AdmissionController([predict_backend()])
+    b = ac.get("v")
+    r = ac.reserve(b, 130, prompt=100, expect=500)  # max_tokens 30 caps a larger prediction
+    assert r.left == 30
+    ac.note_output(r, 29)
+    assert r.left == 1
+    ac.note_output(r, 5)
+    assert r.left == 0
+
+
+def test_kv_scale_shrinks_on_preemption_or_queue_and_grows_while_the_cache_has_room() -> None:
+    from gateway.admission import KV_SCALE_MAX, KV_SCALE_MIN, adapt_kv_scale
+
+    b = predict_backend(kv=10_000)
+    assert b.kv_budget == 10_000
+    # one waiting request while 40 run is a request just sent, not over-admission
+    assert not adapt_kv_scale(
+        b, waiting=1, preempted=0, kv_usage=0.95, gateway_queued=0, running=40
+    )
+    assert b.kv_scale == 1.0
+    adapt_kv_scale(b, waiting=0, preempted=2, kv_usage=0.99, gateway_queued=5, running=40)
+    assert b.kv_scale == pytest.approx(0.85) and b.kv_budget == 8_500
+    adapt_kv_scale(b, waiting=9, preempted=0, kv_usage=0.99, gateway_queued=5, running=40)
+    assert b.kv_scale == pytest.approx(0.85 * 0.85)
+    for _ in range(50):
+        adapt_kv_scale(b, waiting=0, preempted=1, kv_usage=1.0, gateway_queued=5, running=40)
+    assert b.kv_scale == KV_SCALE_MIN
+    # the queue waits although the engine's cache is half empty: the plan was too cautious
+    assert adapt_kv_scale(b, waiting=0, preempted=0, kv_usage=0.5, gateway_queued=3, running=40)
+    for _ in range(50):
+        adapt_kv_scale(b, waiting=0, preempted=0, kv_usage=0.5, gateway_queued=3, running=40)
+    assert b.kv_scale == KV_SCALE_MAX
+    for _ in range(100):  # nothing queued: drifts back to the cache as it is
+        adapt_kv_scale(b, waiting=0, preempted=0, kv_usage=0.5, gateway_queued=0, running=40)
+    assert b.kv_scale == 1.0
+    r = predict_backend()
+    r.kv_admission = "reserve"
+    assert not adapt_kv_scale(r, waiting=5, preempted=5, kv_usage=1.0, gateway_queued=1)
+    assert r.kv_scale == 1.0

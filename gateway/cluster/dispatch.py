@@ -57,8 +57,10 @@ class ClusterAdmission(AdmissionController):
         super().__init__(backends)
         self._booked: dict[int, tuple[str, int]] = {}  # id(reservation) -> (backend, tokens)
 
-    def reserve(self, backend: BackendSlots, tokens: int, prompt: int = 0) -> Reservation:
-        reservation = super().reserve(backend, tokens, prompt)
+    def reserve(
+        self, backend: BackendSlots, tokens: int, prompt: int = 0, expect: int | None = None
+    ) -> Reservation:
+        reservation = super().reserve(backend, tokens, prompt, expect)
         if self.store is not None:
             if not self.claimed:
                 self.store.book(backend.name, tokens)
@@ -72,11 +74,16 @@ class ClusterAdmission(AdmissionController):
             self.store.release(*booked)
 
     def place(
-        self, model: str, tokens: int, exclude: Iterable[str] = (), prompt: int = 0
+        self,
+        model: str,
+        tokens: int,
+        exclude: Iterable[str] = (),
+        prompt: int = 0,
+        expect: int | None = None,
     ) -> BackendSlots | None:
         store = self.store
         if store is None or store.up:
-            return super().place(model, tokens, exclude, prompt)
+            return super().place(model, tokens, exclude, prompt, expect)
         n = max(1, store.stats.live_replicas)
         skip = set(exclude)
         best: BackendSlots | None = None
@@ -318,7 +325,9 @@ class ClusterCore(DispatchCore):
         assert isinstance(admission, ClusterAdmission)
         admission.claimed = True
         try:
-            reservation = admission.reserve(backend, tokens, hold.job.prompt_tokens)
+            reservation = admission.reserve(
+                backend, tokens, hold.job.prompt_tokens, self.expect(hold.job)
+            )
         finally:
             admission.claimed = False
         hold.grant = Grant(backend, reservation)

@@ -47,6 +47,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .predictor import Key, OutputPredictor
+
 
 @dataclass(slots=True, eq=False)
 class Job:
@@ -57,6 +59,7 @@ class Job:
     max_tokens: int
     arrival: float
     model: str = ""
+    endpoint: str = ""  # "chat" or "completions" (the output predictor's key)
     seq: int = 0  # global arrival order, set by submit()
     output_tokens: int = 0  # generated so far (caller updates through on_output)
     predicted_output: int = 0  # vtc-predict: output tokens charged at dispatch
@@ -65,6 +68,11 @@ class Job:
     charged_cost: float = 0.0  # the same charges in priced tokens, before dividing by weight
     dispatched_at: float | None = None
     payload: Any = field(default=None, repr=False)  # opaque to the scheduler
+
+
+def job_key(job: Job) -> Key:
+    """Whose output-length history ``job`` belongs to: ``(tenant, model, endpoint)``."""
+    return (job.tenant, job.model, job.endpoint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +130,8 @@ class Scheduler(ABC):
         self._parents: dict[str, str] = {}  # tenant or group -> its parent group (absent: top)
         self._group_weights: dict[str, float] = {}  # group -> weight
         self._seq = 0
+        #: output lengths of finished jobs (the dispatch core shares one across its pools)
+        self.predictor = OutputPredictor()
 
     # -- tenants -----------------------------------------------------------------------------
     def set_tenant(
@@ -362,6 +372,7 @@ class Scheduler(ABC):
             actual = self.prices.cost(job.prompt_tokens, job.output_tokens)
             self._charge(job, actual - job.charged_cost)
             self._service[job.tenant] += self.prices.input * job.prompt_tokens
+            self.predictor.observe(job_key(job), job.output_tokens)
         self._finished(job, now, ran)
 
     def _finished(self, job: Job, now: float, ran: bool) -> None:

@@ -69,10 +69,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 
-from .interface import Job, Prices, Scheduler
+from .interface import Job, Prices, Scheduler, job_key
+from .predictor import OutputPredictor
 
 
 class _Queue:
@@ -144,7 +145,7 @@ class VTCScheduler(Scheduler):
     def __init__(self, prices: Prices | None = None, window: int = 10) -> None:
         super().__init__(prices)
         self.window = window
-        self._history: dict[str, deque[int]] = {}  # tenant -> recent actual output lengths
+        self.predictor = OutputPredictor(mean_window=window)
         self._lifts: dict[str, list[float]] = {}  # tenant -> [count, units added]
         self._queues: dict[str, _Queue] = {}
         # one heap per priority tier; entries: (counter key, head seq, version, tenant)
@@ -720,29 +721,21 @@ class VTCScheduler(Scheduler):
             self._leave(tenant, q)
         return job
 
-    def prediction(self, tenant: str, max_tokens: int) -> int:
-        """Expected output of a request: the moving average of the tenant's last ``window``
-        actual output lengths, at most ``max_tokens`` (``max_tokens`` with no history)."""
-        hist = self._history.get(tenant)
-        if not hist:
-            return max_tokens
-        return min(max_tokens, round(sum(hist) / len(hist)))
+    def prediction(self, tenant: str, max_tokens: int, model: str = "", endpoint: str = "") -> int:
+        """Expected output of a request: the moving average of the last ``window`` actual
+        output lengths of the tenant (on ``model`` and ``endpoint``), at most ``max_tokens``
+        (``max_tokens`` with no history): :meth:`OutputPredictor.mean`."""
+        return self.predictor.mean((tenant, model, endpoint), max_tokens)
 
     def _predict(self, job: Job) -> None:
         """Set the job's expected output (the lift's credit counts it) before dispatch."""
-        job.expected_output = self.prediction(job.tenant, job.max_tokens)
+        job.expected_output = self.predictor.mean(job_key(job), job.max_tokens)
 
     def _finished(self, job: Job, now: float, ran: bool) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
             self._commit(job.tenant, q, -q.running.pop(job.seq, 0.0))
             q.last_finish = now
-        if not ran:
-            return  # refused before it ran: no evidence about the tenant's output lengths
-        hist = self._history.get(job.tenant)
-        if hist is None:
-            hist = self._history[job.tenant] = deque(maxlen=self.window)
-        hist.append(job.output_tokens)
 
     def cancel(self, job: Job, now: float) -> bool:
         if self._dirty:
@@ -799,4 +792,6 @@ class VTCPredictScheduler(VTCScheduler):
     name = "vtc-predict"
 
     def _predict(self, job: Job) -> None:
-        job.predicted_output = job.expected_output = self.prediction(job.tenant, job.max_tokens)
+        job.predicted_output = job.expected_output = self.predictor.mean(
+            job_key(job), job.max_tokens
+        )

@@ -64,13 +64,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.upstream.start()
     await state.pool.discover_all()
-    health_task = asyncio.create_task(state.pool.health_loop(), name="backend-health")
+    tasks = [
+        asyncio.create_task(state.pool.health_loop(), name="backend-health"),
+        asyncio.create_task(state.pool.feedback_loop(), name="backend-feedback"),
+    ]
     try:
         yield
     finally:
-        health_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await health_task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await state.upstream.close()
 
 

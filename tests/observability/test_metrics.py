@@ -10,6 +10,7 @@ import pytest
 from backends.sim.faults import parse_fault
 from gateway.metrics import FairnessWindow, jain_index
 from gateway.outcomes import OUTCOMES
+from gateway.scheduler.predictor import DEFAULT_PRIOR
 from tests.gateway.conftest import MODEL, gateway_stack, tenants, wait_for
 
 from .conftest import body, names, scrape, stream_all, value
@@ -108,7 +109,10 @@ async def test_running_and_queued_gauges_follow_the_requests() -> None:
                 assert value(s, "vtc_tenant_queued", tenant="b") == 1
                 assert value(s, "vtc_tenant_queued", tenant="a") == 0
                 assert value(s, "vtc_backend_in_flight", backend="sim") == 1
-                assert value(s, "vtc_backend_reserved_tokens", backend="sim") == prompt + 2000
+                # "predict" admission plans for the predictor's prior (no history yet), at most
+                # max_tokens, plus a block of rounding
+                planned = prompt + min(2000, DEFAULT_PRIOR) + 16
+                assert value(s, "vtc_backend_reserved_tokens", backend="sim") == planned
                 await r.aclose()  # a leaves; b runs
                 assert (await waiting).status_code == 200
         await wait_for(lambda: stack.state.admission.in_flight() == 0)
