@@ -814,7 +814,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``bench proxy``, ``bench scheduler`` and ``bench cluster`` to the ``vtc-gateway`` CLI."""
+    """Add ``bench proxy``, ``scheduler``, ``cluster`` and ``parity`` to the ``vtc-gateway`` CLI."""
     bench = subparsers.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser(
@@ -878,25 +878,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default="bench-results/proxy.json", help="JSON results file")
     p.set_defaults(func=_cmd_proxy)
 
-    from . import scheduler_bench
+    from . import cluster_bench, parity_bench, scheduler_bench
 
-    sched = bsub.add_parser(
-        "scheduler",
-        help="scheduler micro-benchmark: enqueue, pick, charge at growing tenant counts",
-        description=(scheduler_bench.__doc__ or "").split("\n\n")[0],
-    )
-    scheduler_bench.add_arguments(sched)
-    sched.set_defaults(func=scheduler_bench.run)
-
-    from . import cluster_bench
-
-    cluster = bsub.add_parser(
-        "cluster",
-        help="serve --workers N sharing Redis vs one process: tokens/s, fairness, Redis ops",
-        description=(cluster_bench.__doc__ or "").split("\n\n")[0],
-    )
-    cluster_bench.add_arguments(cluster)
-    cluster.set_defaults(func=cluster_bench.run)
+    for name, module, help_ in (
+        (
+            "scheduler",
+            scheduler_bench,
+            "scheduler micro-benchmark: enqueue, pick, charge at growing tenant counts",
+        ),
+        (
+            "cluster",
+            cluster_bench,
+            "serve --workers N sharing Redis vs one process: tokens/s, fairness, Redis ops",
+        ),
+        (
+            "parity",
+            parity_bench,
+            "backend alone vs through the gateway, SDK-style clients: throughput, latency",
+        ),
+    ):
+        sub = bsub.add_parser(name, help=help_, description=(module.__doc__ or "").split("\n\n")[0])
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
 
 
 def options_from_args(args: argparse.Namespace) -> ProxyOptions:

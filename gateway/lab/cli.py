@@ -20,7 +20,15 @@ from pathlib import Path
 from gateway.admission import KV_ADMISSION_MODES
 from gateway.scheduler import POLICIES, Prices
 
-from .workloads import BUILTIN, CLOSED_LOOP, PAPER_SUITE, Workload, load_workload
+from .simulate import DIRECT, ENGINE_KV_ADMISSION, LOCAL
+from .workloads import (
+    BUILTIN,
+    CLOSED_LOOP,
+    PAPER_SUITE,
+    Workload,
+    load_workload,
+    parse_max_tokens,
+)
 
 DEFAULT_OUT = "lab-results"
 
@@ -52,6 +60,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weight", action="append", default=[], metavar="TENANT=W", help="override a weight"
     )
+    p.add_argument(
+        "--max-tokens",
+        help="what every client sends as max_tokens, replacing the workload's: none (unset), "
+        "exact (the output length), a cap, or a mix such as none:0.6,4096:0.3,exact:0.1",
+    )
     p.add_argument("--price-input", type=float, default=1.0, help="w_in (default 1)")
     p.add_argument("--price-output", type=float, default=2.0, help="w_out (default 2)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -71,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument(
         "--policy",
         default="vtc,fcfs,lcf,rpm,vtc-predict",
-        help=f"comma-separated policies among {', '.join(POLICIES)} (default: all)",
+        help=f"comma-separated policies among {', '.join(POLICIES)}, or direct (the engine "
+        "alone, without the gateway; default: all but direct)",
     )
     sim.add_argument("--profile", default="a10g-llama2-7b", help="cost-model profile")
     sim.add_argument(
@@ -79,11 +93,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     sim.add_argument("--max-num-seqs", type=int, help="running-batch size limit")
     sim.add_argument(
+        "--max-model-len", type=int, help="context length of the engine (default: the profile's)"
+    )
+    sim.add_argument(
         "--kv-admission",
         choices=KV_ADMISSION_MODES,
-        help="KV admission of the gateway and the engine: reserve (prompt + max_tokens each) "
-        "or peak (S-LoRA's peak-future-memory check); default: the profile's (peak for "
-        "a10g-llama2-7b, as in the paper)",
+        help="KV admission of the gateway (and of the engine when it has the mode): reserve "
+        "(prompt + max_tokens each) or peak (S-LoRA's peak-future-memory check); default: the "
+        "profile's (peak for a10g-llama2-7b, as in the paper)",
+    )
+    sim.add_argument(
+        "--engine-kv-admission",
+        choices=ENGINE_KV_ADMISSION,
+        help="the engine's own KV admission when it differs: blocks (vLLM), reserve or peak",
     )
     sim.add_argument(
         "--rpm-limit", type=int, default=5, help="requests/min per tenant for rpm (default 5)"
@@ -145,6 +167,10 @@ def _workloads(args: argparse.Namespace) -> list[Workload]:
         else:
             specs.append(spec)
     weights = _weights(args.weight)
+    try:
+        mix = None if args.max_tokens is None else parse_max_tokens(args.max_tokens, "--max-tokens")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     out = []
     for spec in specs:
         try:
@@ -153,6 +179,8 @@ def _workloads(args: argparse.Namespace) -> list[Workload]:
             raise SystemExit(f"workload {spec!r}: {exc}") from exc
         if args.duration is not None:
             wl = wl.truncated(args.duration)
+        if mix is not None:
+            wl = wl.with_max_tokens(mix)
         out.append(wl)
     return out
 
@@ -182,10 +210,10 @@ def _emit(args: argparse.Namespace, results: object, out: Path) -> None:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from .report import ProgressBar, build_results
-    from .simulate import LOCAL, SimConfig, simulate
+    from .simulate import SimConfig, simulate
 
     policies = [p.strip() for p in str(args.policy).split(",") if p.strip()]
-    known = (*POLICIES, LOCAL) if args.replicas > 1 else POLICIES
+    known = (*POLICIES, LOCAL) if args.replicas > 1 else (*POLICIES, DIRECT)
     bad = [p for p in policies if p not in known]
     if bad or not policies:
         print(f"unknown policy {', '.join(bad)}; expected {', '.join(known)}", file=sys.stderr)
@@ -198,6 +226,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         rpm_limit=args.rpm_limit,
         prices=prices,
         kv_admission=args.kv_admission,
+        engine_kv_admission=args.engine_kv_admission,
+        max_model_len=args.max_model_len,
         hold_s=args.hold_ms / 1000,
         replicas=args.replicas,
         ingress=args.ingress,
@@ -212,13 +242,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     show = not args.quiet and sys.stderr.isatty()
     for wl in workloads:
         runs = {}
+        preemptions = {}
         kv = 0
         for policy in policies:
             bar = ProgressBar(f"{wl.name[:6]}/{policy}") if show else None
             res = simulate(wl, policy, config, bar)
             runs[policy] = res.records
+            preemptions[policy] = res.preemptions
             kv = res.kv_cache_tokens
-        results = build_results(wl, runs, prices, kv)
+        results = build_results(wl, runs, prices, kv, preemptions)
         _emit(args, results, _out_dir(args, wl, len(workloads) > 1))
     return 0
 

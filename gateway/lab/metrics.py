@@ -55,6 +55,8 @@ class RequestRecord:
     prompt_tokens: int
     output_tokens: int
     status: str = "ok"
+    #: what the client sent as ``max_tokens`` (None: unset, or not recorded)
+    max_tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +71,7 @@ class RequestRecord:
             prompt_tokens=int(d["prompt_tokens"]),
             output_tokens=int(d["output_tokens"]),
             status=str(d.get("status", "ok")),
+            max_tokens=None if d.get("max_tokens") is None else int(d["max_tokens"]),
         )
 
 

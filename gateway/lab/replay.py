@@ -5,7 +5,9 @@ One ``httpx`` streaming request per workload request, sent at its arrival time (
 exactly the workload's prompt-token count with the gateway's tokenizer
 (:class:`common.tokenizer.TokenCounter`); requests ask for ``max_tokens = output_tokens`` with
 ``ignore_eos: true`` and ``stream_options.include_usage`` so that the server's own counts land
-in the records.
+in the records. A workload whose clients leave ``max_tokens`` unset or send a cap of their own
+(:data:`gateway.lab.workloads.MaxTokens`) sends just that, without ``ignore_eos``: the server
+decides the length, and the records keep it.
 
 Times in the records are *workload* seconds: client-side wall time since the start multiplied
 by ``speed`` (so a run at ``--speed 10`` against a backend also running 10x faster is comparable
@@ -28,7 +30,7 @@ import httpx
 from common.tokenizer import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TokenCounter
 
 from .metrics import RequestRecord
-from .workloads import Workload
+from .workloads import EXACT, MaxTokens, Workload
 
 ProgressFn = Callable[[int, int], None]
 
@@ -166,13 +168,14 @@ async def replay_workload(
     chat = endpoint == "chat"
     path = "/v1/chat/completions" if chat else "/v1/completions"
 
-    def make_body(prompt_tokens: int, output_tokens: int, i: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "max_tokens": output_tokens,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    def make_body(
+        prompt_tokens: int, output_tokens: int, limit: MaxTokens, i: int
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+        if limit == EXACT:
+            body.update(max_tokens=output_tokens, ignore_eos=True)
+        elif limit is not None:  # the server decides the length, up to the cap
+            body["max_tokens"] = limit
         if chat:
             body["messages"] = [{"role": "user", "content": synth.chat_text(prompt_tokens, i)}]
         else:
@@ -180,12 +183,10 @@ async def replay_workload(
         return body
 
     bodies = [
-        make_body(r.prompt_tokens, r.output_tokens, i) for i, r in enumerate(workload.requests)
+        make_body(r.prompt_tokens, r.output_tokens, r.max_tokens, i)
+        for i, r in enumerate(workload.requests)
     ]
-    records = [
-        RequestRecord(r.tenant, r.arrival_s, None, None, r.prompt_tokens, r.output_tokens, "ok")
-        for r in workload.requests
-    ]
+    records = workload.new_records()
     loop = asyncio.get_running_loop()
     done = 0
     total = len(records)
@@ -227,11 +228,13 @@ async def replay_workload(
             if delay > 0:
                 await asyncio.sleep(delay)
             while now() < end:
-                prompt, output, think = next(sizes[ci])
-                rec = RequestRecord(client_spec.name, now(), None, None, prompt, output, "ok")
+                draw = next(sizes[ci])
+                prompt, output, think = draw.prompt_tokens, draw.output_tokens, draw.think
+                rec = draw.record(client_spec.name, now())
                 closed_records.append(rec)
                 total += 1
-                body = dict(make_body(prompt, output, len(closed_records)), model=model_name)
+                body = make_body(prompt, output, draw.max_tokens, len(closed_records))
+                body["model"] = model_name
                 try:
                     await _stream_one(client, path, body, headers, rec, now)
                 except httpx.HTTPError:

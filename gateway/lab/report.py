@@ -8,7 +8,12 @@ recompute the metrics from the per-request records)::
      "policies": {POLICY: {"summary": {"max_diff", "avg_diff", "diff_var", "max_acc_gap",
                                        "bound_2u", "throughput_tok_s", "rejected"},
                            "requests": [{"tenant", "arrival_s", "first_token_s", "finish_s",
-                                         "prompt_tokens", "output_tokens", "status"}]}}}
+                                         "prompt_tokens", "output_tokens", "status",
+                                         "max_tokens"}],
+                           "preemptions": N}}}    # the engine's; lab simulate only
+
+A run that includes the ``direct`` policy (the engine alone) adds a table of what each policy
+costs against it (output tokens/s and their ratio, request latency, preemptions).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, TextIO
 from gateway.scheduler import Prices
 
 from . import metrics as m
+from .simulate import DIRECT
 from .workloads import Workload
 
 
@@ -34,6 +40,8 @@ class PolicyRun:
 
     records: list[m.RequestRecord]
     summary: m.Summary
+    #: the engine's preemptions in the run (None: not known, e.g. a replay)
+    preemptions: int | None = None
 
 
 @dataclass(slots=True)
@@ -59,6 +67,7 @@ class LabResults:
                 p: {
                     "summary": run.summary.to_json(),
                     "requests": [r.to_json() for r in run.records],
+                    **({} if run.preemptions is None else {"preemptions": run.preemptions}),
                 }
                 for p, run in self.policies.items()
             },
@@ -80,7 +89,8 @@ class LabResults:
                 rejected=int(s["rejected"]),
             )
             records = [m.RequestRecord.from_json(r) for r in body["requests"]]
-            policies[p] = PolicyRun(records, summary)
+            pre = body.get("preemptions")
+            policies[p] = PolicyRun(records, summary, None if pre is None else int(pre))
         tenants = {t: float(v["weight"]) for t, v in doc["tenants"].items()}
         paths = {t: str(v["path"]) for t, v in doc["tenants"].items() if "path" in v}
         return cls(str(doc["workload"]), float(doc["duration_s"]), prices, tenants, policies, paths)
@@ -91,8 +101,10 @@ def build_results(
     runs: Mapping[str, Sequence[m.RequestRecord]],
     prices: Prices,
     batch_tokens: int,
+    preemptions: Mapping[str, int] | None = None,
 ) -> LabResults:
-    """Summarise each policy's records (``batch_tokens``: M of the 2U bound, the KV budget)."""
+    """Summarise each policy's records (``batch_tokens``: M of the 2U bound, the KV budget;
+    ``preemptions``: the engine's, per policy, when known)."""
     policies = {}
     for policy, records in runs.items():
         summary = m.summarize(
@@ -103,7 +115,7 @@ def build_results(
             batch_tokens,
             longest_prompt=workload.longest_prompt(),
         )
-        policies[policy] = PolicyRun(list(records), summary)
+        policies[policy] = PolicyRun(list(records), summary, (preemptions or {}).get(policy))
     paths = workload.paths() if workload.tree else {}
     return LabResults(
         workload.name, workload.duration_s, prices, dict(workload.tenants), policies, paths
@@ -174,7 +186,38 @@ def markdown(results: LabResults) -> str:
         lines.append(f"| {t} | {w:g} | " + " | ".join(cells) + " |")
     if results.paths:
         lines += ["", *level_table(results)]
+    if DIRECT in results.policies:
+        lines += ["", *direct_table(results)]
     return "\n".join(lines) + "\n"
+
+
+def direct_table(results: LabResults) -> list[str]:
+    """Markdown: what each policy costs against the engine alone (``direct``): output
+    tokens/s over the run and their ratio, request latency, first-token latency, preemptions."""
+    out_rate = {
+        p: sum(r.output_tokens for r in run.records if m.served(r))
+        / m.run_time(run.records, results.duration_s)
+        for p, run in results.policies.items()
+    }
+    base = out_rate[DIRECT]
+    lines = [
+        "Against the engine alone (`direct`): output tokens/s over the run, request latency "
+        "(arrival to last token) and first-token latency p50 / p99 (s):",
+        "",
+        "| policy | output tok/s | vs direct | request latency | first token | preemptions |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for p, run in results.policies.items():
+        done = [r for r in run.records if m.served(r)]
+        latency = [r.finish_s - r.arrival_s for r in done if r.finish_s is not None]
+        first = m.first_token_latencies(done)
+        pre = "-" if run.preemptions is None else str(run.preemptions)
+        lines.append(
+            f"| {p} | {_num(out_rate[p], 1)} | {_num(out_rate[p] / base if base else math.nan)} "
+            f"| {_num(m.quantile(latency, 0.5))} / {_num(m.quantile(latency, 0.99))} "
+            f"| {_num(m.quantile(first, 0.5))} / {_num(m.quantile(first, 0.99))} | {pre} |"
+        )
+    return lines
 
 
 def level_table(results: LabResults) -> list[str]:

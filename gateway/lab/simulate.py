@@ -7,11 +7,19 @@ system uses:
   per-tenant queues and its dispatch loop takes the decisions, exactly as in the live gateway;
 * the gateway's admission controller (:class:`gateway.admission.AdmissionController`) decides
   when the backend has room (``max_num_seqs`` and a KV-token budget, each request reserving
-  ``prompt + max_tokens`` capped by the context length, checked as a sum (``"reserve"``) or as
-  S-LoRA's peak-future-memory estimate (``"peak"``): ``SimConfig.kv_admission``, by default the
-  profile's own engine mode, used by the engine too);
+  ``prompt + max_tokens`` capped by the context length (:func:`gateway.core.reserved_output`;
+  a request without ``max_tokens`` books the rest of the context, as the live gateway does),
+  checked as a sum (``"reserve"``) or as S-LoRA's peak-future-memory estimate (``"peak"``):
+  ``SimConfig.kv_admission``, by default the profile's own engine mode, used by the engine too
+  unless ``SimConfig.engine_kv_admission`` says otherwise);
 * the simulated backend's engine core (:class:`backends.sim.engine.EngineCore`) batches, fills
-  the KV cache, preempts and times each step with the profile's cost model.
+  the KV cache, preempts and times each step with the profile's cost model. Like vLLM it lowers
+  a request's ``max_tokens`` (unset: the rest of the context) to fit the context.
+
+The ``direct`` policy is the engine alone, what the backend does without the gateway: every
+request goes to the engine at its arrival (an ``fcfs`` core whose admission never says no), so
+the engine's own FCFS queue, KV admission and preemption decide; its throughput is what the
+gateway's policies are compared with.
 
 Events, in virtual time:
 
@@ -36,18 +44,28 @@ import heapq
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast, get_args
 
+from backends.sim.costmodel import KvAdmission as EngineKvAdmission
 from backends.sim.costmodel import Profile, get_profile
 from backends.sim.engine import EngineConfig, EngineCore
+from common.context import ContextError, output_cap
 from gateway.admission import AdmissionController, BackendSlots, KvAdmission
 from gateway.core import DispatchCore, Grant, reserved_output
 from gateway.scheduler import Job, Prices, QueueRejected
 
 from .metrics import RequestRecord
-from .workloads import Workload
+from .workloads import ClosedDraw, Workload
 
 MODEL = "sim-model"
 DEFAULT_PROFILE = "a10g-llama2-7b"
+
+#: The engine alone, without the gateway's admission (see the module docstring).
+DIRECT = "direct"
+#: KV admission modes the simulated engine knows.
+ENGINE_KV_ADMISSION: tuple[str, ...] = get_args(EngineKvAdmission)
+#: Admission of the ``direct`` path: no limit of the gateway's own.
+_UNLIMITED = 1 << 62
 
 #: ``progress(done, total)`` is called now and then with finished/total request counts.
 ProgressFn = Callable[[int, int], None]
@@ -62,9 +80,15 @@ class SimConfig:
     max_num_seqs: int | None = None  # None: the workload's, else the profile's
     rpm_limit: int = 5
     prices: Prices = field(default_factory=Prices)
-    #: KV admission of the gateway *and* the engine; None: the profile's (``"peak"`` for the
-    #: paper's a10g-llama2-7b; a vLLM-like ``"blocks"`` engine gets ``"reserve"`` in front)
+    #: KV admission of the gateway *and* (when the engine has the mode) the engine; None: the
+    #: profile's (``"peak"`` for the paper's a10g-llama2-7b; a vLLM-like ``"blocks"`` engine
+    #: gets ``"reserve"`` in front)
     kv_admission: KvAdmission | None = None
+    #: the engine's KV admission when it differs from the gateway's (``"blocks"``: vLLM's own,
+    #: whatever the gateway does); None: as above
+    engine_kv_admission: EngineKvAdmission | None = None
+    #: context length of the engine (and the gateway's reservations); None: the profile's
+    max_model_len: int | None = None
     #: how long a finished request's slot waits for its busy tenant's next request (the
     #: gateway's default ``scheduler.hold_ms``)
     hold_s: float = 0.05
@@ -83,9 +107,18 @@ class SimConfig:
             profile,
             kv_cache_tokens=self.kv_cache_tokens,
             max_num_seqs=self.max_num_seqs if self.max_num_seqs is not None else max_num_seqs,
-            kv_admission=self.kv_admission,
+            max_model_len=self.max_model_len,
+            kv_admission=self.engine_admission(),
         )
         return profile, cfg
+
+    def engine_admission(self) -> EngineKvAdmission | None:
+        """The engine's KV admission mode (None: the profile's)."""
+        if self.engine_kv_admission is not None:
+            return self.engine_kv_admission
+        if self.kv_admission in ENGINE_KV_ADMISSION:
+            return cast(EngineKvAdmission, self.kv_admission)
+        return None
 
     def gateway_admission(self) -> KvAdmission:
         """The gateway's KV admission mode in this run."""
@@ -127,24 +160,27 @@ class _Run:
         if self.local and self.replicas < 2:
             raise ValueError(f"{LOCAL} needs replicas >= 2")
         self.sync_s = config.sync_s if self.replicas > 1 and not self.local else 0.0
+        direct = policy == DIRECT
+        if direct and self.replicas > 1:
+            raise ValueError(f"{DIRECT} is the engine alone: no replicas")
         self.cores: list[DispatchCore] = []
         for _ in range(self.replicas if self.local else 1):
             # vtc-local: each replica books the whole backend, unaware of the others
             backend = BackendSlots(
                 "sim",
                 frozenset({MODEL}),
-                cfg.max_num_seqs,
-                cfg.kv_cache_tokens,
-                kv_admission=config.gateway_admission(),
+                _UNLIMITED if direct else cfg.max_num_seqs,
+                _UNLIMITED if direct else cfg.kv_cache_tokens,
+                kv_admission="reserve" if direct else config.gateway_admission(),
             )
             core = DispatchCore(
                 AdmissionController([backend]),
                 self._granted,
-                policy="vtc" if self.local else policy,
+                policy="vtc" if self.local else "fcfs" if direct else policy,
                 prices=config.prices,
                 rpm_limit=config.rpm_limit,
                 clock=lambda: self.now,
-                hold_s=config.hold_s,
+                hold_s=0.0 if direct else config.hold_s,
             )
             configure_tenants(core, workload)
             self.cores.append(core)
@@ -156,18 +192,16 @@ class _Run:
         self._unsynced: list[dict[int, int]] = [{} for _ in range(self.replicas)]
         self._synced_at = 0.0
         self.workload = workload
-        self.records = [
-            RequestRecord(r.tenant, r.arrival_s, None, None, r.prompt_tokens, r.output_tokens, "ok")
-            for r in workload.requests
-        ]
+        self.records = workload.new_records()
         #: request index -> (job, grant) while it runs
         self.jobs: dict[int, tuple[Job, Grant]] = {}
         self.owner: dict[int, int] = {}  # closed-loop request index -> client index
         # closed-loop arrivals to come: (time, order, client index)
         self.closed_due: list[tuple[float, int, int]] = []
         self._order = 0
-        self._sizes: list[Iterator[tuple[int, int, float]]] = []
+        self._sizes: list[Iterator[ClosedDraw]] = []
         self._think: dict[int, float] = {}  # closed-loop request index -> think after it
+        self._limits: dict[int, int] = {}  # queued request index -> the engine's max_tokens
         for ci, client in enumerate(workload.closed):
             self._sizes.append(client.sizes(workload.seed, ci))
             for _ in range(client.concurrency):
@@ -188,13 +222,11 @@ class _Run:
 
     def arrive_closed(self) -> None:
         t, _, ci = heapq.heappop(self.closed_due)
-        prompt, output, think = next(self._sizes[ci])
+        draw = next(self._sizes[ci])
         index = len(self.records)
-        self.records.append(
-            RequestRecord(self.workload.closed[ci].name, t, None, None, prompt, output, "ok")
-        )
+        self.records.append(draw.record(self.workload.closed[ci].name, t))
         self.owner[index] = ci
-        self._think[index] = think
+        self._think[index] = draw.think
         self._submit(index, t)
 
     def arrive(self, index: int) -> None:
@@ -204,15 +236,22 @@ class _Run:
         self._account_slots(t)
         self.now = t
         rec = self.records[index]
-        prompt, output = rec.prompt_tokens, rec.output_tokens
-        reserve = reserved_output(prompt, output, self.cfg.max_model_len)
+        prompt = rec.prompt_tokens
+        try:  # vLLM's rule: max_tokens (unset: the rest of the context) lowered to fit it
+            limit = output_cap(prompt, rec.max_tokens, self.cfg.max_model_len)
+        except ContextError:
+            limit = 0
+        # the gateway books that cap, as the live one does (rec.max_tokens: what was sent)
+        reserve = reserved_output(prompt, limit, self.cfg.max_model_len)
         job = Job(rec.tenant, prompt, reserve, t, MODEL)
         job.payload = index
-        if self.engine.check_request(prompt, output) is not None or (
+        if self.engine.check_request(prompt, limit) is not None or (
             not self.admission.can_ever_fit(MODEL, prompt + reserve)
         ):
             self._end(index, "error")  # the gateway answers 400: never queued
             return
+        rec.output_tokens = min(rec.output_tokens, limit)
+        self._limits[index] = limit
         replica = self._route(rec.tenant, index)
         self.replica_of[index] = replica
         core = self.cores[replica] if self.local else self.core
@@ -242,9 +281,8 @@ class _Run:
         index: int = job.payload
         self.jobs[index] = (job, grant)
         rec = self.records[index]
-        self.engine.add_request(
-            str(index), job.prompt_tokens, rec.output_tokens, rec.output_tokens, self.now
-        )
+        limit = self._limits.pop(index)
+        self.engine.add_request(str(index), job.prompt_tokens, limit, rec.output_tokens, self.now)
 
     def _account_slots(self, t: float) -> None:
         """Integrate each tenant's running requests over time (slot-seconds)."""

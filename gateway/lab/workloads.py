@@ -22,6 +22,9 @@ overload_weighted    4 clients at 0.8, 0.8, 1.2, 1.6 /s, weights 1, 2, 3, 4, 360
 arena_trace          data/arena_trace_600s.csv (1,500 real requests, 27 clients; data/README.md)
 ==================== =====================================================================
 
+plus the closed-loop cases (:data:`CLOSED_LOOP`) and ``sdk_mix`` (:func:`_sdk_mix`: clients
+that send what SDK users send, most without ``max_tokens``).
+
 User formats (:func:`load_workload` picks by file extension):
 
 * CSV with a header ``arrival_s,tenant,prompt_tokens,output_tokens`` (extra columns ignored);
@@ -38,7 +41,12 @@ User formats (:func:`load_workload` picks by file extension):
           rate_end: 3.0           # optional: rate rises/falls linearly to this at `end`
           arrival: uniform        # uniform (constant rate) | poisson
           prompt_tokens: 256      # an int, or [lo, hi] drawn uniformly (inclusive)
-          output_tokens: [64, 512]
+          output_tokens: [64, 512]  # or {median: 128, sigma: 0.8}: log-normal, as the
+                                    # simulated backend draws lengths without ignore_eos
+          max_tokens: exact       # what the client sends (default exact: the output length,
+                                  # with ignore_eos); none (unset: the rest of the context),
+                                  # a cap (4096: outputs above it are cut), or a seeded mix:
+                                  # {none: 0.6, 4096: 0.3, exact: 0.1}
           on_off: 60              # optional: on for 60 s, off for 60 s, ...
           start: 0                # optional window of activity within the workload
           end: 600
@@ -80,25 +88,74 @@ import csv
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..config import ConfigError, TenantNode, parse_tenant_tree
+from .metrics import RequestRecord
 
 #: Workload data shipped with the package (``data/README.md`` says where each file comes from).
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ARENA_TRACE_FILE = "arena_trace_600s.csv"
 
 
+#: ``max_tokens`` equal to the request's own output length: the paper's clients, which know the
+#: length and send ``ignore_eos`` (a tight bound).
+EXACT: Literal["exact"] = "exact"
+
+#: What a client sends as ``max_tokens``: a cap, ``None`` (unset: the rest of the context) or
+#: :data:`EXACT`.
+MaxTokens = int | None | Literal["exact"]
+
+#: A mix of :data:`MaxTokens` choices with their shares (summing to 1), drawn per request.
+MaxTokensMix = tuple[tuple[MaxTokens, float], ...]
+
+#: Every request sends ``max_tokens`` = its output length (the paper's setting; the default).
+EXACT_ONLY: MaxTokensMix = ((EXACT, 1.0),)
+
+
+@dataclass(frozen=True, slots=True)
+class LogNormal:
+    """Output lengths drawn as the simulated backend draws them without ``ignore_eos``
+    (:mod:`backends.sim.textgen`): ``int(lognormvariate(ln median, sigma)) + 1``."""
+
+    median: float = 128.0
+    sigma: float = 0.8
+
+    def draw(self, rng: random.Random) -> int:
+        return int(rng.lognormvariate(math.log(self.median), self.sigma)) + 1
+
+
+#: A token count: fixed, ``(lo, hi)`` drawn uniformly (inclusive), or log-normal.
+TokensSpec = int | tuple[int, int] | LogNormal
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadRequest:
-    """One request of a workload; ``arrival_s`` counts from the workload start."""
+    """One request of a workload; ``arrival_s`` counts from the workload start.
+
+    ``output_tokens`` is how many tokens the request generates (before EOS, or at its cap);
+    ``max_tokens`` what its client sends (:data:`MaxTokens`: a cap not below
+    ``output_tokens``, ``None`` when unset, or :data:`EXACT`, the default). A request without
+    ``max_tokens`` still ends at the context: the simulation caps ``output_tokens`` there.
+    """
 
     arrival_s: float
     tenant: str
     prompt_tokens: int
     output_tokens: int
+    max_tokens: MaxTokens = EXACT
+
+    @property
+    def sent_max_tokens(self) -> int | None:
+        """The ``max_tokens`` the client sends (``None``: unset)."""
+        return sent_max_tokens(self.output_tokens, self.max_tokens)
+
+
+def sent_max_tokens(output_tokens: int, limit: MaxTokens) -> int | None:
+    """The ``max_tokens`` a client sends for a request of ``output_tokens`` (``None``: unset)."""
+    return output_tokens if isinstance(limit, str) else limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,19 +167,40 @@ class ClosedClient:
     concurrency: int
     think: float | tuple[float, float] = 0.0
     prompt_tokens: int | tuple[int, int] = 256
-    output_tokens: int | tuple[int, int] = 256
+    output_tokens: TokensSpec = 256
     weight: float = 1.0
     start: float = 0.0
     end: float | None = None
+    max_tokens: MaxTokensMix = EXACT_ONLY
 
-    def sizes(self, seed: int, index: int = 0) -> Iterator[tuple[int, int, float]]:
-        """(prompt, output, think after it) of this client's requests, in order; seeded by the
-        workload seed and the client's position ``index`` among the workload's clients."""
+    def sizes(self, seed: int, index: int = 0) -> Iterator[ClosedDraw]:
+        """(prompt, output, max_tokens, think after it) of this client's requests, in order;
+        seeded by the workload seed and the client's position ``index`` among the workload's
+        clients."""
         rng = random.Random(f"{seed}:closed:{index}:{self.name}")
         while True:
             think = self.think
             pause = think if isinstance(think, int | float) else rng.uniform(*think)
-            yield _draw(self.prompt_tokens, rng), _draw(self.output_tokens, rng), float(pause)
+            prompt = _draw(self.prompt_tokens, rng)
+            output, limit = _draw_limited(self.output_tokens, self.max_tokens, rng)
+            yield ClosedDraw(prompt, output, limit, float(pause))
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedDraw:
+    """One request of a closed-loop client (see :meth:`ClosedClient.sizes`)."""
+
+    prompt_tokens: int
+    output_tokens: int
+    max_tokens: MaxTokens
+    think: float
+
+    def record(self, tenant: str, arrival_s: float) -> RequestRecord:
+        """The record of this request, sent by ``tenant`` at ``arrival_s``, not yet served."""
+        sent = sent_max_tokens(self.output_tokens, self.max_tokens)
+        return RequestRecord(
+            tenant, arrival_s, None, None, self.prompt_tokens, self.output_tokens, "ok", sent
+        )
 
 
 @dataclass(slots=True)
@@ -147,16 +225,42 @@ class Workload:
         """The same workload cut to its first ``duration_s`` seconds (for quick runs)."""
         reqs = [r for r in self.requests if r.arrival_s < duration_s]
         end = min(duration_s, self.duration_s)
-        return Workload(
-            self.name,
-            end,
-            dict(self.tenants),
-            reqs,
-            list(self.closed),
-            self.seed,
-            self.max_num_seqs,
-            self.tree,
+        return replace(
+            self,
+            duration_s=end,
+            tenants=dict(self.tenants),
+            requests=reqs,
+            closed=list(self.closed),
         )
+
+    def with_max_tokens(self, mix: MaxTokensMix) -> Workload:
+        """The same traffic from clients whose ``max_tokens`` is drawn from ``mix`` (seeded,
+        per request): each request keeps its output length, cut by a smaller cap."""
+        rng = random.Random(f"{self.seed}:max_tokens")
+        reqs = []
+        for r in self.requests:
+            limit = _pick(mix, rng)
+            reqs.append(
+                replace(r, output_tokens=_limited(r.output_tokens, limit), max_tokens=limit)
+            )
+        closed = [replace(c, max_tokens=mix) for c in self.closed]
+        return replace(self, requests=reqs, closed=closed)
+
+    def new_records(self) -> list[RequestRecord]:
+        """One record per open-loop request, in order, not yet served."""
+        return [
+            RequestRecord(
+                r.tenant,
+                r.arrival_s,
+                None,
+                None,
+                r.prompt_tokens,
+                r.output_tokens,
+                "ok",
+                r.sent_max_tokens,
+            )
+            for r in self.requests
+        ]
 
     def longest_prompt(self) -> int:
         longest = max((r.prompt_tokens for r in self.requests), default=0)
@@ -177,21 +281,51 @@ class ClientSpec:
     name: str
     rate: float
     prompt_tokens: int | tuple[int, int] = 256
-    output_tokens: int | tuple[int, int] = 256
+    output_tokens: TokensSpec = 256
     weight: float = 1.0
     arrival: str = "uniform"  # uniform | poisson
     rate_end: float | None = None
     on_off: float | None = None
     start: float = 0.0
     end: float | None = None
+    max_tokens: MaxTokensMix = EXACT_ONLY
 
 
 # -- arrival processes -------------------------------------------------------------------------
-def _draw(spec: int | tuple[int, int], rng: random.Random) -> int:
+def _draw(spec: TokensSpec, rng: random.Random) -> int:
     if isinstance(spec, int):
         return spec
+    if isinstance(spec, LogNormal):
+        return spec.draw(rng)
     lo, hi = spec
     return rng.randint(lo, hi)
+
+
+def _pick(mix: MaxTokensMix, rng: random.Random) -> MaxTokens:
+    """One choice of ``mix`` (no draw when it has one choice, so workloads without a mix keep
+    their random streams)."""
+    if len(mix) == 1:
+        return mix[0][0]
+    x = rng.random()
+    for choice, share in mix:
+        x -= share
+        if x < 0:
+            return choice
+    return mix[-1][0]
+
+
+def _limited(output: int, limit: MaxTokens) -> int:
+    """The output length of a request that would generate ``output`` tokens, capped by a
+    ``max_tokens`` of ``limit``."""
+    return min(output, limit) if isinstance(limit, int) else output
+
+
+def _draw_limited(
+    output: TokensSpec, mix: MaxTokensMix, rng: random.Random
+) -> tuple[int, MaxTokens]:
+    """(output length, max_tokens sent) of one request."""
+    limit = _pick(mix, rng)
+    return _limited(_draw(output, rng), limit), limit
 
 
 def _arrivals(c: ClientSpec, duration: float, rng: random.Random) -> Iterator[float]:
@@ -246,9 +380,9 @@ def synthesize(name: str, duration: float, clients: list[ClientSpec], seed: int 
         for t in _arrivals(c, duration, rng):
             if c.on_off is not None and int(t // c.on_off) % 2 == 1:
                 continue
-            requests.append(
-                WorkloadRequest(t, c.name, _draw(c.prompt_tokens, rng), _draw(c.output_tokens, rng))
-            )
+            prompt = _draw(c.prompt_tokens, rng)
+            output, limit = _draw_limited(c.output_tokens, c.max_tokens, rng)
+            requests.append(WorkloadRequest(t, c.name, prompt, output, limit))
     requests.sort(key=lambda r: (r.arrival_s, r.tenant))
     tenants: dict[str, float] = {}
     for c in clients:
@@ -390,6 +524,29 @@ def _closed_trickle_burst(seed: int) -> Workload:
     )
 
 
+#: What SDK users send as ``max_tokens``: 60 % nothing (the OpenAI SDK's default, most chat UIs),
+#: 30 % a generous 4,096 (agent frameworks), 10 % exactly what they get (a tight bound).
+SDK_MAX_TOKENS: MaxTokensMix = ((None, 0.6), (4096, 0.3), (EXACT, 0.1))
+
+
+def _sdk_mix(seed: int) -> Workload:
+    """4 tenants with 24 closed-loop clients each (96 outstanding requests), prompts of
+    100-1,500 tokens, outputs as the simulated backend draws them without ``ignore_eos``
+    (log-normal, median 128), ``max_tokens`` from :data:`SDK_MAX_TOKENS`; 120 s."""
+    specs = [
+        ClosedClient(
+            f"client-{i}",
+            24,
+            (0.0, 0.01),
+            prompt_tokens=(100, 1500),
+            output_tokens=LogNormal(128.0, 0.8),
+            max_tokens=SDK_MAX_TOKENS,
+        )
+        for i in range(1, 5)
+    ]
+    return Workload("sdk_mix", 120, {c.name: c.weight for c in specs}, closed=specs)
+
+
 def arena_trace_path() -> Path:
     return DATA_DIR / ARENA_TRACE_FILE
 
@@ -429,13 +586,17 @@ CLOSED_LOOP: dict[str, Callable[[int], Workload]] = {
 #: The paper suite in the order the docs present it.
 PAPER_SUITE = tuple(BUILTIN)
 BUILTIN.update(CLOSED_LOOP)
+#: Clients that leave ``max_tokens`` unset or generous (run on a long-context profile).
+BUILTIN["sdk_mix"] = _sdk_mix
 
 
 # -- user formats ------------------------------------------------------------------------------
 def load_csv(
     path: str | Path, name: str | None = None, weights: Mapping[str, float] | None = None
 ) -> Workload:
-    """Read ``arrival_s,tenant,prompt_tokens,output_tokens`` rows (header required)."""
+    """Read ``arrival_s,tenant,prompt_tokens,output_tokens`` rows (header required); an
+    optional ``max_tokens`` column says what each client sent (a number, ``none`` or
+    ``exact``, the default when empty; a number below ``output_tokens`` cuts the output)."""
     p = Path(path)
     requests: list[WorkloadRequest] = []
     with p.open(newline="") as f:
@@ -446,11 +607,13 @@ def load_csv(
             raise ValueError(f"{p}: missing column(s) {', '.join(sorted(missing))}")
         for line, row in enumerate(reader, start=2):
             try:
+                limit = _max_tokens_choice(row.get("max_tokens") or EXACT, "max_tokens")
                 req = WorkloadRequest(
                     float(row["arrival_s"]),
                     row["tenant"],
                     int(row["prompt_tokens"]),
-                    int(row["output_tokens"]),
+                    _limited(int(row["output_tokens"]), limit),
+                    limit,
                 )
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{p}:{line}: bad row {row!r}") from exc
@@ -476,6 +639,61 @@ def _tokens_spec(value: Any, where: str) -> int | tuple[int, int]:
     raise ValueError(f"{where}: expected a token count >= 1 or [lo, hi], got {value!r}")
 
 
+def _output_spec(value: Any, where: str) -> TokensSpec:
+    """An output length: a token count, ``[lo, hi]`` or ``{median: M, sigma: S}``."""
+    if isinstance(value, dict):
+        median, sigma = value.get("median"), value.get("sigma", 0.8)
+        if (
+            set(value) <= {"median", "sigma"}
+            and isinstance(median, int | float)
+            and median >= 1
+            and isinstance(sigma, int | float)
+            and sigma >= 0
+        ):
+            return LogNormal(float(median), float(sigma))
+        raise ValueError(f"{where}: expected {{median: M >= 1, sigma: S >= 0}}, got {value!r}")
+    return _tokens_spec(value, where)
+
+
+def _max_tokens_choice(value: Any, where: str) -> MaxTokens:
+    if value is None or value == "none":
+        return None
+    if value == EXACT:
+        return EXACT
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f"{where}: expected none, exact or a token count >= 1, got {value!r}")
+
+
+def parse_max_tokens(value: Any, where: str = "max_tokens") -> MaxTokensMix:
+    """What clients send as ``max_tokens``: ``none``, ``exact``, a count, or a mix of these
+    with shares summing to 1, as a mapping (``{none: 0.6, 4096: 0.3, exact: 0.1}``) or a
+    string (``none:0.6,4096:0.3,exact:0.1``)."""
+    if isinstance(value, str) and (":" in value or "," in value):
+        items: dict[Any, Any] = {}
+        for part in value.split(","):
+            key, sep, share = part.strip().partition(":")
+            try:
+                items[key] = float(share) if sep else math.nan
+            except ValueError:
+                items[key] = math.nan
+        value = items
+    if not isinstance(value, dict):
+        return ((_max_tokens_choice(value, where), 1.0),)
+    mix: list[tuple[MaxTokens, float]] = []
+    for key, share in value.items():
+        choice = _max_tokens_choice(key, where)
+        if not isinstance(share, int | float) or not share > 0:
+            raise ValueError(f"{where}: the share of {key!r} must be > 0, got {share!r}")
+        mix.append((choice, float(share)))
+    total = sum(share for _, share in mix)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"{where}: shares must sum to 1, got {total:g}")
+    return tuple(mix)
+
+
 _CLIENT_KEYS = {
     "name",
     "weight",
@@ -487,6 +705,7 @@ _CLIENT_KEYS = {
     "on_off",
     "start",
     "end",
+    "max_tokens",
 }
 
 
@@ -530,8 +749,9 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
                 name=str(raw.get("name", f"client-{i + 1}")),
                 rate=float(rate),
                 prompt_tokens=_tokens_spec(raw.get("prompt_tokens", 256), f"{where}.prompt_tokens"),
-                output_tokens=_tokens_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
+                output_tokens=_output_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
                 weight=float(weight),
+                max_tokens=parse_max_tokens(raw.get("max_tokens", EXACT), f"{where}.max_tokens"),
                 arrival=str(raw.get("arrival", "uniform")),
                 rate_end=None if raw.get("rate_end") is None else float(raw["rate_end"]),
                 on_off=None if raw.get("on_off") is None else float(raw["on_off"]),
@@ -555,7 +775,15 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
     return wl
 
 
-_CLOSED_KEYS = {"name", "weight", "concurrency", "think", "prompt_tokens", "output_tokens"}
+_CLOSED_KEYS = {
+    "name",
+    "weight",
+    "concurrency",
+    "think",
+    "prompt_tokens",
+    "output_tokens",
+    "max_tokens",
+}
 
 
 def _closed_client(raw: dict[str, Any], i: int, where: str) -> ClosedClient:
@@ -581,8 +809,9 @@ def _closed_client(raw: dict[str, Any], i: int, where: str) -> ClosedClient:
         concurrency=n,
         think=think if isinstance(think, tuple) else float(think),
         prompt_tokens=_tokens_spec(raw.get("prompt_tokens", 256), f"{where}.prompt_tokens"),
-        output_tokens=_tokens_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
+        output_tokens=_output_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
         weight=float(weight),
+        max_tokens=parse_max_tokens(raw.get("max_tokens", EXACT), f"{where}.max_tokens"),
         start=float(raw.get("start", 0.0)),
         end=None if raw.get("end") is None else float(raw["end"]),
     )

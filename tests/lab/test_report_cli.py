@@ -55,6 +55,7 @@ def test_results_json_has_exactly_the_documented_shape(tmp_path: Path) -> None:
         "prompt_tokens": 10,
         "output_tokens": 5,
         "status": "rejected",
+        "max_tokens": None,
     }
     again = load_json(path)
     assert again.policies["vtc"].records == RECORDS
