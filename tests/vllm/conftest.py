@@ -94,6 +94,7 @@ class VllmServer:
     port: int
     kv_blocks: int = KV_BLOCKS
     max_num_seqs: int = MAX_NUM_SEQS
+    extra_args: tuple[str, ...] = ()  # more `vllm serve` flags
     proc: subprocess.Popen[bytes] | None = None
     log_path: str = ""
 
@@ -134,6 +135,7 @@ class VllmServer:
             "float32",
             "--enforce-eager",
             "--no-enable-prefix-caching",
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(
             cmd, stdout=fd, stderr=subprocess.STDOUT, env=env, start_new_session=True
