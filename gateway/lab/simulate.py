@@ -124,7 +124,9 @@ class SimConfig:
         """The gateway's KV admission mode in this run."""
         if self.kv_admission is not None:
             return self.kv_admission
-        return "peak" if get_profile(self.profile).kv_admission == "peak" else "reserve"
+        # the paper's engine reserves (S-LoRA's peak check): the gateway in front does the same;
+        # in front of a vLLM-like engine, the gateway's default
+        return "peak" if get_profile(self.profile).kv_admission == "peak" else "predict"
 
 
 @dataclass(slots=True)

@@ -109,7 +109,7 @@ def test_kv_admission_defaults_to_the_profile_and_peak_packs_more() -> None:
     assert CONFIG.gateway_admission() == "peak"
     assert CONFIG.engine_config()[1].kv_admission == "peak"
     vllm_like = SimConfig(profile="h100-llama3-8b")
-    assert vllm_like.gateway_admission() == "reserve"
+    assert vllm_like.gateway_admission() == "predict"  # the gateway's default
     assert vllm_like.engine_config()[1].kv_admission == "blocks"
     forced = SimConfig(profile="a10g-llama2-7b", kv_cache_tokens=10_000, kv_admission="reserve")
     assert forced.gateway_admission() == "reserve"
