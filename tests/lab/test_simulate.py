@@ -140,3 +140,26 @@ def test_arena_trace_headline_holds_on_the_shipped_trace() -> None:
     assert vtc.max_diff < fcfs.max_diff / 2 and vtc.avg_diff < fcfs.avg_diff / 1.5
     assert vtc.throughput_tok_s == pytest.approx(fcfs.throughput_tok_s, rel=0.01)
     assert 740 < vtc.throughput_tok_s < 820
+
+
+def test_predict_admission_in_front_of_a_vllm_like_engine_keeps_the_bound_and_the_throughput() -> (
+    None
+):
+    """The paper's overload, served by an engine that admits by blocks and preempts (vLLM), the
+    gateway in front admitting with ``predict``: VTC's gap stays under 2U (M = the cache), FCFS
+    exceeds it, throughput matches the engine alone and preemptions stay rare."""
+    wl = load_workload("overload").truncated(120)
+    config = SimConfig(
+        profile="a10g-llama2-7b",
+        kv_cache_tokens=10_000,
+        kv_admission="predict",
+        engine_kv_admission="blocks",
+    )
+    runs = simulate_many(wl, ["direct", "vtc", "fcfs"], config)
+    for run in runs.values():
+        assert all(r.status == "ok" for r in run.records)
+    results = build_results(wl, {p: r.records for p, r in runs.items()}, P, 10_000)
+    s = {p: r.summary for p, r in results.policies.items()}
+    assert s["vtc"].max_acc_gap < s["vtc"].bound_2u < s["fcfs"].max_acc_gap
+    assert s["vtc"].throughput_tok_s >= 0.95 * s["direct"].throughput_tok_s
+    assert runs["vtc"].preemptions <= 0.01 * len(runs["vtc"].records)
