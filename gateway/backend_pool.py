@@ -22,15 +22,11 @@ from typing import Any
 
 from .admission import AdmissionController, BackendSlots, adapt_kv_scale, adapt_seq_cap
 from .config import BackendConfig
+from .engines import Engine, engine_for
 from .errors import BackendError
 from .metrics import BackendSnapshot
 from .outcomes import BackendErrorKind
-from .upstream import (
-    Upstream,
-    parse_block_size,
-    parse_gauge_sum,
-    parse_kv_usage,
-)
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +35,7 @@ log = logging.getLogger(__name__)
 class BackendState:
     config: BackendConfig
     slots: BackendSlots
+    engine: Engine
     max_model_len: dict[str, int | None] = field(default_factory=dict)
     discovered: bool = False
     #: something suggested a restart since the last discovery: discover again on next check
@@ -90,7 +87,7 @@ class BackendPool:
                 healthy=False,
                 kv_admission=cfg.kv_admission,
             )
-            self.states[cfg.name] = BackendState(cfg, slots)
+            self.states[cfg.name] = BackendState(cfg, slots, engine_for(cfg.kind))
             admission.add(slots)
 
     # -- discovery ---------------------------------------------------------------------------
@@ -99,9 +96,12 @@ class BackendPool:
 
     async def _discover(self, st: BackendState) -> None:
         cfg = st.config
+        engine = st.engine
         try:
             models = await self.upstream.models(cfg.url)
-            kv = None if cfg.max_kv_tokens is not None else await self.upstream.kv_capacity(cfg.url)
+            kv = None
+            if cfg.max_kv_tokens is None and engine.has_metrics:
+                kv = engine.kv_capacity(await self.upstream.metrics_text(cfg.url))
         except BackendError as exc:  # stay down, the health loop retries
             log.warning(
                 "backend %s: discovery failed (%s); marked down", cfg.name, exc.__class__.__name__
@@ -117,8 +117,9 @@ class BackendPool:
         elif cfg.max_kv_tokens is None:
             longest = max((v for v in st.max_model_len.values() if v), default=8192)
             st.slots.max_kv_tokens = cfg.max_num_seqs * longest
-            log.warning(
-                "backend %s: no vllm:cache_config_info on /metrics; KV budget set to "
+            log.log(
+                logging.WARNING if engine.has_metrics else logging.DEBUG,
+                "backend %s: no KV capacity from the backend; KV budget set to "
                 "max_num_seqs * max_model_len = %d tokens",
                 cfg.name,
                 st.slots.max_kv_tokens,
@@ -175,6 +176,7 @@ class BackendPool:
             if (
                 st.discovered
                 and st.slots.healthy
+                and st.engine.has_metrics
                 and (st.config.adaptive or st.slots.kv_admission == "predict")
             ):
                 await self._adapt(st)
@@ -184,7 +186,7 @@ class BackendPool:
             if not st.discovered:
                 await self._discover(st)
                 continue
-            ok = await self.upstream.healthy(st.url)
+            ok = await self.upstream.healthy(st.url, st.engine.health_path)
             if ok and (st.stale or not st.slots.healthy):
                 # back (or maybe restarted): its context length or KV size may have changed
                 log.info("backend %s healthy again; discovering it again", st.name)
@@ -204,7 +206,7 @@ class BackendPool:
         else:
             payload["prompt"] = body.get("prompt")
         for st in self.states.values():
-            if model not in st.slots.models or not st.slots.healthy:
+            if model not in st.slots.models or not st.slots.healthy or not st.engine.has_tokenize:
                 continue
             try:
                 count = await self.upstream.tokenize(st.url, payload)
@@ -220,18 +222,17 @@ class BackendPool:
             text = await self.upstream.metrics_text(st.url)
         except BackendError:
             return  # the health check decides about the backend itself
-        waiting = parse_gauge_sum(text, "vllm:num_requests_waiting")
-        running = parse_gauge_sum(text, "vllm:num_requests_running")
-        if waiting is None or running is None:
+        load = st.engine.load(text)
+        if load is None:
             return
+        waiting, running = load.waiting, load.running
         slots = st.slots
         queued = self._queued_for(slots) if self._queued_for is not None else 0
         grew = False
         if slots.kv_admission == "predict":
-            block = parse_block_size(text)
-            if block is not None:
-                slots.block_size = block
-            total = parse_gauge_sum(text, "vllm:num_preemptions_total")
+            if load.block_size is not None:
+                slots.block_size = load.block_size
+            total = load.preemptions_total
             preempted = 0.0
             if total is not None:
                 if st.preemptions is not None and total >= st.preemptions:
@@ -243,7 +244,7 @@ class BackendPool:
                 slots,
                 waiting=waiting,
                 preempted=preempted,
-                kv_usage=parse_kv_usage(text),
+                kv_usage=load.kv_usage,
                 gateway_queued=queued,
                 running=running,
             )

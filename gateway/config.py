@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 import yaml
 
 from .admission import KvAdmission
+from .engines import EngineKind
 from .scheduler.interface import TIERS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -122,6 +123,9 @@ class ListenConfig:
 class BackendConfig:
     name: Name
     url: Url
+    #: the engine behind it: "vllm" (metrics, /tokenize, exact usage per chunk) or "openai"
+    #: (any OpenAI-compatible server; capacity from this config); see gateway/engines/
+    kind: EngineKind = "vllm"
     models: tuple[str, ...] = ()  # empty: discovered from GET /v1/models
     max_num_seqs: Count = 256
     max_kv_tokens: Count | None = None  # None: discovered from /metrics vllm:cache_config_info

@@ -52,8 +52,8 @@ from typing import Any
 import aiohttp
 
 from backends.sim.costmodel import get_profile
+from gateway.engines.vllm import parse_gauge_sum
 from gateway.lab.metrics import quantile
-from gateway.upstream.vllm_metrics import parse_gauge_sum
 
 from .bench import MODEL, TOKEN_MARK, start_gateway, start_sim
 from .procs import ProcSample, proc_sample, run_benchmark, running

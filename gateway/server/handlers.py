@@ -26,7 +26,7 @@ from ..errors import (
 )
 from ..scheduler import Job
 from .proxy import forward
-from .relay import client_format, upstream_body
+from .relay import UpstreamPayload, client_format
 from .state import STATE, GatewayState
 from .validate import check_fields, output_reservation, parse_body
 
@@ -109,11 +109,11 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     return await forward(request, state, job, grant, payload, client_format(body, chat), chat)
 
 
-def _upstream_payload(body: dict[str, Any]) -> bytes:
+def _upstream_payload(body: dict[str, Any]) -> UpstreamPayload:
     """The backend's request body, built before queueing so that a body that cannot be
     re-encoded (e.g. an integer too wide for the JSON encoder) is a 400, not a held slot."""
     try:
-        return upstream_body(body)
+        return UpstreamPayload(body)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise InvalidRequest(
             f"request body cannot be forwarded: {exc.__class__.__name__}"

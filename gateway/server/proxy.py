@@ -26,7 +26,7 @@ from ..errors import (
 from ..outcomes import Outcome
 from ..scheduler import Job
 from ..upstream import UpstreamStream
-from .relay import DONE, ChunkProcessor, ClientFormat
+from .relay import DONE, ChunkProcessor, ClientFormat, UpstreamPayload
 from .state import GatewayState
 
 #: Above this many bytes waiting in the client's socket buffer, a write may block on the
@@ -62,7 +62,7 @@ async def forward(
     state: GatewayState,
     job: Job,
     first_grant: Grant,
-    payload: bytes,
+    payload: UpstreamPayload,
     fmt: ClientFormat,
     chat: bool,
 ) -> web.StreamResponse:
@@ -96,9 +96,9 @@ async def forward(
             backend = grant.backend.name
             tried.append(backend)
             try:
-                async with state.upstream.open(
-                    state.pool.states[backend].url, path, payload
-                ) as stream:
+                target = state.pool.states[backend]
+                body = payload.encoded(target.engine.continuous_usage)
+                async with state.upstream.open(target.url, path, body) as stream:
                     ran = True
                     state.pool.record_success(backend)
                     outcome, response = await _relay(

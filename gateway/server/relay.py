@@ -403,15 +403,40 @@ class ChunkProcessor:
         return body
 
 
-def upstream_body(body: dict[str, Any]) -> bytes:
-    """The body sent to the backend: the client's, streaming, with usage on every chunk."""
+def upstream_body(body: dict[str, Any], continuous: bool = True) -> bytes:
+    """The body sent to the backend: the client's, streaming, with usage at the end and (for
+    an engine that takes ``continuous_usage_stats``) on every chunk; for one that does not,
+    without it even if the client asked (its chunks are counted instead)."""
     out = dict(body)
     out["stream"] = True
     opts = dict(out.get("stream_options") or {})
     opts["include_usage"] = True
-    opts["continuous_usage_stats"] = True
+    if continuous:
+        opts["continuous_usage_stats"] = True
+    else:
+        opts.pop("continuous_usage_stats", None)
     out["stream_options"] = opts
     return _dumps(out)
+
+
+class UpstreamPayload:
+    """The body for the backend, encoded for the engine that gets the request: the vLLM form
+    up front (a body that cannot be encoded is refused before it queues), the plain form
+    (``continuous=False``) on first use."""
+
+    __slots__ = ("_body", "_plain", "continuous")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self._body = body
+        self.continuous = upstream_body(body)
+        self._plain: bytes | None = None
+
+    def encoded(self, continuous: bool) -> bytes:
+        if continuous:
+            return self.continuous
+        if self._plain is None:
+            self._plain = upstream_body(self._body, continuous=False)
+        return self._plain
 
 
 def client_format(body: dict[str, Any], chat: bool) -> ClientFormat:

@@ -3,21 +3,15 @@
 * :mod:`.interface`: :class:`Upstream`, :class:`UpstreamStream`, :class:`ModelInfo`;
 * :mod:`.http`: :class:`AiohttpUpstream`, the real transport (streams from ``http://`` backends
   on :mod:`.h1`, httptools' parser on an asyncio protocol; :mod:`.sse` splits the events);
-* :mod:`.fake`: :class:`~gateway.upstream.fake.FakeUpstream`, in-process, for tests;
-* :mod:`.vllm_metrics`: reading vLLM's ``/metrics`` page.
+* :mod:`.fake`: :class:`~gateway.upstream.fake.FakeUpstream`, in-process, for tests.
 """
 
 from .http import AiohttpUpstream
 from .interface import ModelInfo, Upstream, UpstreamStream
-from .vllm_metrics import parse_block_size, parse_gauge_sum, parse_kv_capacity, parse_kv_usage
 
 __all__ = [
     "AiohttpUpstream",
     "ModelInfo",
     "Upstream",
     "UpstreamStream",
-    "parse_block_size",
-    "parse_gauge_sum",
-    "parse_kv_capacity",
-    "parse_kv_usage",
 ]

@@ -77,6 +77,8 @@ class FakeUpstream:
     def __init__(self, backends: Mapping[str, FakeBackend] | None = None) -> None:
         self.backends: dict[str, FakeBackend] = dict(backends or {})
         self.calls: list[FakeCall] = []
+        #: every discovery, health, metrics and tokenize request, as (url, what)
+        self.probes: list[tuple[str, str]] = []
         self.started = False
 
     def backend(self, url: str) -> FakeBackend:
@@ -111,16 +113,21 @@ class FakeUpstream:
     async def models(self, url: str) -> list[ModelInfo]:
         return [ModelInfo(m, n) for m, n in self._up(url).models.items()]
 
-    async def kv_capacity(self, url: str) -> int | None:
-        return self._up(url).kv_capacity
-
     async def metrics_text(self, url: str) -> str:
-        return self._up(url).metrics
+        self.probes.append((url, "/metrics"))
+        backend = self._up(url)
+        text = backend.metrics
+        if backend.kv_capacity is not None:  # as vLLM says it: (blocks - 1 null) * block size
+            blocks = backend.kv_capacity + 1
+            text += f'vllm:cache_config_info{{block_size="1",num_gpu_blocks="{blocks}"}} 1.0\n'
+        return text
 
     async def tokenize(self, url: str, payload: dict[str, Any]) -> int | None:
+        self.probes.append((url, "/tokenize"))
         return self._up(url).tokenize_count
 
-    async def healthy(self, url: str) -> bool:
+    async def healthy(self, url: str, path: str = "/health") -> bool:
+        self.probes.append((url, path))
         backend = self.backends.get(url)
         return backend is not None and backend.healthy and backend.down is None
 

@@ -16,7 +16,6 @@ import aiohttp
 from ..errors import BackendRejected, BackendUnreachable, GatewayError, StreamBroken
 from .interface import ModelInfo, UpstreamStream
 from .sse import sse_batches
-from .vllm_metrics import parse_kv_capacity
 
 _TOKENIZE_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -151,9 +150,6 @@ class AiohttpUpstream:
         except _TRANSPORT_ERRORS as exc:
             raise _probe_failed(exc) from exc
 
-    async def kv_capacity(self, url: str) -> int | None:
-        return parse_kv_capacity(await self.metrics_text(url))
-
     async def tokenize(self, url: str, payload: dict[str, Any]) -> int | None:
         try:
             async with self.session.post(
@@ -182,9 +178,11 @@ class AiohttpUpstream:
         except (*_TRANSPORT_ERRORS, ValueError) as exc:
             raise _probe_failed(exc) from exc
 
-    async def healthy(self, url: str) -> bool:
+    async def healthy(self, url: str, path: str = "/health") -> bool:
         try:
-            async with self.session.get(url + "/health", timeout=self._probe_timeout) as resp:
+            async with self.session.get(
+                url + path, timeout=self._probe_timeout, headers=self._headers.get(url)
+            ) as resp:
                 return resp.status == 200
         except _TRANSPORT_ERRORS:
             return False

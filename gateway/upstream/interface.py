@@ -1,8 +1,9 @@
 """The transport seam: everything the gateway asks of a backend, as one protocol.
 
 The pipeline (:mod:`gateway.server.proxy`) streams through :meth:`Upstream.open`; the backend
-pool (:mod:`gateway.backend_pool`) discovers models and KV capacity, checks health, reads the
-backend's metrics and asks it to count prompt tokens. Two implementations:
+pool (:mod:`gateway.backend_pool`) discovers models, checks health, reads the backend's metrics
+page and asks it to count prompt tokens (what a kind of engine offers, and how to read its
+metrics, is :mod:`gateway.engines`'s business). Two implementations:
 :class:`~gateway.upstream.http.AiohttpUpstream` (the real one) and
 :class:`~gateway.upstream.fake.FakeUpstream` (in-process, for tests).
 
@@ -60,11 +61,6 @@ class Upstream(Protocol):
         """The served models (``GET /v1/models``)."""
         ...
 
-    async def kv_capacity(self, url: str) -> int | None:
-        """KV cache capacity in tokens (vLLM: ``num_gpu_blocks * block_size`` of
-        ``vllm:cache_config_info``); None when the backend does not say."""
-        ...
-
     async def metrics_text(self, url: str) -> str:
         """The backend's Prometheus page (``GET /metrics``)."""
         ...
@@ -74,6 +70,6 @@ class Upstream(Protocol):
         messages | prompt}``); None when it answers without a count."""
         ...
 
-    async def healthy(self, url: str) -> bool:
-        """Whether ``GET /health`` answers 200; never raises."""
+    async def healthy(self, url: str, path: str = "/health") -> bool:
+        """Whether ``GET path`` answers 200; never raises."""
         ...

@@ -1,8 +1,20 @@
-"""Reading a vLLM ``/metrics`` page (Prometheus text format): the few values the gateway uses."""
+"""vLLM (``backends[].kind: vllm``, the default): its ``/metrics`` page (Prometheus text format)
+gives the KV capacity (``vllm:cache_config_info``) and its load (queue, running batch,
+preemptions, KV use); ``/tokenize`` counts prompts; ``/health`` answers while it serves; it
+streams exact token counts on every chunk (``continuous_usage_stats``). The simulated backend
+speaks the same.
+"""
 
 from __future__ import annotations
 
 import re
+
+from .base import EngineLoad
+
+#: Its metric names (vLLM 0.6 to 0.32).
+WAITING = "vllm:num_requests_waiting"
+RUNNING = "vllm:num_requests_running"
+PREEMPTIONS = "vllm:num_preemptions_total"
 
 _CACHE_INFO_RE = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
 _LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
@@ -68,3 +80,27 @@ def parse_kv_usage(metrics_text: str) -> float | None:
         if best is not None:
             return best
     return None
+
+
+class VllmEngine:
+    kind = "vllm"
+    has_metrics = True
+    has_tokenize = True
+    continuous_usage = True
+    health_path = "/health"
+
+    def kv_capacity(self, metrics_text: str) -> int | None:
+        return parse_kv_capacity(metrics_text)
+
+    def load(self, metrics_text: str) -> EngineLoad | None:
+        waiting = parse_gauge_sum(metrics_text, WAITING)
+        running = parse_gauge_sum(metrics_text, RUNNING)
+        if waiting is None or running is None:
+            return None
+        return EngineLoad(
+            waiting=waiting,
+            running=running,
+            preemptions_total=parse_gauge_sum(metrics_text, PREEMPTIONS),
+            kv_usage=parse_kv_usage(metrics_text),
+            block_size=parse_block_size(metrics_text),
+        )
