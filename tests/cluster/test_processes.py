@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,18 @@ async def ledger(redis: RedisServer) -> dict[bytes, bytes]:
         return await raw.hgetall("{vtc}:be:sim")
     finally:
         await raw.aclose()
+
+
+#: What a worker prints once it serves: ``listening on URL``, then ``admin listening on URL``.
+_ANNOUNCED = re.compile(r"(admin )?listening on (http://[0-9.]+:[0-9]+)")
+
+
+def announced(out: list[str]) -> tuple[set[str], list[str]]:
+    """The serving URLs and the admin URLs in the workers' first lines. Each line is two writes
+    (its text, then the newline), so lines of workers starting together can share one
+    (``listening on Xlistening on X`` then an empty line): matched anywhere, not per line."""
+    found = _ANNOUNCED.findall("\n".join(out))
+    return {url for admin, url in found if not admin}, [url for admin, url in found if admin]
 
 
 def metric(text: str, name: str) -> float:
@@ -148,9 +161,8 @@ async def test_workers_share_one_port(redis_server: RedisServer, tmp_path: Path)
         raw["listen"] = {"admin_port": 0}
         cfg.write_text(json.dumps(raw))
         async with gateway(cfg, "--workers", "2", lines=4) as (_, out):
-            urls = {url_of(line) for line in out if line.startswith("listening")}
-            admins = [line.split()[-1] for line in out if line.startswith("admin")]
-            assert len(urls) == 1 and len(admins) == 2  # one port, a metrics port per worker
+            urls, admins = announced(out)
+            assert len(urls) == 1 and len(admins) == 2, out  # one port, an admin port each
             async with httpx.AsyncClient(timeout=60) as http:
                 statuses = await asyncio.gather(*(send(http, urls.pop(), "a") for _ in range(1)))
                 assert statuses == [200]
