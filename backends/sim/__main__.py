@@ -64,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="server-wide fault, repeatable: refuse, error_500, drop_mid, stall_mid, "
         "slow_first, malformed_sse, error_mid; keys p, after, delay",
     )
+    quota = p.add_argument_group(
+        "hosted-provider mode",
+        "a rate-limited OpenAI-compatible provider: x-ratelimit-* headers, 429 with "
+        "Retry-After when the quota is spent",
+    )
+    quota.add_argument("--tpm", type=int, help="tokens (prompt + output) per window; default off")
+    quota.add_argument("--rpm", type=int, help="requests per window; default off")
+    quota.add_argument(
+        "--rate-window-s",
+        type=float,
+        default=60.0,
+        help="the quota's sliding window in wall seconds (default 60: per minute)",
+    )
+    quota.add_argument(
+        "--provider",
+        action="store_true",
+        help="no batch-slot or KV queueing: --max-num-seqs and --kv-cache-tokens default to "
+        "effectively unlimited",
+    )
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -84,6 +103,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed=args.seed,
         median_output_tokens=args.median_output_tokens,
         faults=tuple(parse_fault(f) for f in args.fault),
+        tpm=args.tpm,
+        rpm=args.rpm,
+        rate_window_s=args.rate_window_s,
+        provider=args.provider,
     )
 
 

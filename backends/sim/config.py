@@ -8,8 +8,13 @@ from dataclasses import dataclass
 from backends.sim.costmodel import CostModel, KvAdmission, Profile, get_profile
 from backends.sim.engine import EngineConfig
 from backends.sim.faults import FaultSpec
+from backends.sim.ratelimit import RateLimits
 
-__all__ = ["SimConfig"]
+__all__ = ["PROVIDER_KV_CACHE_TOKENS", "PROVIDER_MAX_NUM_SEQS", "SimConfig"]
+
+#: ``provider`` mode's engine limits when not given: no queueing on batch slots or KV.
+PROVIDER_MAX_NUM_SEQS = 65_536
+PROVIDER_KV_CACHE_TOKENS = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,12 @@ class SimConfig:
         median_output_tokens: median output length without ``ignore_eos``.
         faults: server-wide faults (see :mod:`backends.sim.faults`).
         cost: coefficients that replace the profile's (for experiments).
+        tpm, rpm, rate_window_s: a hosted provider's quota (tokens and requests per
+            ``rate_window_s`` seconds of wall time, see :mod:`backends.sim.ratelimit`); off
+            while both are ``None``.
+        provider: behave as a hosted provider: ``max_num_seqs`` and ``kv_cache_tokens``
+            default to :data:`PROVIDER_MAX_NUM_SEQS` and :data:`PROVIDER_KV_CACHE_TOKENS`
+            (effectively unlimited) instead of the profile's.
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +54,10 @@ class SimConfig:
     median_output_tokens: int = 128
     faults: tuple[FaultSpec, ...] = ()
     cost: CostModel | None = None
+    tpm: int | None = None
+    rpm: int | None = None
+    rate_window_s: float = 60.0
+    provider: bool = False
 
     def __post_init__(self) -> None:
         get_profile(self.profile)  # KeyError naming the known profiles
@@ -55,6 +70,7 @@ class SimConfig:
         if self.median_output_tokens < 1:
             raise ValueError("median_output_tokens must be >= 1")
         self.engine_config()  # validates the limits
+        self.rate_limits()  # validates the quota
 
     def resolved_profile(self) -> Profile:
         """The named profile."""
@@ -62,11 +78,17 @@ class SimConfig:
 
     def engine_config(self) -> EngineConfig:
         """Engine limits: the profile's defaults with this config's overrides."""
+        max_num_seqs, kv_cache_tokens = self.max_num_seqs, self.kv_cache_tokens
+        if self.provider:
+            max_num_seqs = max_num_seqs if max_num_seqs is not None else PROVIDER_MAX_NUM_SEQS
+            kv_cache_tokens = (
+                kv_cache_tokens if kv_cache_tokens is not None else PROVIDER_KV_CACHE_TOKENS
+            )
         engine = EngineConfig.from_profile(
             self.resolved_profile(),
-            max_num_seqs=self.max_num_seqs,
+            max_num_seqs=max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
-            kv_cache_tokens=self.kv_cache_tokens,
+            kv_cache_tokens=kv_cache_tokens,
             max_model_len=self.max_model_len,
             kv_admission=self.kv_admission,
         )
@@ -76,3 +98,8 @@ class SimConfig:
     def cost_model(self) -> CostModel:
         """The step-time coefficients in force."""
         return self.cost if self.cost is not None else self.resolved_profile().cost
+
+    def rate_limits(self) -> RateLimits | None:
+        """The quota in force, or ``None`` when neither ``tpm`` nor ``rpm`` is set."""
+        limits = RateLimits(tpm=self.tpm, rpm=self.rpm, window_s=self.rate_window_s)
+        return limits if limits.enabled else None

@@ -6,13 +6,25 @@ exact; ``vllm:cache_config_info`` is a gauge set to 1 whose labels carry the cac
 (``num_gpu_blocks``, ``block_size``, ``kv_cache_size_tokens``, ...), which the gateway uses to
 discover KV capacity. Names vLLM dropped (``gpu_cache_usage_perc``,
 ``time_per_output_token_seconds``) are not exported.
+
+With a quota (provider mode) the simulator adds its own ``sim:`` metrics, read from the
+:class:`~backends.sim.ratelimit.RateLimiter` at scrape time: ``sim:ratelimit_accepted_requests``,
+``sim:ratelimit_accepted_tokens`` and ``sim:ratelimit_refused_requests{reason}`` (counters),
+``sim:ratelimit_window_requests`` and ``sim:ratelimit_window_tokens`` (what the sliding window
+holds now).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from backends.sim.engine import EngineCore
+from backends.sim.ratelimit import RateLimiter
 
 __all__ = ["SimMetrics"]
 
@@ -89,7 +101,13 @@ _ITL_BUCKETS = (
 class SimMetrics:
     """The server's metrics; call the ``on_*`` methods as events happen."""
 
-    def __init__(self, core: EngineCore, model_name: str, engine: str = "0") -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        model_name: str,
+        engine: str = "0",
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         labels = ("model_name", "engine")
         values = (model_name, engine)
@@ -175,9 +193,57 @@ class SimMetrics:
             "Histogram of time_per_output_token_seconds per request.",
             _ITL_BUCKETS,
         )
+        if limiter is not None:
+            reg.register(_RateLimitCollector(limiter, values))
 
     def on_finished(self, reason: str) -> None:
         """Count a finished request by reason (``stop``, ``length`` or ``abort``)."""
         child = self._success_children.get(reason)
         if child is not None:
             child.inc()
+
+
+class _RateLimitCollector(Collector):
+    """The quota's counters and window usage, exact at scrape time."""
+
+    def __init__(self, limiter: RateLimiter, values: tuple[str, str]) -> None:
+        self._limiter = limiter
+        self._values = list(values)
+
+    def collect(self) -> Iterator[Metric]:
+        rl, values, labels = self._limiter, self._values, ["model_name", "engine"]
+        requests, tokens = rl.usage(time.monotonic())
+        for name, doc, value in (
+            (
+                "sim:ratelimit_accepted_requests",
+                "Requests accepted by the quota.",
+                rl.accepted_requests,
+            ),
+            (
+                "sim:ratelimit_accepted_tokens",
+                "Tokens (prompt + output) charged to the quota.",
+                rl.accepted_tokens,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric(values, value)
+            yield family
+        refused = CounterMetricFamily(
+            "sim:ratelimit_refused_requests",
+            "Requests refused with 429, by the limit that refused them.",
+            labels=[*labels, "reason"],
+        )
+        for reason, count in rl.refused.items():
+            refused.add_metric([*values, reason], count)
+        yield refused
+        for name, doc, value in (
+            (
+                "sim:ratelimit_window_requests",
+                "Requests counted in the sliding window now.",
+                requests,
+            ),
+            ("sim:ratelimit_window_tokens", "Tokens counted in the sliding window now.", tokens),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=labels)
+            gauge.add_metric(values, value)
+            yield gauge

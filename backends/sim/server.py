@@ -10,6 +10,12 @@ on a free port::
 
 Handlers are cancelled when the client disconnects (``handler_cancellation=True``); their
 ``finally`` aborts the engine request, which frees its KV blocks before the next step.
+
+With a quota (``SimConfig.tpm`` / ``rpm``) the generation routes act as a rate-limited hosted
+provider: each request is charged at arrival (:mod:`backends.sim.ratelimit`), every response of
+``/v1/completions`` and ``/v1/chat/completions`` carries OpenAI's ``x-ratelimit-*`` headers
+(streams too: headers precede the body) and a refused request gets 429 with ``retry-after``,
+``retry-after-ms`` and OpenAI's ``rate_limit_exceeded`` error body.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from backends.sim.protocol import (
     model_not_found,
     parse_generate,
 )
+from backends.sim.ratelimit import Decision, RateLimiter, format_duration
 from backends.sim.sse import DONE, ResponseBuilder, sse_event
 from backends.sim.textgen import GeneratedText, TextGenerator, prompt_digest
 from common.tokenizer import PromptError, TokenCounter
@@ -66,6 +73,7 @@ class SimState:
     counter: TokenCounter
     textgen: TextGenerator
     faults: FaultInjector
+    limiter: RateLimiter | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     closing: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -113,6 +121,43 @@ async def _offload(size_hint: int, fn: Callable[[], Any]) -> Any:
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
+    if state.limiter is None:
+        return await _serve_generate(request, state, chat, {})
+    quota_headers: dict[str, str] = {}  # filled when the request is charged
+    resp = await _serve_generate(request, state, chat, quota_headers)
+    if not resp.prepared:  # a stream sent them itself
+        resp.headers.update(quota_headers or state.limiter.quota(time.monotonic()).headers())
+    return resp
+
+
+def _rate_limited(decision: Decision, model: str, window_s: float) -> web.Response:
+    """OpenAI's 429: ``rate_limit_exceeded``, the refusing limit as ``type``."""
+    assert decision.reason is not None
+    quota = decision.quota
+    per = "min" if window_s == 60 else format_duration(window_s)
+    if decision.reason == "requests":
+        what, limit, used, asked = "requests", quota.limit_requests, decision.used_requests, 1
+    else:
+        what, limit, used, asked = "tokens", quota.limit_tokens, decision.used_tokens, decision.cost
+    message = (
+        f"Rate limit reached for {model} on {what} per {per} ({what[0].upper()}PM): "
+        f"Limit {limit}, Used {used}, Requested {asked}. "
+        f"Please try again in {format_duration(decision.retry_after)}."
+    )
+    body = {
+        "error": {
+            "message": message,
+            "type": decision.reason,
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    return _json(body, 429)
+
+
+async def _serve_generate(
+    request: web.Request, state: SimState, chat: bool, quota_headers: dict[str, str]
+) -> web.StreamResponse:
     try:
         fault = state.faults.pick(request.headers.get(FAULT_HEADER))
     except ValueError as exc:
@@ -148,6 +193,11 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             min_tokens=parsed.min_tokens,
             stop=parsed.stop,
         )
+        if state.limiter is not None:
+            decision = state.limiter.admit(time.monotonic(), parsed.prompt_tokens + text.num_tokens)
+            quota_headers.update(decision.headers())
+            if not decision.accepted:
+                return _rate_limited(decision, parsed.model, state.limiter.limits.window_s)
         builder = ResponseBuilder(
             chat=chat,
             model=parsed.model,
@@ -166,7 +216,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         return _error(exc)
     try:
         if parsed.stream:
-            return await _stream(request, state, parsed, text, builder, stream, fault)
+            return await _stream(
+                request, state, parsed, text, builder, stream, fault, quota_headers
+            )
         return await _complete(request, state, text, builder, stream, fault)
     finally:
         state.engine.abort(builder.id)  # no-op when finished; frees the KV when not
@@ -180,8 +232,9 @@ async def _stream(
     builder: ResponseBuilder,
     stream: RequestStream,
     fault: FaultSpec | None,
+    quota_headers: dict[str, str],
 ) -> web.StreamResponse:
-    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, **quota_headers})
     await resp.prepare(request)
     mid = fault.kind if fault is not None and fault.kind in _MID_STREAM_FAULTS else None
     slow_first = fault.delay if fault is not None and fault.kind == "slow_first" else None
@@ -414,7 +467,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 async def handle_sim_stats(request: web.Request) -> web.Response:
-    """GET /sim/stats (simulator only): engine-loop timing and engine-core counters."""
+    """GET /sim/stats (simulator only): engine-loop timing, engine-core counters and the
+    quota's counters (``ratelimit``, ``null`` without a quota)."""
     state = request.app[STATE]
     stats = state.engine.stats()
     core = state.core
@@ -430,8 +484,27 @@ async def handle_sim_stats(request: web.Request) -> web.Response:
                 "num_steps": core.num_steps,
                 "generated_tokens": core.generated_tokens,
             },
+            "ratelimit": _quota_stats(state.limiter),
         }
     )
+
+
+def _quota_stats(limiter: RateLimiter | None) -> dict[str, Any] | None:
+    if limiter is None:
+        return None
+    requests, tokens = limiter.usage(time.monotonic())
+    lim = limiter.limits
+    return {
+        "tpm": lim.tpm,
+        "rpm": lim.rpm,
+        "window_s": lim.window_s,
+        "accepted_requests": limiter.accepted_requests,
+        "accepted_tokens": limiter.accepted_tokens,
+        "refused": dict(limiter.refused),
+        "refused_tokens": limiter.refused_tokens,
+        "window_requests": requests,
+        "window_tokens": tokens,
+    }
 
 
 async def handle_sim_stats_reset(request: web.Request) -> web.Response:
@@ -465,7 +538,9 @@ def create_app(config: SimConfig) -> web.Application:
     """Build the app: engine core, metrics, routes; the engine loop runs in ``cleanup_ctx``."""
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_fastapi_style_errors])
     core = EngineCore(config.engine_config(), config.cost_model())
-    metrics = SimMetrics(core, config.model)
+    limits = config.rate_limits()
+    limiter = RateLimiter(limits) if limits is not None else None
+    metrics = SimMetrics(core, config.model, limiter=limiter)
     state = SimState(
         config=config,
         core=core,
@@ -474,6 +549,7 @@ def create_app(config: SimConfig) -> web.Application:
         counter=TokenCounter(),
         textgen=TextGenerator(config.seed, config.median_output_tokens),
         faults=FaultInjector(config.faults, config.seed),
+        limiter=limiter,
     )
     app[STATE] = state
 
