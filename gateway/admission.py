@@ -53,7 +53,8 @@ Pure and synchronous, like the scheduler: the live dispatcher and the lab's simu
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Literal, get_args
@@ -89,6 +90,8 @@ class Reservation:
     expect: int | None = field(default=None, compare=False)  # None: the whole reservation
     #: "predict" mode: ``left`` follows ``expect``, not the reservation
     predict: bool = field(default=False, compare=False, repr=False)
+    #: its booking in the backend's rate budget (a quota backend), else None
+    quota: QuotaEntry | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run = self.prompt + self.generated
@@ -129,6 +132,9 @@ class BackendSlots:
     kv_scale: float = 1.0
     #: the backend's KV block size (a request's use is rounded up to whole blocks)
     block_size: int = 16
+    #: a rate budget (tokens and requests per minute: a hosted API) checked besides the
+    #: sequence and KV limits; None: none
+    quota: Quota | None = None
     # "peak" mode: the in-flight reservations in (nearly) sorted order of `left`, descending;
     # _dirty: something changed since the last sort; _peak: cached reserved_tokens (or None)
     _held: list[Reservation] = field(default_factory=list, repr=False)
@@ -166,6 +172,11 @@ class BackendSlots:
         ``expect``: the output ``"predict"`` mode plans for (None: the reservation)."""
         if not self.healthy or self.in_flight >= self.cap:
             return False
+        quota = self.quota
+        if quota is not None:
+            cost = prompt + (tokens - prompt if expect is None else min(expect, tokens - prompt))
+            if not quota.fits(cost):
+                return False
         mode = self.kv_admission
         if mode == "reserve":
             return self.booked_tokens + tokens <= self.max_kv_tokens
@@ -281,6 +292,9 @@ class AdmissionController:
         backend.in_flight += 1
         backend.booked_tokens += tokens
         backend.admitted_total += 1
+        if backend.quota is not None:
+            out = tokens - prompt if expect is None else min(expect, tokens - prompt)
+            reservation.quota = backend.quota.book(prompt + out)
         if mode != "reserve":
             reservation.peak = True
             backend._held.append(reservation)
@@ -292,6 +306,11 @@ class AdmissionController:
         """``n`` more output tokens of ``reservation``'s request have been generated. O(1)."""
         reservation.generated += n
         reservation.run += n
+        entry = reservation.quota
+        if entry is not None and reservation.run > entry.tokens:
+            b = self._backends.get(reservation.backend)
+            if b is not None and b.quota is not None:
+                b.quota.correct(entry, reservation.run)
         if reservation.predict:
             reservation.left = reservation.remaining()
         else:
@@ -339,6 +358,17 @@ class AdmissionController:
             b._peak = None  # removal keeps the order sorted
         b.in_flight -= 1
         b.booked_tokens -= reservation.tokens
+        if reservation.quota is not None and b.quota is not None:
+            b.quota.correct(reservation.quota, reservation.run)  # what it really cost
+
+    def void(self, reservation: Reservation) -> None:
+        """The backend refused the request before running it (a provider's 429): its booking
+        in the backend's rate budget counts nothing. Call before :meth:`release`."""
+        reservation.run = reservation.prompt = 0
+        entry = reservation.quota
+        b = self._backends.get(reservation.backend)
+        if entry is not None and b is not None and b.quota is not None:
+            b.quota.drop(entry)
 
     def in_flight(self) -> int:
         return sum(b.in_flight for b in self._backends.values())
@@ -404,3 +434,111 @@ def adapt_kv_scale(
     if new != scale:
         slots._peak = None
     return new > scale
+
+
+@dataclass(slots=True)
+class QuotaEntry:
+    """One request's share of a :class:`Quota` window: its tokens, counted at ``t``."""
+
+    t: float
+    tokens: int
+
+
+class Quota:
+    """A rate budget instead of batch slots: ``tpm`` tokens and ``rpm`` requests per
+    ``window_s`` (a hosted API's tokens and requests per minute), over a sliding window.
+
+    A request is booked at dispatch with the tokens it is expected to cost (prompt + predicted
+    output) and counted at that moment, as providers count it; the booking follows the real
+    count as the output streams (never below what has been generated) and becomes the real
+    count when the request ends (nothing, if the provider refused it). Admission sends a
+    request while the window ending now has room for it (a request larger than the whole
+    budget goes into an empty window, so it is not refused forever). The budget backs off:
+    after a provider's 429 nothing is sent until its ``Retry-After`` has passed.
+
+    Pure: time comes from ``clock``. Cost: amortised O(1) per booking and check.
+    """
+
+    __slots__ = ("_entries", "clock", "paused_until", "rpm", "tpm", "used", "window_s")
+
+    def __init__(
+        self,
+        tpm: int | None,
+        rpm: int | None,
+        window_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        if tpm is None and rpm is None:
+            raise ValueError("a quota needs tpm or rpm")
+        self.tpm = tpm
+        self.rpm = rpm
+        self.window_s = window_s
+        self.clock = clock
+        self._entries: deque[QuotaEntry] = deque()
+        self.used = 0  # tokens booked in the window
+        self.paused_until = 0.0
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window_s
+        entries = self._entries
+        while entries and entries[0].t <= horizon:
+            self.used -= entries.popleft().tokens
+
+    def fits(self, tokens: int) -> bool:
+        now = self.clock()
+        if now < self.paused_until:
+            return False
+        self._prune(now)
+        if self.rpm is not None and len(self._entries) >= self.rpm:
+            return False
+        return self.tpm is None or not self._entries or self.used + tokens <= self.tpm
+
+    def book(self, tokens: int) -> QuotaEntry:
+        entry = QuotaEntry(self.clock(), tokens)
+        self._entries.append(entry)
+        self.used += tokens
+        return entry
+
+    def correct(self, entry: QuotaEntry, tokens: int) -> None:
+        """``entry`` really costs ``tokens`` (the window forgets it when it leaves)."""
+        if self._entries and entry.t > self.clock() - self.window_s:
+            self.used += tokens - entry.tokens
+        entry.tokens = tokens
+
+    def drop(self, entry: QuotaEntry) -> None:
+        """``entry`` never reached the provider (it refused it): it counts nothing, neither
+        tokens nor a request. O(n) in the window's bookings; refusals are rare."""
+        try:
+            self._entries.remove(entry)
+        except ValueError:
+            entry.tokens = 0
+            return
+        self.used -= entry.tokens
+        entry.tokens = 0
+
+    def back_off(self, seconds: float) -> None:
+        """The provider refused a request: send nothing for ``seconds``."""
+        self.paused_until = max(self.paused_until, self.clock() + max(0.0, seconds))
+
+    def learn(self, tpm: int | None, rpm: int | None) -> None:
+        """Limits the provider announced (``x-ratelimit-limit-*``) replace unknown ones."""
+        if tpm is not None and tpm > 0:
+            self.tpm = tpm
+        if rpm is not None and rpm > 0:
+            self.rpm = rpm
+
+    def next_change(self) -> float | None:
+        """Seconds until the budget can grow (a pause ends, the oldest booking leaves the
+        window); None while nothing is booked or paused."""
+        now = self.clock()
+        self._prune(now)
+        waits = []
+        if self.paused_until > now:
+            waits.append(self.paused_until - now)
+        if self._entries:
+            waits.append(self._entries[0].t + self.window_s - now)
+        return max(0.0, min(waits)) if waits else None
+
+    @property
+    def requests(self) -> int:
+        return len(self._entries)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .admission import AdmissionController, BackendSlots, adapt_kv_scale, adapt_seq_cap
+from .admission import AdmissionController, BackendSlots, Quota, adapt_kv_scale, adapt_seq_cap
 from .config import BackendConfig
 from .engines import Engine, engine_for
 from .errors import BackendError
@@ -46,6 +47,8 @@ class BackendState:
     preemptions: float | None = None
     #: engine preemptions seen since the gateway started (for metrics)
     preemptions_seen: float = 0.0
+    #: 429s the backend (a rate-limited provider) answered
+    rate_limited: int = 0
 
     @property
     def name(self) -> str:
@@ -67,6 +70,7 @@ class BackendPool:
         on_capacity: Callable[[BackendSlots], None],
         health_interval: float = 5.0,
         queued_for: Callable[[BackendSlots], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``on_capacity(slots)``: a backend has (more) room, dispatch to it;
         ``queued_for(slots)``: requests queued for the models that backend serves (adaptive
@@ -76,6 +80,7 @@ class BackendPool:
         self._on_capacity = on_capacity
         self._queued_for = queued_for
         self.health_interval = health_interval
+        self.clock = clock
         self.feedback_interval = 1.0
         self.states: dict[str, BackendState] = {}
         for cfg in configs:
@@ -87,6 +92,8 @@ class BackendPool:
                 healthy=False,
                 kv_admission=cfg.kv_admission,
             )
+            if cfg.tpm is not None or cfg.rpm is not None:
+                slots.quota = Quota(cfg.tpm, cfg.rpm, cfg.quota_window_s, clock)
             self.states[cfg.name] = BackendState(cfg, slots, engine_for(cfg.kind))
             admission.add(slots)
 
@@ -167,6 +174,59 @@ class BackendPool:
         while True:
             await asyncio.sleep(self.feedback_interval)
             await self.feedback_once()
+
+    async def quota_loop(self) -> None:
+        """Wake the dispatcher when a rate budget can take more: sleep until the earliest
+        moment a quota backend's window lets a booking go (or its back-off ends), then pump
+        its models if requests wait for it. Idle backends are looked at every second."""
+        while True:
+            delay = 1.0
+            for st in self.states.values():
+                quota = st.slots.quota
+                if quota is None:
+                    continue
+                wait = quota.next_change()
+                if wait is not None:
+                    delay = min(delay, wait + 0.001)
+            await asyncio.sleep(delay)
+            for st in self.states.values():
+                slots = st.slots
+                if (
+                    slots.quota is not None
+                    and slots.healthy
+                    and (self._queued_for is None or self._queued_for(slots) > 0)
+                ):
+                    self._on_capacity(slots)
+
+    def rate_limited(self, name: str, headers: Mapping[str, str]) -> float:
+        """A provider's 429 with ``headers``: its budget backs off for ``Retry-After`` (1 s
+        when absent); returns the delay."""
+        st = self.states.get(name)
+        delay = retry_after(headers)
+        if st is not None:
+            if st.slots.quota is None:
+                st.slots.quota = Quota(None, 1_000_000, st.config.quota_window_s, self.clock)
+            self.learn_rates(name, headers)
+            st.slots.quota.back_off(delay)
+            st.rate_limited += 1
+            log.info("backend %s rate limited; pausing %.2f s", name, delay)
+        return delay
+
+    def learn_rates(self, name: str, headers: Mapping[str, str]) -> None:
+        """Limits a provider announced (``x-ratelimit-limit-tokens``, ``-requests``) for a
+        backend whose config leaves them unset."""
+        st = self.states.get(name)
+        if st is None or not headers:
+            return
+        tpm = _int_header(headers, "x-ratelimit-limit-tokens")
+        rpm = _int_header(headers, "x-ratelimit-limit-requests")
+        if tpm is None and rpm is None:
+            return
+        cfg = st.config
+        quota = st.slots.quota
+        if quota is None:
+            quota = st.slots.quota = Quota(tpm, rpm, cfg.quota_window_s, self.clock)
+        quota.learn(tpm if cfg.tpm is None else None, rpm if cfg.rpm is None else None)
 
     async def feedback_once(self) -> None:
         """Read each healthy backend's ``/metrics`` once and adapt its admission: the KV
@@ -322,3 +382,26 @@ class BackendPool:
                         "max_model_len": self.max_model_len(m),
                     }
         return list(seen.values())
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(headers[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def retry_after(headers: Mapping[str, str], default: float = 1.0) -> float:
+    """Seconds a 429 asks to wait: ``retry-after-ms``, else ``Retry-After`` (seconds), else
+    ``default``; at most 60."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if value >= 0:
+            return min(value, 60.0)
+    return default

@@ -139,6 +139,12 @@ class BackendConfig:
     #: Follow the backend's own queue: shrink the sequence cap while vLLM reports waiting
     #: requests (over-admission), grow it back while the gateway's queue waits on it.
     adaptive: bool = False
+    #: a rate budget (a hosted API's quota): tokens and requests per quota_window_s; requests
+    #: are paced to fit it besides max_num_seqs (learned from x-ratelimit-limit-* when unset,
+    #: once the provider sends them: set either to turn pacing on)
+    tpm: Count | None = None
+    rpm: Count | None = None
+    quota_window_s: Seconds = 60.0
 
 
 #: Queued requests a tenant (a leaf) may have when ``max_queued`` is not set.

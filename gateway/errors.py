@@ -26,6 +26,7 @@ errors also name their ``kind`` (``vtc_backend_errors_total``). The transport
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .outcomes import BackendErrorKind, Outcome
@@ -94,7 +95,11 @@ class BackendRejected(GatewayError):
     type = "BadRequestError"
     outcome: Outcome = "rejected_invalid"
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> None:
+        #: the answer's rate-limit headers (``retry-after``, ``x-ratelimit-*``), lower case
+        self.rate_headers: Mapping[str, str] = headers or {}
         err = body.get("error")
         if not isinstance(err, dict):
             err = body

@@ -521,3 +521,69 @@ def test_kv_scale_shrinks_on_preemption_or_queue_and_grows_while_the_cache_has_r
     r.kv_admission = "reserve"
     assert not adapt_kv_scale(r, waiting=5, preempted=5, kv_usage=1.0, gateway_queued=1)
     assert r.kv_scale == 1.0
+
+
+# -- rate budgets (a hosted API's quota) -------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def quota_backend(clock: FakeClock, tpm: int | None = 1000, rpm: int | None = None) -> BackendSlots:
+    from gateway.admission import Quota
+
+    b = BackendSlots("q", frozenset({"m"}), 1000, 10**9, kv_admission="predict")
+    b.quota = Quota(tpm, rpm, 60.0, clock)
+    return b
+
+
+def test_quota_paces_tokens_over_a_sliding_window_and_books_the_prediction() -> None:
+    clock = FakeClock()
+    ac = AdmissionController([quota_backend(clock, tpm=1000)])
+    b = ac.get("q")
+    assert b.quota is not None
+    # 100 prompt + 300 predicted (of up to 5,000): books 400
+    r1 = ac.reserve(b, 5_100, prompt=100, expect=300)
+    assert b.quota.used == 400
+    clock.t += 10
+    r2 = ac.reserve(b, 5_100, prompt=100, expect=300)
+    assert b.quota.used == 800
+    assert not b.fits(5_100, prompt=100, expect=300)  # 1,200 > 1,000
+    assert b.fits(5_100, prompt=100, expect=100)  # 1,000 fits, inclusively
+    ac.note_output(r1, 350)  # outran its prediction: the window counts what it really cost
+    assert b.quota.used == 850
+    ac.release(r1)
+    ac.release(r2)  # stopped at 0 output: only its prompt counts
+    assert b.quota.used == 450 + 100
+    clock.t += 50.5  # r1 (booked at t=1000) left the window, r2 (t=1010) has not
+    assert b.fits(5_100, prompt=100, expect=800) and b.quota.used == 100
+    assert b.quota.next_change() == pytest.approx(9.5)
+
+
+def test_quota_counts_requests_backs_off_and_takes_an_oversized_request_alone() -> None:
+    clock = FakeClock()
+    b = quota_backend(clock, tpm=1000, rpm=2)
+    ac = AdmissionController([b])
+    assert b.quota is not None
+    assert b.fits(50_000, prompt=5_000, expect=0)  # larger than the budget: an empty window
+    big = ac.reserve(b, 50_000, prompt=5_000, expect=0)
+    assert not b.fits(10, prompt=5, expect=5)  # ... then nothing until it leaves
+    ac.void(big)  # the provider refused it: it counts nothing
+    ac.release(big)
+    assert b.quota.used == 0 and b.fits(10, prompt=5, expect=5)
+    ac.reserve(b, 10, prompt=5, expect=5)
+    ac.reserve(b, 10, prompt=5, expect=5)
+    assert b.quota.requests == 2 and not b.fits(10, prompt=5, expect=5)  # rpm 2
+    clock.t += 61
+    assert b.fits(10, prompt=5, expect=5)
+    b.quota.back_off(2.0)  # a 429 with Retry-After: 2
+    assert not b.fits(10, prompt=5, expect=5) and b.quota.next_change() == pytest.approx(2.0)
+    clock.t += 2.0
+    assert b.fits(10, prompt=5, expect=5)
+    b.quota.learn(5000, None)  # announced by the provider
+    assert (b.quota.tpm, b.quota.rpm) == (5000, 2)

@@ -67,6 +67,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(state.pool.health_loop(), name="backend-health"),
         asyncio.create_task(state.pool.feedback_loop(), name="backend-feedback"),
+        asyncio.create_task(state.pool.quota_loop(), name="backend-quota"),
     ]
     try:
         yield

@@ -101,6 +101,8 @@ async def forward(
                 async with state.upstream.open(target.url, path, body) as stream:
                     ran = True
                     state.pool.record_success(backend)
+                    if stream.rate_headers:
+                        state.pool.learn_rates(backend, stream.rate_headers)
                     outcome, response = await _relay(
                         request, state, job, proc, stream, backend, upstream_done
                     )
@@ -111,9 +113,19 @@ async def forward(
                 state.pool.record_failure(backend, exc.kind)
                 grant = dispatcher.move(job, grant, tried)
             except BackendRejected as exc:
-                outcome = exc.outcome
-                ran = False
-                raise
+                if exc.status != 429:
+                    outcome = exc.outcome
+                    ran = False
+                    raise
+                # a provider's quota said no: not the client's problem. Its budget backs off
+                # and the request goes back to its tenant's queue (refunded, its booking void)
+                state.pool.rate_limited(backend, exc.rate_headers)
+                state.admission.void(grant.reservation)
+                dispatcher.release(job, grant, ran=False)
+                grant = None
+                tried.clear()
+                left = state.config.limits.queue_timeout_s - (state.clock() - job.arrival)
+                grant = await dispatcher.acquire(job, max(0.0, left))
         raise BackendError("no healthy backend could take the request")
     except (asyncio.CancelledError, ConnectionResetError):
         # the client went away: cancelled handler, or a write to its closed connection
@@ -126,7 +138,9 @@ async def forward(
             pass  # released when the backend finished (upstream_done)
         elif grant is not None:  # reconciled with the backend's own output count if it sent one
             dispatcher.release(job, grant, ran=ran, output_tokens=proc.reported_completion)
-        else:  # move() found no other backend and already returned the reservation
+        elif tried:
+            # move() found no other backend and already returned the reservation (after a
+            # provider's 429 the job was released and requeued: nothing is left to undo)
             dispatcher.abandon(job)
         if ran:
             stats.prompt_tokens[job.tenant] += job.prompt_tokens

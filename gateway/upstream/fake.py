@@ -145,6 +145,7 @@ class _FakeStream:
         self.call = call
         self.reply = reply
         self.finished = False
+        self.rate_headers: dict[str, str] = {}
 
     async def batches(self) -> AsyncIterator[list[bytes]]:
         """One payload per batch: the chat role chunk, one chunk per token, the usage chunk."""

@@ -66,6 +66,7 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.activity = 0.0  # loop time of the last read, or of the start of the last wait
         self.release_on_complete = False
+        self.rate_headers: dict[str, str] = {}  # x-ratelimit-*, retry-after* of the response
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,6 +97,12 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     # -- httptools callbacks ------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name[:1] in b"xXrR":  # only rate-limit headers are kept (one test per header)
+            low = name.lower()
+            if low.startswith((b"x-ratelimit-", b"retry-after")):
+                self.rate_headers[low.decode("latin-1")] = value.decode("latin-1")
+
     def on_headers_complete(self) -> None:
         assert self.parser is not None
         self.status = self.parser.get_status_code()
@@ -132,6 +139,8 @@ class _Conn(asyncio.Protocol):
         self.gen += 1
         self.status = 0
         self.headers_done = self.complete = self.got_bytes = self.release_on_complete = False
+        if self.rate_headers:
+            self.rate_headers = {}
         self.buf.clear()
         self.buffered = 0
         self.activity = self._loop.time()
@@ -192,6 +201,7 @@ class H1Stream:
     def __init__(self, conn: _Conn) -> None:
         self._conn = conn
         self.finished = False  # [DONE] was read
+        self.rate_headers = conn.rate_headers
 
     async def _read(self) -> bytes:
         """The next body bytes; b"" at the end of the response."""
@@ -220,7 +230,7 @@ class H1Client:
         connect_timeout: float,
         read_timeout: float,
         headers: Mapping[str, Mapping[str, str]],
-        status_error: Callable[[int, bytes | None], Exception],
+        status_error: Callable[[int, bytes | None, Mapping[str, str]], Exception],
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -321,7 +331,7 @@ class H1Client:
                     raw = conn.take()
                 except (_Lost, TimeoutError):
                     raw = None
-                raise self._status_error(conn.status, raw)
+                raise self._status_error(conn.status, raw, conn.rate_headers)
             stream = H1Stream(conn)
             yield stream
         finally:

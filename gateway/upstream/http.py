@@ -7,7 +7,7 @@ here into :mod:`gateway.errors`' backend errors and never leave this module.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -27,6 +27,7 @@ class _AiohttpStream:
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.finished = False  # [DONE] was read
+        self.rate_headers = rate_headers(resp.headers.items())
 
     def batches(self) -> AsyncIterator[list[bytes]]:
         """Yield the ``data:`` payloads of each network read (a non-empty list) until
@@ -202,12 +203,25 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
         raw: bytes | None = await resp.read()
     except (aiohttp.ClientError, TimeoutError):
         raw = None
-    raise _status_error(resp.status, raw)
+    raise _status_error(resp.status, raw, rate_headers(resp.headers.items()))
 
 
-def _status_error(status: int, raw: bytes | None) -> GatewayError:
+def rate_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The rate-limit headers of a response (``x-ratelimit-*``, ``retry-after``,
+    ``retry-after-ms``), names in lower case."""
+    out = {}
+    for name, value in items:
+        low = name.lower()
+        if low.startswith(("x-ratelimit-", "retry-after")):
+            out[low] = value
+    return out
+
+
+def _status_error(
+    status: int, raw: bytes | None, headers: Mapping[str, str] | None = None
+) -> GatewayError:
     """The error for a non-200 answer before streaming with body ``raw`` (None: the body
-    broke off)."""
+    broke off) and rate-limit ``headers``."""
     if raw is None:
         return BackendUnreachable(
             f"backend answered {status} and broke off", kind="error_before_stream"
@@ -222,4 +236,4 @@ def _status_error(status: int, raw: bytes | None) -> GatewayError:
         return BackendUnreachable(
             f"backend answered {status} before streaming", kind="error_before_stream"
         )
-    return BackendRejected(status, body)
+    return BackendRejected(status, body, headers)

@@ -23,7 +23,7 @@ Backends are addressed by base URL (``backends[].url``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +38,12 @@ class ModelInfo:
 
 
 class UpstreamStream(Protocol):
+    @property
+    def rate_headers(self) -> Mapping[str, str]:
+        """The response's rate-limit headers (``x-ratelimit-*``, ``retry-after``), lower
+        case."""
+        ...
+
     def batches(self) -> AsyncIterator[list[bytes]]:
         """Each SSE ``data:`` payload (bytes after ``data: ``) until ``[DONE]``, grouped by
         network read (each list non-empty). Raises :class:`~gateway.errors.StreamBroken`."""
