@@ -286,6 +286,8 @@ class AdmissionController:
     ) -> Reservation:
         mode = backend.kv_admission
         predict = mode == "predict"
+        if predict and expect is None:
+            expect = tokens - prompt
         reservation = Reservation(
             backend.name, tokens, prompt, expect=expect if predict else None, predict=predict
         )
@@ -304,23 +306,27 @@ class AdmissionController:
 
     def note_output(self, reservation: Reservation, n: int) -> None:
         """``n`` more output tokens of ``reservation``'s request have been generated. O(1)."""
-        reservation.generated += n
-        reservation.run += n
-        entry = reservation.quota
-        if entry is not None and reservation.run > entry.tokens:
-            b = self._backends.get(reservation.backend)
-            if b is not None and b.quota is not None:
-                b.quota.correct(entry, reservation.run)
-        if reservation.predict:
-            reservation.left = reservation.remaining()
+        g = reservation.generated + n
+        reservation.generated = g
+        run = reservation.run + n
+        reservation.run = run
+        if reservation.predict:  # Reservation.remaining(), inlined: this runs per token
+            left = reservation.expect - g  # type: ignore[operator]  # set in predict mode
+            if left <= 0:
+                left = g >> 2 if g >= 4 * OVERRUN_MIN else OVERRUN_MIN
+            cap = reservation.tokens - run
+            reservation.left = left if left < cap else (cap if cap > 0 else 0)
         else:
             left = reservation.left - n
             reservation.left = left if left > 0 else 0
-        if reservation.peak:  # only "peak" and "predict" re-sort on progress
+        entry = reservation.quota
+        if reservation.peak or entry is not None:
             b = self._backends.get(reservation.backend)
             if b is not None:
-                b._dirty = True
+                b._dirty = True  # "peak" and "predict" re-sort on progress
                 b._peak = None
+                if entry is not None and run > entry.tokens and b.quota is not None:
+                    b.quota.correct(entry, run)
 
     def adjust_prompt(self, reservation: Reservation, prompt: int) -> int:
         """The backend counted the prompt as ``prompt`` tokens where the gateway estimated
