@@ -119,8 +119,10 @@ def test_only_the_transport_the_server_and_the_cli_use_aiohttp() -> None:
 CLOCKLESS = [
     *(m for m in GRAPH if _under(m, "gateway.scheduler")),
     "gateway.admission",
+    *(m for m in GRAPH if _under(m, "gateway.engines")),
     "backends.sim.engine",
     "backends.sim.costmodel",
+    "backends.sim.ratelimit",
 ]
 #: No I/O: the dispatch core (its clock is injected, time.monotonic by default) and the lab's
 #: simulation and reporting (they may read the wall clock for progress).
@@ -141,3 +143,52 @@ def test_pure_modules_import_no_event_loop_network_or_clock(module: str) -> None
 @pytest.mark.parametrize("module", SYNCHRONOUS)
 def test_dispatch_core_and_lab_simulation_do_no_io(module: str) -> None:
     assert _offenders([module], *NO_IO) == {}
+
+
+def _cycles(modules: list[str]) -> list[list[str]]:
+    """Import cycles among ``modules`` (each as the path that closes it)."""
+    inside = set(modules)
+    edges = {m: sorted(i for i in GRAPH[m] if i in inside and i != m) for m in modules}
+    found: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in edges[m]:
+            if state.get(n) == 1:
+                found.append([*path[path.index(n) :], n])
+            elif n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m, [m])
+    return found
+
+
+@pytest.mark.parametrize("package", ["gateway.cluster", "gateway.engines"])
+def test_no_import_cycles(package: str) -> None:
+    """Within the scale-out package, the engine seam and the tools, imports run one way (a
+    package's ``__init__`` re-exporting its modules is not a cycle of theirs)."""
+    modules = [m for m in GRAPH if _under(m, package) and m != package]
+    assert _cycles(modules) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    GRAPH["tests.fake_a"] = {"tests.fake_b"}
+    GRAPH["tests.fake_b"] = {"tests.fake_a"}
+    try:
+        assert _cycles(["tests.fake_a", "tests.fake_b"]) == [
+            ["tests.fake_a", "tests.fake_b", "tests.fake_a"]
+        ]
+    finally:
+        del GRAPH["tests.fake_a"], GRAPH["tests.fake_b"]
+
+
+def test_the_cluster_package_is_used_only_by_the_server_and_the_process_startup() -> None:
+    """Scale-out plugs into the server's wiring and the worker start-up; the dispatch core,
+    the scheduler and admission know nothing of it."""
+    allowed = ("gateway.cluster", "gateway.server", "gateway.cli", "gateway.workers", "gateway.lab")
+    users = [m for m in GRAPH if _under(m, "gateway", "tools") and not _under(m, *allowed)]
+    assert _offenders(users, "gateway.cluster") == {}
