@@ -106,9 +106,14 @@ class BackendPool:
         engine = st.engine
         try:
             models = await self.upstream.models(cfg.url)
-            kv = None
-            if cfg.max_kv_tokens is None and engine.has_metrics:
-                kv = engine.kv_capacity(await self.upstream.metrics_text(cfg.url))
+            cache = None
+            if engine.has_metrics and (cfg.max_kv_tokens is None or cfg.kv_admission == "predict"):
+                try:
+                    cache = engine.kv_cache(await self.upstream.metrics_text(cfg.url))
+                except BackendError:
+                    if cfg.max_kv_tokens is None:
+                        raise
+            kv = None if cache is None or cfg.max_kv_tokens is not None else cache.tokens
         except BackendError as exc:  # stay down, the health loop retries
             log.warning(
                 "backend %s: discovery failed (%s); marked down", cfg.name, exc.__class__.__name__
@@ -119,6 +124,8 @@ class BackendPool:
         names = cfg.models or tuple(served)
         st.max_model_len = {n: cfg.max_model_len or served.get(n) for n in names}
         st.slots.models = frozenset(names)
+        if cache is not None:
+            st.slots.block_size = cache.block_size  # "predict" rounds each request to blocks
         if kv is not None:
             st.slots.max_kv_tokens = kv
         elif cfg.max_kv_tokens is None:

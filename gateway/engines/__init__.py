@@ -23,7 +23,7 @@ A new engine is one module here with an :class:`Engine` and one line in :data:`E
 
 from __future__ import annotations
 
-from .base import ENGINE_KINDS, Engine, EngineKind, EngineLoad
+from .base import ENGINE_KINDS, Engine, EngineKind, EngineLoad, KvCache
 from .openai import OpenAIEngine
 from .vllm import VllmEngine
 
@@ -40,4 +40,12 @@ def engine_for(kind: str) -> Engine:
         ) from None
 
 
-__all__ = ["ENGINES", "ENGINE_KINDS", "Engine", "EngineKind", "EngineLoad", "engine_for"]
+__all__ = [
+    "ENGINES",
+    "ENGINE_KINDS",
+    "Engine",
+    "EngineKind",
+    "EngineLoad",
+    "KvCache",
+    "engine_for",
+]

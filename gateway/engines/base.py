@@ -21,6 +21,14 @@ class EngineLoad:
     block_size: int | None = None  # KV block size (None: not reported)
 
 
+@dataclass(frozen=True, slots=True)
+class KvCache:
+    """The engine's KV cache: tokens requests can use, in blocks of ``block_size``."""
+
+    tokens: int
+    block_size: int
+
+
 class Engine(Protocol):
     kind: str
     #: it serves a Prometheus page at ``/metrics`` worth reading (capacity, feedback)
@@ -32,8 +40,8 @@ class Engine(Protocol):
     #: ``GET`` path that answers 200 while it serves
     health_path: str
 
-    def kv_capacity(self, metrics_text: str) -> int | None:
-        """KV tokens requests can use, from its metrics page (None: not said)."""
+    def kv_cache(self, metrics_text: str) -> KvCache | None:
+        """Its KV cache, from its metrics page (None: not said)."""
         ...
 
     def load(self, metrics_text: str) -> EngineLoad | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import EngineLoad
+    from .base import EngineLoad, KvCache
 
 
 class OpenAIEngine:
@@ -21,7 +21,7 @@ class OpenAIEngine:
     continuous_usage = False
     health_path = "/v1/models"
 
-    def kv_capacity(self, metrics_text: str) -> int | None:
+    def kv_cache(self, metrics_text: str) -> KvCache | None:
         return None
 
     def load(self, metrics_text: str) -> EngineLoad | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .base import EngineLoad
+from .base import EngineLoad, KvCache
 
 #: Its metric names (vLLM 0.6 to 0.32).
 WAITING = "vllm:num_requests_waiting"
@@ -89,8 +89,10 @@ class VllmEngine:
     continuous_usage = True
     health_path = "/health"
 
-    def kv_capacity(self, metrics_text: str) -> int | None:
-        return parse_kv_capacity(metrics_text)
+    def kv_cache(self, metrics_text: str) -> KvCache | None:
+        tokens = parse_kv_capacity(metrics_text)
+        block = parse_block_size(metrics_text)
+        return None if tokens is None or block is None else KvCache(tokens, block)
 
     def load(self, metrics_text: str) -> EngineLoad | None:
         waiting = parse_gauge_sum(metrics_text, WAITING)

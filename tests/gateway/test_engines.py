@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.config import parse_config
-from gateway.engines import ENGINE_KINDS, engine_for
+from gateway.engines import ENGINE_KINDS, KvCache, engine_for
 from gateway.engines.vllm import VllmEngine
 from gateway.server import STATE, create_app
 from gateway.upstream.fake import FakeBackend, FakeUpstream
@@ -39,7 +39,8 @@ def test_engines_by_kind() -> None:
     assert load is not None
     assert (load.waiting, load.running, load.preemptions_total) == (3, 5, 7)
     assert (load.kv_usage, load.block_size) == (0.25, 32)
-    assert VllmEngine().kv_capacity(METRICS) == 80 * 32
+    assert VllmEngine().kv_cache(METRICS) == KvCache(80 * 32, 32)
+    assert VllmEngine().kv_cache("vllm:num_requests_running 1\n") is None
     assert VllmEngine().load("other_metric 1\n") is None
     with pytest.raises(ValueError, match="unknown backend kind"):
         engine_for("tgi")

@@ -279,11 +279,12 @@ async def test_kv_admission_prevents_preemptions(vllm: VllmServer) -> None:
     assert await _burst(vllm.url, {}, 8, 100, 300) == [300] * 8
     direct = vllm.metrics()["vllm:num_preemptions_total"] - pre
     assert direct > 0  # vLLM alone preempts (recompute)
-    async with gateway_for(vllm.url) as gw:
-        pre = vllm.metrics()["vllm:num_preemptions_total"]
-        assert await _burst(gw.url, A, 8, 100, 300) == [300] * 8
-        assert vllm.metrics()["vllm:num_preemptions_total"] - pre == 0
-        assert gw.state.admission.in_flight() == 0
+    for mode in ("reserve", "predict"):  # strict, and planned from the lengths it learns
+        async with gateway_for(vllm.url, backend={"kv_admission": mode}) as gw:
+            pre = vllm.metrics()["vllm:num_preemptions_total"]
+            assert await _burst(gw.url, A, 8, 100, 300) == [300] * 8
+            assert vllm.metrics()["vllm:num_preemptions_total"] - pre == 0, mode
+            assert gw.state.admission.in_flight() == 0
 
 
 async def test_adaptive_admission_follows_vllms_queue(vllm: VllmServer) -> None:
@@ -291,7 +292,7 @@ async def test_adaptive_admission_follows_vllms_queue(vllm: VllmServer) -> None:
     async with gateway_for(
         vllm.url,
         backend={"max_num_seqs": 16, "adaptive": True},
-        limits={"health_interval_s": 0.2},
+        limits={"health_interval_s": 0.2, "feedback_interval_s": 0.2},
     ) as gw:
         slots = gw.state.pool.states["vllm"].slots
         task = asyncio.create_task(_burst(gw.url, A, 16, 20, 120))
