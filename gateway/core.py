@@ -270,8 +270,8 @@ class DispatchCore:
         if sched is None:
             sched = make_scheduler(self.policy, self.prices, self.rpm_limit)
             sched.predictor = self.predictor
-            if self.hold_s > 0:
-                sched.follow_s = self.hold_s  # a resubmission comes within the hold
+            # a resubmission comes within the hold; no hold: no busy-tenant rules at all
+            sched.follow_s = self.hold_s
             depth = {g: len(self.path(g)) for g in self._groups}
             for name in sorted(self._groups, key=depth.__getitem__):  # parents first
                 weight, parent, tier = self._groups[name]

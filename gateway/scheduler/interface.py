@@ -62,7 +62,7 @@ class Job:
     endpoint: str = ""  # "chat" or "completions" (the output predictor's key)
     seq: int = 0  # global arrival order, set by submit()
     output_tokens: int = 0  # generated so far (caller updates through on_output)
-    predicted_output: int = 0  # vtc-predict: output tokens charged at dispatch
+    predicted_output: int = 0  # output charged at dispatch (vtc-predict; vtc: a busy tenant's)
     expected_output: int = 0  # vtc: the tenant's recent average output, at most max_tokens
     charged: float = 0.0  # counter units charged to the tenant for this job so far
     charged_cost: float = 0.0  # the same charges in priced tokens, before dividing by weight
@@ -117,7 +117,8 @@ class Scheduler(ABC):
 
     name: str = "base"
     #: an arrival this soon (seconds) after one of its tenant's requests finished is a
-    #: resubmission (a concurrency-limited client sending its next request)
+    #: resubmission (a concurrency-limited client sending its next request); 0: none is (the
+    #: busy-tenant rules are off)
     follow_s: float = 0.02
 
     def __init__(self, prices: Prices | None = None) -> None:
@@ -331,6 +332,13 @@ class Scheduler(ABC):
 
     def _on_counter_change(self, tenant: str, delta: float) -> None:
         """Hook for policies that index tenants by counter."""
+
+    def dispatch_cost(self, job: Job) -> float:
+        """Priced tokens ``pop`` would charge ``job`` at dispatch if it were popped now: its
+        prompt, plus any output charged up front (``vtc-predict``'s prediction; under ``vtc``,
+        a resubmitting tenant's expected output). A shared order charges this when it grants
+        the slot."""
+        return self.prices.cost(job.prompt_tokens, 0)
 
     def _dispatched(self, job: Job, now: float) -> None:
         """Charge at dispatch: the prompt (and, for vtc-predict, the predicted output)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gateway.admission import AdmissionController, BackendSlots
 from gateway.core import DispatchCore, Grant
-from gateway.scheduler import Job, VTCScheduler
+from gateway.scheduler import Job, LCFScheduler, VTCScheduler
 
 
 def job(t: str, now: float, prompt: int = 10, mx: int = 10) -> Job:
@@ -158,3 +158,72 @@ def test_no_hold_without_resubmission_or_when_nobody_waits() -> None:
     clock[0] = 1.0
     core.release(b_job, grants[id(b_job)])  # b does not resubmit: nothing expected
     assert core.next_hold_expiry() is None and core.admission.in_flight() == 0
+
+
+def _history(s: VTCScheduler, tenant: str, output: int, n: int, gap: float) -> float:
+    """``n`` requests of ``tenant`` (prompt 10), each producing ``output`` tokens, the next one
+    sent ``gap`` seconds after the previous one finished; returns the time after the last."""
+    t = 0.0
+    for _ in range(n):
+        j = job(tenant, t, prompt=10, mx=50)
+        s.submit(j, t)
+        s.pop(t)
+        s.on_output(j, output, t + 0.5)
+        s.finish(j, t + 1.0)
+        t += 1.0 + gap
+    return t
+
+
+def test_a_resubmitting_tenant_is_charged_its_expected_output_at_dispatch() -> None:
+    s = VTCScheduler()
+    s.follow_s = 0.05
+    t = _history(s, "b", output=30, n=4, gap=0.01)
+    assert s.resubmits("b")
+    j = job("b", t, prompt=10, mx=50)
+    s.submit(j, t)
+    before = s.counter("b")
+    assert s.dispatch_cost(j) == 70  # what a shared order charges when it grants the slot
+    s.pop(t)
+    assert j.predicted_output == j.expected_output == 30  # its recent mean, below max_tokens
+    assert s.counter("b") - before == 10 + 2 * 30  # prompt and expected output, up front
+    s.on_output(j, 30, t + 0.5)
+    assert s.counter("b") - before == 70  # tokens within the expectation cost nothing more
+    s.on_output(j, 5, t + 0.6)
+    assert s.counter("b") - before == 80  # beyond it, each token as it streams
+    s.finish(j, t + 1.0, output_tokens=33)  # reconciled with the backend's count
+    assert s.counter("b") - before == 10 + 2 * 33
+
+
+def test_a_tenant_that_does_not_resubmit_is_charged_as_in_the_paper() -> None:
+    s = VTCScheduler()
+    s.follow_s = 0.05
+    t = _history(s, "b", output=30, n=4, gap=1.0)  # a second between finish and arrival
+    assert not s.resubmits("b")
+    j = job("b", t, prompt=10, mx=50)
+    s.submit(j, t)
+    before = s.counter("b")
+    assert s.dispatch_cost(j) == 10
+    s.pop(t)
+    assert j.predicted_output == 0 and j.expected_output == 30
+    assert s.counter("b") - before == 10  # the prompt only; output as it streams
+
+
+def test_lcf_charges_a_resubmitting_tenant_as_it_streams() -> None:
+    s = LCFScheduler()
+    s.follow_s = 0.05
+    t = _history(s, "b", output=30, n=4, gap=0.01)
+    j = job("b", t, prompt=10, mx=50)
+    s.submit(j, t)
+    before = s.counter("b")
+    s.pop(t)
+    assert j.predicted_output == 0 and s.counter("b") - before == 10
+
+
+def test_hold_zero_turns_the_busy_tenant_rules_off() -> None:
+    """``hold_ms: 0``: no resubmission is recognised, so no credit and no up-front charge."""
+    for hold_s, busy in ((0.05, True), (0.0, False)):
+        core, _granted, _timers = make_core(seqs=4, hold_s=hold_s)
+        pool = core.pool("m")
+        assert isinstance(pool, VTCScheduler)
+        _history(pool, "b", output=30, n=4, gap=0.0)  # back the instant one finishes
+        assert pool.resubmits("b") is busy

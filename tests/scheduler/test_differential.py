@@ -6,8 +6,11 @@ formulas (and in the same order, so floats agree bit for bit). Random sequences 
 on_output, finish (ran or not, with usage corrections), cancel (queued, running, finished) and
 weight changes are applied to both; after every op the picks, counters, per-job charges, queue
 counts and backlogged sets must agree exactly. Run for ``vtc``, ``lcf`` and ``vtc-predict``.
-The reference includes the lift's credit for a busy tenant that resubmits (ops are 0.25 s
-apart and ``follow_s`` is 2 s, so arrivals soon after a finish count as resubmissions).
+The reference includes the busy-tenant rules of ``vtc`` for a tenant that resubmits (ops are
+0.25 s apart and ``follow_s`` is 2 s, so arrivals soon after a finish count as resubmissions):
+the lift's credit, and its requests charged their expected output at dispatch (as
+``vtc-predict`` charges every request), so that the order sees a busy tenant's work when it is
+committed.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class RefVTC:
             self.last_left = j.tenant
         hist = self.history.get(j.tenant)
         j.expected = min(j.max_tokens, round(sum(hist) / len(hist))) if hist else j.max_tokens
-        if self.predict:
+        if self.predict or (self.lift and self.resubmits.get(j.tenant, 0.0) > 0.5):
             j.predicted = j.expected
         j.dispatched_cost = self.prices.cost(j.prompt, j.expected)
         j.dispatched = True
@@ -212,6 +215,7 @@ class Pair:
     def pop(self) -> None:
         want = self.ref.pick()
         got_peek = self.real.peek(self.tick())
+        cost = self.real.dispatch_cost(got_peek) if got_peek is not None else None
         got = self.real.pop(self.now)
         r = self.ref.pop()
         assert r is want
@@ -224,6 +228,7 @@ class Pair:
         self.queued.remove(pair)
         self.running.append(pair)
         assert got.predicted_output == r.predicted
+        assert got.charged_cost == cost  # dispatch_cost said what pop charges
 
     def output(self, i: int, n: int) -> None:
         if not self.running:
