@@ -896,6 +896,7 @@ def register(subparsers: Any) -> None:
             parity_bench,
             "backend alone vs through the gateway, SDK-style clients: throughput, latency",
         ),
+        ("quota", __import__("tools.quota_bench").quota_bench, "shares of a hosted quota"),
     ):
         sub = bsub.add_parser(name, help=help_, description=(module.__doc__ or "").split("\n\n")[0])
         module.add_arguments(sub)
