@@ -401,9 +401,10 @@ def adapt_seq_cap(slots: BackendSlots, waiting: int, running: int, gateway_queue
 
 
 #: Bounds of ``BackendSlots.kv_scale``: feedback never plans for less than half the cache, nor
-#: for more than twice it (the plan is a peak estimate: the real use stays below it).
+#: for more than all of it (growing past it was measured in the lab to trade preemptions for
+#: nothing: the peak estimate already admits what the cache holds).
 KV_SCALE_MIN = 0.5
-KV_SCALE_MAX = 2.0
+KV_SCALE_MAX = 1.0
 
 
 def adapt_kv_scale(
@@ -416,30 +417,28 @@ def adapt_kv_scale(
     running: float = 0.0,
 ) -> bool:
     """One step of ``"predict"`` admission feedback from the engine's own view; returns True
-    when the budget grew (the caller should dispatch). Pure; called every feedback interval.
+    when the budget grew while the gateway's queue waits (the caller should dispatch). Pure;
+    called every feedback interval.
 
-    * The engine preempted requests since the last step (``preempted`` > 0) or queues more than
-      requests just sent would explain (``waiting`` above 1 and above 5 % of ``running``): the
-      gateway admitted more than fits; shrink the budget by 15 %.
-    * Otherwise, while the gateway's queue waits for this backend although the engine's KV
-      cache is below 85 % used (``kv_usage``, 0-1), the predictions are too cautious: grow the
-      budget by 10 %.
-    * Otherwise drift back towards 1 (the cache as it is) by 5 %.
+    * The engine preempted requests since the last step (``preempted`` > 0) or holds a queue
+      that requests just sent do not explain (``waiting`` above 1 and above a quarter of
+      ``running``): the gateway admitted more than fits; shrink the budget by 15 % (to half
+      the cache at most).
+    * Otherwise, unless its KV cache is nearly full (``kv_usage`` >= 0.95), recover by 5 % a
+      step towards the whole cache.
     """
     if slots.kv_admission != "predict":
         return False
     scale = slots.kv_scale
     new = scale
-    if preempted > 0 or waiting > max(1.0, 0.05 * running):
+    if preempted > 0 or waiting > max(1.0, 0.25 * running):
         new = max(KV_SCALE_MIN, scale * 0.85)
-    elif gateway_queued > 0 and kv_usage is not None and kv_usage < 0.85:
-        new = min(KV_SCALE_MAX, scale * 1.10)
-    elif gateway_queued == 0 and scale != 1.0:
-        new = min(1.0, scale * 1.05) if scale < 1.0 else max(1.0, scale / 1.05)
+    elif scale < KV_SCALE_MAX and (kv_usage is None or kv_usage < 0.95):
+        new = min(KV_SCALE_MAX, scale * 1.05)
     slots.kv_scale = new
     if new != scale:
         slots._peak = None
-    return new > scale
+    return new > scale and gateway_queued > 0
 
 
 @dataclass(slots=True)

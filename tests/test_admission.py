@@ -492,31 +492,28 @@ def test_predict_left_never_exceeds_the_reservation() -> None:
     assert r.left == 0
 
 
-def test_kv_scale_shrinks_on_preemption_or_queue_and_grows_while_the_cache_has_room() -> None:
+def test_kv_scale_shrinks_on_preemption_or_a_real_queue_and_recovers_to_the_cache() -> None:
     from gateway.admission import KV_SCALE_MAX, KV_SCALE_MIN, adapt_kv_scale
 
     b = predict_backend(kv=10_000)
     assert b.kv_budget == 10_000
-    # one waiting request while 40 run is a request just sent, not over-admission
-    assert not adapt_kv_scale(
-        b, waiting=1, preempted=0, kv_usage=0.95, gateway_queued=0, running=40
-    )
+    # a few waiting while 40 run are requests just sent, not over-admission
+    kw = {"kv_usage": 0.5, "gateway_queued": 5, "running": 40}
+    assert not adapt_kv_scale(b, waiting=9, preempted=0, **kw)
     assert b.kv_scale == 1.0
-    adapt_kv_scale(b, waiting=0, preempted=2, kv_usage=0.99, gateway_queued=5, running=40)
+    adapt_kv_scale(b, waiting=0, preempted=2, **kw)
     assert b.kv_scale == pytest.approx(0.85) and b.kv_budget == 8_500
-    adapt_kv_scale(b, waiting=9, preempted=0, kv_usage=0.99, gateway_queued=5, running=40)
+    adapt_kv_scale(b, waiting=11, preempted=0, **kw)
     assert b.kv_scale == pytest.approx(0.85 * 0.85)
     for _ in range(50):
-        adapt_kv_scale(b, waiting=0, preempted=1, kv_usage=1.0, gateway_queued=5, running=40)
+        adapt_kv_scale(b, waiting=0, preempted=1, **kw)
     assert b.kv_scale == KV_SCALE_MIN
-    # the queue waits although the engine's cache is half empty: the plan was too cautious
-    assert adapt_kv_scale(b, waiting=0, preempted=0, kv_usage=0.5, gateway_queued=3, running=40)
+    # no trouble: back towards the whole cache, never past it; True: the queue may go now
+    assert adapt_kv_scale(b, waiting=0, preempted=0, **kw)
+    assert not adapt_kv_scale(b, waiting=0, preempted=0, kv_usage=0.99, gateway_queued=5)
     for _ in range(50):
-        adapt_kv_scale(b, waiting=0, preempted=0, kv_usage=0.5, gateway_queued=3, running=40)
-    assert b.kv_scale == KV_SCALE_MAX
-    for _ in range(100):  # nothing queued: drifts back to the cache as it is
-        adapt_kv_scale(b, waiting=0, preempted=0, kv_usage=0.5, gateway_queued=0, running=40)
-    assert b.kv_scale == 1.0
+        adapt_kv_scale(b, waiting=0, preempted=0, **kw)
+    assert b.kv_scale == KV_SCALE_MAX == 1.0
     r = predict_backend()
     r.kv_admission = "reserve"
     assert not adapt_kv_scale(r, waiting=5, preempted=5, kv_usage=1.0, gateway_queued=1)

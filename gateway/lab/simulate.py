@@ -50,7 +50,7 @@ from backends.sim.costmodel import KvAdmission as EngineKvAdmission
 from backends.sim.costmodel import Profile, get_profile
 from backends.sim.engine import EngineConfig, EngineCore
 from common.context import ContextError, output_cap
-from gateway.admission import AdmissionController, BackendSlots, KvAdmission
+from gateway.admission import AdmissionController, BackendSlots, adapt_kv_scale, KvAdmission
 from gateway.core import DispatchCore, Grant, reserved_output
 from gateway.scheduler import Job, Prices, QueueRejected
 
@@ -100,6 +100,9 @@ class SimConfig:
     #: always the same replica, tenants dealt out in order) or ``TENANT=R,...``
     ingress: str = "uniform"
     sync_s: float = 0.01
+    #: how often the gateway reads the engine's metrics for admission feedback (the gateway's
+    #: ``limits.feedback_interval_s``; 0: never)
+    feedback_s: float = 1.0
 
     def engine_config(self, max_num_seqs: int | None = None) -> tuple[Profile, EngineConfig]:
         profile = get_profile(self.profile)
@@ -210,6 +213,10 @@ class _Run:
                 self._due(client.start, ci)
         self.done = 0
         self.max_engine_waiting = 0
+        #: engine feedback, as the live gateway reads it (limits.feedback_interval_s)
+        self._feedback_s = config.feedback_s
+        self._feedback_at = config.feedback_s if config.feedback_s > 0 else float("inf")
+        self._preempted_seen = 0
         self.slot_seconds: dict[str, float] = {}
         self._slot_mark = 0.0
 
@@ -346,12 +353,33 @@ class _Run:
                 del self.jobs[index]
                 core.release(job, grant)
                 self._end(index, "ok")
+        if end >= self._feedback_at:
+            self._feedback(end)
         for core in self.cores:
             core.pump(MODEL)
         waiting = self.engine.num_waiting
         if waiting > self.max_engine_waiting and self.engine.num_running:
             self.max_engine_waiting = waiting
         return end, i
+
+    def _feedback(self, now: float) -> None:
+        """What the live gateway's feedback loop does every ``feedback_s``: read the engine's
+        queue, preemptions and KV use and adapt each replica's ``"predict"`` budget."""
+        engine = self.engine
+        preempted = engine.num_preemptions - self._preempted_seen
+        self._preempted_seen = engine.num_preemptions
+        for core in self.cores:
+            for backend in core.admission.backends():
+                adapt_kv_scale(
+                    backend,
+                    waiting=engine.num_waiting,
+                    preempted=preempted,
+                    kv_usage=engine.kv_usage,
+                    gateway_queued=core.total_queued(),
+                    running=engine.num_running,
+                )
+        while self._feedback_at <= now:
+            self._feedback_at += self._feedback_s
 
     def arrive_until(self, i: int, t: float, inclusive: bool = True) -> int:
         """Handle every arrival before ``t`` (at ``t`` too when ``inclusive``), in time order;
