@@ -50,7 +50,7 @@ from backends.sim.costmodel import KvAdmission as EngineKvAdmission
 from backends.sim.costmodel import Profile, get_profile
 from backends.sim.engine import EngineConfig, EngineCore
 from common.context import ContextError, output_cap
-from gateway.admission import AdmissionController, BackendSlots, adapt_kv_scale, KvAdmission
+from gateway.admission import AdmissionController, BackendSlots, KvAdmission, adapt_kv_scale
 from gateway.core import DispatchCore, Grant, reserved_output
 from gateway.scheduler import Job, Prices, QueueRejected
 
