@@ -377,6 +377,7 @@ class DispatchCore:
     def _end_hold(self, hold: Hold, used: bool) -> None:
         self._pools[hold.job.model].unhold(hold.job)
         if hold.grant is not None:
+            self.admission.void(hold.grant.reservation)  # nothing was sent: no quota booking
             self.admission.release(hold.grant.reservation)
             if used:
                 self.holds_used += 1

@@ -55,6 +55,7 @@ from typing import Any
 import aiohttp
 
 from gateway.backend_pool import retry_after
+from gateway.lab.quota import max_window, measured
 
 from .bench import MODEL, start_gateway, start_sim
 from .parity_bench import _words, prompt_stream
@@ -297,19 +298,6 @@ def served(records: Sequence[Record]) -> list[Record]:
     return [r for r in records if r.status == 200 and r.started is not None and r.tokens > 0]
 
 
-def max_window(points: Sequence[tuple[float, int]], window_s: float) -> int:
-    """The most tokens in any sliding window ``(t - window_s, t]`` of ``(t, tokens)`` points."""
-    pts = sorted(points)
-    best = total = lo = 0
-    for t, n in pts:
-        total += n
-        while pts[lo][0] <= t - window_s:
-            total -= pts[lo][1]
-            lo += 1
-        best = max(best, total)
-    return best
-
-
 @dataclass(slots=True)
 class PhaseStats:
     name: str
@@ -368,16 +356,6 @@ def per_window(records: Sequence[Record], window_s: float, end: float) -> list[d
         if 0 <= k < n:
             out[k]["tokens"][r.tenant] += r.tokens
     return out
-
-
-def measured(start: float, end: float, window_s: float) -> tuple[float, float]:
-    """The part of a phase ``[start, end)`` that is measured: whole windows after its first
-    (a sliding window lets the tokens of any stretch that is not a whole number of windows
-    exceed the quota's pace)."""
-    n = int((end - start) / window_s + 1e-9) - 1
-    if n < 1:
-        return start, end
-    return start + window_s, start + window_s * (n + 1)
 
 
 def summarize(run: dict[str, Any], opts: QuotaOptions, path: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from gateway.admission import KV_ADMISSION_MODES
@@ -136,6 +137,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=10.0,
         help="how often a replica's output charges reach the shared order (default 10)",
     )
+    sim.add_argument(
+        "--quota-tpm",
+        type=int,
+        help="a hosted API's tokens per window in front of an unlimited engine (the gateway's "
+        "quota backend; default: the workload's, e.g. 60000 for 'quota')",
+    )
+    sim.add_argument(
+        "--quota-window-s", type=float, help="the quota's sliding window (default: 60)"
+    )
     sim.set_defaults(func=run_simulate)
 
     rep = lab_sub.add_parser("replay", help="send the workload over HTTP to a running gateway")
@@ -239,6 +249,15 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(exc.args[0] if exc.args else exc, file=sys.stderr)
         return 2
     workloads = _workloads(args)
+    if args.quota_tpm is not None or args.quota_window_s is not None:
+        workloads = [
+            replace(
+                wl,
+                quota_tpm=args.quota_tpm or wl.quota_tpm,
+                quota_window_s=args.quota_window_s or wl.quota_window_s,
+            )
+            for wl in workloads
+        ]
     show = not args.quiet and sys.stderr.isatty()
     for wl in workloads:
         runs = {}

@@ -57,9 +57,16 @@ class RequestRecord:
     status: str = "ok"
     #: what the client sent as ``max_tokens`` (None: unset, or not recorded)
     max_tokens: int | None = None
+    #: when the gateway sent it to the backend (None: not recorded; quota runs record it)
+    dispatch_s: float | None = None
+    #: times a rate-limited provider refused it with 429 (the gateway requeued it each time)
+    refusals: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.dispatch_s is None:  # recorded by quota runs only
+            del d["dispatch_s"], d["refusals"]
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RequestRecord:
@@ -72,6 +79,8 @@ class RequestRecord:
             output_tokens=int(d["output_tokens"]),
             status=str(d.get("status", "ok")),
             max_tokens=None if d.get("max_tokens") is None else int(d["max_tokens"]),
+            dispatch_s=None if d.get("dispatch_s") is None else float(d["dispatch_s"]),
+            refusals=int(d.get("refusals", 0)),
         )
 
 

@@ -5,7 +5,9 @@
 * ``acc_gap.png``: the maximum accumulated service gap between backlogged tenants over time, one
   line per policy, with the 2·U bound (paper Fig. 2 style);
 * ``first_token_latency.png``: mean first-token latency per tenant over time (60 s window,
-  requests placed at their first-token time, as the paper's artifact does), one panel per policy.
+  requests placed at their first-token time, as the paper's artifact does), one panel per policy;
+* ``quota.png`` (a quota workload): tokens per tenant in each quota window, stacked, against
+  the quota line, one panel per policy.
 """
 
 from __future__ import annotations
@@ -162,6 +164,30 @@ def plot_levels(results: LabResults, path: Path, dpi: int = 80) -> None:
     plt.close(fig)
 
 
+def plot_quota(results: LabResults, path: Path, dpi: int = 80) -> None:
+    """A quota workload: tokens per tenant in each window (stacked, by dispatch time: what the
+    provider counts) against the quota line, one panel per policy."""
+    from .quota import window_tokens
+
+    assert results.quota is not None
+    plt = _pyplot()
+    tpm, window = results.quota["tpm"], results.quota["window_s"]
+    fig, axes = _panels(plt, len(results.policies), dpi)
+    tenants = list(results.tenants)
+    for ax, (policy, run) in zip(axes, results.policies.items(), strict=True):
+        rows = window_tokens(run.records, tenants, window, results.duration_s)
+        lefts = [k * window for k in range(len(rows))]
+        bottom = [0.0] * len(rows)
+        for tenant in tenants:
+            heights = [float(row[tenant]) for row in rows]
+            ax.bar(lefts, heights, width=window * 0.9, bottom=bottom, align="edge", label=tenant)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.axhline(tpm, color="black", linewidth=1, linestyle="--", label="quota")
+        _style_panel(ax, policy, f"tokens per {window:g} s")
+    _finish(fig, axes, path, len(tenants) + 1)
+    plt.close(fig)
+
+
 def plot_all(results: LabResults, out_dir: Path, dpi: int = 80, prefix: str = "") -> list[Path]:
     """Write the three figures (four with a tenant tree) into ``out_dir``; their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,4 +202,7 @@ def plot_all(results: LabResults, out_dir: Path, dpi: int = 80, prefix: str = ""
     if results.paths:
         paths.append(out_dir / f"{prefix}service_per_level.png")
         plot_levels(results, paths[-1], dpi)
+    if results.quota is not None:
+        paths.append(out_dir / f"{prefix}quota.png")
+        plot_quota(results, paths[-1], dpi)
     return paths

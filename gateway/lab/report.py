@@ -53,6 +53,8 @@ class LabResults:
     policies: dict[str, PolicyRun]
     #: tenant -> its path in the tenant tree (``org/team/tenant``); empty for a flat workload
     paths: dict[str, str] = field(default_factory=dict)
+    #: a quota workload's rate budget: ``{"tpm": N, "window_s": S}`` (None: batch slots)
+    quota: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +73,7 @@ class LabResults:
                 }
                 for p, run in self.policies.items()
             },
+            **({} if self.quota is None else {"quota": self.quota}),
         }
 
     @classmethod
@@ -93,7 +96,16 @@ class LabResults:
             policies[p] = PolicyRun(records, summary, None if pre is None else int(pre))
         tenants = {t: float(v["weight"]) for t, v in doc["tenants"].items()}
         paths = {t: str(v["path"]) for t, v in doc["tenants"].items() if "path" in v}
-        return cls(str(doc["workload"]), float(doc["duration_s"]), prices, tenants, policies, paths)
+        quota = doc.get("quota")
+        return cls(
+            str(doc["workload"]),
+            float(doc["duration_s"]),
+            prices,
+            tenants,
+            policies,
+            paths,
+            None if quota is None else {k: float(v) for k, v in quota.items()},
+        )
 
 
 def build_results(
@@ -117,8 +129,11 @@ def build_results(
         )
         policies[policy] = PolicyRun(list(records), summary, (preemptions or {}).get(policy))
     paths = workload.paths() if workload.tree else {}
+    quota = None
+    if workload.quota_tpm is not None:
+        quota = {"tpm": float(workload.quota_tpm), "window_s": workload.quota_window_s}
     return LabResults(
-        workload.name, workload.duration_s, prices, dict(workload.tenants), policies, paths
+        workload.name, workload.duration_s, prices, dict(workload.tenants), policies, paths, quota
     )
 
 
@@ -188,7 +203,38 @@ def markdown(results: LabResults) -> str:
         lines += ["", *level_table(results)]
     if DIRECT in results.policies:
         lines += ["", *direct_table(results)]
+    if results.quota is not None:
+        lines += ["", *quota_lines(results)]
     return "\n".join(lines) + "\n"
+
+
+def quota_summaries(results: LabResults) -> dict[str, dict[str, Any]]:
+    """Per policy, :func:`gateway.lab.quota.quota_summary` of a quota workload's run."""
+    from .quota import quota_summary
+
+    assert results.quota is not None
+    tpm, window = int(results.quota["tpm"]), results.quota["window_s"]
+    return {
+        p: quota_summary(run.records, results.tenants, tpm, window, results.duration_s)
+        for p, run in results.policies.items()
+    }
+
+
+def quota_lines(results: LabResults) -> list[str]:
+    """Markdown: the quota used, the shares against the weights' per phase, the most tokens
+    in any window, and the provider's refusals (each requeued by the gateway)."""
+    from .quota import quota_table
+
+    assert results.quota is not None
+    summaries = quota_summaries(results)
+    refused = ", ".join(f"{p} {s['refusals']}" for p, s in summaries.items())
+    return [
+        f"Quota: {results.quota['tpm']:g} tokens per {results.quota['window_s']:g} s, counted "
+        "as the provider counts them (prompt + output, at dispatch), per phase over whole "
+        "windows after its first; provider 429s requeued by the gateway: " + refused + ".",
+        "",
+        *quota_table(summaries),
+    ]
 
 
 def direct_table(results: LabResults) -> list[str]:

@@ -435,7 +435,12 @@ def simulate(
     open-loop ones first, in workload order, then closed-loop requests in arrival order)."""
     config = config or SimConfig()
     started = time.perf_counter()
-    run = _Run(workload, policy, config)
+    if workload.quota_tpm is not None:  # a hosted API's rate budget: gateway.lab.quota
+        from .quota import QuotaRun
+
+        run: _Run = QuotaRun(workload, policy, config)
+    else:
+        run = _Run(workload, policy, config)
     n = len(workload.requests)
     now = 0.0
     i = 0

@@ -22,8 +22,9 @@ overload_weighted    4 clients at 0.8, 0.8, 1.2, 1.6 /s, weights 1, 2, 3, 4, 360
 arena_trace          data/arena_trace_600s.csv (1,500 real requests, 27 clients; data/README.md)
 ==================== =====================================================================
 
-plus the closed-loop cases (:data:`CLOSED_LOOP`) and ``sdk_mix`` (:func:`_sdk_mix`: clients
-that send what SDK users send, most without ``max_tokens``).
+plus the closed-loop cases (:data:`CLOSED_LOOP`), ``sdk_mix`` (:func:`_sdk_mix`: clients
+that send what SDK users send, most without ``max_tokens``) and ``quota`` (:func:`_quota`: three
+teams joining one after another on a hosted API's tokens per minute, :mod:`gateway.lab.quota`).
 
 User formats (:func:`load_workload` picks by file extension):
 
@@ -215,6 +216,10 @@ class Workload:
     max_num_seqs: int | None = None
     #: the tenant tree (groups, tiers, caps) when the file has a ``tenants`` list
     tree: tuple[TenantNode, ...] = ()
+    #: a hosted API's rate budget in front of the engine (``lab simulate``: the gateway's
+    #: quota backend, the engine an unlimited provider): tokens per ``quota_window_s``
+    quota_tpm: int | None = None
+    quota_window_s: float = 60.0
 
     def paths(self) -> dict[str, str]:
         """Tenant -> its path in the tree (``org/team/tenant``; the name when not nested)."""
@@ -547,6 +552,35 @@ def _sdk_mix(seed: int) -> Workload:
     return Workload("sdk_mix", 120, {c.name: c.weight for c in specs}, closed=specs)
 
 
+def _quota(seed: int) -> Workload:
+    """A hosted account's tokens per minute shared by three teams: ``a`` (weight 1) alone from
+    0 s, ``b`` (weight 3) from 180 s, ``c`` (weight 1) from 420 s until 660 s, each with 24
+    closed-loop SDK clients (no ``max_tokens``, prompts of 50-300 tokens, outputs log-normal
+    with median 128) that ask for far more than the quota of 60,000 tokens per 60 s."""
+    specs = [
+        ClosedClient(
+            name,
+            24,
+            (0.0, 0.01),
+            prompt_tokens=(50, 300),
+            output_tokens=LogNormal(128.0, 0.8),
+            weight=weight,
+            start=start,
+            max_tokens=((None, 1.0),),
+        )
+        for name, weight, start in (("a", 1.0, 0.0), ("b", 3.0, 180.0), ("c", 1.0, 420.0))
+    ]
+    return Workload(
+        "quota",
+        660,
+        {c.name: c.weight for c in specs},
+        closed=specs,
+        seed=seed,
+        quota_tpm=60_000,
+        quota_window_s=60.0,
+    )
+
+
 def arena_trace_path() -> Path:
     return DATA_DIR / ARENA_TRACE_FILE
 
@@ -588,6 +622,8 @@ PAPER_SUITE = tuple(BUILTIN)
 BUILTIN.update(CLOSED_LOOP)
 #: Clients that leave ``max_tokens`` unset or generous (run on a long-context profile).
 BUILTIN["sdk_mix"] = _sdk_mix
+#: Teams sharing a hosted API's quota (tokens per minute) instead of batch slots.
+BUILTIN["quota"] = _quota
 
 
 # -- user formats ------------------------------------------------------------------------------
