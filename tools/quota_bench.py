@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -406,7 +407,7 @@ def summarize(run: dict[str, Any], opts: QuotaOptions, path: str) -> dict[str, A
         "provider": provider,
         "provider_429": provider["refused_total"] if provider else None,
         # through the gateway every refusal is the gateway's: it requeued the request
-        "requeued": provider["refused_total"] if provider and path != DIRECT else 0,
+        "requeued": provider["refused_total"] if provider and path == GATEWAY else 0,
         "requests_ok": len(ended),
         "windows": per_window(records, w, sum(opts.phases)),
     }
@@ -457,18 +458,47 @@ def gateway_config(provider_url: str, opts: QuotaOptions) -> dict[str, Any]:
     }
 
 
-async def quota_benchmark(opts: QuotaOptions, log: Callable[[str], None]) -> dict[str, Any]:
+#: How the clients reach the provider: ``front(provider_url, workdir)`` yields the URL they use
+#: (the provider itself, a gateway in front of it, another proxy) while it runs.
+Front = Callable[[str, Path], contextlib.AbstractAsyncContextManager[str]]
+
+
+@contextlib.asynccontextmanager
+async def direct_front(provider_url: str, workdir: Path) -> AsyncIterator[str]:
+    yield provider_url
+
+
+def gateway_front(opts: QuotaOptions) -> Front:
+    """The gateway (its own process) with :func:`gateway_config` in front of the provider."""
+
+    @contextlib.asynccontextmanager
+    async def front(provider_url: str, workdir: Path) -> AsyncIterator[str]:
+        cfg = gateway_config(provider_url, opts)
+        async with running(start_gateway(cfg, workdir, None, True, False)) as (gw,):
+            yield gw.url
+
+    return front
+
+
+async def quota_benchmark(
+    opts: QuotaOptions, log: Callable[[str], None], fronts: dict[str, Front] | None = None
+) -> dict[str, Any]:
+    """Each path (default: ``direct`` and ``gateway`` as ``opts`` says) on a fresh provider;
+    the JSON-ready results."""
+    if fronts is None:
+        fronts = {}
+        if opts.direct:
+            fronts[DIRECT] = direct_front
+        if opts.gateway:
+            fronts[GATEWAY] = gateway_front(opts)
     results: dict[str, Any] = {"meta": _meta(opts), "runs": []}
-    paths = ([DIRECT] if opts.direct else []) + ([GATEWAY] if opts.gateway else [])
     with tempfile.TemporaryDirectory(prefix="vtc-quota-") as tmp:
-        for path in paths:
-            async with running(start_sim(None, *sim_args(opts))) as (sim,):
-                if path == DIRECT:
-                    run = await drive(sim.url, opts, sim.url)
-                else:
-                    cfg = gateway_config(sim.url, opts)
-                    async with running(start_gateway(cfg, Path(tmp), None, True, False)) as (gw,):
-                        run = await drive(gw.url, opts, sim.url)
+        for path, front in fronts.items():
+            async with (
+                running(start_sim(None, *sim_args(opts))) as (sim,),
+                front(sim.url, Path(tmp)) as url,
+            ):
+                run = await drive(url, opts, sim.url)
             row = summarize(run, opts, path)
             results["runs"].append(row)
             for line in row_lines(row):
@@ -492,7 +522,7 @@ def _meta(opts: QuotaOptions) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 HEADER = (
-    f"{'path':<8} {'phase':<7}{'util':>6}  {'shares a/b/c (fair)':<32}{'b/a':>6}"
+    f"{'path':<15} {'phase':<7}{'util':>6}  {'shares a/b/c (fair)':<32}{'b/a':>6}"
     f"{'maxwin':>8}{'prov':>6}{'429 cli':>8}{'429 prov':>9}{'requeued':>9}"
 )
 
@@ -518,12 +548,12 @@ def row_lines(row: dict[str, Any]) -> list[str]:
                 f"{row['requeued']:>9}"
             )
         lines.append(
-            f"{row['path'] if i == 0 else '':<8} {p['name']:<7}{_pct(p['util']):>6}  "
+            f"{row['path'] if i == 0 else '':<15} {p['name']:<7}{_pct(p['util']):>6}  "
             f"{shares + ' (' + fair + ')':<32}{ratio:>6}{tail}"
         )
     c = row["c_first_window"]
     lines.append(
-        f"{'':<8} {'c 1st':<7}{_pct(c['util']):>6}  "
+        f"{'':<15} {'c 1st':<7}{_pct(c['util']):>6}  "
         + "/".join(f"{c['shares'][t]:.2f}" for t in c["tenants"])
     )
     return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,32 @@ async def test_tiny_live_run_direct_and_through_the_gateway() -> None:
     assert gw["provider_max_window_fraction"] <= 1.0
     assert len(lines) == 8 and lines[0].split()[:2] == ["direct", "a"]
     assert HEADER.split()[:2] == ["path", "phase"]
+
+
+def test_litellm_side_by_side_skips_without_litellm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.litellm_quota import main
+
+    assert main(["--venv", str(tmp_path / "none"), "--paths", "litellm-teams"]) == 0
+    assert "skipped: LiteLLM is not installed" in capsys.readouterr().out
+    assert main(["--venv", str(tmp_path / "none"), "--paths", "nginx"]) == 2
+
+
+def test_litellm_configs_split_the_quota_by_weight_or_by_priority() -> None:
+    from tools.litellm_quota import DYNAMIC, TEAMS, litellm_config, team_limits
+
+    opts = QuotaOptions(tpm=5000)
+    teams = team_limits(opts, TEAMS)
+    assert {k: v["tpm"] for k, v in teams.items()} == {
+        "quota-key-a": 1000,
+        "quota-key-b": 3000,
+        "quota-key-c": 1000,
+    }
+    assert all("tpm" not in v for v in team_limits(opts, DYNAMIC).values())
+    cfg = litellm_config("http://127.0.0.1:9", opts, DYNAMIC)
+    (deployment,) = cfg["model_list"]
+    assert deployment["litellm_params"]["tpm"] == 5000
+    assert cfg["litellm_settings"]["callbacks"] == ["dynamic_rate_limiter_v3"]
+    assert cfg["litellm_settings"]["priority_reservation"] == {"a": 0.2, "b": 0.6, "c": 0.2}
+    assert "callbacks" not in litellm_config("http://x", opts, TEAMS)["litellm_settings"]
