@@ -506,7 +506,9 @@ class Quota:
 
     def correct(self, entry: QuotaEntry, tokens: int) -> None:
         """``entry`` really costs ``tokens`` (the window forgets it when it leaves)."""
-        if self._entries and entry.t > self.clock() - self.window_s:
+        now = self.clock()
+        self._prune(now)  # an entry that left the window no longer counts in ``used``
+        if self._entries and entry.t > now - self.window_s:
             self.used += tokens - entry.tokens
         entry.tokens = tokens
 
