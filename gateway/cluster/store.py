@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (model, tenant)
 
 
+#: Longest wait of one pub/sub read: how late :meth:`ClusterStore.close` may find the listener
+#: if its cancellation was lost (a message ends the wait at once).
+_LISTEN_POLL_S = 0.5
+
+
 class ClusterUnavailable(Exception):
     """Redis cannot be reached now; decide locally."""
 
@@ -484,16 +489,22 @@ class ClusterStore:
 
     # -- wake-ups from other replicas ------------------------------------------------------------
     async def _listen(self) -> None:
+        """Relay the wake-ups until :meth:`close`. The read waits at most ``_LISTEN_POLL_S``
+        and the loop re-checks ``_closed``: redis-py's blocking pub/sub read can lose the
+        task's cancellation (redis 8.2: a cancel soon after subscribing leaves the task in a
+        new read, forever), which made ``close()``, hence a worker's shutdown, hang."""
         channel = f"{self.prefix}:wake"
         while not self._closed:
             try:
                 async with self._listener.pubsub() as ps:
                     await ps.subscribe(channel)
-                    async for msg in ps.listen():
-                        if msg.get("type") == "message":
+                    while not self._closed:
+                        msg = await ps.get_message(timeout=_LISTEN_POLL_S)
+                        if msg is not None and msg.get("type") == "message":
                             self.local.wake(msg["data"].decode())
             except (RedisError, OSError):
-                await asyncio.sleep(max(self.sync_interval_s, 0.5))
+                if not self._closed:
+                    await asyncio.sleep(max(self.sync_interval_s, 0.5))
 
 
 def make_store(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -282,3 +283,68 @@ async def test_one_slow_round_trip_is_not_an_outage(redis_server: RedisServer) -
             assert await raw.hgetall("{vtc}:be:b0") == {b"s": b"1", b"k": b"100"}
     finally:
         await raw.aclose()
+
+
+class DeafPubSub:
+    """A pub/sub connection whose reads lose the task's cancellation, as redis-py's blocking
+    read can (a cancel soon after subscribing left the task in a new read, forever)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def __aenter__(self) -> DeafPubSub:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def subscribe(self, channel: str) -> None:
+        return None
+
+    async def _read(self, timeout_s: float) -> None:
+        self.reads += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            await asyncio.sleep(timeout_s)
+        except asyncio.CancelledError:  # lost: the read goes on until its end
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+
+    async def get_message(self, timeout: float | None = 0.0, **_: object) -> None:  # noqa: ASYNC109
+        await self._read(3600.0 if timeout is None else timeout)
+
+    async def listen(self) -> AsyncIterator[dict[str, object]]:
+        while True:
+            await self._read(3600.0)
+            yield {"type": "ping"}
+
+
+class DeafListener:
+    def __init__(self) -> None:
+        self.ps = DeafPubSub()
+
+    def pubsub(self) -> DeafPubSub:
+        return self.ps
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_close_returns_though_a_pubsub_read_loses_its_cancellation(
+    redis_server: RedisServer,
+) -> None:
+    """A replica stops (SIGTERM, or its supervisor gone) even when the wake-up listener's
+    read ignores the cancellation: close() used to wait for that read forever."""
+    listener = DeafListener()
+    store = ClusterStore(
+        aioredis.Redis.from_url(redis_server.url, socket_timeout=1, socket_connect_timeout=1),
+        listener,  # type: ignore[arg-type]
+        FakeLocal(),
+        replica="r1",
+    )
+    await store.start()
+    await wait_for(lambda: listener.ps.reads > 0)
+    closing = asyncio.ensure_future(store.close())
+    done, _ = await asyncio.wait({closing}, timeout=10)
+    assert done, "close() still waits for the wake-up listener"
+    await closing
