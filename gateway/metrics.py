@@ -341,8 +341,14 @@ class _StateCollector(Collector):
             "Counter units the lifts added (weight-normalised token prices).",
             labels=["tenant"],
         )
+        # every configured tenant's series exists from the start (and from the reload that
+        # adds it), at 0 until its first lift: a rate over it reads 0, not "no data"
         agg_lifts: defaultdict[str, int] = defaultdict(int)
         agg_units: defaultdict[str, float] = defaultdict(float)
+        for tenant in configured:
+            lab = stats.label(tenant)
+            agg_lifts[lab] += 0
+            agg_units[lab] += 0.0
         for ps in snap.pools:
             for tenant, (count, units) in ps.lifts.items():
                 lab = stats.label(tenant)

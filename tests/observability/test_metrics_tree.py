@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import httpx
 
+from gateway.config import parse_config
+from gateway.reload import apply_config
 from tests.gateway.conftest import gateway_stack
 
 from .conftest import scrape, stream_all, value
@@ -49,3 +51,33 @@ async def test_group_series_are_capped_like_tenant_labels() -> None:
             s = await scrape(http)
     groups = {dict(labels)["group"] for n, labels in s if n == "vtc_group_weight"}
     assert groups == {"org-a"}
+
+
+async def test_lift_series_start_at_zero_for_every_configured_tenant() -> None:
+    """Before any request, every configured tenant (nested ones too) has its lift series at
+    0, and so does a tenant a reload adds: the lift panels read 0 instead of no data."""
+    async with gateway_stack(gateway={"tenants": TREE}) as stack:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            s = await scrape(http)
+            for tenant in ("a1", "a2", "b"):
+                assert value(s, "vtc_tenant_lifts_total", tenant=tenant) == 0
+                assert value(s, "vtc_tenant_lift_units_total", tenant=tenant) == 0
+            raw = {
+                "backends": stack.state.config.redacted()["backends"],
+                "tenants": [*TREE, {"name": "c", "api_keys": ["key-c"]}],
+                "limits": {"health_interval_s": 60},
+            }
+            assert apply_config(stack.state, parse_config(raw)).added == ("c",)
+            s = await scrape(http)
+            assert value(s, "vtc_tenant_lifts_total", tenant="c") == 0
+            assert value(s, "vtc_tenant_lift_units_total", tenant="c") == 0
+
+
+async def test_lift_series_are_capped_like_tenant_labels() -> None:
+    gw = {"tenants": TREE, "metrics": {"max_tenant_labels": 1}}
+    async with gateway_stack(gateway=gw) as stack:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            s = await scrape(http)
+    for name in ("vtc_tenant_lifts_total", "vtc_tenant_lift_units_total"):
+        series = {dict(labels)["tenant"]: v for (n, labels), v in s.items() if n == name}
+        assert len(series) == 2 and "other" in series and set(series.values()) == {0}
