@@ -878,7 +878,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default="bench-results/proxy.json", help="JSON results file")
     p.set_defaults(func=_cmd_proxy)
 
-    from . import cluster_bench, parity_bench, scheduler_bench
+    from . import cluster_bench, live_diff, parity_bench, scheduler_bench
 
     for name, module, help_ in (
         (
@@ -895,6 +895,11 @@ def register(subparsers: Any) -> None:
             "parity",
             parity_bench,
             "backend alone vs through the gateway, SDK-style clients: throughput, latency",
+        ),
+        (
+            "live-diff",
+            live_diff,
+            "closed-loop scenarios in the lab and live: shares vs weights, lab vs live",
         ),
         ("quota", __import__("tools.quota_bench").quota_bench, "shares of a hosted quota"),
     ):
