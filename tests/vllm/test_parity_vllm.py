@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import MODEL, VllmServer, gateway_for, parse_metrics, running_vllm
+from .conftest import MAX_NUM_SEQS, MODEL, VllmServer, gateway_for, parse_metrics, running_vllm
 
 OUTPUT_DEFAULT = 48
 CLIENTS = 8  # closed-loop clients, as many as vLLM's max_num_seqs
@@ -83,6 +83,7 @@ async def test_no_max_tokens_through_the_gateway_keeps_vllms_batch_full(
     server = vllm_default_length
     rates: dict[str, list[float]] = {"direct": [], "predict": [], "reserve": []}
     batch: dict[str, list[float]] = {"direct": [], "predict": [], "reserve": []}
+    peaks: dict[str, list[float]] = {"direct": [], "predict": [], "reserve": []}
     preempted = {"direct": 0.0, "predict": 0.0}
 
     async def measure(path: str, url: str, key: str | None, seed: int) -> None:
@@ -96,6 +97,7 @@ async def test_no_max_tokens_through_the_gateway_keeps_vllms_batch_full(
             samples = await sampler
         rates[path].append(tokens / seconds)
         batch[path].append(statistics.fmean(samples) if samples else 0.0)
+        peaks[path].append(max(samples, default=0.0))
         if path in preempted:
             preempted[path] += server.metrics().get("vllm:num_preemptions_total", 0.0) - pre
 
@@ -111,9 +113,14 @@ async def test_no_max_tokens_through_the_gateway_keeps_vllms_batch_full(
             await measure("predict", gw.url, "key-a", attempt)
         await measure("reserve", strict.url, "key-a", 1)
         assert gw.state.admission.in_flight() == strict.state.admission.in_flight() == 0
-    seen = {"tokens/s": rates, "running": batch, "preempted": preempted}
+    seen = {"tokens/s": rates, "running": batch, "peak": peaks, "preempted": preempted}
     running = {p: max(v) for p, v in batch.items()}
-    assert running["predict"] >= 0.9 * running["direct"], seen
+    # the gateway lets vLLM fill its batch (the peak is vLLM's max_num_seqs either way); the
+    # time-averaged batch is a little lower through the gateway, whose own work between a
+    # request's end and the next one's start shares the 2 cores with vLLM and the clients
+    # (0.87-0.9 of direct measured), so it gets a wider margin
+    assert max(peaks["predict"]) == max(peaks["direct"]) == MAX_NUM_SEQS, seen
+    assert running["predict"] >= 0.75 * running["direct"], seen
     assert running["reserve"] <= 0.5 * running["direct"], seen  # booking the whole context
     direct, predict, reserve = (max(rates[p]) for p in ("direct", "predict", "reserve"))
     assert predict >= 0.5 * direct, seen
