@@ -20,28 +20,37 @@ _CACHE_INFO_RE = re.compile(r"^vllm:cache_config_info\{([^}]*)\}", re.M)
 _LABEL_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
-def parse_gauge_sum(metrics_text: str, name: str) -> float | None:
-    """Sum of a metric's samples over all label sets (None when it is absent)."""
-    total = None
+def _samples(metrics_text: str, name: str) -> list[float]:
+    """The values of a metric's samples, one per label set."""
     prefix = name + "{"
+    plain = name + " "
+    out = []
     for line in metrics_text.splitlines():
-        if line.startswith(prefix) or line.startswith(name + " "):
+        if line.startswith(prefix) or line.startswith(plain):
             try:
-                value = float(line.rsplit(" ", 1)[1])
+                out.append(float(line.rsplit(" ", 1)[1]))
             except (IndexError, ValueError):
                 continue
-            total = value if total is None else total + value
-    return total
+    return out
+
+
+def parse_gauge_sum(metrics_text: str, name: str) -> float | None:
+    """Sum of a metric's samples over all label sets (None when it is absent)."""
+    values = _samples(metrics_text, name)
+    return sum(values) if values else None
+
+
+def _cache_labels(metrics_text: str) -> dict[str, str]:
+    """The labels of ``vllm:cache_config_info`` (empty when absent)."""
+    m = _CACHE_INFO_RE.search(metrics_text)
+    return {} if m is None else dict(_LABEL_RE.findall(m.group(1)))
 
 
 def parse_kv_capacity(metrics_text: str) -> int | None:
     """KV tokens requests can use, from vLLM's ``vllm:cache_config_info`` labels:
     ``(num_gpu_blocks - 1) * block_size`` (vLLM v1's block pool keeps one "null block" out of
     use; its ``kv_cache_size_tokens`` label counts it)."""
-    m = _CACHE_INFO_RE.search(metrics_text)
-    if m is None:
-        return None
-    labels = dict(_LABEL_RE.findall(m.group(1)))
+    labels = _cache_labels(metrics_text)
     try:
         blocks = int(labels["num_gpu_blocks"])
         return max(1, blocks - 1) * int(labels["block_size"])
@@ -51,11 +60,9 @@ def parse_kv_capacity(metrics_text: str) -> int | None:
 
 def parse_block_size(metrics_text: str) -> int | None:
     """The KV block size from ``vllm:cache_config_info`` (None when absent)."""
-    m = _CACHE_INFO_RE.search(metrics_text)
-    if m is None:
-        return None
+    labels = _cache_labels(metrics_text)
     try:
-        size = int(dict(_LABEL_RE.findall(m.group(1)))["block_size"])
+        size = int(labels["block_size"])
     except (KeyError, ValueError):
         return None
     return size if size > 0 else None
@@ -68,17 +75,9 @@ KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 def parse_kv_usage(metrics_text: str) -> float | None:
     """The engine's KV-cache use (0-1; the largest over its label sets), or None."""
     for name in KV_USAGE_METRICS:
-        prefix = name + "{"
-        best = None
-        for line in metrics_text.splitlines():
-            if line.startswith(prefix) or line.startswith(name + " "):
-                try:
-                    value = float(line.rsplit(" ", 1)[1])
-                except (IndexError, ValueError):
-                    continue
-                best = value if best is None else max(best, value)
-        if best is not None:
-            return best
+        values = _samples(metrics_text, name)
+        if values:
+            return max(values)
     return None
 
 
