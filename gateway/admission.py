@@ -16,8 +16,8 @@ in-flight sequences and their KV demand and admit while both fit:
     that outruns its prediction is expected to go on for a quarter of what it has generated,
     at least a block). Admission runs the peak check below on those numbers, plus a block of
     rounding per request, against ``max_kv_tokens * kv_scale``; engine feedback
-    (:func:`adapt_kv_scale`) moves ``kv_scale`` down when vLLM queues or preempts and up when
-    its KV cache has room while the gateway's queue waits. A request without ``max_tokens`` no
+    (:func:`adapt_kv_scale`) moves ``kv_scale`` down when vLLM queues or preempts and back up
+    to the whole cache once it does not. A request without ``max_tokens`` no
     longer books the rest of the context: on a 128k-context model the gateway runs as many
     requests as vLLM alone would.
   - ``"reserve"``: the sum over in-flight requests of ``prompt_tokens + reserved_output`` must
@@ -66,6 +66,14 @@ KV_ADMISSION_MODES: tuple[str, ...] = get_args(KvAdmission)
 
 _LEFT = attrgetter("left")
 
+
+def planned_output(tokens: int, prompt: int, expect: int | None) -> int:
+    """The output a request of ``tokens`` (``prompt`` + reserved output) is planned for: the
+    prediction ``expect``, at most the reservation (None: the whole reservation)."""
+    out = tokens - prompt
+    return out if expect is None or expect > out else expect
+
+
 #: Output tokens at least still expected of a request that outran its prediction.
 OVERRUN_MIN = 16
 
@@ -107,8 +115,8 @@ class Reservation:
         g = self.generated
         left = self.expect - g
         if left <= 0:
-            left = max(OVERRUN_MIN, g // 4)
-        return max(0, min(cap, left))
+            left = max(OVERRUN_MIN, g >> 2)
+        return left if left < cap else (cap if cap > 0 else 0)
 
 
 @dataclass(slots=True)
@@ -173,20 +181,16 @@ class BackendSlots:
         if not self.healthy or self.in_flight >= self.cap:
             return False
         quota = self.quota
-        if quota is not None:
-            cost = prompt + (tokens - prompt if expect is None else min(expect, tokens - prompt))
-            if not quota.fits(cost):
-                return False
+        if quota is not None and not quota.fits(prompt + planned_output(tokens, prompt, expect)):
+            return False
         mode = self.kv_admission
         if mode == "reserve":
             return self.booked_tokens + tokens <= self.max_kv_tokens
-        left = tokens - prompt
         if mode == "predict":
-            if expect is not None and expect < left:
-                left = expect
             pad = (self.in_flight + 1) * self.block_size
+            left = planned_output(tokens, prompt, expect)
             return self.peak_with(prompt, left) + pad <= self.kv_budget
-        return self.peak_with(prompt, left) <= self.max_kv_tokens
+        return self.peak_with(prompt, tokens - prompt) <= self.max_kv_tokens
 
     def peak_with(self, run: int, left: int) -> int:
         """Peak estimate of the in-flight requests plus one holding ``run`` tokens with ``left``
@@ -295,8 +299,7 @@ class AdmissionController:
         backend.booked_tokens += tokens
         backend.admitted_total += 1
         if backend.quota is not None:
-            out = tokens - prompt if expect is None else min(expect, tokens - prompt)
-            reservation.quota = backend.quota.book(prompt + out)
+            reservation.quota = backend.quota.book(prompt + planned_output(tokens, prompt, expect))
         if mode != "reserve":
             reservation.peak = True
             backend._held.append(reservation)
@@ -310,12 +313,8 @@ class AdmissionController:
         reservation.generated = g
         run = reservation.run + n
         reservation.run = run
-        if reservation.predict:  # Reservation.remaining(), inlined: this runs per token
-            left = reservation.expect - g  # type: ignore[operator]  # set in predict mode
-            if left <= 0:
-                left = g >> 2 if g >= 4 * OVERRUN_MIN else OVERRUN_MIN
-            cap = reservation.tokens - run
-            reservation.left = left if left < cap else (cap if cap > 0 else 0)
+        if reservation.predict:
+            reservation.left = reservation.remaining()
         else:
             left = reservation.left - n
             reservation.left = left if left > 0 else 0

@@ -487,16 +487,23 @@ class DispatchCore:
             if self._holds and self._hold_for(sched, model, now):
                 continue  # a slot went to a resubmitting tenant that precedes the head
             tokens = job.prompt_tokens + job.max_tokens
-            backend = admission.place(
-                model, tokens, prompt=job.prompt_tokens, expect=self.expect(job)
-            )
+            expect = self.expect(job)
+            backend = admission.place(model, tokens, prompt=job.prompt_tokens, expect=expect)
             if backend is None:
                 return  # head of the fair order waits for room; later ones wait behind it
-            self.commit(sched, job, backend, now)
+            self.commit(sched, job, backend, now, expect)
 
-    def commit(self, sched: Scheduler, job: Job, backend: BackendSlots, now: float) -> None:
+    def commit(
+        self,
+        sched: Scheduler,
+        job: Job,
+        backend: BackendSlots,
+        now: float,
+        expect: int | None = None,
+    ) -> None:
         """Dispatch ``job``, the head of ``sched``, to ``backend``: pop it (the scheduler
-        charges), reserve its tokens, hand it to ``on_grant``."""
+        charges), reserve its tokens (planning for ``expect`` output, None: the predictor's
+        bound), hand it to ``on_grant``."""
         popped = sched.pop(now)
         assert popped is job, "peek() and pop() disagree"
         self.running[job.tenant] = self.running.get(job.tenant, 0) + 1
@@ -510,7 +517,9 @@ class DispatchCore:
                     self._check_cap(g)
         self.dispatched_total += 1
         tokens = job.prompt_tokens + job.max_tokens
-        reservation = self.admission.reserve(backend, tokens, job.prompt_tokens, self.expect(job))
+        if expect is None:
+            expect = self.expect(job)
+        reservation = self.admission.reserve(backend, tokens, job.prompt_tokens, expect)
         grant = Grant(backend, reservation)
         self._on_grant(job, grant)
 

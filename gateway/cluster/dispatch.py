@@ -177,8 +177,15 @@ class ClusterCore(DispatchCore):
             self.store.touch(job.model, job.tenant)
         return cancelled
 
-    def commit(self, sched: Scheduler, job: Job, backend: BackendSlots, now: float) -> None:
-        super().commit(sched, job, backend, now)
+    def commit(
+        self,
+        sched: Scheduler,
+        job: Job,
+        backend: BackendSlots,
+        now: float,
+        expect: int | None = None,
+    ) -> None:
+        super().commit(sched, job, backend, now, expect)
         if self.store is not None:
             self._busy[(job.model, job.tenant)] += 1
             self.store.touch(job.model, job.tenant)
