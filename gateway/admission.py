@@ -460,6 +460,9 @@ class Quota:
     budget goes into an empty window, so it is not refused forever). The budget backs off:
     after a provider's 429 nothing is sent until its ``Retry-After`` has passed.
 
+    Either limit may be unknown (None): a backend that answered 429 without saying its limits
+    gets a quota of neither, which only backs off.
+
     Pure: time comes from ``clock``. Cost: amortised O(1) per booking and check.
     """
 
@@ -472,8 +475,6 @@ class Quota:
         window_s: float,
         clock: Callable[[], float],
     ) -> None:
-        if tpm is None and rpm is None:
-            raise ValueError("a quota needs tpm or rpm")
         self.tpm = tpm
         self.rpm = rpm
         self.window_s = window_s

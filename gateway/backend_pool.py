@@ -212,7 +212,7 @@ class BackendPool:
         delay = retry_after(headers)
         if st is not None:
             if st.slots.quota is None:
-                st.slots.quota = Quota(None, 1_000_000, st.config.quota_window_s, self.clock)
+                st.slots.quota = Quota(None, None, st.config.quota_window_s, self.clock)
             self.learn_rates(name, headers)
             st.slots.quota.back_off(delay)
             st.rate_limited += 1
