@@ -238,8 +238,8 @@ class Recorder:
             gap = now - pending.pop(0) if pending else -1.0
             events.append(("arrive", now, job.tenant, int(queued == 0), n1 - n0, u1 - u0, gap))
 
-        def commit(core: Any, sched: Any, job: Any, backend: Any, now: float) -> None:
-            orig["commit"](core, sched, job, backend, now)
+        def commit(core: Any, sched: Any, job: Any, backend: Any, now: float, *a: Any) -> None:
+            orig["commit"](core, sched, job, backend, now, *a)
             events.append(("grant", now, job.tenant))
 
         def release(core: Any, job: Any, grant: Any, *args: Any, **kw: Any) -> None:
