@@ -37,7 +37,6 @@ import os
 import platform
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from .procs import (
     Service,
     busy_shares,
     cpu_times,
+    free_port,
     pin_prefix,
     proc_sample,
     run_benchmark,
@@ -194,12 +194,6 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _wait_listening(proc: asyncio.subprocess.Process, port: int, within_s: float) -> bool:
     """Poll ``port`` until it accepts a connection (True) or ``proc`` exits (False)."""
     deadline = time.monotonic() + within_s
@@ -231,7 +225,7 @@ async def running_nginx(
             kw = {"user": account.pw_uid, "group": account.pw_gid}
             os.chown(prefix, account.pw_uid, account.pw_gid)
         for _ in range(3):  # the free port may be taken between picking and binding it
-            port = _free_port()
+            port = free_port()
             conf = prefix / "nginx.conf"
             conf.write_text(NGINX_CONF.format(d=prefix, upstream=upstream, port=port))
             argv = [*pin_prefix(core), binary, "-p", str(prefix), "-c", str(conf)]

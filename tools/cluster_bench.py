@@ -49,7 +49,6 @@ from .bench import (
     MODEL,
     TOKEN_MARK,
     _f,
-    _free_port,
     _pct,
     _Window,
     _worker,
@@ -61,6 +60,7 @@ from .procs import (
     Service,
     busy_shares,
     cpu_times,
+    free_port,
     proc_sample,
     run_benchmark,
     running,
@@ -94,7 +94,7 @@ class ClusterOptions:
 @contextlib.asynccontextmanager
 async def redis_server(binary: str) -> Any:
     """A ``redis-server`` on a free loopback port, persistence off; yields its URL."""
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         binary,
         *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),

@@ -46,8 +46,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .bench import MODEL, _free_port
-from .procs import run_benchmark, stop_process
+from .bench import MODEL
+from .procs import free_port, run_benchmark, stop_process
 from .quota_bench import (
     GATEWAY,
     HEADER,
@@ -180,7 +180,7 @@ def litellm_front(venv: Path, opts: QuotaOptions, path: str) -> Front:
         )
         cfg = d / "config.yaml"
         cfg.write_text(yaml.safe_dump(litellm_config(provider_url, opts, path)))
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             "LITELLM_RATE_LIMIT_WINDOW_SIZE": str(int(opts.window_s)),

@@ -2,7 +2,9 @@
 
 :func:`start_service` runs a command that prints ``listening on URL`` and returns once it
 does; :func:`stop_process` ends it (SIGTERM, then SIGKILL); :func:`proc_sample` and
-:func:`cpu_times` read CPU and memory from ``/proc`` (Linux).
+:func:`cpu_times` read CPU and memory from ``/proc`` (Linux); :func:`free_port` picks a port for
+a program that cannot listen on port 0 and report it (nginx, redis-server, vLLM). Standard
+library only, so the tests import it too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -84,6 +87,13 @@ class Service:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+def free_port() -> int:
+    """A loopback port free now (another process may take it before it is bound again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def pin_prefix(core: int | None) -> list[str]:

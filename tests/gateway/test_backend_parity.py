@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 import httpx
@@ -15,6 +14,7 @@ from backends.sim.config import SimConfig
 from backends.sim.server import SimServer
 from gateway.config import parse_config
 from gateway.server import STATE, create_app
+from tools.procs import free_port
 
 from .conftest import MODEL, gateway_stack, wait_for
 
@@ -104,14 +104,8 @@ async def test_client_disconnects_mid_stream_log_no_errors(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_backend_restarted_with_another_kv_size_is_discovered_again() -> None:
-    port = _free_port()
+    port = free_port()
     raw = {
         "backends": [{"name": "sim", "url": f"http://127.0.0.1:{port}"}],
         "tenants": [{"name": "a", "api_keys": ["key-a"]}],

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ import pytest
 import yaml
 
 from tests.gateway.conftest import Stack, gateway_stack, tenants
+from tools.procs import free_port
 
 from .conftest import clients
 
@@ -59,12 +59,6 @@ def _render_module() -> ModuleType:
 render = _render_module()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _hostport(url: str) -> str:
     return url.split("://", 1)[1].rstrip("/")
 
@@ -81,7 +75,7 @@ async def prometheus(tmp: Path, stack: Stack) -> AsyncIterator[str]:
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = _free_port()
+    port = free_port()
     proc = _start_prometheus(tmp, port)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.config import parse_config
 from gateway.server import STATE, GatewayState, create_app
+from tools.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = "0.32.0"
@@ -56,13 +56,6 @@ def require_vllm() -> None:
         if REQUIRED:
             pytest.fail(f"VTC_REQUIRE_VLLM=1 but {reason}")
         pytest.skip(reason)
-
-
-def free_port() -> int:
-    """A free loopback port (vLLM cannot listen on port 0 and report it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_model(hidden: int = 128, layers: int = 2) -> Path:
