@@ -16,6 +16,8 @@ Layers::
 * Only the transport (``gateway/upstream/http.py``), the server and the CLI import aiohttp.
 * Pure modules (scheduler, admission, the simulator's engine core) import no event loop,
   network or clock: time is passed in; the dispatch core and the lab's simulation do no I/O.
+* No import cycles within ``gateway/cluster``, ``gateway/engines`` or ``tools``; the tools
+  share code through modules of their own, never another tool's private names.
 """
 
 from __future__ import annotations
@@ -167,12 +169,23 @@ def _cycles(modules: list[str]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("package", ["gateway.cluster", "gateway.engines"])
+@pytest.mark.parametrize("package", ["gateway.cluster", "gateway.engines", "tools"])
 def test_no_import_cycles(package: str) -> None:
     """Within the scale-out package, the engine seam and the tools, imports run one way (a
     package's ``__init__`` re-exporting its modules is not a cycle of theirs)."""
     modules = [m for m in GRAPH if _under(m, package) and m != package]
     assert _cycles(modules) == []
+
+
+def test_tools_import_no_private_names_of_each_other() -> None:
+    """What two tools share lives in a module of its own (``tools.loadgen``, ``tools.procs``),
+    public there, not in one bench that the other reaches into."""
+    tools = [m for m in GRAPH if _under(m, "tools")]
+    private = {
+        m: sorted(i for i in GRAPH[m] if _under(i, "tools") and i.rpartition(".")[2][:1] == "_")
+        for m in tools
+    }
+    assert {m: v for m, v in private.items() if v} == {}
 
 
 def test_the_cycle_check_finds_a_cycle() -> None:

@@ -32,62 +32,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
+from .loadgen import (
+    FORMATS,
+    MODEL,
+    LoadWindow,
+    fmt,
+    ints,
+    pct_ms,
+    request_body,
+    start_gateway,
+    start_sim,
+    worker,
+)
 from .procs import (
-    ProcSample,
     Service,
     busy_shares,
+    cpu_share,
     cpu_times,
     free_port,
     pin_prefix,
     proc_sample,
     run_benchmark,
     running,
-    start_service,
     stop_process,
 )
 
-MODEL = "sim-llama-3-8b"
-PROMPT = "Write a short story about a lighthouse keeper who befriends a storm."
 TENANTS = 8
-
-#: Runs the gateway CLI, optionally without orjson or with uvloop (bench-only switches).
-_GATEWAY_LAUNCHER = """
-import os, sys
-if os.environ.get("VTC_BENCH_NO_ORJSON"):
-    sys.modules["orjson"] = None
-if os.environ.get("VTC_BENCH_UVLOOP"):
-    import asyncio, uvloop
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-from gateway.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 
 # ---------------------------------------------------------------------------------------------
 # processes
 # ---------------------------------------------------------------------------------------------
-
-
-async def start_sim(core: int | None, *args: str) -> Service:
-    argv = [*pin_prefix(core), sys.executable, "-m", "backends.sim", "--port", "0", *args]
-    return await start_service("sim", argv)
 
 
 def gateway_config(
@@ -114,39 +102,6 @@ def gateway_config(
         "scheduler": {"policy": policy},
         "limits": {"queue_timeout_s": 3600, "health_interval_s": 5},
     }
-
-
-def write_config(config: dict[str, Any], workdir: Path) -> Path:
-    """Write ``config`` as a new YAML file in ``workdir``."""
-    fd, name = tempfile.mkstemp(prefix="gateway-", suffix=".yaml", dir=workdir)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(config, f)
-    return Path(name)
-
-
-async def start_gateway(
-    config: dict[str, Any], workdir: Path, core: int | None, orjson: bool, uvloop: bool
-) -> Service:
-    path = write_config(config, workdir)
-    argv = [
-        *pin_prefix(core),
-        sys.executable,
-        "-c",
-        _GATEWAY_LAUNCHER,
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--config",
-        str(path),
-        "--port",
-        "0",
-    ]
-    env = {}
-    if not orjson:
-        env["VTC_BENCH_NO_ORJSON"] = "1"
-    if uvloop:
-        env["VTC_BENCH_UVLOOP"] = "1"
-    return await start_service(f"gateway-{config['scheduler']['policy']}", argv, env)
 
 
 #: nginx as a reference proxy: one process (``master_process off``, so its CPU time is the
@@ -256,114 +211,6 @@ async def running_nginx(
 # ---------------------------------------------------------------------------------------------
 
 
-FORMATS = ("plain", "usage", "continuous")
-
-
-def request_body(max_tokens: int, fmt: str) -> bytes:
-    body: dict[str, Any] = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    if fmt == "usage":
-        body["stream_options"] = {"include_usage": True}
-    elif fmt == "continuous":
-        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-    return json.dumps(body).encode()
-
-
-@dataclass
-class _Window:
-    start: float
-    end: float
-    tokens: int = 0
-    requests: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    bad_counts: int = 0
-    ttft: list[float] = field(default_factory=list)
-    itl: list[float] = field(default_factory=list)
-
-
-#: Every output token's chunk carries this (the sim's chat chunks; the role chunk, the usage
-#: chunk and ``[DONE]`` do not), so counting it counts tokens exactly.
-TOKEN_MARK = b'"delta":{"content":'
-_TAIL = len(TOKEN_MARK) - 1
-
-
-async def _stream_one(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    expected: int,
-    w: _Window,
-) -> None:
-    """One streaming chat request; each read's output tokens are counted by :data:`TOKEN_MARK`
-    (a mark split across two reads is counted once, in the second)."""
-    t0 = time.perf_counter()
-    async with session.post(url, data=body, headers=headers) as resp:
-        if resp.status != 200:
-            await resp.read()
-            w.errors[f"http_{resp.status}"] = w.errors.get(f"http_{resp.status}", 0) + 1
-            return
-        last = 0.0
-        total = 0
-        tail = b""
-        async for data in resp.content.iter_any():
-            now = time.perf_counter()
-            n = data.count(TOKEN_MARK)
-            if tail:
-                n += (tail + data[:_TAIL]).count(TOKEN_MARK)
-            tail = data[-_TAIL:]
-            if not n:
-                continue
-            if w.start <= now < w.end:  # events are sampled by when they happen
-                w.tokens += n
-                if total == 0:
-                    w.ttft.append(now - t0)
-                else:
-                    w.itl.extend([(now - last) / n] * n)
-            last = now
-            total += n
-    if w.start <= time.perf_counter() < w.end:
-        w.requests += 1
-    if total != expected:
-        w.bad_counts += 1
-
-
-async def _worker(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    expected: int,
-    w: _Window,
-    budget: list[int],
-    delay: float,
-) -> None:
-    await asyncio.sleep(delay)  # staggered starts, so streams do not move in lockstep
-    while time.perf_counter() < w.end and budget[0] > 0:
-        budget[0] -= 1
-        try:
-            await _stream_one(session, url, body, headers, expected, w)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            kind = exc.__class__.__name__
-            w.errors[kind] = w.errors.get(kind, 0) + 1
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000.0
-
-
-def _cpu_share(a: ProcSample, b: ProcSample) -> float:
-    return (b.cpu_s - a.cpu_s) / max(b.wall - a.wall, 1e-9)
-
-
 async def run_load(
     url: str,
     *,
@@ -382,12 +229,12 @@ async def run_load(
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     now = time.perf_counter()
-    w = _Window(start=now + warmup, end=now + warmup + duration)
+    w = LoadWindow(start=now + warmup, end=now + warmup + duration)
     budget = [max_requests if max_requests is not None else 1 << 62]
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         workers = [
             asyncio.create_task(
-                _worker(
+                worker(
                     session,
                     endpoint,
                     body,
@@ -425,11 +272,11 @@ async def run_load(
         "requests": w.requests,
         "requests_per_s": w.requests / seconds,
         "tokens_per_s": w.tokens / seconds,
-        "ttft_ms": {"p50": _pct(w.ttft, 0.5), "p99": _pct(w.ttft, 0.99), "n": len(w.ttft)},
-        "itl_ms": {"p50": _pct(w.itl, 0.5), "p99": _pct(w.itl, 0.99), "n": len(w.itl)},
+        "ttft_ms": {"p50": pct_ms(w.ttft, 0.5), "p99": pct_ms(w.ttft, 0.99), "n": len(w.ttft)},
+        "itl_ms": {"p50": pct_ms(w.itl, 0.5), "p99": pct_ms(w.itl, 0.99), "n": len(w.itl)},
         "errors": w.errors,
         "bad_token_counts": w.bad_counts,
-        "cpu_share": {k: round(_cpu_share(before[k], after[k]), 3) for k in before},
+        "cpu_share": {k: round(cpu_share(before[k], after[k]), 3) for k in before},
         "core_busy": cores,
     }
     if "gateway" in before:
@@ -745,10 +592,6 @@ def _meta(opts: ProxyOptions, gw_core: int | None, load_core: int | None) -> dic
 # ---------------------------------------------------------------------------------------------
 
 
-def _f(x: float | None, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 HEADER = (
     f"{'scenario':<12}{'conc':>5} {'path':<7}{'req/s':>8}{'tok/s':>9}"
     f"{'ttft50':>8}{'ttft99':>8}{'itl50':>7}{'itl99':>8}"
@@ -766,15 +609,15 @@ def _row_line(r: dict[str, Any]) -> str:
     return (
         f"{r['scenario']:<12}{r['concurrency']:>5} {r['path']:<7}"
         f"{r['requests_per_s']:>8.0f}{r['tokens_per_s']:>9.0f}"
-        f"{_f(r['ttft_ms']['p50']):>8}{_f(r['ttft_ms']['p99']):>8}"
-        f"{_f(r['itl_ms']['p50']):>7}{_f(r['itl_ms']['p99']):>8}"
-        f"{_f(gw.get('cpu_s_per_mtok'), '.1f'):>9}"
-        f"{_f(rss / 1024 if rss else None, '.0f'):>7}"
-        f"{_f(share.get('gateway', 0) * 100 if 'gateway' in share else None, '.0f'):>5}"
+        f"{fmt(r['ttft_ms']['p50']):>8}{fmt(r['ttft_ms']['p99']):>8}"
+        f"{fmt(r['itl_ms']['p50']):>7}{fmt(r['itl_ms']['p99']):>8}"
+        f"{fmt(gw.get('cpu_s_per_mtok'), '.1f'):>9}"
+        f"{fmt(rss / 1024 if rss else None, '.0f'):>7}"
+        f"{fmt(share.get('gateway', 0) * 100 if 'gateway' in share else None, '.0f'):>5}"
         f"{share.get('sim', 0) * 100:>5.0f}{share['client'] * 100:>5.0f}"
         f"{'/'.join(f'{v * 100:.0f}' for v in r.get('core_busy', {}).values())[:7]:>8}"
-        f"{_f(ratio.get('tokens_per_s')):>6}{_f(ratio.get('ttft_p50_added_ms')):>9}"
-        f"{_f(ngx.get('cpu_per_token')):>10}{_f(ngx.get('ttft_p50_added_ms')):>10}"
+        f"{fmt(ratio.get('tokens_per_s')):>6}{fmt(ratio.get('ttft_p50_added_ms')):>9}"
+        f"{fmt(ngx.get('cpu_per_token')):>10}{fmt(ngx.get('ttft_p50_added_ms')):>10}"
         + (f"  errors={r['errors']}" if r["errors"] else "")
         + (f"  bad_counts={r['bad_token_counts']}" if r["bad_token_counts"] else "")
     )
@@ -784,7 +627,7 @@ def _wc_line(wc: dict[str, Any]) -> str:
     return (
         f"work conservation ({wc['profile']}, max_num_seqs 64, {wc['concurrency']} streams): "
         f"direct {wc['direct']['tokens_per_s']:.0f} tok/s, gateway "
-        f"{wc['gateway']['tokens_per_s']:.0f} tok/s, ratio {_f(wc['ratio'], '.3f')} "
+        f"{wc['gateway']['tokens_per_s']:.0f} tok/s, ratio {fmt(wc['ratio'], '.3f')} "
         f"(target >= {wc['target']})"
     )
 
@@ -793,7 +636,7 @@ def _mem_line(m: dict[str, Any]) -> str:
     per = m["bytes_per_queued_request"]
     return (
         f"memory: {m['queued']} queued, RSS {m['rss_before_kib'] / 1024:.0f} -> "
-        f"{m['rss_queued_kib'] / 1024:.0f} MiB, {_f(per / 1024 if per else None, '.1f')} KiB "
+        f"{m['rss_queued_kib'] / 1024:.0f} MiB, {fmt(per / 1024 if per else None, '.1f')} KiB "
         f"per queued request (target <= 20 KiB)"
     )
 
@@ -803,12 +646,9 @@ def _mem_line(m: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.split(",") if x.strip())
-
-
 def register(subparsers: Any) -> None:
-    """Add ``bench proxy``, ``scheduler``, ``cluster`` and ``parity`` to the ``vtc-gateway`` CLI."""
+    """Add ``bench`` to the ``vtc-gateway`` CLI: ``proxy`` (this module) and the benchmarks of
+    the other modules (``scheduler``, ``cluster``, ``parity``, ``live-diff``, ``quota``)."""
     bench = subparsers.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser(
@@ -817,11 +657,11 @@ def register(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     d = ProxyOptions()
-    p.add_argument("--concurrency", type=_ints, default=d.concurrency, help="e.g. 1,64,256,1024")
+    p.add_argument("--concurrency", type=ints, default=d.concurrency, help="e.g. 1,64,256,1024")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument(
         "--first-token",
-        type=_ints,
+        type=ints,
         default=d.first_token_concurrency,
         help="concurrency levels of the max_tokens=1 scenario ('' for none)",
     )
@@ -872,7 +712,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default="bench-results/proxy.json", help="JSON results file")
     p.set_defaults(func=_cmd_proxy)
 
-    from . import cluster_bench, live_diff, parity_bench, scheduler_bench
+    from . import cluster_bench, live_diff, parity_bench, quota_bench, scheduler_bench
 
     for name, module, help_ in (
         (
@@ -895,7 +735,7 @@ def register(subparsers: Any) -> None:
             live_diff,
             "closed-loop scenarios in the lab and live: shares vs weights, lab vs live",
         ),
-        ("quota", __import__("tools.quota_bench").quota_bench, "shares of a hosted quota"),
+        ("quota", quota_bench, "shares of a hosted quota"),
     ):
         sub = bsub.add_parser(name, help=help_, description=(module.__doc__ or "").split("\n\n")[0])
         module.add_arguments(sub)

@@ -45,15 +45,16 @@ from typing import Any
 import aiohttp
 from redis import asyncio as aioredis
 
-from .bench import (
+from .loadgen import (
     MODEL,
     TOKEN_MARK,
-    _f,
-    _pct,
-    _Window,
-    _worker,
+    LoadWindow,
+    fmt,
+    ints,
+    pct_ms,
     request_body,
     start_sim,
+    worker,
     write_config,
 )
 from .procs import (
@@ -254,12 +255,14 @@ async def two_tenant_load(
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     now = time.perf_counter()
-    windows = {t: _Window(start=now + warmup, end=now + warmup + duration) for t in TENANT_WEIGHTS}
+    windows = {
+        t: LoadWindow(start=now + warmup, end=now + warmup + duration) for t in TENANT_WEIGHTS
+    }
     budget = [1 << 62]
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         tasks = [
             asyncio.create_task(
-                _worker(
+                worker(
                     session,
                     endpoint,
                     body,
@@ -304,7 +307,7 @@ async def two_tenant_load(
         "tokens": tokens,
         "share_b": tokens["b"] / total if total else None,
         "requests": sum(w.requests for w in windows.values()),
-        "ttft_ms": {"p50": _pct(ttft, 0.5), "p99": _pct(ttft, 0.99), "n": len(ttft)},
+        "ttft_ms": {"p50": pct_ms(ttft, 0.5), "p99": pct_ms(ttft, 0.99), "n": len(ttft)},
         "errors": errors,
         "bad_token_counts": sum(w.bad_counts for w in windows.values()),
         "cpu_share": {k: round((cpu1[k] - cpu0[k]) / seconds, 3) for k in pids},
@@ -361,14 +364,14 @@ async def paired_ttft(urls: dict[str, str], opts: ClusterOptions) -> dict[str, A
     out: dict[str, Any] = {"requests": opts.ttft_requests, "max_tokens": opts.ttft_max_tokens}
     for m, xs in samples.items():
         ok = [x for x in xs if x is not None]
-        out[m] = {"p50": _pct(ok, 0.5), "p90": _pct(ok, 0.9), "n": len(ok)}
+        out[m] = {"p50": pct_ms(ok, 0.5), "p90": pct_ms(ok, 0.9), "n": len(ok)}
         if m != "single" and "single" in samples:
             diffs = [
                 x - y
                 for x, y in zip(xs, samples["single"], strict=True)
                 if x is not None and y is not None
             ]
-            out[m]["added_p50"] = _pct(diffs, 0.5)
+            out[m]["added_p50"] = pct_ms(diffs, 0.5)
     return out
 
 
@@ -459,10 +462,10 @@ def _ttft_line(t: dict[str, Any]) -> str:
     parts = [f"idle TTFT ({t['requests']} requests each, alternating):"]
     for m, v in t.items():
         if isinstance(v, dict):
-            part = f"{m} p50 {_f(v['p50'])} ms"
+            part = f"{m} p50 {fmt(v['p50'])} ms"
             if "added_p50" in v:
-                part += f" (+{_f(v['added_p50'])} ms paired, target <= 0.5"
-                part += f"; mean Redis round trip {_f(v.get('redis_rtt_ms'))} ms)"
+                part += f" (+{fmt(v['added_p50'])} ms paired, target <= 0.5"
+                part += f"; mean Redis round trip {fmt(v.get('redis_rtt_ms'))} ms)"
             parts.append(part)
     return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
@@ -530,10 +533,10 @@ def _line(r: dict[str, Any]) -> str:
     redis = r.get("redis") or {}
     cpu = r["cpu_share"]
     return (
-        f"{r['round']:<6}{r['mode']:<7}{r['tokens_per_s']:>8.0f}{_f(r['share_b'], '.3f'):>8}"
-        f"{_f(redis.get('script_calls_per_token'), '.4f'):>8}"
-        f"{_f(redis.get('commands_per_token'), '.3f'):>8}"
-        f"{_f(r['ttft_ms']['p50']):>8}"
+        f"{r['round']:<6}{r['mode']:<7}{r['tokens_per_s']:>8.0f}{fmt(r['share_b'], '.3f'):>8}"
+        f"{fmt(redis.get('script_calls_per_token'), '.4f'):>8}"
+        f"{fmt(redis.get('commands_per_token'), '.3f'):>8}"
+        f"{fmt(r['ttft_ms']['p50']):>8}"
         f"{cpu['gateway']:>7.2f}{cpu['sim']:>5.2f}{cpu['client']:>5.2f}"
         f"{'/'.join(f'{v * 100:.0f}' for v in r['core_busy'].values())[:7]:>8}"
         f"{'-'.join(f'{x:.2f}' for x in r['loadavg_1m']):>11}"
@@ -576,10 +579,6 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ClusterOptions()
-
-    def ints(s: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-
     p.add_argument("--workers", type=ints, default=d.workers, help="worker counts, e.g. 1,2")
     p.add_argument(
         "--single",

@@ -46,7 +46,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .bench import MODEL
+from .loadgen import MODEL
 from .procs import free_port, run_benchmark, stop_process
 from .quota_bench import (
     GATEWAY,

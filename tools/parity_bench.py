@@ -55,16 +55,14 @@ from backends.sim.costmodel import get_profile
 from gateway.engines.vllm import parse_gauge_sum
 from gateway.lab.metrics import quantile
 
-from .bench import MODEL, TOKEN_MARK, start_gateway, start_sim
-from .procs import ProcSample, proc_sample, run_benchmark, running
+from .loadgen import MODEL, count_marks, fmt, ints, start_gateway, start_sim, word_range
+from .procs import cpu_share, proc_sample, run_benchmark, running
 
 TENANTS = 4
 #: A gateway path that sets no ``kv_admission`` key; ``adaptive`` sets ``adaptive: true``.
 DEFAULT_MODE = "default"
 ADAPTIVE_MODE = "adaptive"
 DIRECT = "direct"
-
-_TAIL = len(TOKEN_MARK) - 1
 
 #: Words the prompts are made of (each about one token in common tokenizers).
 _VOCABULARY = (
@@ -149,10 +147,7 @@ async def _one_request(
         total = 0
         tail = b""
         async for data in resp.content.iter_any():
-            n = data.count(TOKEN_MARK)
-            if tail:  # a mark split across two reads is counted once, in the second
-                n += (tail + data[:_TAIL]).count(TOKEN_MARK)
-            tail = data[-_TAIL:]
+            n, tail = count_marks(data, tail)
             if not n:
                 continue
             now = time.perf_counter()
@@ -299,12 +294,8 @@ async def run_path(
             "loop_lag_ratio": stats["loop"]["lag_ratio"],
         },
         "errors": w.errors,
-        "cpu_share": {k: round(_cpu_share(before[k], after[k]), 3) for k in before},
+        "cpu_share": {k: round(cpu_share(before[k], after[k]), 3) for k in before},
     }
-
-
-def _cpu_share(a: ProcSample, b: ProcSample) -> float:
-    return (b.cpu_s - a.cpu_s) / max(b.wall - a.wall, 1e-9)
 
 
 def gateway_config(sim_url: str, mode: str, max_num_seqs: int) -> dict[str, Any]:
@@ -399,10 +390,6 @@ def _meta(opts: ParityOptions, seqs: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _f(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 HEADER = (
     f"{'context':>8} {'path':<9}{'out tok/s':>10}{'x dir':>7}{'done':>6}{'lat50':>7}"
     f"{'lat99':>7}{'ttft50':>7}{'preempt':>8}{'wait':>10}{'run':>6}{'kv%':>5}{'lag':>6}"
@@ -421,12 +408,12 @@ def row_line(r: dict[str, Any]) -> str:
     kv = b["kv_usage_mean"]
     return (
         f"{r['max_model_len']:>8} {r['path']:<9}{r['output_tokens_per_s']:>10.0f}"
-        f"{_f(ratio if r['path'] != DIRECT else 1.0, '.2f'):>7}{r['requests']:>6}"
-        f"{_f(r['latency_s']['p50'], '.1f'):>7}{_f(r['latency_s']['p99'], '.1f'):>7}"
-        f"{_f(r['ttft_s']['p50'], '.2f'):>7}{r['preemptions']:>8}"
-        f"{_f(b['waiting_mean'], '.1f') + '/' + _f(b['waiting_max'], '.0f'):>10}"
-        f"{_f(b['running_mean'], '.0f'):>6}{_f(kv * 100 if kv is not None else None, '.0f'):>5}"
-        f"{_f(b['loop_lag_ratio'], '.2f'):>6}{shares:>16}"
+        f"{fmt(ratio if r['path'] != DIRECT else 1.0, '.2f'):>7}{r['requests']:>6}"
+        f"{fmt(r['latency_s']['p50'], '.1f'):>7}{fmt(r['latency_s']['p99'], '.1f'):>7}"
+        f"{fmt(r['ttft_s']['p50'], '.2f'):>7}{r['preemptions']:>8}"
+        f"{fmt(b['waiting_mean'], '.1f') + '/' + fmt(b['waiting_max'], '.0f'):>10}"
+        f"{fmt(b['running_mean'], '.0f'):>6}{fmt(kv * 100 if kv is not None else None, '.0f'):>5}"
+        f"{fmt(b['loop_lag_ratio'], '.2f'):>6}{shares:>16}"
         + (f"  errors={r['errors']}" if r["errors"] else "")
     )
 
@@ -436,22 +423,11 @@ def row_line(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.split(",") if x.strip())
-
-
-def _words(s: str) -> tuple[int, int]:
-    lo, sep, hi = s.partition("-")
-    if not sep or not lo.isdigit() or not hi.isdigit() or not 1 <= int(lo) <= int(hi):
-        raise argparse.ArgumentTypeError(f"expected LO-HI words, got {s!r}")
-    return int(lo), int(hi)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ParityOptions()
     p.add_argument(
         "--context",
-        type=_ints,
+        type=ints,
         default=d.contexts,
         help="backend --max-model-len, several separated by commas (default 32768)",
     )
@@ -467,7 +443,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=d.profile, help="the backend's cost-model profile")
     p.add_argument("--max-num-seqs", type=int, help="backend and gateway (default: the profile's)")
     p.add_argument(
-        "--prompt-words", type=_words, default=d.prompt_words, help="LO-HI (default 100-1500)"
+        "--prompt-words", type=word_range, default=d.prompt_words, help="LO-HI (default 100-1500)"
     )
     p.add_argument(
         "--median-output-tokens",

@@ -55,6 +55,11 @@ def proc_sample(pid: int | None = None) -> ProcSample:
     return ProcSample(cpu, rss, hwm, wall)
 
 
+def cpu_share(a: ProcSample, b: ProcSample) -> float:
+    """The CPU share (1.0 = one core) of a process between two :func:`proc_sample` readings."""
+    return (b.cpu_s - a.cpu_s) / max(b.wall - a.wall, 1e-9)
+
+
 def cpu_times() -> dict[str, tuple[float, float]]:
     """Per core (``cpu0``, ...): (busy, total) jiffies from ``/proc/stat``; busy includes the
     softirq time of loopback networking, which no process is charged for."""

@@ -58,8 +58,8 @@ import aiohttp
 from gateway.backend_pool import retry_after
 from gateway.lab.quota import max_window, measured
 
-from .bench import MODEL, start_gateway, start_sim
-from .parity_bench import _words, prompt_stream
+from .loadgen import MODEL, start_gateway, start_sim, word_range
+from .parity_bench import prompt_stream
 from .procs import run_benchmark, running
 
 #: Tenants in order of arrival, and their weights.
@@ -582,7 +582,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds of a alone, a+b, a+b+c (default 30,60,60)",
     )
     p.add_argument("--clients", type=int, default=d.clients, help="closed-loop clients per tenant")
-    p.add_argument("--prompt-words", type=_words, default=d.prompt_words, help="LO-HI words")
+    p.add_argument("--prompt-words", type=word_range, default=d.prompt_words, help="LO-HI words")
     p.add_argument("--median-output-tokens", type=int, default=d.median_output_tokens)
     p.add_argument("--speed", type=float, default=d.speed, help="the provider's time scale")
     p.add_argument("--seed", type=int, default=d.seed)
