@@ -34,13 +34,11 @@ import yaml
 
 from .admission import KvAdmission
 from .engines import EngineKind
-from .scheduler.interface import TIERS
+from .scheduler import CLUSTER_POLICIES, TIERS, Policy
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
-#: Scheduling policies by name, as :func:`gateway.scheduler.make_scheduler` knows them.
-Policy = Literal["vtc", "vtc-predict", "fcfs", "lcf", "rpm"]
 #: Priority tiers by name (their order: :data:`gateway.scheduler.TIERS`).
 Tier = Literal["interactive", "batch"]
 
@@ -230,10 +228,6 @@ class MetricsConfig:
     max_tenant_labels: Count = 100
     #: sliding window of vtc_fairness_jain_index
     fairness_window_s: Annotated[float, Bounds(1.0)] = 60.0
-
-
-#: Policies whose order can be shared across replicas (they order tenants by a counter).
-CLUSTER_POLICIES = ("vtc", "vtc-predict", "lcf")
 
 
 @dataclass(frozen=True, slots=True)

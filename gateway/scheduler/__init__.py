@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from .baselines import FCFSScheduler, RPMScheduler
 from .interface import TIERS, Job, Prices, QueueRejected, Scheduler, TenantStats
 from .vtc import LCFScheduler, VTCPredictScheduler, VTCScheduler
 
-POLICIES = ("vtc", "vtc-predict", "fcfs", "lcf", "rpm")
+#: Scheduling policies by name (``scheduler.policy``), as :func:`make_scheduler` builds them.
+Policy = Literal["vtc", "vtc-predict", "fcfs", "lcf", "rpm"]
+POLICIES: tuple[Policy, ...] = get_args(Policy)
+#: The policies that order tenants by a counter: only their order can be shared across
+#: replicas (a ``cluster:`` section), and only they serve nested tenants and
+#: ``batch_min_share``.
+CLUSTER_POLICIES: tuple[Policy, ...] = ("vtc", "vtc-predict", "lcf")
 
 
 def make_scheduler(policy: str, prices: Prices | None = None, rpm_limit: int = 60) -> Scheduler:
@@ -25,11 +33,13 @@ def make_scheduler(policy: str, prices: Prices | None = None, rpm_limit: int = 6
 
 
 __all__ = [
+    "CLUSTER_POLICIES",
     "POLICIES",
     "TIERS",
     "FCFSScheduler",
     "Job",
     "LCFScheduler",
+    "Policy",
     "Prices",
     "QueueRejected",
     "RPMScheduler",

@@ -13,14 +13,13 @@ from gateway.config import (
     BackendConfig,
     ConfigError,
     GatewayConfig,
-    Policy,
     TenantConfig,
     Tier,
     key_digest,
     load_config,
     parse_config,
 )
-from gateway.scheduler import POLICIES, TIERS
+from gateway.scheduler import CLUSTER_POLICIES, POLICIES, TIERS, make_scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -210,7 +209,10 @@ def test_bounds_and_types_come_from_the_schema_with_key_paths() -> None:
 
 
 def test_policy_literal_names_every_scheduler() -> None:
-    assert set(get_args(Policy)) == set(POLICIES)
+    assert set(CLUSTER_POLICIES) <= set(POLICIES)
+    for policy in POLICIES:  # the config accepts it and make_scheduler builds it
+        assert parse_config({**MINIMAL, "scheduler": {"policy": policy}}).scheduler.policy == policy
+        make_scheduler(policy)
     assert set(get_args(KvAdmission)) == set(KV_ADMISSION_MODES)
 
 
