@@ -6,17 +6,30 @@ live gateway and the fairness lab's discrete-event simulator drive the same clas
 
 Life of a :class:`Job` as seen by a policy::
 
-    submit(job, now)          job waits in its tenant's FIFO queue (may raise QueueRejected)
+    submit(job, now)          job waits in its tenant's FIFO queue (may raise QueueRejected);
+                              an arrival to an empty queue may lift the tenant's counter
     peek(now) -> job | None   the job that pop() would return next; nothing changes
     pop(now)  -> job | None   dispatch: remove the job and charge what is charged up front
+                              (its prompt; its expected output too where the policy says so)
     on_output(job, n, now)    n more output tokens were generated for a running job
-    finish(job, now, ran)     the job ended (any reason); reconcile its charge with the truth
+    finish(job, now, ran, output_tokens)
+                              the job ended (any reason); reconcile its charge with the truth
+                              (the backend's output count when given) and teach the predictor
     cancel(job, now) -> bool  a *queued* job left (client gone, timeout): nothing stays charged
 
+Around ``finish``, the dispatch core may keep a finished job's slot for its tenant's next
+request (closed-loop clients, ``scheduler.hold_ms``): it asks ``resubmits(tenant)`` whether the
+tenant sends its next request right after one ends, calls ``hold(job)`` while it keeps the
+slot and ``unhold(job)`` when the next request takes it or the wait lapses, and
+``entitled(tenant, now)`` says whether that request would be served before the head of the
+order (else the slot goes to the head). ``fcfs`` and ``rpm`` answer False and book nothing.
+Scale-out also uses ``dispatch_cost`` (what ``pop`` would charge) and ``set_counter`` (a
+counter from the shared order).
+
 Priority tiers: every tenant has one (an integer, 0 by default; :data:`TIERS`). ``peek`` and
-``pop`` serve a lower tier only while no job of a higher tier waits (strict priority; a lower
-tier can starve under sustained higher-tier load), and order tenants within a tier by the
-policy's own rule.
+``pop`` serve a lower tier only while no job of a higher tier waits (strict priority: a lower
+tier can starve under sustained higher-tier load, unless ``set_min_share`` gives it a share,
+which the counter policies support), and order tenants within a tier by the policy's own rule.
 
 A tenant may be *paused* (``pause``/``resume``; the dispatch core does it while the tenant has
 its ``max_in_flight`` requests running): its jobs keep their place in its queue, but ``peek``
@@ -108,11 +121,19 @@ class TenantStats:
 
 
 class Scheduler(ABC):
-    """Base of every policy: tenants, weights, queues and the charging ledger.
+    """Base of every policy: tenants, weights, the tenant tree, pauses and the charging ledger.
 
-    Subclasses implement the ordering (``_push``, ``_remove``, ``peek``, ``pop``); the ledger
-    (how much each job and tenant has been charged) lives here so that every policy reports
-    counters and service the same way.
+    A policy owns its queues and its order. It implements the abstract methods: ``_admit``
+    (put a submitted job in its queue: the policy's arrival rule; :meth:`submit` numbers the
+    job first), ``peek``, ``pop`` (which calls :meth:`_dispatched` to charge the job), ``cancel``,
+    ``queued``, ``total_queued`` and ``backlogged``. It learns of changes through the hooks
+    ``_on_counter_change``, ``_on_tier_change``, ``_on_pause``, ``_on_tree_change`` and
+    ``_finished``, and overrides what it can answer better than the defaults here (which suit
+    a policy without counters in its order, a lift or per-group state): ``queued_jobs``,
+    ``queued_under``, ``group_counter``, ``set_min_share``, ``dispatch_cost``, ``resubmits``,
+    ``entitled``, ``hold``, ``unhold``, ``lift_stats``. The ledger (how much each job and
+    tenant has been charged, :meth:`on_output`, :meth:`finish`) and the output predictor live
+    here, so that every policy charges, reports counters and service the same way.
     """
 
     name: str = "base"
@@ -260,7 +281,8 @@ class Scheduler(ABC):
         return tenant in self._paused
 
     def _on_pause(self, tenant: str, paused: bool) -> None:
-        """Hook for policies that index tenants (a paused tenant leaves the index)."""
+        """Hook: ``tenant`` was paused (``paused``) or resumed; a policy that indexes tenants
+        puts a resumed one back in its order (a paused one may be dropped lazily)."""
 
     def service(self, tenant: str) -> float:
         return self._service.get(tenant, 0.0)
@@ -331,7 +353,8 @@ class Scheduler(ABC):
             self._on_counter_change(job.tenant, units)
 
     def _on_counter_change(self, tenant: str, delta: float) -> None:
-        """Hook for policies that index tenants by counter."""
+        """Hook: ``tenant``'s counter moved by ``delta`` units (a charge, a refund when
+        negative, or :meth:`set_counter`); for policies that order tenants by counter."""
 
     def dispatch_cost(self, job: Job) -> float:
         """Priced tokens ``pop`` would charge ``job`` at dispatch if it were popped now: its
@@ -341,7 +364,9 @@ class Scheduler(ABC):
         return self.prices.cost(job.prompt_tokens, 0)
 
     def _dispatched(self, job: Job, now: float) -> None:
-        """Charge at dispatch: the prompt (and, for vtc-predict, the predicted output)."""
+        """Charge at dispatch (``pop`` calls it): the prompt and ``job.predicted_output``, the
+        output the policy set to charge up front (``vtc-predict``: every job's prediction;
+        ``vtc``: a resubmitting tenant's expected output; otherwise 0)."""
         job.dispatched_at = now
         self._charge(job, self.prices.cost(job.prompt_tokens, job.predicted_output))
 
@@ -384,11 +409,13 @@ class Scheduler(ABC):
         self._finished(job, now, ran)
 
     def _finished(self, job: Job, now: float, ran: bool) -> None:
-        """Hook: a dispatched job finished (predictors learn here, from jobs that ran)."""
+        """Hook: a dispatched job finished, after :meth:`finish` reconciled its charge (and,
+        if it ran, the predictor saw its output length): a policy releases what it booked for
+        the job (``vtc``: its part of the tenant's credit) here."""
 
     def resubmits(self, tenant: str) -> bool:
         """Does ``tenant`` behave as a closed-loop client (its next request typically comes
-        right after one of its requests finishes)? False for policies without a lift."""
+        right after one of its requests finishes)? False for policies that do not track it."""
         return False
 
     def entitled(self, tenant: str, now: float) -> bool:
@@ -398,10 +425,13 @@ class Scheduler(ABC):
         return False
 
     def hold(self, job: Job) -> None:
-        """``job`` finished and the dispatcher holds its slot for the tenant's next request."""
+        """``job`` finished and the dispatcher holds its slot for the tenant's next request;
+        the counter policies count that request's expected cost in the tenant's credit (the
+        lift's allowance, see :mod:`gateway.scheduler.vtc`) until :meth:`unhold`."""
 
     def unhold(self, job: Job) -> None:
-        """The hold of ``job`` ended (used by the tenant's next request, or lapsed)."""
+        """The hold of ``job`` ended (used by the tenant's next request, or lapsed); what
+        :meth:`hold` booked is released."""
 
     def lift_stats(self) -> dict[str, tuple[int, float]]:
         """tenant -> (times its counter was lifted on arrival, counter units the lifts added).
