@@ -121,25 +121,21 @@ def _stop_strings(value: Any) -> tuple[str, ...]:
     raise _bad("'stop' must be a string or an array of strings", "stop")
 
 
-def parse_generate(
-    body: Any,
-    *,
-    chat: bool,
-    served_models: tuple[str, ...],
-    max_model_len: int,
-    counter: TokenCounter,
-) -> GenerateRequest:
-    """Validate a request body and count its prompt tokens; raises :class:`SimError`."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+def _model(body: dict[str, Any], served_models: tuple[str, ...]) -> str:
+    """The requested model (the first served one when absent)."""
     model = body.get("model")
     if model is None:
-        model = served_models[0]
-    elif not isinstance(model, str):
+        return served_models[0]
+    if not isinstance(model, str):
         raise _bad("'model' must be a string", "model")
-    elif model not in served_models:
+    if model not in served_models:
         raise model_not_found(model, served_models)
+    return model
 
+
+def _check_sampling(body: dict[str, Any], chat: bool) -> None:
+    """Refuse what the simulator cannot do (several choices, echo) and badly typed sampling
+    parameters (whose values it otherwise ignores)."""
     n = _opt_int(body, "n", minimum=1)
     if n is not None and n > 1:
         raise _bad("n > 1 is not supported by the simulator; send one request per choice", "n")
@@ -153,51 +149,74 @@ def parse_generate(
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
             raise _bad(f"'{key}' must be a number", key)
     _opt_int(body, "top_k")
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> tuple[bool, bool]:
+    """``stream_options``: (include_usage, continuous_usage_stats)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False, False
+    if not stream:
+        raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    include_usage = bool(_opt_bool(options, "include_usage"))
+    # as vLLM: per-chunk usage only together with include_usage
+    return include_usage, include_usage and bool(_opt_bool(options, "continuous_usage_stats"))
+
+
+def _prompt(body: dict[str, Any], chat: bool, counter: TokenCounter) -> tuple[int, object]:
+    """The prompt's token count (at least one) and what the output text is seeded from."""
+    param = "messages" if chat else "prompt"
+    if param not in body:
+        raise _bad(f"'{param}' is required", param)
+    try:
+        if chat:
+            prompt_tokens = counter.count_chat(body["messages"])
+        else:
+            prompt_tokens = counter.count_prompt(body["prompt"])
+    except PromptError as exc:
+        raise _bad(str(exc), exc.param) from exc
+    if prompt_tokens < 1:
+        raise _bad("the prompt must contain at least one token", param)
+    return prompt_tokens, body[param]
+
+
+def _requested_output(body: dict[str, Any], chat: bool) -> tuple[int | None, str]:
+    """The output limit the request asks for (None: the rest of the context) and its key:
+    chat's ``max_completion_tokens`` before ``max_tokens``; completions default to 16."""
+    if chat:
+        requested = _opt_int(body, "max_completion_tokens", minimum=1)
+        if requested is not None:
+            return requested, "max_completion_tokens"
+        return _opt_int(body, "max_tokens", minimum=1), "max_tokens"
+    requested = _opt_int(body, "max_tokens", minimum=1)
+    if requested is None and "max_tokens" not in body:
+        requested = 16
+    return requested, "max_tokens"
+
+
+def parse_generate(
+    body: Any,
+    *,
+    chat: bool,
+    served_models: tuple[str, ...],
+    max_model_len: int,
+    counter: TokenCounter,
+) -> GenerateRequest:
+    """Validate a request body and count its prompt tokens; raises :class:`SimError`."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = _model(body, served_models)
+    _check_sampling(body, chat)
     seed = _opt_int(body, "seed")
     stream = bool(_opt_bool(body, "stream"))
     ignore_eos = bool(_opt_bool(body, "ignore_eos"))
     min_tokens = _opt_int(body, "min_tokens", minimum=0) or 0
     stop = _stop_strings(body.get("stop"))
-
-    options = body.get("stream_options")
-    include_usage = continuous_usage = False
-    if options is not None:
-        if not stream:
-            raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
-        if not isinstance(options, dict):
-            raise _bad("'stream_options' must be an object", "stream_options")
-        include_usage = bool(_opt_bool(options, "include_usage"))
-        # as vLLM: per-chunk usage only together with include_usage
-        continuous_usage = include_usage and bool(_opt_bool(options, "continuous_usage_stats"))
-
-    try:
-        if chat:
-            if "messages" not in body:
-                raise _bad("'messages' is required", "messages")
-            prompt_tokens = counter.count_chat(body["messages"])
-            prompt_key: object = body["messages"]
-        else:
-            if "prompt" not in body:
-                raise _bad("'prompt' is required", "prompt")
-            prompt_tokens = counter.count_prompt(body["prompt"])
-            prompt_key = body["prompt"]
-    except PromptError as exc:
-        raise _bad(str(exc), exc.param) from exc
-    if prompt_tokens < 1:
-        raise _bad("the prompt must contain at least one token", "messages" if chat else "prompt")
-
-    max_key = "max_tokens"
-    requested: int | None
-    if chat:
-        requested = _opt_int(body, "max_completion_tokens", minimum=1)
-        if requested is not None:
-            max_key = "max_completion_tokens"
-        else:
-            requested = _opt_int(body, "max_tokens", minimum=1)
-    else:
-        requested = _opt_int(body, "max_tokens", minimum=1)
-        if requested is None and "max_tokens" not in body:
-            requested = 16
+    include_usage, continuous_usage = _stream_options(body, stream)
+    prompt_tokens, prompt_key = _prompt(body, chat, counter)
+    requested, max_key = _requested_output(body, chat)
     # vLLM 0.32's context rule (the gateway applies the same one): max_tokens over the context
     # and a prompt over it are refused; otherwise the output is capped by the room left
     try:
