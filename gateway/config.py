@@ -393,7 +393,6 @@ class _Reader:
         if get_origin(hint) is Annotated:
             hint, *rest = get_args(hint)
             extras = tuple(rest)
-        secret = SECRET in extras
         args = get_args(hint)
         if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
             if value is None:
@@ -406,37 +405,57 @@ class _Reader:
             item = args[0]
             if is_dataclass(item):
                 return self.items(item, value, path)  # type: ignore[arg-type]
-            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-            if not ok:
-                shown = "<redacted>" if secret else value
-                self.fail(path, "must be a list of non-empty strings", shown)
-                return fallback
-            return tuple(value)
+            return self.strings(value, path, fallback, SECRET in extras)
         if hint is bool:
-            if not isinstance(value, bool):
-                self.fail(path, "must be true or false", value)
-                return fallback
-            return value
+            return self.boolean(value, path, fallback)
         if hint in (int, float):
             bounds = next((e for e in extras if isinstance(e, Bounds)), Bounds())
             return self.number(value, path, fallback, integer=hint is int, bounds=bounds)
         if hint is str or get_origin(hint) is Literal:
-            if not isinstance(value, str) or not value:
-                self.fail(path, "must be a non-empty string", "<redacted>" if secret else value)
-                return fallback
             choices = args if get_origin(hint) is Literal else ()
-            if choices and value not in choices:
-                self.fail(path, f"must be one of {', '.join(choices)}", value)
-                return fallback
-            for e in extras:
-                if isinstance(e, Check) and (err := e.test(value)) is not None:
-                    self.fail(path, err, "<redacted>" if secret else value)
-                    return fallback
-            for e in extras:
-                if isinstance(e, Normalize):
-                    value = e.apply(value)
-            return value
+            return self.string(value, path, fallback, choices, extras)
         raise TypeError(f"{path}: no reader for {hint!r}")  # pragma: no cover - schema bug
+
+    def boolean(self, value: Any, path: str, fallback: Any) -> Any:
+        if not isinstance(value, bool):
+            self.fail(path, "must be true or false", value)
+            return fallback
+        return value
+
+    def strings(self, value: Any, path: str, fallback: Any, secret: bool) -> Any:
+        """A list of non-empty strings, as a tuple."""
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(
+                path, "must be a list of non-empty strings", "<redacted>" if secret else value
+            )
+            return fallback
+        return tuple(value)
+
+    def string(
+        self,
+        value: Any,
+        path: str,
+        fallback: Any,
+        choices: tuple[str, ...],
+        extras: tuple[Any, ...],
+    ) -> Any:
+        """A non-empty string, one of ``choices`` when there are any, passing the field's
+        :class:`Check` and then put through its :class:`Normalize` (from ``extras``)."""
+        secret = SECRET in extras
+        if not isinstance(value, str) or not value:
+            self.fail(path, "must be a non-empty string", "<redacted>" if secret else value)
+            return fallback
+        if choices and value not in choices:
+            self.fail(path, f"must be one of {', '.join(choices)}", value)
+            return fallback
+        for e in extras:
+            if isinstance(e, Check) and (err := e.test(value)) is not None:
+                self.fail(path, err, "<redacted>" if secret else value)
+                return fallback
+        for e in extras:
+            if isinstance(e, Normalize):
+                value = e.apply(value)
+        return value
 
     def number(self, value: Any, path: str, fallback: Any, *, integer: bool, bounds: Bounds) -> Any:
         kind = "an integer" if integer else "a number"
@@ -476,6 +495,31 @@ def parse_config(raw: Any) -> GatewayConfig:
     where = _node_keys(config.tenants, "tenants")  # node name -> its key path
     _unique(r, "tenants", [n.name for n in nodes], [where[n.path] for n in nodes])
     _check_tree(r, config, where)
+    _check_keys(r, nodes, where)
+    anonymous = config.auth.anonymous_tenant
+    if anonymous is not None and config.tenant(anonymous) is None:
+        r.fail("auth.anonymous_tenant", "must name a tenant (a leaf) in 'tenants'", anonymous)
+    sc = config.scheduler
+    if sc.batch_min_share and sc.policy not in CLUSTER_POLICIES:
+        r.fail(
+            "scheduler.batch_min_share",
+            f"needs a policy that orders by counters ({', '.join(CLUSTER_POLICIES)}), "
+            f"not {sc.policy}",
+            sc.batch_min_share,
+        )
+    if config.cluster is not None:
+        _check_cluster(r, config, config.cluster)
+    if not config.backends:
+        r.fail("backends", "at least one backend is required", show=False)
+    if not config.tenants:
+        r.fail("tenants", "at least one tenant is required", show=False)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return config
+
+
+def _check_keys(r: _Reader, nodes: tuple[TenantNode, ...], where: dict[str, str]) -> None:
+    """Every ``sha256:`` entry well formed; no key shared by two tenants."""
     seen: dict[bytes, str] = {}
     for node in nodes:
         tenant = node.config
@@ -495,52 +539,36 @@ def parse_config(raw: Any) -> GatewayConfig:
                     show=False,
                 )
             seen[digest] = tenant.name
-    anonymous = config.auth.anonymous_tenant
-    if anonymous is not None and config.tenant(anonymous) is None:
-        r.fail("auth.anonymous_tenant", "must name a tenant (a leaf) in 'tenants'", anonymous)
-    sc = config.scheduler
-    if sc.batch_min_share and sc.policy not in CLUSTER_POLICIES:
+
+
+def _check_cluster(r: _Reader, config: GatewayConfig, cluster: ClusterConfig) -> None:
+    """With a ``cluster`` section: a lease of several syncs, and only what replicas share
+    (flat tenants without per-process limits or tiers, a counter policy)."""
+    if cluster.lease_s < 5 * cluster.sync_interval_s:
+        r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
+    if config.hierarchical:
         r.fail(
-            "scheduler.batch_min_share",
-            f"needs a policy that orders by counters ({', '.join(CLUSTER_POLICIES)}), "
-            f"not {sc.policy}",
-            sc.batch_min_share,
+            "tenants",
+            "nested tenants are not shared across replicas yet: not allowed with a cluster section",
+            show=False,
         )
-    cluster = config.cluster
-    if cluster is not None:
-        if cluster.lease_s < 5 * cluster.sync_interval_s:
-            r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
-        if config.hierarchical:
-            r.fail(
-                "tenants",
-                "nested tenants are not shared across replicas yet: not allowed with a "
-                "cluster section",
-                show=False,
-            )
-        for i, tenant in enumerate(config.tenants):
-            for key, value, default in (
-                ("max_in_flight", tenant.max_in_flight, None),
-                ("tier", tenant.tier, "interactive"),
-            ):
-                if value != default:
-                    r.fail(
-                        f"tenants[{i}].{key}",
-                        "is not shared across replicas yet: not allowed with a cluster section",
-                        value,
-                    )
-        if config.scheduler.policy not in CLUSTER_POLICIES:
-            r.fail(
-                "scheduler.policy",
-                f"must be one of {', '.join(CLUSTER_POLICIES)} with a cluster section",
-                config.scheduler.policy,
-            )
-    if not config.backends:
-        r.fail("backends", "at least one backend is required", show=False)
-    if not config.tenants:
-        r.fail("tenants", "at least one tenant is required", show=False)
-    if r.problems:
-        raise ConfigError(r.problems)
-    return config
+    for i, tenant in enumerate(config.tenants):
+        for key, value, default in (
+            ("max_in_flight", tenant.max_in_flight, None),
+            ("tier", tenant.tier, "interactive"),
+        ):
+            if value != default:
+                r.fail(
+                    f"tenants[{i}].{key}",
+                    "is not shared across replicas yet: not allowed with a cluster section",
+                    value,
+                )
+    if config.scheduler.policy not in CLUSTER_POLICIES:
+        r.fail(
+            "scheduler.policy",
+            f"must be one of {', '.join(CLUSTER_POLICIES)} with a cluster section",
+            config.scheduler.policy,
+        )
 
 
 def parse_tenant_tree(raw: Any, where: str = "tenants") -> tuple[TenantNode, ...]:
