@@ -19,7 +19,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -284,6 +284,13 @@ class _StateCollector(Collector):
         yield from (path, counter, service, queued, inflight, weight)
 
     def _tenants(self, snap: GatewaySnapshot) -> Iterator[Metric]:
+        yield from self._tenant_state(snap)
+        yield from self._tenant_lifts(snap)
+        yield from self._groups(snap)
+        yield from self._tenant_requests(snap)
+
+    def _tenant_state(self, snap: GatewaySnapshot) -> Iterator[Metric]:
+        """Counters (per model pool), service, queued and running requests, weights."""
         stats = self._stats
         counter = GaugeMetricFamily(
             "vtc_tenant_counter",
@@ -304,12 +311,8 @@ class _StateCollector(Collector):
         weight = GaugeMetricFamily("vtc_tenant_weight", "Configured weight.", labels=["tenant"])
         configured = snap.weights
         agg_service: defaultdict[str, float] = defaultdict(float)
-        agg_queued: defaultdict[str, int] = defaultdict(int)
-        agg_running: defaultdict[str, int] = defaultdict(int)
-        for tenant in configured:
-            lab = stats.label(tenant)
-            agg_queued[lab] += 0
-            agg_running[lab] += 0
+        agg_queued = defaultdict(int, _zeros(stats, configured, 0))
+        agg_running = defaultdict(int, _zeros(stats, configured, 0))
         for ps in sorted(snap.pools, key=lambda p: p.model):
             per_label: dict[str, float] = {}
             for ts in ps.tenants:
@@ -331,6 +334,11 @@ class _StateCollector(Collector):
             lab = stats.label(tenant)
             if lab != "other":
                 weight.add_metric([lab], w)
+        yield from (counter, service, queued, inflight, weight)
+
+    def _tenant_lifts(self, snap: GatewaySnapshot) -> Iterator[Metric]:
+        """How often, and by how much, each tenant's counter was lifted on arrival."""
+        stats = self._stats
         lifts = CounterMetricFamily(
             "vtc_tenant_lifts",
             "Counter lifts on arrival to an empty queue (VTC's rule against banked credit).",
@@ -341,14 +349,8 @@ class _StateCollector(Collector):
             "Counter units the lifts added (weight-normalised token prices).",
             labels=["tenant"],
         )
-        # every configured tenant's series exists from the start (and from the reload that
-        # adds it), at 0 until its first lift: a rate over it reads 0, not "no data"
-        agg_lifts: defaultdict[str, int] = defaultdict(int)
-        agg_units: defaultdict[str, float] = defaultdict(float)
-        for tenant in configured:
-            lab = stats.label(tenant)
-            agg_lifts[lab] += 0
-            agg_units[lab] += 0.0
+        agg_lifts = defaultdict(int, _zeros(stats, snap.weights, 0))
+        agg_units = defaultdict(float, _zeros(stats, snap.weights, 0.0))
         for ps in snap.pools:
             for tenant, (count, units) in ps.lifts.items():
                 lab = stats.label(tenant)
@@ -357,9 +359,11 @@ class _StateCollector(Collector):
         for lab, n in agg_lifts.items():
             lifts.add_metric([lab], n)
             lift_units.add_metric([lab], agg_units[lab])
-        yield from (counter, service, queued, inflight, weight, lifts, lift_units)
-        yield from self._groups(snap)
+        yield from (lifts, lift_units)
 
+    def _tenant_requests(self, snap: GatewaySnapshot) -> Iterator[Metric]:
+        """Prompt and output tokens, finished requests by outcome."""
+        stats = self._stats
         prompt = CounterMetricFamily(
             "vtc_tenant_prompt_tokens", "Prompt tokens of requests that ran.", labels=["tenant"]
         )
@@ -374,7 +378,7 @@ class _StateCollector(Collector):
             "vtc_requests", "Finished requests by outcome.", labels=["tenant", "outcome"]
         )
         outcomes: dict[tuple[str, Outcome], int] = {
-            (stats.label(t), o): 0 for t in configured for o in OUTCOMES
+            (stats.label(t), o): 0 for t in snap.weights for o in OUTCOMES
         }
         outcomes.update(stats.outcomes)
         for (lab, outcome), v in sorted(outcomes.items()):
@@ -492,6 +496,16 @@ class _StateCollector(Collector):
         holds.add_metric(["lapsed"], snap.holds_total - snap.holds_used)
         held = GaugeMetricFamily("vtc_slots_held", "Slots held right now.", value=snap.held)
         yield from (dispatches, jain, covered, gap_m, reloads, last, holds, held)
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _zeros(stats: GatewayStats, tenants: Iterable[str], zero: _N) -> dict[str, _N]:
+    """``zero`` for the label of each of ``tenants``: every configured tenant's series exists
+    from the start (and from the reload that adds it), so a rate over it reads 0, not "no
+    data"."""
+    return dict.fromkeys((stats.label(t) for t in tenants), zero)
 
 
 def _by_label(stats: GatewayStats, values: dict[str, int]) -> dict[str, int]:
