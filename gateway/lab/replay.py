@@ -19,9 +19,10 @@ connection).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import httpx
 from common.tokenizer import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TokenCounter
 
 from .metrics import RequestRecord
-from .workloads import EXACT, MaxTokens, Workload
+from .workloads import EXACT, ClosedDraw, MaxTokens, Workload
 
 ProgressFn = Callable[[int, int], None]
 
@@ -145,6 +146,104 @@ def _has_token(obj: Mapping[str, Any]) -> bool:
     return bool(usage.get("completion_tokens"))
 
 
+def _request_body(
+    synth: PromptSynth, chat: bool, prompt_tokens: int, output_tokens: int, limit: MaxTokens, i: int
+) -> dict[str, Any]:
+    """The body of one request (without ``model``): a prompt of ``prompt_tokens`` tokens
+    (varied by ``i``) and the output limit the workload asks for."""
+    body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
+    if limit == EXACT:
+        body.update(max_tokens=output_tokens, ignore_eos=True)
+    elif limit is not None:  # the server decides the length, up to the cap
+        body["max_tokens"] = limit
+    if chat:
+        body["messages"] = [{"role": "user", "content": synth.chat_text(prompt_tokens, i)}]
+    else:
+        body["prompt"] = synth.text(prompt_tokens, i)
+    return body
+
+
+class _Session:
+    """What the requests of one replay share: the connection and endpoint, the model, the
+    tenants' keys, the workload clock (wall seconds since ``start`` times ``speed``) and the
+    progress count."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        path: str,
+        model: str,
+        keys: Mapping[str, str],
+        speed: float,
+        progress: ProgressFn | None,
+        total: int,
+    ) -> None:
+        self.client, self.path, self.model, self.keys = client, path, model, keys
+        self.speed, self.progress = speed, progress
+        self.done, self.total = 0, total
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+
+    def now(self) -> float:
+        return (self.loop.time() - self.start) * self.speed
+
+    async def sleep_until(self, t: float) -> None:
+        """Wait until workload time ``t``."""
+        delay = self.start + t / self.speed - self.loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def send(self, body: dict[str, Any], tenant: str, rec: RequestRecord) -> None:
+        """One streaming request as ``tenant``; ``rec`` records what came back."""
+        key = self.keys.get(tenant, "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            await _stream_one(
+                self.client, self.path, dict(body, model=self.model), headers, rec, self.now
+            )
+        except httpx.HTTPError:
+            rec.status = "error"
+            rec.finish_s = self.now()
+
+    def finished_one(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+async def _open_request(
+    session: _Session, body: dict[str, Any], tenant: str, rec: RequestRecord
+) -> None:
+    try:
+        await session.send(body, tenant, rec)
+    finally:
+        session.finished_one()
+
+
+async def _closed_loop(
+    session: _Session,
+    workload: Workload,
+    ci: int,
+    sizes: Iterator[ClosedDraw],
+    body: Callable[[int, int, MaxTokens, int], dict[str, Any]],
+    records: list[RequestRecord],
+) -> None:
+    """One worker of a closed-loop client: request, wait for the answer, think, again."""
+    client_spec = workload.closed[ci]
+    end = workload.closed_end(client_spec)
+    await session.sleep_until(client_spec.start)
+    while session.now() < end:
+        draw = next(sizes)
+        rec = draw.record(client_spec.name, session.now())
+        records.append(rec)
+        session.total += 1
+        b = body(draw.prompt_tokens, draw.output_tokens, draw.max_tokens, len(records))
+        await session.send(b, client_spec.name, rec)
+        session.finished_one()
+        if draw.think > 0:
+            await asyncio.sleep(draw.think / session.speed)
+
+
 async def replay_workload(
     workload: Workload,
     base_url: str,
@@ -167,97 +266,31 @@ async def replay_workload(
     synth = synth or PromptSynth()
     chat = endpoint == "chat"
     path = "/v1/chat/completions" if chat else "/v1/completions"
-
-    def make_body(
-        prompt_tokens: int, output_tokens: int, limit: MaxTokens, i: int
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
-        if limit == EXACT:
-            body.update(max_tokens=output_tokens, ignore_eos=True)
-        elif limit is not None:  # the server decides the length, up to the cap
-            body["max_tokens"] = limit
-        if chat:
-            body["messages"] = [{"role": "user", "content": synth.chat_text(prompt_tokens, i)}]
-        else:
-            body["prompt"] = synth.text(prompt_tokens, i)
-        return body
-
+    body = functools.partial(_request_body, synth, chat)
     bodies = [
-        make_body(r.prompt_tokens, r.output_tokens, r.max_tokens, i)
+        body(r.prompt_tokens, r.output_tokens, r.max_tokens, i)
         for i, r in enumerate(workload.requests)
     ]
     records = workload.new_records()
-    loop = asyncio.get_running_loop()
-    done = 0
-    total = len(records)
     timeout = httpx.Timeout(None, connect=30.0)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
         any_key = next(iter(keys.values()), "")
         auth = {"Authorization": f"Bearer {any_key}"} if any_key else {}
         model_name = model or await _first_model(client, auth)
-        start = loop.time()
-
-        def now() -> float:
-            return (loop.time() - start) * speed
-
-        async def one(i: int) -> None:
-            nonlocal done
-            req, rec = workload.requests[i], records[i]
-            body = dict(bodies[i], model=model_name)
-            key = keys.get(req.tenant, "")
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            try:
-                await _stream_one(client, path, body, headers, rec, now)
-            except httpx.HTTPError:
-                rec.status = "error"
-                rec.finish_s = now()
-            finally:
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-
-        async def closed_loop(ci: int) -> None:
-            """One worker of a closed-loop client: request, wait for the answer, think, again."""
-            nonlocal done, total
-            client_spec = workload.closed[ci]
-            end = workload.closed_end(client_spec)
-            key = keys.get(client_spec.name, "")
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            delay = start + client_spec.start / speed - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            while now() < end:
-                draw = next(sizes[ci])
-                prompt, output, think = draw.prompt_tokens, draw.output_tokens, draw.think
-                rec = draw.record(client_spec.name, now())
-                closed_records.append(rec)
-                total += 1
-                body = make_body(prompt, output, draw.max_tokens, len(closed_records))
-                body["model"] = model_name
-                try:
-                    await _stream_one(client, path, body, headers, rec, now)
-                except httpx.HTTPError:
-                    rec.status = "error"
-                    rec.finish_s = now()
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-                if think > 0:
-                    await asyncio.sleep(think / speed)
-
+        session = _Session(client, path, model_name, keys, speed, progress, len(records))
         closed_records: list[RequestRecord] = []
-        sizes = [c.sizes(workload.seed, ci) for ci, c in enumerate(workload.closed)]
         tasks = [
-            asyncio.create_task(closed_loop(ci))
+            asyncio.create_task(_closed_loop(session, workload, ci, sizes, body, closed_records))
             for ci, c in enumerate(workload.closed)
+            for sizes in [c.sizes(workload.seed, ci)]
             for _ in range(c.concurrency)
         ]
         for i, req in enumerate(workload.requests):
-            delay = start + req.arrival_s / speed - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
+            await session.sleep_until(req.arrival_s)
+            tasks.append(
+                asyncio.create_task(_open_request(session, bodies[i], req.tenant, records[i]))
+            )
         await asyncio.gather(*tasks)
     return records + sorted(closed_records, key=lambda r: r.arrival_s)
 

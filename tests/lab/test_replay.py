@@ -11,7 +11,7 @@ from aiohttp import web
 
 from common.tokenizer import TokenCounter
 from gateway.lab.replay import PromptSynth, ReplayError, load_tenant_keys, replay_workload
-from gateway.lab.workloads import Workload, WorkloadRequest, load_workload
+from gateway.lab.workloads import ClosedClient, Workload, WorkloadRequest, load_workload
 
 
 def test_tenants_file_as_mapping(tmp_path: Path) -> None:
@@ -126,6 +126,39 @@ async def test_replay_sends_each_request_with_its_tenants_key(
     assert (ok.prompt_tokens, ok.output_tokens) == (12, 3)
     # arrivals are kept in workload time: the last request was sent at ~1.5 s of workload time
     assert records[3].first_token_s is not None and records[3].first_token_s >= 1.5
+
+
+async def test_replay_runs_closed_loop_clients_from_their_start_to_their_end(
+    fake_gateway: tuple[str, FakeGateway],
+) -> None:
+    url, fake = fake_gateway
+    bob = ClosedClient(
+        "bob", concurrency=2, think=0.1, prompt_tokens=9, output_tokens=2, start=0.3, end=1.5
+    )
+    wl = Workload(
+        "closed", 2, {"alice": 1.0, "bob": 1.0}, [WorkloadRequest(0.0, "alice", 12, 3)], [bob]
+    )
+    progress: list[tuple[int, int]] = []
+    records = await replay_workload(
+        wl,
+        url,
+        {"alice": "key-a", "bob": "key-b"},
+        speed=10,
+        progress=lambda d, t: progress.append((d, t)),
+    )
+    assert records[0].tenant == "alice" and records[0].status == "ok"
+    closed = records[1:]  # the open-loop requests first, then the closed-loop ones by arrival
+    assert len(closed) >= 4
+    assert all(r.tenant == "bob" and r.status == "ok" for r in closed)
+    assert all((r.prompt_tokens, r.output_tokens) == (9, 2) for r in closed)
+    arrivals = [r.arrival_s for r in closed]
+    assert arrivals == sorted(arrivals) and arrivals[0] >= 0.3 and arrivals[-1] < 1.5
+    assert [d for d, _ in progress] == list(range(1, len(records) + 1))
+    assert progress[-1][1] == len(records)
+    assert sorted(k for k, _, _ in fake.seen) == ["key-a"] + ["key-b"] * len(closed)
+    assert all(
+        body["model"] == "m" and body["max_tokens"] == 2 for k, _, body in fake.seen if k == "key-b"
+    )
 
 
 async def test_replay_refuses_missing_keys(fake_gateway: tuple[str, FakeGateway]) -> None:
