@@ -335,46 +335,55 @@ def _draw_limited(
 
 def _arrivals(c: ClientSpec, duration: float, rng: random.Random) -> Iterator[float]:
     """Arrival times of one client in ``[start, end)``."""
-    start = c.start
     end = duration if c.end is None else min(c.end, duration)
-    span = end - start
-
-    def rate_at(t: float) -> float:
-        if c.rate_end is None or span <= 0:
-            return c.rate
-        return c.rate + (c.rate_end - c.rate) * (t - start) / span
-
     if c.arrival == "poisson":
-        # Thinning (Lewis & Shedler) handles a linearly varying rate exactly.
-        peak = max(c.rate, c.rate_end if c.rate_end is not None else c.rate)
-        if peak <= 0:
-            return
-        t = start
-        while True:
-            t += rng.expovariate(peak)
-            if t >= end:
-                return
-            if rng.random() * peak <= rate_at(t):
-                yield t
+        yield from _poisson_arrivals(c, end, rng)
     elif c.arrival == "uniform":
-        if c.rate <= 0:
-            return
-        if c.rate_end is None:  # int(rate * span) requests, evenly spaced, random phase
-            offset = start + rng.random() / c.rate
-            for k in range(int(c.rate * span + 1e-9)):
-                yield offset + k / c.rate
-            return
-        t = start
-        while True:
-            r = rate_at(t)
-            if r <= 0:
-                return
-            t += 1.0 / r
-            if t >= end:
-                return
-            yield t
+        yield from _uniform_arrivals(c, end, rng)
     else:
         raise ValueError(f"client {c.name!r}: arrival must be 'uniform' or 'poisson'")
+
+
+def _rate_at(c: ClientSpec, end: float, t: float) -> float:
+    """The client's rate at ``t``: ``rate``, or linear from ``rate`` at its start to
+    ``rate_end`` at ``end``."""
+    span = end - c.start
+    if c.rate_end is None or span <= 0:
+        return c.rate
+    return c.rate + (c.rate_end - c.rate) * (t - c.start) / span
+
+
+def _poisson_arrivals(c: ClientSpec, end: float, rng: random.Random) -> Iterator[float]:
+    # Thinning (Lewis & Shedler) handles a linearly varying rate exactly.
+    peak = max(c.rate, c.rate_end if c.rate_end is not None else c.rate)
+    if peak <= 0:
+        return
+    t = c.start
+    while True:
+        t += rng.expovariate(peak)
+        if t >= end:
+            return
+        if rng.random() * peak <= _rate_at(c, end, t):
+            yield t
+
+
+def _uniform_arrivals(c: ClientSpec, end: float, rng: random.Random) -> Iterator[float]:
+    if c.rate <= 0:
+        return
+    if c.rate_end is None:  # int(rate * span) requests, evenly spaced, random phase
+        offset = c.start + rng.random() / c.rate
+        for k in range(int(c.rate * (end - c.start) + 1e-9)):
+            yield offset + k / c.rate
+        return
+    t = c.start
+    while True:
+        r = _rate_at(c, end, t)
+        if r <= 0:
+            return
+        t += 1.0 / r
+        if t >= end:
+            return
+        yield t
 
 
 def synthesize(name: str, duration: float, clients: list[ClientSpec], seed: int = 42) -> Workload:
@@ -770,45 +779,53 @@ def load_yaml(path: str | Path, seed: int | None = None) -> Workload:
             raise ValueError(f"{where}: expected a mapping")
         if "concurrency" in raw:
             closed.append(_closed_client(raw, i, where))
-            continue
-        bad = set(raw) - _CLIENT_KEYS
-        if bad:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
-        rate = raw.get("rate")
-        if not isinstance(rate, int | float) or rate < 0:
-            raise ValueError(f"{where}.rate: expected requests/s >= 0, got {rate!r}")
-        weight = raw.get("weight", 1.0)
-        if not isinstance(weight, int | float) or weight <= 0:
-            raise ValueError(f"{where}.weight: expected > 0, got {weight!r}")
-        clients.append(
-            ClientSpec(
-                name=str(raw.get("name", f"client-{i + 1}")),
-                rate=float(rate),
-                prompt_tokens=_tokens_spec(raw.get("prompt_tokens", 256), f"{where}.prompt_tokens"),
-                output_tokens=_output_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
-                weight=float(weight),
-                max_tokens=parse_max_tokens(raw.get("max_tokens", EXACT), f"{where}.max_tokens"),
-                arrival=str(raw.get("arrival", "uniform")),
-                rate_end=None if raw.get("rate_end") is None else float(raw["rate_end"]),
-                on_off=None if raw.get("on_off") is None else float(raw["on_off"]),
-                start=float(raw.get("start", 0.0)),
-                end=None if raw.get("end") is None else float(raw["end"]),
-            )
-        )
+        else:
+            clients.append(_open_client(raw, i, where))
     use_seed = seed if seed is not None else int(doc.get("seed", 42))
     wl = synthesize(str(doc.get("name", p.stem)), float(duration), clients, use_seed)
     for c in closed:
         wl.tenants.setdefault(c.name, c.weight)
     wl.closed, wl.seed, wl.max_num_seqs = closed, use_seed, slots
     if doc.get("tenants") is not None:
-        try:
-            wl.tree = parse_tenant_tree(doc["tenants"])
-        except ConfigError as exc:
-            raise ValueError(f"{p}: " + "; ".join(exc.problems)) from exc
-        for node in wl.tree:
-            if node.leaf:
-                wl.tenants[node.name] = node.config.weight
+        _set_tree(wl, doc["tenants"], p)
     return wl
+
+
+def _open_client(raw: dict[str, Any], i: int, where: str) -> ClientSpec:
+    """An open-loop client of the YAML format (requests at a ``rate``)."""
+    bad = set(raw) - _CLIENT_KEYS
+    if bad:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+    rate = raw.get("rate")
+    if not isinstance(rate, int | float) or rate < 0:
+        raise ValueError(f"{where}.rate: expected requests/s >= 0, got {rate!r}")
+    weight = raw.get("weight", 1.0)
+    if not isinstance(weight, int | float) or weight <= 0:
+        raise ValueError(f"{where}.weight: expected > 0, got {weight!r}")
+    return ClientSpec(
+        name=str(raw.get("name", f"client-{i + 1}")),
+        rate=float(rate),
+        prompt_tokens=_tokens_spec(raw.get("prompt_tokens", 256), f"{where}.prompt_tokens"),
+        output_tokens=_output_spec(raw.get("output_tokens", 256), f"{where}.output_tokens"),
+        weight=float(weight),
+        max_tokens=parse_max_tokens(raw.get("max_tokens", EXACT), f"{where}.max_tokens"),
+        arrival=str(raw.get("arrival", "uniform")),
+        rate_end=None if raw.get("rate_end") is None else float(raw["rate_end"]),
+        on_off=None if raw.get("on_off") is None else float(raw["on_off"]),
+        start=float(raw.get("start", 0.0)),
+        end=None if raw.get("end") is None else float(raw["end"]),
+    )
+
+
+def _set_tree(wl: Workload, raw: Any, p: Path) -> None:
+    """The workload file's ``tenants`` list: ``wl``'s tree, and its leaves' weights."""
+    try:
+        wl.tree = parse_tenant_tree(raw)
+    except ConfigError as exc:
+        raise ValueError(f"{p}: " + "; ".join(exc.problems)) from exc
+    for node in wl.tree:
+        if node.leaf:
+            wl.tenants[node.name] = node.config.weight
 
 
 _CLOSED_KEYS = {
