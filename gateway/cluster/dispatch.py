@@ -129,9 +129,9 @@ class ClusterCore(DispatchCore):
     def set_counter(self, model: str, tenant: str, value: float) -> None:
         self.pool(model).set_counter(tenant, value)
 
-    def waiting(self, model: str, tenant: str) -> bool:
+    def waiting(self, model: str, tenant: str) -> int:
         pool = self._pools.get(model)
-        return pool is not None and pool.queued(tenant) > 0
+        return pool.queued(tenant) if pool is not None else 0
 
     def busy(self, model: str, tenant: str) -> bool:
         return self._busy[(model, tenant)] > 0
@@ -231,11 +231,12 @@ class ClusterCore(DispatchCore):
                     return
                 now = self.clock()
                 job = sched.peek(now)
-                if job is None:
-                    return
-                if self._is_live is not None and not self._is_live(job):
+                if job is not None and self._is_live is not None and not self._is_live(job):
                     self.cancel(job)  # its owner is gone and will withdraw it
                     continue
+                holds = self._pending_holds(sched, model, now, passed)
+                if job is None and not holds:
+                    return
                 if not store.up:
                     super().pump(model)
                     return
@@ -246,20 +247,21 @@ class ClusterCore(DispatchCore):
                 ]
                 if not candidates:
                     return
-                hold = self._pending_hold(sched, model, now, passed)
-                if hold is not None:
-                    res = await self._claim_hold(model, store, hold, candidates)
-                    if res is None or res.backends or model in self._again:
+                if holds:
+                    res = await self._claim_holds(model, store, holds, candidates)
+                    if res is None or model in self._again:
                         continue
                     if res.status == "full":
                         return  # no room: wait for a wake-up
-                    passed.add(id(hold))  # another tenant comes first: claim for the head
+                    # the rest are refused: another tenant comes first; claim for the head
+                    passed.update(id(h) for h in holds[len(res.backends) :])
                     continue
+                assert job is not None
                 jobs = self._heads(sched, job)
                 weight = sched.weight(job.tenant)
+                # what each grant charges, as pop will (a busy tenant's expected output too)
                 requests = [
-                    (self.prices.input * j.prompt_tokens / weight, j.prompt_tokens + j.max_tokens)
-                    for j in jobs
+                    (sched.dispatch_cost(j) / weight, j.prompt_tokens + j.max_tokens) for j in jobs
                 ]
 
                 def on_result(
@@ -267,10 +269,9 @@ class ClusterCore(DispatchCore):
                 ) -> None:
                     self._claimed(sched, jobs, res)
 
-                last = sched.queued(job.tenant) == len(jobs)
                 try:
                     res = await store.claim(
-                        model, job.tenant, requests, last, candidates, on_result
+                        model, job.tenant, requests, self._demand(sched, job), candidates, on_result
                     )
                 except ClusterUnavailable:
                     continue  # the store is down now: the next pass decides locally
@@ -281,48 +282,75 @@ class ClusterCore(DispatchCore):
         finally:
             self._claiming.discard(model)
 
-    def _pending_hold(
+    def _demand(self, sched: Scheduler, job: Job) -> int:
+        """What ``job``'s tenant waits for here: its queued requests and the expected ones
+        whose slots are not held yet (tenants behind it in the shared order leave room for
+        all of them, as a local pump serves the holds of the tenants it precedes first)."""
+        expected = sum(
+            1
+            for h in self._holds
+            if h.grant is None and h.job.tenant == job.tenant and h.job.model == job.model
+        )
+        return sched.queued(job.tenant) + expected
+
+    def _pending_holds(
         self, sched: Scheduler, model: str, now: float, passed: set[int]
-    ) -> Hold | None:
-        """The first expected request of ``model`` without a slot whose tenant would be
-        served before the head here (as ``DispatchCore._hold_for`` decides locally)."""
+    ) -> list[Hold]:
+        """The expected requests of ``model`` without a slot of the first tenant that has
+        any, waits nowhere here and is not at its cap (up to ``claim_batch``; one claim asks
+        for them all). Whether they would be served before the backlog is the
+        shared order's question (the hold claim asks it): the tenants it competes with may
+        all wait at other replicas, where ``DispatchCore._hold_for``'s local check sees none.
+        Found with an empty queue here too, so the claim rides in the same round trip as the
+        release that ended the tenant's request, ahead of the wake-up it sends."""
+        out: list[Hold] = []
         for hold in self._holds:
             finished = hold.job
+            tenant = finished.tenant
             if (
                 hold.grant is None
                 and finished.model == model
                 and hold.until > now
                 and id(hold) not in passed
-                and sched.entitled(finished.tenant, now)
+                and (not out or tenant == out[0].job.tenant)
+                and not sched.queued(tenant)
+                and tenant not in self._paused
             ):
-                return hold
-        return None
+                out.append(hold)
+                if len(out) == self.claim_batch:
+                    break
+        return out
 
-    async def _claim_hold(
-        self, model: str, store: ClusterStore, hold: Hold, candidates: list[Candidate]
+    async def _claim_holds(
+        self, model: str, store: ClusterStore, holds: list[Hold], candidates: list[Candidate]
     ) -> ClaimResult | None:
-        """Book a slot for ``hold`` in the shared ledger, checked against the global order;
-        None if Redis went down meanwhile."""
-        finished = hold.job
-        tokens = finished.prompt_tokens + finished.max_tokens
+        """Book slots for ``holds`` (one tenant's) in the shared ledger, checked against the
+        global order; None if Redis went down meanwhile."""
+        sizes = [h.job.prompt_tokens + h.job.max_tokens for h in holds]
 
         def on_result(res: ClaimResult) -> None:
-            self._held(hold, tokens, res)
+            for hold, tokens, name in zip(holds, sizes, res.backends, strict=False):
+                self._held(hold, tokens, name)
 
         try:
             return await store.claim(
-                model, finished.tenant, [(0.0, tokens)], False, candidates, on_result, hold=True
+                model,
+                holds[0].job.tenant,
+                [(0.0, tokens) for tokens in sizes],
+                0,
+                candidates,
+                on_result,
+                hold=True,
             )
         except ClusterUnavailable:
             return None
 
-    def _held(self, hold: Hold, tokens: int, res: ClaimResult) -> None:
-        """A hold's reply: keep the slot for the expected request, unless it came (or the
-        hold lapsed) meanwhile; then the slot goes back."""
+    def _held(self, hold: Hold, tokens: int, name: str) -> None:
+        """A hold's slot on backend ``name``: keep it for the expected request, unless it came
+        (or the hold lapsed) meanwhile; then the slot goes back."""
         store = self.store
-        if not res.backends or store is None:
+        if store is None:
             return
-        name = res.backends[0]
         backend = next((b for b in self.admission.backends() if b.name == name), None)
         pending = any(h is hold for h in self._holds) and hold.until > self.clock()
         if backend is None or not pending or hold.grant is not None:

@@ -9,11 +9,13 @@ Keys (``P`` is the configured prefix, hash-tagged so that every key lives in one
     P:replicas         zset   replica -> lease expiry (ms, Redis clock)
     P:c:<model>        hash   tenant -> counter (weighted service, counter units)
     P:q:<model>        hash   tenant -> number of replicas where the tenant waits
+    P:d:<model>        hash   tenant -> its requests waiting, all replicas (the demand)
     P:bl:<model>       zset   tenant -> counter, for tenants waiting somewhere (the backlog)
     P:last:<model>     string the tenant that most recently left the backlog
     P:be:<backend>     hash   s -> sequences in flight, k -> KV tokens booked
     P:hold:<replica>   hash   <backend>\\x1fs / <backend>\\x1fk -> what this replica holds
     P:rq:<replica>     set    <model>\\x1f<tenant> the replica has waiting
+    P:rd:<replica>     hash   <model>\\x1f<tenant> -> how many requests wait there
     P:wake             channel  "b:<backend>" (slots freed), "m:<model>" (backlog shrank)
 
 A replica's lease is renewed by every script it runs; any script first *reaps* replicas whose
@@ -63,7 +65,18 @@ local function lift(model, tenant, credit)
   end
   return c
 end
-local function mark(replica, model, tenant, credit)
+-- How many of a tenant's requests wait at a replica (as the replica last said); the sum over
+-- replicas is the tenant's demand, which a claim of a tenant further back must leave room for.
+local function set_demand(replica, model, tenant, n)
+  local rd, f = P .. ':rd:' .. replica, model .. SEP .. tenant
+  local old = num(redis.call('HGET', rd, f)) or 0
+  if n == old then return end
+  if n > 0 then redis.call('HSET', rd, f, n) else redis.call('HDEL', rd, f) end
+  if redis.call('HINCRBY', P .. ':d:' .. model, tenant, n - old) <= 0 then
+    redis.call('HDEL', P .. ':d:' .. model, tenant)
+  end
+end
+local function mark(replica, model, tenant, credit, waiting)
   if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
     if n == 1 then
@@ -71,8 +84,10 @@ local function mark(replica, model, tenant, credit)
       redis.call('ZADD', P .. ':bl:' .. model, c, tenant)
     end
   end
+  set_demand(replica, model, tenant, math.max(1, waiting))
 end
 local function unmark(replica, model, tenant)
+  set_demand(replica, model, tenant, 0)
   if redis.call('SREM', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, -1)
     if n <= 0 then
@@ -114,6 +129,7 @@ local function drop(replica)
     unmark(replica, model, tenant)
   end
   redis.call('DEL', P .. ':rq:' .. replica)
+  redis.call('DEL', P .. ':rd:' .. replica)
   redis.call('ZREM', P .. ':replicas', replica)
 end
 -- Reap replicas whose lease ran out; renew ours if we are known. Returns whether we were.
@@ -148,7 +164,8 @@ return out
 )
 
 #: (Re)register a replica with its full local state: what it holds and where tenants wait.
-#: ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then (model, tenant) *.
+#: ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then (model, tenant,
+#: requests waiting) *.
 REGISTER = (
     _COMMON
     + r"""
@@ -166,8 +183,8 @@ for _ = 1, n do
 end
 local want = {}
 while i <= #ARGV do
-  want[ARGV[i] .. SEP .. ARGV[i + 1]] = true
-  i = i + 2
+  want[ARGV[i] .. SEP .. ARGV[i + 1]] = tonumber(ARGV[i + 2])
+  i = i + 3
 end
 for _, m in ipairs(redis.call('SMEMBERS', P .. ':rq:' .. replica)) do
   if not want[m] then
@@ -175,9 +192,9 @@ for _, m in ipairs(redis.call('SMEMBERS', P .. ':rq:' .. replica)) do
     unmark(replica, model, tenant)
   end
 end
-for m, _ in pairs(want) do
+for m, waiting in pairs(want) do
   local model, tenant = split(m)
-  mark(replica, model, tenant, 0)
+  mark(replica, model, tenant, 0, waiting)
 end
 redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
 return 1
@@ -185,7 +202,8 @@ return 1
 )
 
 #: A tenant starts (1) or stops (0) waiting at this replica. ARGV: P, replica, lease_ms, model,
-#: tenant, on, credit (counter units a resubmitting tenant may stay below the lift's floor).
+#: tenant, on, credit (counter units a resubmitting tenant may stay below the lift's floor),
+#: its requests waiting here.
 #: Returns the tenant's counter (lifted when it joined the global backlog), or nil when the
 #: replica is unknown (it registers its whole state instead).
 MARK = (
@@ -194,7 +212,7 @@ MARK = (
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 if not heartbeat(replica, tonumber(ARGV[3])) then return false end
 if ARGV[6] == '1' then
-  mark(replica, model, tenant, tonumber(ARGV[7]))
+  mark(replica, model, tenant, tonumber(ARGV[7]), tonumber(ARGV[8]))
 else
   unmark(replica, model, tenant)
 end
@@ -205,19 +223,22 @@ return tostring(counter(model, tenant))
 #: Claim slots for the next ``n`` requests of ``tenant`` (its head request and those queued
 #: behind it here), flushing the replica's unsent charges first (the claimant's and its other
 #: tenants', so that the order check sees this replica's own counters exact). ARGV: P, replica,
-#: lease_ms, model, tenant, last ('1': the tenant's queue here empties if all are granted; 'h':
-#: a *hold*, see below), credit (as for MARK), f, then (model, tenant, base, sent) per flushed
-#: counter (as in SYNC; the claimant's first), then n, then (extra, tokens) per request
-#: (``extra``: counter units charged when granted), then (backend, max_seqs, max_kv) per
-#: candidate backend.
+#: lease_ms, model, tenant, waiting (the tenant's requests waiting here, the claimed ones
+#: included; 'h': a *hold*, see below), credit (as for MARK), f, then (model, tenant, base,
+#: sent) per flushed counter (as in SYNC; the claimant's first), then n, then (extra, tokens)
+#: per request (``extra``: counter units charged when granted), then (backend, max_seqs,
+#: max_kv) per candidate backend.
 #:
 #: The first request is granted when some candidate has room and either no backlogged tenant
-#: has a smaller counter or, after this booking, the candidates still have room for one more
-#: request of this size per such tenant (their replicas claim it; so a stale backlog entry holds
-#: back at most one slot). Each further one only while the tenant, charged for the ones before,
+#: has a smaller counter or, after this booking, the candidates still have room for a request
+#: of this size for each request such tenants have waiting (their replicas claim it: a batch of
+#: slots freed at once goes to the tenants first in the order, whichever replica asks first;
+#: work-conserving, since the room beyond their demand is taken; a stale entry holds back what
+#: its replica last said waits there). Each further one only while the tenant, charged for the
+#: ones before,
 #: still has the smallest counter of the backlog and a candidate has room; the first refusal
-#: ends the claim. A hold books a slot for the expected next request of a tenant that waits
-#: nowhere (a busy tenant resubmitting, see gateway/core.py): one request, charged nothing, the
+#: ends the claim. A hold books slots for the expected next requests of a tenant that waits
+#: nowhere (a busy tenant resubmitting, see gateway/core.py): charged nothing (``extra`` 0), the
 #: tenant not entered in the backlog, its counter taken as it would be lifted on arrival
 #: (``max(own, floor - credit)``) for the order check. Returns {status, counter, lower, k,
 #: backend per granted request (k), counter per flushed entry...}: status
@@ -237,11 +258,12 @@ end
 if not known then return {'unknown'} end
 local hold = ARGV[6] == 'h'
 local c = counter(model, tenant)
+local bl = P .. ':bl:' .. model
 if hold then
-  local top = redis.call('ZRANGE', P .. ':bl:' .. model, 0, 0, 'WITHSCORES')
+  local top = redis.call('ZRANGE', bl, 0, 0, 'WITHSCORES')
   if #top > 0 then c = math.max(c, tonumber(top[2]) - tonumber(ARGV[7])) end
 else
-  mark(replica, model, tenant, tonumber(ARGV[7]))
+  mark(replica, model, tenant, tonumber(ARGV[7]), tonumber(ARGV[6]))
   c = counter(model, tenant)
 end
 local base = 9 + 4 * f
@@ -253,7 +275,7 @@ for j = 1, n do
   local extra = tonumber(ARGV[base - 1 + 2 * j])
   local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
   local tol = 1e-9 * math.max(1, math.abs(c))
-  local lower = redis.call('ZCOUNT', P .. ':bl:' .. model, '-inf', '(' .. (c - tol))
+  local lower = redis.call('ZCOUNT', bl, '-inf', '(' .. (c - tol))
   out[3] = lower
   if j > 1 and lower > 0 then out[1] = 'order' break end
   local best, best_room, total = nil, 0, 0
@@ -269,14 +291,24 @@ for j = 1, n do
     end
   end
   if not best then out[1] = 'full' break end
-  if lower > 0 and total - 1 < lower then out[1] = 'order' break end
+  if lower > 0 then  -- room for all the requests waiting ahead (bounded by the room)
+    local need, d = 0, P .. ':d:' .. model
+    for _, t in ipairs(redis.call('ZRANGEBYSCORE', bl, '-inf', '(' .. (c - tol),
+                                  'LIMIT', 0, total)) do
+      need = need + math.max(1, num(redis.call('HGET', d, t)) or 0)
+      if need > total - 1 then break end
+    end
+    if total - 1 < need then out[1] = 'order' break end
+  end
   add_slots(replica, best, 1, tokens)
   granted[#granted + 1] = best
-  if hold then break end
   c = c + extra
   set_counter(model, tenant, c)
 end
-if out[1] == 'ok' and ARGV[6] == '1' then unmark(replica, model, tenant) end
+if not hold then  -- what still waits here after the grants
+  local left = tonumber(ARGV[6]) - #granted
+  if left > 0 then set_demand(replica, model, tenant, left) else unmark(replica, model, tenant) end
+end
 out[2] = tostring(counter(model, tenant))
 out[4] = #granted
 for _, b in ipairs(granted) do out[#out + 1] = b end

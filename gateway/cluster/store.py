@@ -80,7 +80,7 @@ class LocalView(Protocol):
 
     def counter(self, model: str, tenant: str) -> float: ...
     def set_counter(self, model: str, tenant: str, value: float) -> None: ...
-    def waiting(self, model: str, tenant: str) -> bool: ...
+    def waiting(self, model: str, tenant: str) -> int: ...
     def busy(self, model: str, tenant: str) -> bool: ...
     def credit(self, model: str, tenant: str) -> float: ...
     def wake(self, message: str) -> None: ...
@@ -188,7 +188,7 @@ class ClusterStore:
         model: str,
         tenant: str,
         requests: Sequence[tuple[float, int]],
-        last: bool,
+        waiting: int,
         candidates: Iterable[Candidate],
         on_result: Callable[[ClaimResult], None],
         hold: bool = False,
@@ -197,15 +197,17 @@ class ClusterStore:
         request and those queued behind it, granted in order while the tenant keeps its place
         (see ``scripts.CLAIM``). The claim carries the tenant's unsent charges. ``on_result``
         runs synchronously inside the writer as the reply is processed (so the local pops and
-        the counter mirror move together); the result is also returned. ``last``: granting all
-        of them empties the tenant's queue here. ``hold``: one slot for the expected next
+        the counter mirror move together); the result is also returned. ``waiting``: the
+        tenant's requests waiting here, these included (the demand that tenants behind it in the
+        order must leave room for). ``hold``: one slot for the expected next
         request of a tenant waiting nowhere, checked against the order but charged nothing
         (``requests`` holds its size). Raises :class:`ClusterUnavailable`."""
         if not self.up:
             raise ClusterUnavailable
         credit = repr(float(self.local.credit(model, tenant)))
         # the flush (after the credit) is inserted when the batch is built
-        flag = "h" if hold else "1" if last else "0"
+        waiting = max(waiting, len(requests))
+        flag = "h" if hold else str(waiting)
         args: list[Any] = [model, tenant, flag, credit, len(requests)]
         for extra, tokens in requests:
             args += [repr(float(extra)), tokens]
@@ -237,7 +239,7 @@ class ClusterStore:
                     held = self.held.setdefault(backend, [0, 0])
                     held[0] += 1
                     held[1] += tokens
-                if last and not hold and res.status == "ok":
+                if not hold and len(backends) >= waiting:
                     self._marked.discard(key)
                     self._dirty.add(key)
             on_result(res)  # the local pops (or, if a job left meanwhile, a release)
@@ -315,7 +317,7 @@ class ClusterStore:
         marks: list[_Op] = []
         claims = {op.key for op in ops if op.script == "claim" and op.args[2] != "h"}
         for key in self._dirty:
-            want = local.waiting(*key)
+            want = local.waiting(*key) > 0
             if want != (key in self._marked):
                 (self._marked.add if want else self._marked.discard)(key)
                 if not (want and key in claims):  # a claim enters the backlog itself
@@ -374,7 +376,7 @@ class ClusterStore:
             for backend, (seqs, kv) in self.held.items():
                 reg += [backend, seqs, kv]
             for model, tenant in self._marked:
-                reg += [model, tenant]
+                reg += [model, tenant, local.waiting(model, tenant)]
             self._eval(pipe, "register", reg)
             n += 1
         if sync:
@@ -449,8 +451,10 @@ class ClusterStore:
         self._sent[key] = remote
 
     def _mark_op(self, key: Key, on: bool) -> _Op:
-        credit = repr(float(self.local.credit(*key))) if on else "0"
-        return _Op("mark", [key[0], key[1], "1" if on else "0", credit], key)
+        if not on:
+            return _Op("mark", [key[0], key[1], "0", "0", 0], key)
+        credit = repr(float(self.local.credit(*key)))
+        return _Op("mark", [key[0], key[1], "1", credit, self.local.waiting(*key)], key)
 
     def _eval(self, pipe: Any, script: str, args: list[Any]) -> None:
         pipe.evalsha(self._shas[script], 0, self.prefix, self.replica, self.lease_ms, *args)

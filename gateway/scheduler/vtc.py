@@ -752,8 +752,10 @@ class VTCScheduler(Scheduler):
 
     def _upfront(self, q: _Queue | None) -> bool:
         """Is the expected output of the tenant's next request charged at dispatch? Yes if it
-        resubmits (see the module docstring; not under ``lcf``, which has no lift)."""
-        return self.lift and q is not None and q.follows
+        resubmits (see the module docstring; not under ``lcf``, which has no lift). The
+        policy decides, not the instance: a replica in cluster mode turns its local lift off
+        while the shared order lifts, and still charges up front."""
+        return type(self).lift and q is not None and q.follows
 
     def dispatch_cost(self, job: Job) -> float:
         q = self._queues.get(job.tenant)

@@ -25,6 +25,7 @@ class FakeLocal:
     def __init__(self) -> None:
         self.counters: dict[tuple[str, str], float] = {}
         self.waiting_set: set[tuple[str, str]] = set()
+        self.queued: dict[str, int] = {}  # requests waiting per waiting tenant (default 1)
         self.wakes: list[str] = []
         self.ticks = 0
 
@@ -34,8 +35,10 @@ class FakeLocal:
     def set_counter(self, model: str, tenant: str, value: float) -> None:
         self.counters[(model, tenant)] = value
 
-    def waiting(self, model: str, tenant: str) -> bool:
-        return (model, tenant) in self.waiting_set
+    def waiting(self, model: str, tenant: str) -> int:
+        if (model, tenant) not in self.waiting_set:
+            return 0
+        return self.queued.get(tenant, 1)
 
     def busy(self, model: str, tenant: str) -> bool:
         return False
@@ -119,7 +122,9 @@ async def claim(
         seen.append(res)
         local.charge(tenant, extra * len(res.backends))
 
-    res = await store.claim(M, tenant, [(extra, 100)] * n, False, cands, on_result)
+    # the claimed requests and, while it is marked waiting, one more: it stays in the backlog
+    waiting = n + local.waiting(M, tenant)
+    res = await store.claim(M, tenant, [(extra, 100)] * n, waiting, cands, on_result)
     assert seen == [res]
     return res
 
@@ -177,6 +182,25 @@ async def test_spare_capacity_is_not_held_back(redis_server: RedisServer) -> Non
         two = [Candidate("b0", 2, 10_000)]
         assert (await claim(s1, "a", two)).status == "ok"
         assert (await claim(s1, "a", two)).status == "order"  # the last slot is b's
+
+
+async def test_a_tenant_further_back_leaves_room_for_all_that_wait_ahead(
+    redis_server: RedisServer,
+) -> None:
+    """Slots freed at once go first to the tenants ahead in the order, for every request
+    they have waiting (as their replicas last said), whichever replica asks first; the room
+    beyond that is taken (work-conserving)."""
+    eight = [Candidate("b0", 8, 100_000)]
+    async with replica(redis_server, "r1") as (s1, l1), replica(redis_server, "r2") as (s2, l2):
+        await arrive(s1, l1, "a")
+        l2.queued["b"] = 3
+        await arrive(s2, l2, "b")  # b waits with 3 requests
+        await served(s1, l1, "a", 50.0)  # a is behind b in the order
+        got = [(await claim(s1, "a", eight)).status for _ in range(6)]
+        assert got == ["ok"] * 5 + ["order"]  # 8 slots: 5 for a, 3 kept for b
+        res = await claim(s2, "b", eight, n=3)
+        assert (res.status, len(res.backends)) == ("ok", 3)
+        assert (await claim(s1, "a", eight)).status == "full"
 
 
 async def test_lift_both_cases(redis_server: RedisServer) -> None:
