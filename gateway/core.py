@@ -16,6 +16,12 @@ arrived::
     the fair order waits and everything behind it too) -> pop it (the scheduler charges) ->
     reserve its tokens -> hand (job, grant) to ``on_grant``
 
+Settings: :class:`CoreOptions` (policy, prices, hold time, the batch tier's share), built from
+the ``scheduler`` section by :meth:`CoreOptions.from_config`; fixed for the core's life (they
+define what a counter means: a change needs a restart). Tenant limits (:class:`TenantLimits`)
+are the core's too, changed by ``set_tenant``/``set_group`` (a reload), read by the live
+dispatcher's queue checks.
+
 Priority tiers: each tenant has one (``set_tenant(..., tier=)``, higher first); every pool's
 scheduler serves a lower tier only while no higher-tier request waits in that pool (or, with
 ``batch_min_share``, gives the batch tier that share while both wait).
@@ -57,12 +63,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .admission import AdmissionController, BackendSlots, Reservation
 from .scheduler import TIERS, Job, Prices, Scheduler, make_scheduler
 from .scheduler.interface import job_key
 from .scheduler.predictor import OutputPredictor
+
+if TYPE_CHECKING:
+    from .config import SchedulerConfig
 
 #: Output reserved for a request without any bound (no max_tokens, unknown context).
 UNBOUNDED_RESERVE = 4096
@@ -74,6 +84,41 @@ def reserved_output(prompt_tokens: int, max_tokens: int | None, context: int | N
     room = context - prompt_tokens if context is not None else None
     bounds = (max_tokens, room) if max_tokens is not None else (room, UNBOUNDED_RESERVE)
     return max(0, min(x for x in bounds if x is not None))
+
+
+@dataclass(frozen=True, slots=True)
+class CoreOptions:
+    """The dispatch core's settings (the ``scheduler`` section; see :meth:`from_config`)."""
+
+    policy: str = "vtc"
+    prices: Prices = field(default_factory=Prices)
+    rpm_limit: int = 60  # requests per minute per tenant, ``rpm`` policy only
+    #: how long a finished request's slot may wait for its tenant's next one (0: never)
+    hold_s: float = 0.0
+    #: the batch tier's share while interactive requests wait too (0: strict priority)
+    batch_min_share: float = 0.0
+
+    @classmethod
+    def from_config(cls, sc: SchedulerConfig) -> CoreOptions:
+        """The options of a gateway configured with scheduler section ``sc``."""
+        return cls(
+            policy=sc.policy,
+            prices=Prices(sc.input_price, sc.output_price),
+            rpm_limit=sc.rpm_limit,
+            hold_s=sc.hold_ms / 1000,
+            batch_min_share=sc.batch_min_share,
+        )
+
+
+@dataclass(slots=True)
+class TenantLimits:
+    """A tenant's or a group's place and limits (``set_tenant``/``set_group``)."""
+
+    weight: float
+    max_queued: int | None = None  # None: no limit (a group: none of its own)
+    max_in_flight: int | None = None  # None: no cap on requests running at once
+    tier: int = 0  # priority tier, higher first (gateway.scheduler.TIERS)
+    parent: str | None = None  # its group in the tenant tree (None: top level)
 
 
 @dataclass(slots=True)
@@ -101,51 +146,41 @@ class DispatchCore:
     ``on_grant(job, grant)`` receives every dispatched job (it must not raise). ``is_live(job)``
     (optional) tells whether a queued job still wants its slot; a job that does not is
     cancelled when it reaches the head instead of being dispatched. ``observe_pump`` (optional)
-    (optional) receives the duration in seconds of
-    every dispatch pass.
+    receives the duration in seconds of every dispatch pass. ``on_hold`` (optional) is called
+    with the expiry time of each new hold (the owner calls :meth:`expire_holds` then).
     """
 
     def __init__(
         self,
         admission: AdmissionController,
         on_grant: Callable[[Job, Grant], None],
+        options: CoreOptions | None = None,
         *,
-        policy: str = "vtc",
-        prices: Prices | None = None,
-        rpm_limit: int = 60,
         clock: Callable[[], float] = time.monotonic,
         is_live: Callable[[Job], bool] | None = None,
         observe_pump: Callable[[float], None] | None = None,
-        hold_s: float = 0.0,
         on_hold: Callable[[float], None] | None = None,
-        batch_min_share: float = 0.0,
     ) -> None:
         self.admission = admission
-        self.policy = policy
-        self.prices = prices or Prices()
-        self.rpm_limit = rpm_limit
+        #: fixed for the core's life (what a counter means; changing it needs a restart)
+        self.options = options or CoreOptions()
         self.clock = clock
         self._on_grant = on_grant
         self._is_live = is_live
         self.observe_pump = observe_pump
+        self.on_hold = on_hold
         self._pools: dict[str, Scheduler] = {}
-        self._weights: dict[str, float] = {}
+        self._tenants: dict[str, TenantLimits] = {}
+        self._groups: dict[str, TenantLimits] = {}  # inner nodes of the tenant tree
+        # indexes of the limits for the dispatch path
         self._caps: dict[str, int] = {}  # tenant or group -> max_in_flight
-        self._groups: dict[str, tuple[float, str | None, int]] = {}  # (weight, parent, tier)
         self._parents: dict[str, str] = {}  # tenant or group -> its parent group
         self._anc: dict[str, tuple[str, ...]] = {}  # tenant -> its groups, nearest first
         self.group_running: dict[str, int] = {}  # group -> in-flight jobs of its subtree
         self._ran_under: dict[int, tuple[str, ...]] = {}  # id(job) -> its groups at dispatch
-        self._tiers: dict[str, int] = {}  # tenant -> priority tier
         self._paused: set[str] = set()  # tenants at their cap (paused in every pool)
         self.running: dict[str, int] = {}  # tenant -> in-flight jobs
         self.dispatched_total = 0
-        #: how long a finished request's slot may wait for its tenant's next one (0: never)
-        self.hold_s = hold_s
-        #: the batch tier's share while interactive requests wait too (0: strict priority)
-        self.batch_min_share = batch_min_share
-        #: called with the expiry time of each new hold (the owner calls expire_holds then)
-        self.on_hold = on_hold
         self._holds: list[Hold] = []  # expected requests, in order of expiry
         self.holds_total = 0  # slots held
         self.holds_used = 0  # held slots released by their tenant's next request
@@ -160,13 +195,14 @@ class DispatchCore:
         max_in_flight: int | None = None,
         tier: int = 0,
         parent: str | None = None,
+        max_queued: int | None = None,
     ) -> None:
         """Add a tenant or change its weight, its priority tier (higher first), its cap on
-        requests running at once (None: no cap) and its parent group (None: top level; set
-        the group first). A tighter cap pauses the tenant now; a looser one resumes it, and
-        the caller pumps (:meth:`pump_all`)."""
-        self._weights[name] = weight
-        self._tiers[name] = tier
+        requests running at once (None: no cap), its parent group (None: top level; set
+        the group first) and its queue limit (the live dispatcher's check; None: none). A
+        tighter cap pauses the tenant now; a looser one resumes it, and the caller pumps
+        (:meth:`pump_all`)."""
+        self._tenants[name] = TenantLimits(weight, max_queued, max_in_flight, tier, parent)
         self._set_parent(name, parent)
         for pool in self._pools.values():
             pool.set_tenant(name, weight, tier, parent)
@@ -179,10 +215,12 @@ class DispatchCore:
         max_in_flight: int | None = None,
         tier: int = 0,
         parent: str | None = None,
+        max_queued: int | None = None,
     ) -> None:
         """Add an inner node of the tenant tree or change it (as :meth:`set_tenant`; its cap
-        counts the requests of its whole subtree). Parents before children."""
-        self._groups[name] = (weight, parent, tier)
+        and its queue limit count the requests of its whole subtree). Parents before
+        children."""
+        self._groups[name] = TenantLimits(weight, max_queued, max_in_flight, tier, parent)
         self._set_parent(name, parent)
         for pool in self._pools.values():
             pool.set_group(name, weight, parent, tier)
@@ -216,10 +254,17 @@ class DispatchCore:
             self._caps[name] = max_in_flight
         self._check_cap(name)
 
+    def tenant_limits(self) -> dict[str, TenantLimits]:
+        """The configured tenants (leaves) and their limits."""
+        return self._tenants
+
+    def group_limits(self) -> dict[str, TenantLimits]:
+        """The configured groups (inner nodes of the tenant tree) and their limits."""
+        return self._groups
+
     def forget_tenant(self, name: str) -> None:
         """New pools no longer list ``name`` (its counters stay where they are)."""
-        self._weights.pop(name, None)
-        self._tiers.pop(name, None)
+        self._tenants.pop(name, None)
         self._caps.pop(name, None)
         self._check_cap(name)
 
@@ -230,14 +275,14 @@ class DispatchCore:
         if entry is not None:
             self._set_parent(name, None)
             for pool in self._pools.values():
-                pool.set_group(name, entry[0], None, entry[2])
+                pool.set_group(name, entry.weight, None, entry.tier)
         self._caps.pop(name, None)
         self._check_cap(name)
 
     def role(self, name: str) -> str | None:
         """``"tenant"`` or ``"group"``: what ``name`` is to this core or any pool (a removed
         tenant stays a tenant in the pools that knew it); None if unknown."""
-        if name in self._weights or any(name in p.tenants() for p in self._pools.values()):
+        if name in self._tenants or any(name in p.tenants() for p in self._pools.values()):
             return "tenant"
         if name in self._groups or any(name in set(p.groups()) for p in self._pools.values()):
             return "group"
@@ -268,19 +313,20 @@ class DispatchCore:
     def pool(self, model: str) -> Scheduler:
         sched = self._pools.get(model)
         if sched is None:
-            sched = make_scheduler(self.policy, self.prices, self.rpm_limit)
+            opts = self.options
+            sched = make_scheduler(opts.policy, opts.prices, opts.rpm_limit)
             sched.predictor = self.predictor
             # a resubmission comes within the hold; no hold: no busy-tenant rules at all
-            sched.follow_s = self.hold_s
+            sched.follow_s = opts.hold_s
             depth = {g: len(self.path(g)) for g in self._groups}
             for name in sorted(self._groups, key=depth.__getitem__):  # parents first
-                weight, parent, tier = self._groups[name]
-                sched.set_group(name, weight, parent, tier)
-            for name, weight in self._weights.items():
-                sched.set_tenant(name, weight, self._tiers.get(name, 0), self._parents.get(name))
+                group = self._groups[name]
+                sched.set_group(name, group.weight, group.parent, group.tier)
+            for name, t in self._tenants.items():
+                sched.set_tenant(name, t.weight, t.tier, t.parent)
             for name in self._paused:
                 sched.pause(name)
-            sched.set_min_share(TIERS["batch"], self.batch_min_share)
+            sched.set_min_share(TIERS["batch"], opts.batch_min_share)
             self._pools[model] = sched
         return sched
 
@@ -350,9 +396,10 @@ class DispatchCore:
         pool.finish(job, now, ran=ran, output_tokens=output_tokens)
         resumed = self._ran_down(job)
         self.admission.release(grant.reservation)
-        if ran and self.hold_s > 0 and pool.resubmits(job.tenant):
+        hold_s = self.options.hold_s
+        if ran and hold_s > 0 and pool.resubmits(job.tenant):
             pool.hold(job)  # counts in the tenant's credit while its next request is expected
-            until = now + self.hold_s
+            until = now + hold_s
             self._holds.append(Hold(job, until))
             if self.on_hold is not None:
                 self.on_hold(until)

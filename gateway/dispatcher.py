@@ -20,25 +20,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from .admission import AdmissionController, BackendSlots
-from .core import DispatchCore, Grant
+from .admission import AdmissionController
+from .core import CoreOptions, DispatchCore, Grant
 from .errors import TENANT_REMOVED, RateLimited, Unauthorized, Unavailable
-from .scheduler import Job, Prices, QueueRejected, Scheduler
+from .scheduler import Job, QueueRejected
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Dispatcher", "Grant", "TenantLimits"]
-
-
-@dataclass(slots=True)
-class TenantLimits:
-    weight: float
-    max_queued: int | None  # None: no limit of its own (a group)
-    max_in_flight: int | None = None  # None: no cap on requests running at once
-    tier: int = 0  # priority tier, higher first (gateway.scheduler.TIERS)
-    parent: str | None = None  # its group in the tenant tree (None: top level)
+__all__ = ["Dispatcher", "Grant"]
 
 
 def _is_live(job: Job) -> bool:
@@ -47,121 +37,45 @@ def _is_live(job: Job) -> bool:
 
 
 class Dispatcher:
+    """Futures, timeouts and withdrawal around :attr:`core`, which holds the settings, the
+    tenants and their limits, and takes every decision: callers set tenants, read the queues
+    and drive the running side (``on_output``, ``release``, ``move``, ``abandon``, the pumps)
+    on ``dispatcher.core`` directly."""
+
     #: the dispatch core's class (scale-out swaps in one that claims slots through Redis)
     core_class: type[DispatchCore] = DispatchCore
 
     def __init__(
         self,
         admission: AdmissionController,
-        policy: str = "vtc",
-        prices: Prices | None = None,
-        rpm_limit: int = 60,
+        options: CoreOptions | None = None,
+        *,
         clock: Callable[[], float] = time.monotonic,
         observe_pump: Callable[[float], None] | None = None,
-        hold_s: float = 0.0,
-        batch_min_share: float = 0.0,
     ) -> None:
         self.core = self.core_class(
             admission,
             self._granted,
-            policy=policy,
-            prices=prices,
-            rpm_limit=rpm_limit,
+            options,
             clock=clock,
             is_live=_is_live,
             observe_pump=observe_pump,
-            hold_s=hold_s,
-            batch_min_share=batch_min_share,
             on_hold=self._hold_timer,
         )
-        self.admission = admission
-        self.policy = policy
-        self.prices = self.core.prices
-        self.clock = clock
-        self._tenants: dict[str, TenantLimits] = {}
-        self._groups: dict[str, TenantLimits] = {}  # inner nodes of the tenant tree
-        self.running = self.core.running  # tenant -> in-flight jobs
         self._waiting: set[Job] = set()  # queued jobs whose handler awaits a grant
         self._closed: Exception | None = None  # set by close(): no new work
         #: Called with each job as it is dispatched (tests, tracing); must not raise.
         self.on_dispatch: Callable[[Job], None] | None = None
-        # The running side goes straight to the core (bound methods: no extra call per token):
-        # on_output(job, grant, n, prompt_tokens=None), release(job, grant, ran, output_tokens),
-        # abandon(job), move(job, grant, exclude), pump_backend(backend), pump_all().
-        core = self.core
-        self.on_output = core.on_output
-        self.release = core.release
-        self.abandon = core.abandon
-        self.move = core.move
-        self.pump_backend = core.pump_backend
-        self.pump_all = core.pump_all
 
-    @property
-    def dispatched_total(self) -> int:
-        return self.core.dispatched_total
-
-    # -- tenants and pools -------------------------------------------------------------------
-    def set_tenant(
-        self,
-        name: str,
-        weight: float,
-        max_queued: int,
-        max_in_flight: int | None = None,
-        tier: int = 0,
-        parent: str | None = None,
-    ) -> None:
-        self._tenants[name] = TenantLimits(weight, max_queued, max_in_flight, tier, parent)
-        self.core.set_tenant(name, weight, max_in_flight, tier, parent)
-
-    def set_group(
-        self,
-        name: str,
-        weight: float,
-        max_queued: int | None = None,
-        max_in_flight: int | None = None,
-        tier: int = 0,
-        parent: str | None = None,
-    ) -> None:
-        """Add or change an inner node of the tenant tree (parents before children); its
-        limits count its whole subtree."""
-        self._groups[name] = TenantLimits(weight, max_queued, max_in_flight, tier, parent)
-        self.core.set_group(name, weight, max_in_flight, tier, parent)
-
-    def remove_group(self, name: str) -> None:
-        """A reload removed group ``name`` (after moving or removing its children)."""
-        self._groups.pop(name, None)
-        self.core.forget_group(name)
-
+    # -- tenants -----------------------------------------------------------------------------
     def remove_tenant(self, name: str, exc: Exception) -> int:
         """A reload removed ``name``: forget its limits and answer its queued jobs with ``exc``
         (uncharged). Its running jobs finish normally; its counter stays in the schedulers, so
         a tenant that comes back later is not reset to zero. Returns how many were failed."""
-        self._tenants.pop(name, None)
         self.core.forget_tenant(name)
         failed = self.fail_waiting(exc, tenant=name)
-        self.pump_all()
+        self.core.pump_all()
         return failed
-
-    def pool(self, model: str) -> Scheduler:
-        return self.core.pool(model)
-
-    def tenant_limits(self) -> dict[str, TenantLimits]:
-        return self._tenants
-
-    def group_limits(self) -> dict[str, TenantLimits]:
-        return self._groups
-
-    def pools(self) -> dict[str, Scheduler]:
-        return self.core.pools()
-
-    def queued(self, tenant: str) -> int:
-        return self.core.queued(tenant)
-
-    def total_queued(self) -> int:
-        return self.core.total_queued()
-
-    def queued_for(self, backend: BackendSlots) -> int:
-        return self.core.queued_for(backend)
 
     # -- request side ------------------------------------------------------------------------
     def close(self, exc: Exception) -> int:
@@ -176,19 +90,21 @@ class Dispatcher:
         """Queue ``job`` and wait for a backend slot (or raise 401 / 429 / 503)."""
         if self._closed is not None:
             raise self._closed
-        limits = self._tenants.get(job.tenant)
+        core = self.core
+        limits = core.tenant_limits().get(job.tenant)
         if limits is None:  # removed by a reload after this request was authenticated
             raise Unauthorized(TENANT_REMOVED)
-        if limits.max_queued is not None and self.core.queued(job.tenant) >= limits.max_queued:
+        if limits.max_queued is not None and core.queued(job.tenant) >= limits.max_queued:
             raise RateLimited(
                 f"too many queued requests for this tenant (limit {limits.max_queued})",
                 retry_after=1.0,
                 outcome="rejected_queue_full",
             )
-        if self._groups:
-            for name in self.core.path(job.tenant):
-                cap = self._groups[name].max_queued
-                if cap is not None and self.core.queued_under(name) >= cap:
+        groups = core.group_limits()
+        if groups:
+            for name in core.path(job.tenant):
+                cap = groups[name].max_queued
+                if cap is not None and core.queued_under(name) >= cap:
                     raise RateLimited(
                         f"too many queued requests for group {name!r} (limit {cap})",
                         retry_after=1.0,
@@ -197,13 +113,13 @@ class Dispatcher:
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         job.payload = fut
         try:
-            self.core.submit(job)
+            core.submit(job)
         except QueueRejected as exc:
             raise RateLimited(
                 str(exc), retry_after=exc.retry_after, outcome="rejected_rate_limit"
             ) from exc
         self._waiting.add(job)
-        self.core.pump(job.model)
+        core.pump(job.model)
         if fut.done():  # this pump granted it (an empty queue, a free slot): no wait, no timer
             return fut.result()
         try:
@@ -221,7 +137,8 @@ class Dispatcher:
     def _hold_timer(self, until: float) -> None:
         """A slot is held until ``until`` (clock time): let it lapse then, unless used."""
         loop = asyncio.get_running_loop()
-        loop.call_later(max(0.0, until - self.clock()), self.core.expire_holds, until)
+        core = self.core
+        loop.call_later(max(0.0, until - core.clock()), core.expire_holds, until)
 
     def _granted(self, job: Job, grant: Grant) -> None:
         self._waiting.discard(job)
@@ -234,7 +151,7 @@ class Dispatcher:
         if self.core.cancel(job):
             return
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            self.release(job, fut.result(), ran=False)  # granted as we gave up: give it back
+            self.core.release(job, fut.result(), ran=False)  # granted as we gave up: give it back
 
     def fail_waiting(self, exc: Exception, tenant: str | None = None) -> int:
         """Answer queued jobs (all, or one tenant's) with ``exc`` instead of a grant.

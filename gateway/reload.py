@@ -109,8 +109,8 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     state.stats.max_tenant_labels = effective.metrics.max_tenant_labels
     state.recorder.fairness.window_s = effective.metrics.fairness_window_s
     for name in groups_after & groups_before:
-        dispatcher.set_group(name, 1.0)  # to the top first: the new parents may be below it
-    apply_tenants(dispatcher, effective)
+        core.set_group(name, 1.0)  # to the top first: the new parents may be below it
+    apply_tenants(core, effective)
     for t in effective.leaves():
         state.stats.label(t.name)
     state.auth = Authenticator(effective)
@@ -121,8 +121,8 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
     for name in removed:
         rejected += dispatcher.remove_tenant(name, Unauthorized(REMOVED_MESSAGE))
     for name in groups_before - groups_after:
-        dispatcher.remove_group(name)
-    dispatcher.pump_all()  # weights changed the fair order; let it act now
+        core.forget_group(name)
+    core.pump_all()  # weights changed the fair order; let it act now
     state.stats.reload(ok=True)
     result = ReloadResult(added, removed, changed, rejected, ignored)
     log.info(

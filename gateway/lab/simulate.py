@@ -51,7 +51,7 @@ from backends.sim.costmodel import Profile, get_profile
 from backends.sim.engine import EngineConfig, EngineCore
 from common.context import ContextError, output_cap
 from gateway.admission import AdmissionController, BackendSlots, KvAdmission, adapt_kv_scale
-from gateway.core import DispatchCore, Grant, reserved_output
+from gateway.core import CoreOptions, DispatchCore, Grant, reserved_output
 from gateway.scheduler import Job, Prices, QueueRejected
 
 from .metrics import RequestRecord
@@ -131,6 +131,17 @@ class SimConfig:
         # in front of a vLLM-like engine, the gateway's default
         return "peak" if get_profile(self.profile).kv_admission == "peak" else "predict"
 
+    def core_options(self, policy: str) -> CoreOptions:
+        """The gateway core's settings in a run of ``policy`` (:data:`LOCAL`: ``vtc`` on each
+        replica; :data:`DIRECT`, the engine alone: ``fcfs``, no holds)."""
+        direct = policy == DIRECT
+        return CoreOptions(
+            policy="vtc" if policy == LOCAL else "fcfs" if direct else policy,
+            prices=self.prices,
+            rpm_limit=self.rpm_limit,
+            hold_s=0.0 if direct else self.hold_s,
+        )
+
 
 @dataclass(slots=True)
 class SimResult:
@@ -169,6 +180,7 @@ class _Run:
         if direct and self.replicas > 1:
             raise ValueError(f"{DIRECT} is the engine alone: no replicas")
         self.cores: list[DispatchCore] = []
+        options = config.core_options(policy)
         for _ in range(self.replicas if self.local else 1):
             # vtc-local: each replica books the whole backend, unaware of the others
             backend = BackendSlots(
@@ -179,13 +191,7 @@ class _Run:
                 kv_admission="reserve" if direct else config.gateway_admission(),
             )
             core = DispatchCore(
-                AdmissionController([backend]),
-                self._granted,
-                policy="vtc" if self.local else "fcfs" if direct else policy,
-                prices=config.prices,
-                rpm_limit=config.rpm_limit,
-                clock=lambda: self.now,
-                hold_s=0.0 if direct else config.hold_s,
+                AdmissionController([backend]), self._granted, options, clock=lambda: self.now
             )
             configure_tenants(core, workload)
             self.cores.append(core)

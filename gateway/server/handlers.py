@@ -58,7 +58,7 @@ async def health(request: web.Request) -> web.Response:
     body = {
         "status": "ok" if up else "unavailable",
         "draining": state.draining,
-        "queued": state.dispatcher.total_queued(),
+        "queued": state.dispatcher.core.total_queued(),
         "backends": backends,
     }
     return web.json_response(body, status=200 if up else 503)

@@ -73,10 +73,12 @@ async def forward(
     ran = False
     outcome: Outcome = "backend_error"
     dispatcher = state.dispatcher
+    core = dispatcher.core
+    on_output = core.on_output
     stats = state.stats
 
     def charge(n: int) -> None:  # per output token: the scheduler, admission's view of it
-        dispatcher.on_output(job, grant, n, proc.prompt_tokens)
+        on_output(job, grant, n, proc.prompt_tokens)
 
     released = False
 
@@ -88,7 +90,7 @@ async def forward(
             released = True
             if proc.prompt_tokens is not None:
                 job.prompt_tokens = proc.prompt_tokens
-            dispatcher.release(job, grant, ran=True, output_tokens=proc.reported_completion)
+            core.release(job, grant, ran=True, output_tokens=proc.reported_completion)
 
     proc = ChunkProcessor(job, fmt, charge, state.counter)
     try:
@@ -111,7 +113,7 @@ async def forward(
                     return response
             except BackendUnreachable as exc:
                 state.pool.record_failure(backend, exc.kind)
-                grant = dispatcher.move(job, grant, tried)
+                grant = core.move(job, grant, tried)
             except BackendRejected as exc:
                 if exc.status != 429:
                     outcome = exc.outcome
@@ -121,7 +123,7 @@ async def forward(
                 # and the request goes back to its tenant's queue (refunded, its booking void)
                 state.pool.rate_limited(backend, exc.rate_headers)
                 state.admission.void(grant.reservation)
-                dispatcher.release(job, grant, ran=False)
+                core.release(job, grant, ran=False)
                 grant = None
                 tried.clear()
                 left = state.config.limits.queue_timeout_s - (state.clock() - job.arrival)
@@ -137,11 +139,11 @@ async def forward(
         if released:
             pass  # released when the backend finished (upstream_done)
         elif grant is not None:  # reconciled with the backend's own output count if it sent one
-            dispatcher.release(job, grant, ran=ran, output_tokens=proc.reported_completion)
+            core.release(job, grant, ran=ran, output_tokens=proc.reported_completion)
         elif tried:
             # move() found no other backend and already returned the reservation (after a
             # provider's 429 the job was released and requeued: nothing is left to undo)
-            dispatcher.abandon(job)
+            core.abandon(job)
         if ran:
             stats.prompt_tokens[job.tenant] += job.prompt_tokens
             stats.completion_tokens[job.tenant] += job.output_tokens

@@ -19,10 +19,10 @@ from common.tokenizer import TokenCounter, get_encoder
 from ..admission import AdmissionController
 from ..backend_pool import BackendPool
 from ..config import GatewayConfig
+from ..core import CoreOptions, DispatchCore
 from ..dispatcher import Dispatcher
 from ..errors import SHUTTING_DOWN, ShuttingDown
 from ..metrics import GatewaySnapshot, GatewayStats, GroupSnapshot, PoolSnapshot, Recorder
-from ..scheduler import Prices
 from ..upstream import AiohttpUpstream, Upstream
 from .auth import Authenticator
 
@@ -51,40 +51,39 @@ class GatewayState:
 STATE = web.AppKey("state", GatewayState)
 
 
-def snapshot(dispatcher: Dispatcher, pool: BackendPool) -> GatewaySnapshot:
+def snapshot(core: DispatchCore, pool: BackendPool) -> GatewaySnapshot:
     """What the metrics collector exports from live state, read at scrape time."""
     return GatewaySnapshot(
-        weights={name: lim.weight for name, lim in dispatcher.tenant_limits().items()},
-        running=dict(dispatcher.running),
-        dispatched_total=dispatcher.dispatched_total,
+        weights={name: lim.weight for name, lim in core.tenant_limits().items()},
+        running=dict(core.running),
+        dispatched_total=core.dispatched_total,
         pools=tuple(
             PoolSnapshot(
                 model, tuple(sched.stats()), frozenset(sched.backlogged()), sched.lift_stats()
             )
-            for model, sched in dispatcher.pools().items()
+            for model, sched in core.pools().items()
         ),
         backends=pool.snapshot(),
-        holds_total=dispatcher.core.holds_total,
-        holds_used=dispatcher.core.holds_used,
-        held=dispatcher.core.held(),
-        **_tree(dispatcher),
+        holds_total=core.holds_total,
+        holds_used=core.holds_used,
+        held=core.held(),
+        **_tree(core),
     )
 
 
-def _tree(dispatcher: Dispatcher) -> dict[str, Any]:
+def _tree(core: DispatchCore) -> dict[str, Any]:
     """The tenant tree's part of the snapshot: groups (parents first) and nested tenants'
     paths. O(tenants · depth), at scrape time only."""
-    groups = dispatcher.group_limits()
+    groups = core.group_limits()
     if not groups:
         return {}
-    core = dispatcher.core
 
     def path(node: str) -> str:
         return "/".join([*reversed(core.path(node)), node])
 
     service: dict[str, float] = dict.fromkeys(groups, 0.0)
     paths = {}
-    for tenant in dispatcher.tenant_limits():
+    for tenant in core.tenant_limits():
         above = core.path(tenant)
         if above:
             paths[tenant] = path(tenant)
@@ -106,17 +105,27 @@ def _tree(dispatcher: Dispatcher) -> dict[str, Any]:
     return {"groups": tuple(snaps), "paths": paths}
 
 
-def apply_tenants(dispatcher: Dispatcher, config: GatewayConfig) -> None:
-    """Set every node of ``config``'s tenant tree on ``dispatcher``, parents first."""
+def apply_tenants(core: DispatchCore, config: GatewayConfig) -> None:
+    """Set every node of ``config``'s tenant tree on ``core``, parents first."""
     for node in config.nodes():
         t = node.config
         if node.leaf:
-            dispatcher.set_tenant(
-                t.name, t.weight, t.queue_limit or 0, t.max_in_flight, node.priority, node.parent
+            core.set_tenant(
+                t.name,
+                t.weight,
+                t.max_in_flight,
+                node.priority,
+                node.parent,
+                max_queued=t.queue_limit or 0,
             )
         else:
-            dispatcher.set_group(
-                t.name, t.weight, t.queue_limit, t.max_in_flight, node.priority, node.parent
+            core.set_group(
+                t.name,
+                t.weight,
+                t.max_in_flight,
+                node.priority,
+                node.parent,
+                max_queued=t.queue_limit,
             )
 
 
@@ -134,12 +143,11 @@ def build_state(
         stats.label(t.name)
     recorder = Recorder(
         stats,
-        lambda: snapshot(dispatcher, pool),  # read at scrape time, once both exist
+        lambda: snapshot(dispatcher.core, pool),  # read at scrape time, once both exist
         fairness_window_s=config.metrics.fairness_window_s,
         clock=clock,
     )
     admission = AdmissionController()
-    sc = config.scheduler
     dispatcher_class = Dispatcher
     if config.cluster is not None:  # one fair order shared through Redis (gateway/cluster/)
         from ..cluster import ClusterAdmission, ClusterDispatcher
@@ -148,15 +156,12 @@ def build_state(
         dispatcher_class = ClusterDispatcher
     dispatcher = dispatcher_class(
         admission,
-        sc.policy,
-        Prices(sc.input_price, sc.output_price),
-        sc.rpm_limit,
+        CoreOptions.from_config(config.scheduler),
         clock=clock,
         observe_pump=recorder.decision.observe,
-        hold_s=sc.hold_ms / 1000,
-        batch_min_share=sc.batch_min_share,
     )
-    apply_tenants(dispatcher, config)
+    core = dispatcher.core
+    apply_tenants(core, config)
     lim = config.limits
     if upstream is None:
         keys = {b.url: b.api_key for b in config.backends}
@@ -165,9 +170,9 @@ def build_state(
         config.backends,
         upstream,
         admission,
-        on_capacity=dispatcher.pump_backend,
+        on_capacity=core.pump_backend,
         health_interval=lim.health_interval_s,
-        queued_for=dispatcher.queued_for,
+        queued_for=core.queued_for,
         clock=clock,
     )
     pool.feedback_interval = lim.feedback_interval_s

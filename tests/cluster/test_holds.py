@@ -14,7 +14,7 @@ from redis import asyncio as aioredis
 from gateway.admission import BackendSlots
 from gateway.cluster import ClusterAdmission, make_store
 from gateway.cluster.dispatch import ClusterCore
-from gateway.core import Grant
+from gateway.core import CoreOptions, Grant
 from gateway.scheduler import Job, VTCScheduler
 
 from ..gateway.conftest import wait_for
@@ -48,8 +48,8 @@ async def replica(server: RedisServer, name: str, hold_s: float = 0.05) -> Async
     core = ClusterCore(
         ClusterAdmission([slots]),
         on_grant,
+        CoreOptions(hold_s=hold_s),
         clock=lambda: r.clock[0] if r is not None else 0.0,
-        hold_s=hold_s,
         on_hold=lambda _until: None,
     )
     r = Replica(core)

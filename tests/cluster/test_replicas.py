@@ -99,7 +99,9 @@ async def _flood(r: Replicas, routes: dict[str, tuple[int, list[int]]]) -> list[
             for i in range(count)
         ]
         total = len(tasks)
-        await wait_for(lambda: sum(d.total_queued() for d in r.dispatchers) + len(r.order) == total)
+        await wait_for(
+            lambda: sum(d.core.total_queued() for d in r.dispatchers) + len(r.order) == total
+        )
         await asyncio.gather(*tasks)
     # the window in which all tenants were backlogged: up to the first tenant's last dispatch
     end = min(max(i for i, t in enumerate(r.order) if t == tenant) for tenant in routes)

@@ -74,7 +74,7 @@ async def test_n_above_one_reaches_the_backend_and_gets_its_answer() -> None:
         direct = await http.post(stack.sims[0].url + "/v1/completions", json=body)
         via = await http.post(stack.url + "/v1/completions", json=body, headers=A)
         assert (via.status_code, via.json()) == (direct.status_code, direct.json())
-        assert stack.state.dispatcher.pool(MODEL).counter("a") == 0  # refused: nothing charged
+        assert stack.state.dispatcher.core.pool(MODEL).counter("a") == 0  # refused: nothing charged
 
 
 async def test_client_disconnects_mid_stream_log_no_errors(

@@ -42,7 +42,7 @@ async def _start_long_stream(
 async def test_slow_reader_gets_backpressure_not_unbounded_buffering() -> None:
     sim = {"speed": 0, "max_model_len": 60_000}
     async with gateway_stack(sim=sim) as stack:
-        pool = stack.state.dispatcher.pool(MODEL)
+        pool = stack.state.dispatcher.core.pool(MODEL)
         reader, writer = await _start_long_stream(stack.url)
         # Stop reading. The charge follows what the gateway has read from upstream: it must
         # stall far below the full answer.

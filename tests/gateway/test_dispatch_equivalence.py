@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from gateway.admission import AdmissionController, BackendSlots
-from gateway.core import DispatchCore, Grant
+from gateway.core import CoreOptions, DispatchCore, Grant
 from gateway.dispatcher import Dispatcher
 from gateway.scheduler import Job
 
@@ -78,7 +78,7 @@ def run_core(events: list[Event], policy: str) -> Decisions:
         granted.append((job.payload, grant.backend.name))
         grants[job.payload] = grant
 
-    core = DispatchCore(backends(), on_grant, policy=policy, clock=lambda: now[0])
+    core = DispatchCore(backends(), on_grant, CoreOptions(policy=policy), clock=lambda: now[0])
     for t, w in TENANTS.items():
         core.set_tenant(t, w)
     jobs: dict[int, Job] = {}
@@ -105,9 +105,9 @@ def run_core(events: list[Event], policy: str) -> Decisions:
 async def run_dispatcher(events: list[Event], policy: str) -> Decisions:
     """The live gateway's way: a handler task per request awaits its grant."""
     now = [0.0]
-    d = Dispatcher(backends(), policy=policy, clock=lambda: now[0])
+    d = Dispatcher(backends(), CoreOptions(policy=policy), clock=lambda: now[0])
     for t, w in TENANTS.items():
-        d.set_tenant(t, w, max_queued=1000)
+        d.core.set_tenant(t, w, max_queued=1000)
     order: list[int] = []
     rid_of: dict[int, int] = {}
     d.on_dispatch = lambda job: order.append(rid_of[id(job)])
@@ -133,9 +133,9 @@ async def run_dispatcher(events: list[Event], policy: str) -> Decisions:
             if task.done():
                 grant, job = task.result(), jobs[ev.rid]
                 if ev.kind == "output":
-                    d.on_output(job, grant, ev.n)
+                    d.core.on_output(job, grant, ev.n)
                 else:  # finish, or the client left while it ran
-                    d.release(job, grant, ran=True)
+                    d.core.release(job, grant, ran=True)
             elif ev.kind in ("finish", "withdraw"):
                 task.cancel()  # the client went away while queued
                 await asyncio.gather(task, return_exceptions=True)
@@ -143,7 +143,7 @@ async def run_dispatcher(events: list[Event], policy: str) -> Decisions:
     for task in tasks.values():
         task.cancel()
     await asyncio.gather(*tasks.values(), return_exceptions=True)
-    counters = {t: d.pool("m").counter(t) for t in TENANTS}
+    counters = {t: d.core.pool("m").counter(t) for t in TENANTS}
     return [(rid, backend_of[rid]) for rid in order], counters
 
 

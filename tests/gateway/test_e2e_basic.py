@@ -50,7 +50,7 @@ async def test_chat_stream_and_non_stream_with_usage() -> None:
             assert chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
         finally:
             await client.close()
-        pool = stack.state.dispatcher.pool(MODEL)
+        pool = stack.state.dispatcher.core.pool(MODEL)
         # 2 requests x (prompt + 2 * 12) at weight 1, reconciled with the backend's usage
         assert pool.counter("a") == pytest.approx(2 * (resp.usage.prompt_tokens + 24))
         assert stack.state.admission.in_flight() == 0
@@ -156,9 +156,9 @@ async def test_error_paths_401_400_404_413() -> None:
             assert "cannot be greater than max_model_len" in str(e["message"])
             assert e["param"] == "max_tokens" and e["type"] == "BadRequestError"
             _err(await http.post(chat, content=b"x" * 5000, headers=ok_auth), 413)
-        assert stack.state.dispatcher.total_queued() == 0
+        assert stack.state.dispatcher.core.total_queued() == 0
         assert stack.state.admission.in_flight() == 0
-        pool = stack.state.dispatcher.pool(MODEL)
+        pool = stack.state.dispatcher.core.pool(MODEL)
         assert pool.counter("a") == 0  # nothing was charged for rejected requests
 
 
@@ -196,7 +196,7 @@ async def test_queue_full_is_429_with_retry_after_and_timeout_is_503() -> None:
             async with http.stream("POST", "/v1/completions", json=body, headers=hdr) as running:
                 assert running.status_code == 200
                 queued = asyncio.create_task(http.post("/v1/completions", json=body, headers=hdr))
-                await wait_for(lambda: st.state.dispatcher.total_queued() == 1)
+                await wait_for(lambda: st.state.dispatcher.core.total_queued() == 1)
                 full = await http.post("/v1/completions", json=body, headers=hdr)
                 e = _err(full, 429)
                 assert int(full.headers["Retry-After"]) >= 1
@@ -205,7 +205,7 @@ async def test_queue_full_is_429_with_retry_after_and_timeout_is_503() -> None:
                 e = _err(timed_out, 503)
                 assert "waited" in str(e["message"])
         await wait_for(lambda: st.state.admission.in_flight() == 0)
-        assert st.state.dispatcher.total_queued() == 0
+        assert st.state.dispatcher.core.total_queued() == 0
 
 
 async def test_unknown_fields_pass_through_to_backend() -> None:
@@ -255,7 +255,7 @@ async def test_oversized_headers_are_refused_without_a_500() -> None:
             headers={"Authorization": "Bearer key-a", "X-Big": "a" * 20_000},
         )
         assert 400 <= r.status_code < 500
-        assert stack.state.dispatcher.total_queued() == 0
+        assert stack.state.dispatcher.core.total_queued() == 0
 
 
 async def test_requests_spread_over_backends_least_loaded_first() -> None:
@@ -348,7 +348,7 @@ async def test_adaptive_admission_moves_the_queue_from_the_backend_to_the_gatewa
             await wait_for(lambda: slots.seq_cap is not None and slots.seq_cap <= 2, limit_s=30)
             # the backend's FCFS queue drains; the rest wait in the gateway's fair queue
             await wait_for(
-                lambda: sim.num_waiting == 0 and stack.state.dispatcher.total_queued() > 0,
+                lambda: sim.num_waiting == 0 and stack.state.dispatcher.core.total_queued() > 0,
                 limit_s=30,
             )
             results = await asyncio.gather(*calls)

@@ -61,7 +61,7 @@ async def _measure(
         try:
             async with asyncio.timeout(240):
                 await marks[warm].wait()
-                pool = d.pool(MODEL)
+                pool = d.core.pool(MODEL)
                 start = {t: pool.service(t) for t in clients}
                 await marks[warm + measured].wait()
                 end = {t: pool.service(t) for t in clients}

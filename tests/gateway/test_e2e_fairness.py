@@ -47,9 +47,9 @@ async def _flood_then_steady(stack: Stack, flood: int, steady: int) -> tuple[flo
     d = stack.state.dispatcher
     async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
         flooders = [asyncio.create_task(_send(http, "key-a")) for _ in range(flood)]
-        await wait_for(lambda: d.total_queued() == flood - SEQS)
+        await wait_for(lambda: d.core.total_queued() == flood - SEQS)
         await asyncio.gather(*(_send(http, "key-b") for _ in range(steady)))
-        pool = d.pool(MODEL)
+        pool = d.core.pool(MODEL)
         snapshot = (pool.service("a"), pool.service("b"))
         await asyncio.gather(*flooders)
     prompt = stack.state.counter.count_text(PROMPT)
@@ -96,11 +96,11 @@ async def test_weights_two_to_one_give_two_to_one_dispatches() -> None:
         d.on_dispatch = record
         async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
             tasks = [asyncio.create_task(_send(http, "key-a")) for _ in range(30)]
-            await wait_for(lambda: d.total_queued() == 30 - SEQS)
+            await wait_for(lambda: d.core.total_queued() == 30 - SEQS)
             tasks += [asyncio.create_task(_send(http, "key-b")) for _ in range(30)]
-            await wait_for(lambda: d.pool(MODEL).queued("b") == 30)
+            await wait_for(lambda: d.core.pool(MODEL).queued("b") == 30)
             await asyncio.gather(*tasks)
-        pool = d.pool(MODEL)
+        pool = d.core.pool(MODEL)
         assert pool.service("a") == pool.service("b")  # same work in the end
     # while both were backlogged (from b's first dispatch until a's queue ran dry), a got ~2 of
     # every 3 dispatches

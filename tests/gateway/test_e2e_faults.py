@@ -30,7 +30,7 @@ def _settled(stack: Stack) -> bool:
     st = stack.state
     return (
         st.admission.in_flight() == 0
-        and st.dispatcher.total_queued() == 0
+        and st.dispatcher.core.total_queued() == 0
         and all(s.core.num_running == 0 and s.core.num_waiting == 0 for s in stack.sims)
     )
 
@@ -42,12 +42,12 @@ async def test_disconnect_while_queued_removes_it_and_charges_nothing() -> None:
             async with http.stream("POST", "/v1/completions", json=_body(2000), headers=A) as r:
                 assert r.status_code == 200
                 waiting = asyncio.create_task(http.post("/v1/completions", json=_body(), headers=B))
-                await wait_for(lambda: d.total_queued() == 1)
+                await wait_for(lambda: d.core.total_queued() == 1)
                 waiting.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await waiting
-                await wait_for(lambda: d.total_queued() == 0)
-                pool = d.pool(MODEL)
+                await wait_for(lambda: d.core.total_queued() == 0)
+                pool = d.core.pool(MODEL)
                 lifted = pool.counter("b")  # lifted on arrival to a's counter, never charged
                 assert pool.service("b") == 0 and lifted <= pool.counter("a")
         await wait_for(lambda: _settled(stack))
@@ -64,7 +64,7 @@ async def test_disconnect_before_first_token_aborts_upstream_and_keeps_prompt_ch
                 assert resp.status_code == 200
                 assert stack.state.admission.in_flight() == 1
         await wait_for(lambda: _settled(stack))
-        pool = stack.state.dispatcher.pool(MODEL)
+        pool = stack.state.dispatcher.core.pool(MODEL)
         prompt = stack.state.counter.count_text("hello there")
         assert pool.counter("a") == prompt  # prompt was sent upstream; no output was generated
 
@@ -81,7 +81,7 @@ async def test_disconnect_mid_stream_charges_generated_tokens_only() -> None:
                 if seen == 5:
                     break
         await wait_for(lambda: _settled(stack))
-        pool = stack.state.dispatcher.pool(MODEL)
+        pool = stack.state.dispatcher.core.pool(MODEL)
         prompt = stack.state.counter.count_text("hello there")
         out = (pool.counter("a") - prompt) / 2
         assert out == int(out)
@@ -102,7 +102,7 @@ async def test_refusing_backend_is_retried_elsewhere_and_marked_down() -> None:
         assert pool.states["sim1"].slots.healthy is True
         assert _settled(stack)
         prompt = stack.state.counter.count_text("hello there")
-        assert stack.state.dispatcher.pool(MODEL).counter("a") == 6 * (prompt + 16)
+        assert stack.state.dispatcher.core.pool(MODEL).counter("a") == 6 * (prompt + 16)
 
 
 async def test_500_before_streaming_with_no_other_backend_is_502_and_refunded() -> None:
@@ -112,7 +112,7 @@ async def test_500_before_streaming_with_no_other_backend_is_502_and_refunded() 
         assert r.status_code == 502
         assert r.json()["error"]["code"] == 502
         assert _settled(stack)
-        assert stack.state.dispatcher.pool(MODEL).counter("a") == 0
+        assert stack.state.dispatcher.core.pool(MODEL).counter("a") == 0
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ async def test_mid_stream_failure_is_an_sse_error_then_done(fault: str) -> None:
         assert '"error"' in events[-2] and '"code": 502' in events[-2]
         await wait_for(lambda: _settled(stack))
         prompt = stack.state.counter.count_text("hello there")
-        charged_out = (stack.state.dispatcher.pool(MODEL).counter("a") - prompt) / 2
+        charged_out = (stack.state.dispatcher.core.pool(MODEL).counter("a") - prompt) / 2
         assert 4 <= charged_out <= 5  # tokens delivered before the failure, not the 32 reserved
 
 
@@ -194,7 +194,7 @@ async def test_bodies_the_encoder_may_refuse_never_hold_a_slot() -> None:
             ok = await http.post("/v1/completions", json=_body(2, stream=False), headers=A)
             assert ok.status_code == 200
         await wait_for(lambda: _settled(stack))
-        assert stack.state.dispatcher.running.get("a", 0) == 0
+        assert stack.state.dispatcher.core.running.get("a", 0) == 0
 
 
 async def test_completions_without_max_tokens_reserve_sixteen_like_vllm() -> None:
@@ -223,4 +223,4 @@ async def test_a_tenant_removed_after_authentication_is_not_queued() -> None:
         d.close(RuntimeError("closing"))
         with pytest.raises(RuntimeError, match="closing"):
             await d.acquire(Job("b", 1, 1, 0.0, model=MODEL), 1.0)
-        assert d.total_queued() == 0
+        assert d.core.total_queued() == 0

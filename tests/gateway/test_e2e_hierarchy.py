@@ -80,7 +80,7 @@ class Clients:
 
 async def _service(stack: Stack, clients: Clients, teams: list[str], warm: int, n: int) -> dict:
     """Each team's share of the ledger's service over ``n`` completions after ``warm``."""
-    pool = stack.state.dispatcher.pool(MODEL)
+    pool = stack.state.dispatcher.core.pool(MODEL)
     await clients.until(warm)
     start = {t: pool.service(t) for t in teams}
     await clients.until(n)
@@ -112,7 +112,7 @@ async def test_orgs_and_teams_share_3_8_3_8_2_8_and_an_idle_teams_part_stays_in_
                 for team in list(clients.tasks):
                     await clients.stop(team)
         await wait_for(lambda: stack.state.admission.in_flight() == 0 and d.core.held() == 0)
-        assert d.total_queued() == 0 and not any(d.core.group_running.values())
+        assert d.core.total_queued() == 0 and not any(d.core.group_running.values())
     assert _within(all3, {"a1": 3 / 8, "a2": 3 / 8, "b": 2 / 8}), all3
     assert _within(two, {"a1": 3 / 4, "b": 1 / 4}), two
 
@@ -164,4 +164,4 @@ async def test_a_batch_organisation_waits_for_interactive_teams_and_takes_an_idl
         assert all(waiting == 0 for t, waiting, _ in later if t in ("n1", "n2"))
         assert sum(1 for t, _, queued in later if t in ("a", "b") and queued) >= 6
         await wait_for(lambda: stack.state.admission.in_flight() == 0)
-        assert d.total_queued() == 0 and d.core.group_running == {"org-i": 0, "org-n": 0}
+        assert d.core.total_queued() == 0 and d.core.group_running == {"org-i": 0, "org-n": 0}

@@ -33,15 +33,15 @@ async def test_batch_gets_nothing_while_interactive_waits_and_everything_when_id
         log: list[tuple[str, int, int]] = []  # (tenant, interactive queued, batch queued)
 
         def seen(job: Job) -> None:
-            log.append((job.tenant, d.queued("a") + d.queued("b"), d.queued("c")))
+            log.append((job.tenant, d.core.queued("a") + d.core.queued("b"), d.core.queued("c")))
 
         d.on_dispatch = seen
         async with httpx.AsyncClient(base_url=stack.url, timeout=120) as http:
             # interactive idle: the batch tenant takes every slot, the rest of it queues
             batch = [asyncio.create_task(_send(http, "key-c", 1200)) for _ in range(SEQS)]
-            await wait_for(lambda: d.running.get("c") == SEQS)
+            await wait_for(lambda: d.core.running.get("c") == SEQS)
             batch += [asyncio.create_task(_send(http, "key-c", 16)) for _ in range(SEQS)]
-            await wait_for(lambda: d.queued("c") == SEQS)
+            await wait_for(lambda: d.core.queued("c") == SEQS)
             # interactive tenants flood while batch work runs and waits
             inter = [
                 asyncio.create_task(_send(http, key, 16))
@@ -55,7 +55,7 @@ async def test_batch_gets_nothing_while_interactive_waits_and_everything_when_id
         assert all(waiting == 0 for t, waiting, _ in later if t == "c")
         # the interactive requests did overtake queued batch work (the check above has teeth)
         assert sum(1 for t, _, batch_waiting in later if t != "c" and batch_waiting) >= 6
-        assert d.total_queued() == 0 and stack.state.admission.in_flight() == 0
+        assert d.core.total_queued() == 0 and stack.state.admission.in_flight() == 0
 
 
 async def test_a_minimum_share_gives_batch_its_part_while_interactive_waits() -> None:
@@ -68,7 +68,7 @@ async def test_a_minimum_share_gives_batch_its_part_while_interactive_waits() ->
         both: list[str] = []  # tenants dispatched while both tiers had requests waiting
 
         def seen(job: Job) -> None:
-            if d.queued("a") and d.queued("c"):
+            if d.core.queued("a") and d.core.queued("c"):
                 both.append(job.tenant)
 
         d.on_dispatch = seen

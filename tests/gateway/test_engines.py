@@ -120,7 +120,7 @@ async def test_an_openai_backend_end_to_end_with_capacity_from_the_config() -> N
         assert words == [20] * 8
         assert peak == 2
         await wait_for(lambda: admission.in_flight() == 0)
-        pool = stack.state.dispatcher.pool(MODEL)
+        pool = stack.state.dispatcher.core.pool(MODEL)
         assert pool.service("a") == pool.service("b")  # same work, reconciled exactly
         assert stack.sims[0].core.generated_tokens == 8 * 20
 

@@ -104,5 +104,5 @@ async def test_fuzzed_requests_get_well_formed_answers_and_leave_nothing_behind(
         assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 10, statuses
         assert statuses.get(401, 0) >= 10, statuses
         await wait_for(lambda: stack.state.admission.in_flight() == 0)
-        assert stack.state.dispatcher.total_queued() == 0
+        assert stack.state.dispatcher.core.total_queued() == 0
         assert stack.sims[0].core.num_running == 0

@@ -85,7 +85,7 @@ def events(text: str) -> list[Any]:
 
 
 def settled(gw: Gateway) -> bool:
-    return gw.state.admission.in_flight() == 0 and gw.state.dispatcher.total_queued() == 0
+    return gw.state.admission.in_flight() == 0 and gw.state.dispatcher.core.total_queued() == 0
 
 
 async def test_stream_is_relayed_and_charged_with_the_backends_own_counts() -> None:
@@ -109,7 +109,7 @@ async def test_stream_is_relayed_and_charged_with_the_backends_own_counts() -> N
         assert call.body["prompt"] == "hello" and call.body["max_tokens"] == 5
         assert settled(gw)
         # reconciled to the backend's prompt count (9), not the gateway's estimate
-        assert gw.state.dispatcher.pool(MODEL).counter("a") == 9 + 2 * 5
+        assert gw.state.dispatcher.core.pool(MODEL).counter("a") == 9 + 2 * 5
         s = await gw.metrics()
         assert value(s, "vtc_requests_total", tenant="a", outcome="ok") == 1
 
@@ -148,7 +148,7 @@ async def test_a_backend_rejection_reaches_the_client_and_is_refunded() -> None:
         gw.fake.backend("http://b0").script(FakeReply(fail=BackendRejected(422, {"error": err})))
         r = await gw.http.post("/v1/completions", json=completion(4), headers=A)
         assert r.status_code == 422 and r.json() == {"error": err}
-        assert gw.state.dispatcher.pool(MODEL).counter("a") == 0
+        assert gw.state.dispatcher.core.pool(MODEL).counter("a") == 0
         assert gw.state.pool.states["b0"].failures == 0  # the backend is fine
         s = await gw.metrics()
         assert value(s, "vtc_requests_total", tenant="a", outcome="rejected_invalid") == 1
@@ -163,7 +163,7 @@ async def test_a_broken_stream_ends_in_an_sse_error_and_charges_what_was_sent() 
         assert len(got) == 5 and got[-1] == "[DONE]"
         assert got[3]["error"]["code"] == 502
         assert settled(gw)
-        assert gw.state.dispatcher.pool(MODEL).counter("a") == 4 + 2 * 3
+        assert gw.state.dispatcher.core.pool(MODEL).counter("a") == 4 + 2 * 3
         assert gw.state.pool.states["b0"].errors == {"stream_broken": 1}
         s = await gw.metrics()
         assert value(s, "vtc_requests_total", tenant="a", outcome="backend_error") == 1
@@ -194,7 +194,7 @@ async def test_queue_wait_is_measured_on_the_injected_clock() -> None:
         first = asyncio.create_task(gw.http.post("/v1/completions", json=completion(2), headers=A))
         await wait_for(lambda: gw.state.admission.in_flight() == 1)
         second = asyncio.create_task(gw.http.post("/v1/completions", json=completion(2), headers=B))
-        await wait_for(lambda: gw.state.dispatcher.total_queued() == 1)
+        await wait_for(lambda: gw.state.dispatcher.core.total_queued() == 1)
         clock.now += 2.5
         release.set()
         assert (await first).status_code == 200 and (await second).status_code == 200

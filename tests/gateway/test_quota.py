@@ -67,7 +67,7 @@ async def test_a_providers_429_is_not_the_clients_problem() -> None:
         assert quota.requests == 1  # the refused attempt left no booking
         assert quota.used == 5 + 4  # the fake's prompt count + the output
         await wait_for(lambda: state.admission.in_flight() == 0)
-        pool = state.dispatcher.pool(MODEL)
+        pool = state.dispatcher.core.pool(MODEL)
         assert pool.service("a") == 1 * 5 + 2 * 4  # charged once, for the attempt that ran
     finally:
         await server.close()
@@ -91,7 +91,7 @@ async def test_a_refused_request_waits_for_the_back_off_and_the_order_goes_on() 
                 )
                 for k in ("Bearer key-b", "Bearer key-a")
             ]
-            await wait_for(lambda: state.dispatcher.total_queued() == 3)
+            await wait_for(lambda: state.dispatcher.core.total_queued() == 3)
             assert len(fake.calls) == 1  # paused: nothing more went out
             answers = await asyncio.gather(first, *later)
         assert [a.status_code for a in answers] == [200, 200, 200]

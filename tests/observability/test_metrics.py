@@ -102,7 +102,7 @@ async def test_running_and_queued_gauges_follow_the_requests() -> None:
             async with http.stream("POST", "/v1/completions", json=body(2000), headers=A) as r:
                 assert r.status_code == 200
                 waiting = asyncio.create_task(http.post("/v1/completions", json=body(4), headers=B))
-                await wait_for(lambda: d.total_queued() == 1)
+                await wait_for(lambda: d.core.total_queued() == 1)
                 s = await scrape(http)
                 prompt = stack.state.counter.count_text("hello there")
                 assert value(s, "vtc_tenant_in_flight", tenant="a") == 1
@@ -133,7 +133,7 @@ async def test_rejections_are_counted_by_reason() -> None:
             async with http.stream("POST", "/v1/completions", json=body(2000), headers=A) as r:
                 assert r.status_code == 200
                 queued = asyncio.create_task(http.post("/v1/completions", json=body(), headers=B))
-                await wait_for(lambda: d.total_queued() == 1)
+                await wait_for(lambda: d.core.total_queued() == 1)
                 full = await http.post("/v1/completions", json=body(), headers=B)
                 assert full.status_code == 429
                 assert (await queued).status_code == 503  # queue_timeout_s
@@ -194,7 +194,7 @@ async def test_requests_refused_while_draining_are_counted_as_draining() -> None
             async with http.stream("POST", "/v1/completions", json=body(20), headers=A) as r:
                 assert r.status_code == 200
                 queued = asyncio.create_task(http.post("/v1/completions", json=body(), headers=B))
-                await wait_for(lambda: d.total_queued() == 1)
+                await wait_for(lambda: d.core.total_queued() == 1)
                 assert stack.state.drain() == 1
                 assert (await queued).status_code == 503
                 refused = await http.post("/v1/completions", json=body(), headers=A)
@@ -244,12 +244,12 @@ async def test_counter_gap_and_jain_index_with_two_backlogged_tenants() -> None:
                     asyncio.create_task(http.post("/v1/completions", json=body(2), headers=h))
                     for h in (A, B)
                 ]
-                await wait_for(lambda: d.total_queued() == 2)
+                await wait_for(lambda: d.core.total_queued() == 2)
                 lines = r.aiter_lines()
                 for _ in range(20):  # a's counter climbs while it streams
                     await anext(lines)
                 s = await scrape(http)
-                pool = d.pool(MODEL)
+                pool = d.core.pool(MODEL)
                 gap = value(s, "vtc_backlogged_counter_gap")
                 assert gap > 0
                 assert gap == pytest.approx(abs(pool.counter("a") - pool.counter("b")), rel=0.2)

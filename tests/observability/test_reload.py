@@ -50,14 +50,14 @@ async def test_weight_change_keeps_counters_and_running_stream() -> None:
                 lines = r.aiter_lines()
                 await anext(lines)
                 queued = asyncio.create_task(http.post("/v1/completions", json=body(4), headers=B))
-                await wait_for(lambda: d.total_queued() == 1)
-                pool = d.pool(MODEL)
+                await wait_for(lambda: d.core.total_queued() == 1)
+                pool = d.core.pool(MODEL)
                 before_a, before_b = pool.counter("a"), pool.counter("b")
                 result = apply_config(
                     stack.state, parse_config(raw_config(stack, tenants(("a", 1), ("b", 4))))
                 )
                 assert result.changed == ("b",) and not result.removed and not result.needs_restart
-                assert pool.weight("b") == 4.0 and d.tenant_limits()["b"].weight == 4.0
+                assert pool.weight("b") == 4.0 and d.core.tenant_limits()["b"].weight == 4.0
                 assert pool.counter("a") >= before_a and pool.counter("b") == before_b
                 rest = [line async for line in lines if line]
                 assert rest[-1] == "data: [DONE]"
@@ -89,7 +89,7 @@ async def test_removed_tenant_queued_requests_get_401_running_ones_finish() -> N
                 queued_a = asyncio.create_task(
                     http.post("/v1/completions", json=body(2), headers=A)
                 )
-                await wait_for(lambda: d.total_queued() == 3)
+                await wait_for(lambda: d.core.total_queued() == 3)
                 new = tenants(("a", 1), ("c", 1), ("d", 2))
                 result = apply_config(stack.state, parse_config(raw_config(stack, new)))
                 assert result.removed == ("b",) and result.added == ("d",)
@@ -113,7 +113,7 @@ async def test_removed_tenant_queued_requests_get_401_running_ones_finish() -> N
         assert value(s, "vtc_requests_total", tenant="b", outcome="ok") == 1
         # the two queued requests answered 401 are counted; the later unknown key has no tenant
         assert value(s, "vtc_requests_total", tenant="b", outcome="rejected_unauthorized") == 2
-        assert d.pool(MODEL).counter("b") > 0  # kept, should b come back
+        assert d.core.pool(MODEL).counter("b") > 0  # kept, should b come back
 
 
 async def test_restart_only_changes_are_reported_and_not_applied() -> None:
@@ -183,11 +183,11 @@ async def test_reload_applies_exactly_the_content_it_hashed(
         monkeypatch.setattr(Path, "read_bytes", lambda p: write_after(p, real_bytes(p)))
         monkeypatch.setattr(Path, "read_text", read_text)
         assert reloader.reload("test")
-        weights = stack.state.dispatcher.tenant_limits()
+        weights = stack.state.dispatcher.core.tenant_limits()
         assert weights["a"].weight == 2.0  # what was read and hashed is what is applied
         assert reloader.changed()  # so the concurrent write is seen as a change ...
         assert reloader.reload("test")
-        assert stack.state.dispatcher.tenant_limits()["a"].weight == 3.5  # ... and applied
+        assert stack.state.dispatcher.core.tenant_limits()["a"].weight == 3.5  # ... and applied
         assert not reloader.changed()
 
 
@@ -200,7 +200,7 @@ async def test_watch_reloads_when_the_file_changes(tmp_path: Path) -> None:
         try:
             path.write_text(yaml.safe_dump(raw_config(stack, tenants(("a", 3), ("b", 1)))))
             d = stack.state.dispatcher
-            await wait_for(lambda: d.tenant_limits()["a"].weight == 3.0)
+            await wait_for(lambda: d.core.tenant_limits()["a"].weight == 3.0)
             # an edit that leaves the content as it was (touch) is not a reload
             reloads = stack.state.stats.reloads["ok"]
             os.utime(path, ns=(1, 1))

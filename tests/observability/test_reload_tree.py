@@ -35,7 +35,7 @@ async def test_moving_tenants_between_groups_keeps_their_queued_requests() -> No
     gw = {"tenants": OLD}
     async with gateway_stack(gateway=gw, backend={"max_num_seqs": 1}, sim={"speed": 1.0}) as stack:
         d = stack.state.dispatcher
-        pool = d.pool(MODEL)
+        pool = d.core.pool(MODEL)
         async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
 
             def post(key: str, n: int) -> asyncio.Task[httpx.Response]:
@@ -45,26 +45,27 @@ async def test_moving_tenants_between_groups_keeps_their_queued_requests() -> No
                 )
 
             first = post("a1", 40)  # holds the only slot
-            await wait_for(lambda: d.running.get("a1") == 1)
+            await wait_for(lambda: d.core.running.get("a1") == 1)
             queued = [post(t, 2) for t in ("a1", "a2", "a2", "b", "b")]
-            await wait_for(lambda: d.total_queued() == 5)
+            await wait_for(lambda: d.core.total_queued() == 5)
             counters = {t: pool.counter(t) for t in ("a1", "a2", "b")}
             a_counter = pool.group_counter("org-a")
             result = apply_config(stack.state, parse_config(raw_config(stack, NEW)))
             assert result.rejected == 0 and not result.removed
             assert result.added == ("c",)
             assert set(result.changed) == {"a2", "b"}  # moved to another group
-            assert d.total_queued() == 5  # nothing lost
+            assert d.core.total_queued() == 5  # nothing lost
             assert pool.parent("a2") == pool.parent("b") == "org-x"
             assert pool.queued_under("org-x") == 4 and pool.queued_under("org-a") == 1
             assert {t: pool.counter(t) for t in counters} == counters
             assert pool.group_counter("org-a") == a_counter and pool.group_weight("org-a") == 1
-            assert d.group_limits()["org-x"].max_queued == 50 and "org-b" not in d.group_limits()
+            groups = d.core.group_limits()
+            assert groups["org-x"].max_queued == 50 and "org-b" not in groups
             c = post("c", 2)  # the new team works at once
             responses = await asyncio.gather(first, *queued, c)
             assert [r.status_code for r in responses] == [200] * 7
         await wait_for(lambda: stack.state.admission.in_flight() == 0)
-        assert d.total_queued() == 0
+        assert d.core.total_queued() == 0
         assert d.core.group_running.get("org-a") == 0 and d.core.group_running.get("org-x") == 0
 
 
@@ -82,18 +83,18 @@ async def test_a_group_queue_limit_answers_429_for_all_its_tenants() -> None:
                 )
 
             first = post("solo", 40)
-            await wait_for(lambda: d.running.get("solo") == 1)
+            await wait_for(lambda: d.core.running.get("solo") == 1)
             queued = [post("t1", 2), post("t2", 2)]
-            await wait_for(lambda: d.total_queued() == 2)
+            await wait_for(lambda: d.core.total_queued() == 2)
             full = await post("t2", 2)  # org has 2 queued: its limit
             assert full.status_code == 429 and "Retry-After" in full.headers
             assert "org" in full.json()["error"]["message"]
             other = post("solo", 2)  # a tenant outside the group is not limited by it
-            await wait_for(lambda: d.total_queued() == 3)
+            await wait_for(lambda: d.core.total_queued() == 3)
             responses = await asyncio.gather(first, *queued, other)
             assert [r.status_code for r in responses] == [200] * 4
         await wait_for(lambda: stack.state.admission.in_flight() == 0)
-        assert d.total_queued() == 0
+        assert d.core.total_queued() == 0
 
 
 async def test_a_tenant_cannot_become_a_group_by_reload() -> None:
@@ -106,4 +107,4 @@ async def test_a_tenant_cannot_become_a_group_by_reload() -> None:
             "tenants: 'a1' would change between tenant and group; restart",
             "tenants: 'org-b' would change between tenant and group; restart",
         ]
-        assert stack.state.config.hierarchical and "x" not in d.tenant_limits()  # unchanged
+        assert stack.state.config.hierarchical and "x" not in d.core.tenant_limits()  # unchanged

@@ -4,7 +4,7 @@ resubmitting tenant. Hand-checked numbers (prices 1/2, unit weights)."""
 from __future__ import annotations
 
 from gateway.admission import AdmissionController, BackendSlots
-from gateway.core import DispatchCore, Grant
+from gateway.core import CoreOptions, DispatchCore, Grant
 from gateway.scheduler import Job, LCFScheduler, VTCScheduler
 
 
@@ -108,8 +108,8 @@ def make_core(seqs: int, hold_s: float) -> tuple[DispatchCore, list[Job], list[f
     core = DispatchCore(
         AdmissionController([slots]),
         on_grant,
+        CoreOptions(hold_s=hold_s),
         clock=lambda: clock[0],
-        hold_s=hold_s,
         on_hold=timers.append,
     )
     core.test_clock = clock  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from gateway.admission import AdmissionController, BackendSlots
-from gateway.core import DispatchCore, Grant
+from gateway.core import CoreOptions, DispatchCore, Grant
 from gateway.scheduler import Job, make_scheduler
 from gateway.scheduler.predictor import DEFAULT_PRIOR, OutputPredictor
 
@@ -66,7 +66,8 @@ def test_bad_settings_are_refused() -> None:
 def test_the_core_shares_one_predictor_between_its_pools_and_admission() -> None:
     ac = AdmissionController([BackendSlots("b", frozenset({"m", "n"}), 8, 100_000)])
     granted: list[tuple[Job, Grant]] = []
-    core = DispatchCore(ac, lambda job, grant: granted.append((job, grant)), policy="vtc-predict")
+    options = CoreOptions(policy="vtc-predict")
+    core = DispatchCore(ac, lambda job, grant: granted.append((job, grant)), options)
     core.set_tenant("a", 1.0)
     assert core.pool("m").predictor is core.pool("n").predictor is core.predictor
     for i in range(10):

@@ -225,7 +225,7 @@ class Gateway:
         return self.app[STATE]
 
     def counter(self, tenant: str) -> float:
-        return self.state.dispatcher.pool(MODEL).counter(tenant)
+        return self.state.dispatcher.core.pool(MODEL).counter(tenant)
 
 
 @contextlib.asynccontextmanager

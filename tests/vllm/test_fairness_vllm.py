@@ -49,7 +49,7 @@ async def _b_share(url: str, policy: str) -> float:
             order.append(tenant)
 
         flood = [asyncio.create_task(one("a", i)) for i in range(16)]
-        await wait_until(lambda: gw.state.dispatcher.total_queued() >= 12, 60, "a queued")
+        await wait_until(lambda: gw.state.dispatcher.core.total_queued() >= 12, 60, "a queued")
         done_before = len(order)
         light = [asyncio.create_task(one("b", i)) for i in range(4)]
         await asyncio.gather(*flood, *light)

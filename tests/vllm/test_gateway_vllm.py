@@ -278,10 +278,10 @@ async def test_disconnect_aborts_upstream_in_every_phase_without_tracebacks(
                     headers=A,
                 )
             )
-            await wait_until(lambda: gw.state.dispatcher.total_queued() == 1, 30, "queued")
+            await wait_until(lambda: gw.state.dispatcher.core.total_queued() == 1, 30, "queued")
             queued.cancel()
             await asyncio.gather(queued, return_exceptions=True)
-            await wait_until(lambda: gw.state.dispatcher.total_queued() == 0, 30, "dequeued")
+            await wait_until(lambda: gw.state.dispatcher.core.total_queued() == 0, 30, "dequeued")
         await wait_until(lambda: gw.state.admission.in_flight() == 0, 30, "gateway slots free")
         after = await _idle_metrics(vllm)
         assert gw.state.stats.prompt_tokens["a"] == 7 * prompt  # the queued one did not run
