@@ -108,6 +108,8 @@ class ClusterCore(DispatchCore):
     #: requests of one tenant one claim may ask slots for (pipelined dispatch: a burst of
     #: freed slots costs one round trip, not one each)
     claim_batch: int = 8
+    #: a queue refused for want of room is retried on a wake-up, or after this many ticks
+    full_retry_ticks: int = 10
 
     def attach(self, store: ClusterStore) -> None:
         assert isinstance(self.admission, ClusterAdmission)
@@ -117,6 +119,8 @@ class ClusterCore(DispatchCore):
         self._again: set[str] = set()  # models that saw news while their claim was in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy: Counter[tuple[str, str]] = Counter()  # (model, tenant) -> running here
+        #: models whose last claim found no room: ticks to skip before retrying anyway
+        self._full: dict[str, int] = {}
         #: the credit of a tenant whose request arrived to an empty queue, taken before the
         #: arrival ends a hold for it (as the local lift does): what its entry into the
         #: shared backlog uses
@@ -146,16 +150,25 @@ class ClusterCore(DispatchCore):
     def wake(self, message: str) -> None:
         kind, _, name = message.partition(":")
         if kind == "m":
+            self._full.pop(name, None)
             self.pump(name)
         elif kind == "b":
             for b in self.admission.backends():
                 if b.name == name:
+                    for model in b.models:
+                        self._full.pop(model, None)
                     self.pump_backend(b)
 
     def tick(self) -> None:
-        """Every sync interval: retry queues whose head was refused (a missed wake-up)."""
+        """Every sync interval: retry queues whose head was refused for its place in the order
+        (the counters moved). A queue refused for want of room waits for the wake-up a release
+        sends, retried only every ``full_retry_ticks`` in case one was lost."""
         for model, pool in self._pools.items():
             if pool.total_queued() and model not in self._claiming:
+                skip = self._full.get(model)
+                if skip:
+                    self._full[model] = skip - 1
+                    continue
                 self.pump(model)
 
     # -- queue and running side: keep the store's view current ---------------------------------
@@ -252,6 +265,7 @@ class ClusterCore(DispatchCore):
                     if res is None or model in self._again:
                         continue
                     if res.status == "full":
+                        self._full[model] = self.full_retry_ticks
                         return  # no room: wait for a wake-up
                     # the rest are refused: another tenant comes first; claim for the head
                     passed.update(id(h) for h in holds[len(res.backends) :])
@@ -277,8 +291,12 @@ class ClusterCore(DispatchCore):
                     continue  # the store is down now: the next pass decides locally
                 if model in self._again:
                     continue
-                if res.status == "full" or not res.backends:
-                    return  # wait for a wake-up (a slot freed, the backlog changed, a tick)
+                if res.status == "full":
+                    self._full[model] = self.full_retry_ticks
+                    return  # wait for a wake-up (a slot freed)
+                self._full.pop(model, None)
+                if not res.backends:
+                    return  # wait for a wake-up (the backlog changed) or the next tick
         finally:
             self._claiming.discard(model)
 

@@ -164,6 +164,13 @@ def test_live_shares_match_the_lab_and_the_weights() -> None:
     assert live.trace["b"]["holds_used"] > 0  # the trace came back from the gateway process
 
 
+#: Across replicas the busy tenant is over-served with a long hold (b 0.815-0.817 of 0.8 at
+#: 1,000 ms; one run in two at 300 ms) and a's small share is noisy over short runs (slots of
+#: one size free in bursts of 16 every ~1.75 s, split 3/13 or 4/12): at 200 ms over 30 s, b
+#: got 0.797-0.806 in three runs.
+CLUSTER_HOLD_MS = 200.0
+
+
 @pytest.mark.timeout(300)
 def test_two_replicas_keep_the_weights_live() -> None:
     """The same case with the two tenants at two gateways sharing a Redis (a at one, b at the
@@ -173,6 +180,6 @@ def test_two_replicas_keep_the_weights_live() -> None:
     service (measured: 0.80 within 1 % on the quiet machine)."""
     redis_binary()
     sc = dataclasses.replace(issue_scenario(), replicas=2)
-    live = run_live(sc, LiveOptions("vtc", duration=24.0, hold_ms=HOLD_MS))
+    live = run_live(sc, LiveOptions("vtc", duration=30.0, hold_ms=CLUSTER_HOLD_MS))
     assert live.extra["errors"] == 0
     assert off_weights(live.shares, sc) < 0.1, live.shares
