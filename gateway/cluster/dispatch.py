@@ -80,24 +80,12 @@ class ClusterAdmission(AdmissionController):
         exclude: Iterable[str] = (),
         prompt: int = 0,
         expect: int | None = None,
+        share: int = 1,
     ) -> BackendSlots | None:
         store = self.store
-        if store is None or store.up:
-            return super().place(model, tokens, exclude, prompt, expect)
-        n = max(1, store.stats.live_replicas)
-        skip = set(exclude)
-        best: BackendSlots | None = None
-        for b in self.serving(model):
-            cap = b.cap
-            if (
-                b.healthy
-                and b.name not in skip
-                and b.in_flight < max(1, cap // n)
-                and b.booked_tokens + tokens <= max(tokens, b.max_kv_tokens // n)
-                and (best is None or b.load < best.load)
-            ):
-                best = b
-        return best
+        if store is not None and not store.up:
+            share = max(share, store.stats.live_replicas)
+        return super().place(model, tokens, exclude, prompt, expect, share)
 
 
 class ClusterCore(DispatchCore):
