@@ -310,14 +310,10 @@ class ClusterCore(DispatchCore):
         Found with an empty queue here too, so the claim rides in the same round trip as the
         release that ended the tenant's request, ahead of the wake-up it sends."""
         out: list[Hold] = []
-        for hold in self._holds:
-            finished = hold.job
-            tenant = finished.tenant
+        for hold in self.open_holds(model, now):
+            tenant = hold.job.tenant
             if (
-                hold.grant is None
-                and finished.model == model
-                and hold.until > now
-                and id(hold) not in passed
+                id(hold) not in passed
                 and (not out or tenant == out[0].job.tenant)
                 and not sched.queued(tenant)
                 and tenant not in self._paused
@@ -366,13 +362,9 @@ class ClusterCore(DispatchCore):
         assert isinstance(admission, ClusterAdmission)
         admission.claimed = True
         try:
-            reservation = admission.reserve(
-                backend, tokens, hold.job.prompt_tokens, self.expect(hold.job)
-            )
+            self.grant_hold(hold, backend)
         finally:
             admission.claimed = False
-        hold.grant = Grant(backend, reservation)
-        self.holds_total += 1
 
     def _heads(self, sched: Scheduler, head: Job) -> list[Job]:
         """``head`` and up to ``claim_batch - 1`` of its tenant's jobs queued behind it: one
