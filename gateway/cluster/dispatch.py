@@ -132,8 +132,7 @@ class ClusterCore(DispatchCore):
         entry = self._entry_credit.pop((model, tenant), None)
         if entry is not None:  # as it was when the tenant's request arrived to an empty queue
             return entry
-        credit = getattr(self.pool(model), "credit", None)
-        return float(credit(tenant, self.clock())) if credit is not None else 0.0
+        return self.pool(model).credit(tenant, self.clock())
 
     def wake(self, message: str) -> None:
         kind, _, name = message.partition(":")
@@ -164,8 +163,8 @@ class ClusterCore(DispatchCore):
         store = self.store
         if store is not None:
             pool = self.pool(job.model)
-            if getattr(type(pool), "lift", False):  # the lift is global while Redis is up
-                pool.lift = not store.up  # type: ignore[attr-defined]
+            if type(pool).lift:  # the lift is global while Redis is up
+                pool.lift = not store.up
             if store.up and pool.queued(job.tenant) == 0:
                 self._entry_credit.pop((job.model, job.tenant), None)
                 self._entry_credit[(job.model, job.tenant)] = self.credit(job.model, job.tenant)
