@@ -147,9 +147,7 @@ end
 #: Heartbeat + flush of locally accumulated charges. ARGV: P, replica, lease_ms, then
 #: (model, tenant, base, sent) per tenant: ``base`` re-creates a counter lost by an empty
 #: restart, ``sent`` is added. Returns {known, live replicas, counter per entry...}.
-SYNC = (
-    _COMMON
-    + r"""
+SYNC = r"""
 local known = heartbeat(ARGV[2], tonumber(ARGV[3]))
 local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas')}
 for i = 4, #ARGV, 4 do
@@ -161,14 +159,11 @@ for i = 4, #ARGV, 4 do
 end
 return out
 """
-)
 
 #: (Re)register a replica with its full local state: what it holds and where tenants wait.
 #: ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then (model, tenant,
 #: requests waiting) *.
-REGISTER = (
-    _COMMON
-    + r"""
+REGISTER = r"""
 local replica = ARGV[2]
 local known, now = heartbeat(replica, tonumber(ARGV[3]))
 local hold = P .. ':hold:' .. replica
@@ -199,16 +194,13 @@ end
 redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
 return 1
 """
-)
 
 #: A tenant starts (1) or stops (0) waiting at this replica. ARGV: P, replica, lease_ms, model,
 #: tenant, on, credit (counter units a resubmitting tenant may stay below the lift's floor),
 #: its requests waiting here.
 #: Returns the tenant's counter (lifted when it joined the global backlog), or nil when the
 #: replica is unknown (it registers its whole state instead).
-MARK = (
-    _COMMON
-    + r"""
+MARK = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 if not heartbeat(replica, tonumber(ARGV[3])) then return false end
 if ARGV[6] == '1' then
@@ -218,7 +210,6 @@ else
 end
 return tostring(counter(model, tenant))
 """
-)
 
 #: Claim slots for the next ``n`` requests of ``tenant`` (its head request and those queued
 #: behind it here), flushing the replica's unsent charges first (the claimant's and its other
@@ -244,9 +235,7 @@ return tostring(counter(model, tenant))
 #: backend per granted request (k), counter per flushed entry...}: status
 #: 'ok' (all granted), 'full' or 'order' (why the first not granted was refused); or
 #: {'unknown'} (the replica must register first).
-CLAIM = (
-    _COMMON
-    + r"""
+CLAIM = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 local known = heartbeat(replica, tonumber(ARGV[3]))
 local f = tonumber(ARGV[8])
@@ -315,28 +304,53 @@ for _, b in ipairs(granted) do out[#out + 1] = b end
 for i = 9, 8 + 4 * f, 4 do out[#out + 1] = tostring(counter(ARGV[i], ARGV[i + 1])) end
 return out
 """
-)
 
 #: Book (+) or return (-) slots without any check (a release, or a request moved to another
 #: backend after its first refused it). ARGV: P, replica, lease_ms, backend, seqs, kv.
 #: An unknown replica books nothing (its next registration carries its whole holdings).
-SLOTS = (
-    _COMMON
-    + r"""
+SLOTS = r"""
 if not heartbeat(ARGV[2], tonumber(ARGV[3])) then return 0 end
 add_slots(ARGV[2], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 return 1
 """
-)
 
 #: A replica shutting down returns its slots and leaves the backlog. ARGV: P, replica.
-LEAVE = _COMMON + "drop(ARGV[2])\nreturn 1\n"
+LEAVE = "drop(ARGV[2])\nreturn 1\n"
 
-SCRIPTS = {
+#: Every operation of one round trip in one script call. ARGV: P, replica, lease_ms, then per
+#: operation its name, the count of its own arguments and those arguments (as each script above
+#: takes them after lease_ms). Returns the operations' replies, in order.
+BATCH = r"""
+local ops = {sync = op_sync, register = op_register, mark = op_mark, claim = op_claim,
+             slots = op_slots, leave = op_leave}
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local f, n = ops[ARGV[i]], tonumber(ARGV[i + 1])
+  local a = {ARGV[1], ARGV[2], ARGV[3]}
+  for j = 1, n do a[3 + j] = ARGV[i + 1 + j] end
+  out[#out + 1] = f(a)
+  i = i + 2 + n
+end
+return out
+"""
+
+#: The operations, each a Lua function of its argument table (the bodies above read it as
+#: ARGV), defined once after the common functions.
+OPERATIONS = {
     "sync": SYNC,
     "register": REGISTER,
     "mark": MARK,
     "claim": CLAIM,
     "slots": SLOTS,
     "leave": LEAVE,
+}
+_FUNCTIONS = _COMMON + "".join(
+    f"local function op_{name}(ARGV)\n{body}\nend\n" for name, body in OPERATIONS.items()
+)
+
+#: name -> the full script text: each operation alone, and ``batch``
+SCRIPTS = {
+    **{name: f"{_FUNCTIONS}return op_{name}(ARGV)\n" for name in OPERATIONS},
+    "batch": _FUNCTIONS + BATCH,
 }

@@ -367,26 +367,27 @@ class ClusterStore:
                 if key not in claimed:
                     entries.append(key)
                     sync_args += [key[0], key[1], *flush(key)]
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        # the whole round trip is one script call (scripts.BATCH) running the operations in order
+        batch: list[Any] = []
         if register:
-            if not self._shas:
-                await self._load_scripts()
             reg: list[Any] = [len(self.held)]
             for backend, (seqs, kv) in self.held.items():
                 reg += [backend, seqs, kv]
             for model, tenant in self._marked:
                 reg += [model, tenant, local.waiting(model, tenant)]
-            self._eval(pipe, "register", reg)
-            n += 1
+            batch += ["register", len(reg), *reg]
         if sync:
-            self._eval(pipe, "sync", sync_args)
+            batch += ["sync", len(sync_args), *sync_args]
         for op in (*marks, *ops):
-            self._eval(pipe, op.script, op.args)
-        n += int(sync) + len(marks) + len(ops)
+            batch += [op.script, len(op.args), *op.args]
+        n = int(register) + int(sync) + len(marks) + len(ops)
         start = time.perf_counter()
         try:
-            results = await pipe.execute()
+            if not self._shas:
+                await self._load_scripts()
+            results = await self.redis.evalsha(
+                self._shas["batch"], 0, self.prefix, self.replica, self.lease_ms, *batch
+            )
         except (RedisError, OSError) as exc:
             for key, sent in before.items():
                 self._sent[key] = sent
@@ -456,16 +457,8 @@ class ClusterStore:
         credit = repr(float(self.local.credit(*key)))
         return _Op("mark", [key[0], key[1], "1", credit, self.local.waiting(*key)], key)
 
-    def _eval(self, pipe: Any, script: str, args: list[Any]) -> None:
-        pipe.evalsha(self._shas[script], 0, self.prefix, self.replica, self.lease_ms, *args)
-
     async def _load_scripts(self) -> None:
-        try:
-            for name, source in SCRIPTS.items():
-                self._shas[name] = await self.redis.script_load(source)
-        except (RedisError, OSError) as exc:
-            self._down(exc, [])
-            raise ClusterUnavailable from None
+        self._shas["batch"] = await self.redis.script_load(SCRIPTS["batch"])
 
     def _down(self, exc: BaseException, ops: list[_Op]) -> None:
         if not self._warned:
