@@ -278,7 +278,7 @@ class ClusterCore(DispatchCore):
                     continue  # the store is down now: the next pass decides locally
                 if model in self._again:
                     continue
-                if res.status == "full":
+                if res.status == "full" or (res.status == "ok" and not res.room):
                     self._full[model] = self.full_retry_ticks
                     return  # wait for a wake-up (a slot freed)
                 self._full.pop(model, None)

@@ -13,10 +13,16 @@ Keys (``P`` is the configured prefix, hash-tagged so that every key lives in one
     P:bl:<model>       zset   tenant -> counter, for tenants waiting somewhere (the backlog)
     P:last:<model>     string the tenant that most recently left the backlog
     P:be:<backend>     hash   s -> sequences in flight, k -> KV tokens booked
+    P:cap              hash   backend -> its sequence limit, as the last claim said
+    P:bm:<backend>     set    the models claims named it a candidate for
+    P:w:<model>\x1f<tenant>  set  replicas where the tenant waits
     P:hold:<replica>   hash   <backend>\\x1fs / <backend>\\x1fk -> what this replica holds
     P:rq:<replica>     set    <model>\\x1f<tenant> the replica has waiting
     P:rd:<replica>     hash   <model>\\x1f<tenant> -> how many requests wait there
-    P:wake             channel  "b:<backend>" (slots freed), "m:<model>" (backlog shrank)
+    P:wake             channel  "b:<backend>" (slots freed, nobody known to wake first),
+                                "m:<model>" (backlog shrank): every replica
+    P:wake:<replica>   channel  "b:<backend>": slots freed, and a tenant waiting at the replica
+                                comes first for them
 
 A replica's lease is renewed by every script it runs; any script first *reaps* replicas whose
 lease ran out: their slots return to the backends and their waiting tenants leave the backlog.
@@ -78,6 +84,7 @@ local function set_demand(replica, model, tenant, n)
 end
 local function mark(replica, model, tenant, credit, waiting)
   if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
+    redis.call('SADD', P .. ':w:' .. model .. SEP .. tenant, replica)
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
     if n == 1 then
       local c = lift(model, tenant, credit)
@@ -89,12 +96,40 @@ end
 local function unmark(replica, model, tenant)
   set_demand(replica, model, tenant, 0)
   if redis.call('SREM', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
+    redis.call('SREM', P .. ':w:' .. model .. SEP .. tenant, replica)
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, -1)
     if n <= 0 then
       redis.call('HDEL', P .. ':q:' .. model, tenant)
       redis.call('ZREM', P .. ':bl:' .. model, tenant)
       redis.call('SET', P .. ':last:' .. model, tenant)
       redis.call('PUBLISH', P .. ':wake', 'm:' .. model)
+    end
+  end
+end
+-- A release wakes only the replicas where the tenants first in the order wait (for each model
+-- the backend served in a claim): as many tenants as their demand takes to fill the room the
+-- backend has now. Unknown models or room (no claim seen yet): every replica.
+local function wake_for(backend)
+  local be, msg = P .. ':be:' .. backend, 'b:' .. backend
+  local models = redis.call('SMEMBERS', P .. ':bm:' .. backend)
+  local cap = num(redis.call('HGET', P .. ':cap', backend))
+  if #models == 0 or not cap then
+    redis.call('PUBLISH', P .. ':wake', msg)
+    return
+  end
+  local room = math.max(1, cap - (num(redis.call('HGET', be, 's')) or 0))
+  local sent = {}
+  for _, model in ipairs(models) do
+    local need, d = 0, P .. ':d:' .. model
+    for _, t in ipairs(redis.call('ZRANGE', P .. ':bl:' .. model, 0, room - 1)) do
+      for _, r in ipairs(redis.call('SMEMBERS', P .. ':w:' .. model .. SEP .. t)) do
+        if not sent[r] then
+          sent[r] = true
+          redis.call('PUBLISH', P .. ':wake:' .. r, msg)
+        end
+      end
+      need = need + math.max(1, num(redis.call('HGET', d, t)) or 0)
+      if need >= room then break end
     end
   end
 end
@@ -112,7 +147,7 @@ local function add_slots(replica, backend, seqs, kv)
   if k < 0 then k = 0 end
   redis.call('HSET', be, 's', s, 'k', k)
   redis.call('HSET', hold, backend .. SEP .. 's', hs + seqs, backend .. SEP .. 'k', hk + kv)
-  if seqs < 0 then redis.call('PUBLISH', P .. ':wake', 'b:' .. backend) end
+  if seqs < 0 then wake_for(backend) end
 end
 local function drop(replica)
   local hold = redis.call('HGETALL', P .. ':hold:' .. replica)
@@ -232,7 +267,8 @@ return tostring(counter(model, tenant))
 #: nowhere (a busy tenant resubmitting, see gateway/core.py): charged nothing (``extra`` 0), the
 #: tenant not entered in the backlog, its counter taken as it would be lifted on arrival
 #: (``max(own, floor - credit)``) for the order check. Returns {status, counter, lower, k,
-#: backend per granted request (k), counter per flushed entry...}: status
+#: room, backend per granted request (k), counter per flushed entry...} (``room``: requests of
+#: the last one's size the candidates still have room for, after the grants): status
 #: 'ok' (all granted), 'full' or 'order' (why the first not granted was refused); or
 #: {'unknown'} (the replica must register first).
 CLAIM = r"""
@@ -259,14 +295,10 @@ local base = 9 + 4 * f
 local n = tonumber(ARGV[base])
 local first = base + 1 + 2 * n
 local granted = {}
-local out = {'ok', '', 0}
-for j = 1, n do
-  local extra = tonumber(ARGV[base - 1 + 2 * j])
-  local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
-  local tol = 1e-9 * math.max(1, math.abs(c))
-  local lower = redis.call('ZCOUNT', bl, '-inf', '(' .. (c - tol))
-  out[3] = lower
-  if j > 1 and lower > 0 then out[1] = 'order' break end
+local out = {'ok', '', 0, 0, 0}
+-- the candidate with the most room for a request of ``tokens`` (nil: none has room), and the
+-- room of all candidates together (requests of that size)
+local function room_for(tokens)
   local best, best_room, total = nil, 0, 0
   for i = first, #ARGV, 3 do
     local be = P .. ':be:' .. ARGV[i]
@@ -279,6 +311,20 @@ for j = 1, n do
       if room > best_room then best, best_room = ARGV[i], room end
     end
   end
+  return best, total
+end
+for i = first, #ARGV, 3 do  -- what a release needs to know whom to wake
+  redis.call('SADD', P .. ':bm:' .. ARGV[i], model)
+  redis.call('HSET', P .. ':cap', ARGV[i], ARGV[i + 1])
+end
+for j = 1, n do
+  local extra = tonumber(ARGV[base - 1 + 2 * j])
+  local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
+  local tol = 1e-9 * math.max(1, math.abs(c))
+  local lower = redis.call('ZCOUNT', bl, '-inf', '(' .. (c - tol))
+  out[3] = lower
+  if j > 1 and lower > 0 then out[1] = 'order' break end
+  local best, total = room_for(tokens)
   if not best then out[1] = 'full' break end
   if lower > 0 then  -- room for all the requests waiting ahead (bounded by the room)
     local need, d = 0, P .. ':d:' .. model
@@ -300,6 +346,8 @@ if not hold then  -- what still waits here after the grants
 end
 out[2] = tostring(counter(model, tenant))
 out[4] = #granted
+local _, left = room_for(math.max(1, tonumber(ARGV[base + 2 * n])))
+out[5] = left
 for _, b in ipairs(granted) do out[#out + 1] = b end
 for i = 9, 8 + 4 * f, 4 do out[#out + 1] = tostring(counter(ARGV[i], ARGV[i + 1])) end
 return out

@@ -68,6 +68,8 @@ class ClaimResult:
     counter: float = 0.0
     lower: int = 0  # backlogged tenants with a smaller counter (refusals)
     backends: tuple[str, ...] = ()  # one per granted request, in order
+    #: requests of the last one's size the candidates still have room for after the grants
+    room: int = 0
 
     @property
     def backend(self) -> str | None:
@@ -228,12 +230,9 @@ class ClusterStore:
                 res = ClaimResult("full")
             else:
                 k = int(raw[3])
-                backends = tuple(b.decode() for b in raw[4 : 4 + k])
+                backends = tuple(b.decode() for b in raw[5 : 5 + k])
                 res = ClaimResult(
-                    raw[0].decode(),
-                    float(raw[1]),
-                    int(raw[2]),
-                    backends,
+                    raw[0].decode(), float(raw[1]), int(raw[2]), backends, int(raw[4])
                 )
                 for backend, (_, tokens) in zip(backends, requests, strict=False):
                     held = self.held.setdefault(backend, [0, 0])
@@ -246,7 +245,7 @@ class ClusterStore:
             if raw[0] != b"unknown":
                 extra = 0.0 if hold else sum(e for e, _ in requests[: len(res.backends)])
                 self._apply(key, res.counter, extra)
-                for other, remote in zip(op.flushed[1:], raw[5 + k :], strict=True):
+                for other, remote in zip(op.flushed[1:], raw[6 + k :], strict=True):
                     self._apply(other, float(remote))
             if not fut.done():
                 fut.set_result(res)
@@ -296,6 +295,9 @@ class ClusterStore:
             tick = now >= next_tick
             if tick:
                 next_tick = now + (self.sync_interval_s if self.up else retry_s)
+                if self.up:  # the queues it retries claim in this round trip, after the sync
+                    self.local.tick()
+                    await asyncio.sleep(0)
             if not self.up and not tick:
                 continue  # the registration that ends an outage carries the whole state
             was_up = self.up
@@ -305,8 +307,6 @@ class ClusterStore:
                 continue
             if not was_up:
                 log.warning("cluster: Redis reachable again; shared fair order resumed")
-            if tick:
-                self.local.tick()
             await asyncio.sleep(0)  # let granted handlers run before the next batch
 
     async def _batch(self, full: bool) -> None:
@@ -490,11 +490,11 @@ class ClusterStore:
         and the loop re-checks ``_closed``: redis-py's blocking pub/sub read can lose the
         task's cancellation (redis 8.2: a cancel soon after subscribing leaves the task in a
         new read, forever), which made ``close()``, hence a worker's shutdown, hang."""
-        channel = f"{self.prefix}:wake"
+        channels = (f"{self.prefix}:wake", f"{self.prefix}:wake:{self.replica}")
         while not self._closed:
             try:
                 async with self._listener.pubsub() as ps:
-                    await ps.subscribe(channel)
+                    await ps.subscribe(*channels)
                     while not self._closed:
                         msg = await ps.get_message(timeout=_LISTEN_POLL_S)
                         if msg is not None and msg.get("type") == "message":
