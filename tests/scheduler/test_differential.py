@@ -15,7 +15,6 @@ committed.
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from gateway.scheduler import (
     VTCPredictScheduler,
     VTCScheduler,
 )
-from gateway.scheduler.vtc import _Queue
 
 TENANTS = ("a", "b", "c", "d", "e")
 WEIGHTS = (0.5, 1.0, 2.0, 3.0)
@@ -309,11 +307,9 @@ def test_reference_detects_a_wrong_pick() -> None:
     """The harness has teeth: a scheduler that breaks ties the wrong way is caught."""
 
     class NewestHeadFirst(VTCScheduler):
-        def _push(self, tenant: str, q: _Queue) -> None:
-            q.version += 1
-            heapq.heappush(
-                self._heap(q.tier), (self._counters[tenant], -q.head().seq, q.version, tenant)
-            )
+        def _entry(self, name: str) -> tuple[float, int, int, str]:
+            counter, seq, version, _ = super()._entry(name)
+            return (counter, -seq, version, name)
 
     POLICIES["broken"] = (NewestHeadFirst, True, False)
     try:
