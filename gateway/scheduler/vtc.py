@@ -200,7 +200,9 @@ class VTCScheduler(Scheduler):
         if self._dirty:
             self._rebuild()
         for root in self._levels:
-            top = self._descend(root.heap)
+            top = self._best(root.heap)
+            if top is not None and not isinstance(top, _Queue):
+                top = self._descend(root.heap)  # a group leads: down the tree
             if top is not None:
                 share = self._share
                 if share is not None and root.tier > share[0] and self._group[0] < self._group[1]:
@@ -240,8 +242,6 @@ class VTCScheduler(Scheduler):
         parent's heap (it comes back with :meth:`_push_node`). O(depth · log fan-out)
         amortised."""
         node = self._best(heap)
-        if node is None or isinstance(node, _Queue):
-            return node  # a tenant at the first level: no way back up needed
         stack: list[list[_Entry]] = []
         while True:
             if node is None:
@@ -276,23 +276,22 @@ class VTCScheduler(Scheduler):
         g = self._groups.get(node)
         return g.queued if g is not None else self.queued(node)
 
-    def _entry(self, name: str) -> _Entry:
-        """A fresh heap entry for a backlogged node (the old ones become stale)."""
-        g = self._groups.get(name)
-        if g is None:
-            q = self._queues[name]
-            q.version += 1
-            return (self._counters[name], q.head().seq, q.version, name)
-        g.version += 1
-        return (g.counter, g.since, g.version, name)
-
     def _push_node(self, name: str) -> None:
-        """Enter the backlogged node ``name`` in its parent's heap, and each ancestor in its
-        parent's (one of them may have left it, all its children paused): O(depth · log)."""
+        """Enter the backlogged node ``name`` in its parent's heap under a fresh entry (the old
+        ones become stale), and each ancestor in its parent's (one of them may have left it,
+        all its children paused): O(depth · log)."""
         up = self._up.get(name)
         while up is not None:
+            g = self._groups.get(name)
+            if g is None:
+                q = self._queues[name]
+                q.version += 1
+                entry = (self._counters[name], q.head().seq, q.version, name)
+            else:
+                g.version += 1
+                entry = (g.counter, g.since, g.version, name)
             heap = up.heap
-            heapq.heappush(heap, self._entry(name))
+            heapq.heappush(heap, entry)
             if len(heap) > 2 * max(up.queued + 32, len(up.kids)):
                 self._compact(up)
             name = up.name
@@ -350,15 +349,10 @@ class VTCScheduler(Scheduler):
 
     # -- hooks -------------------------------------------------------------------------------
     def _on_counter_change(self, tenant: str, delta: float) -> None:
-        """Charge ``tenant``'s groups what its counter moved by (in priced tokens over each
-        group's weight): O(depth), no sibling is looked at."""
-        if self._dirty:
-            self._rebuild()
-        anc = self._anc.get(tenant) if self._groups else None
-        if anc:
-            cost = delta * self._weights.get(tenant, 1.0)
-            for g in anc:
-                g.counter += cost / g.weight
+        if self._groups or self._dirty:
+            self._charge_groups(tenant, delta)
+        elif delta < 0 and self.queued(tenant):
+            self._push_node(tenant)  # a lowered key needs a fresh entry (see _charge_groups)
         share = self._share
         if share is not None:  # the groups' counters follow every charge
             tier = self._tiers.get(tenant, 0)
@@ -368,7 +362,18 @@ class VTCScheduler(Scheduler):
                     self._group[0] += cost / share[1]
                 else:
                     self._group[1] += cost / (1 - share[1])
-        # Raising a counter leaves a stale-low key that _best repairs; lowering needs new
+
+    def _charge_groups(self, tenant: str, delta: float) -> None:
+        """Charge ``tenant``'s groups what its counter moved by (in priced tokens over each
+        group's weight): O(depth), no sibling is looked at."""
+        if self._dirty:
+            self._rebuild()
+        anc = self._anc.get(tenant)
+        if anc:
+            cost = delta * self._weights.get(tenant, 1.0)
+            for g in anc:
+                g.counter += cost / g.weight
+        # Raising a counter leaves a stale-low key that _best repairs; lowering needs fresh
         # entries, from the lowest backlogged node up.
         if delta < 0:
             if self.queued(tenant):

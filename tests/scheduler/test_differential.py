@@ -15,6 +15,7 @@ committed.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -307,9 +308,11 @@ def test_reference_detects_a_wrong_pick() -> None:
     """The harness has teeth: a scheduler that breaks ties the wrong way is caught."""
 
     class NewestHeadFirst(VTCScheduler):
-        def _entry(self, name: str) -> tuple[float, int, int, str]:
-            counter, seq, version, _ = super()._entry(name)
-            return (counter, -seq, version, name)
+        def _push_node(self, name: str) -> None:
+            super()._push_node(name)
+            q = self._queues[name]  # a fresh entry keyed by the newest job first
+            q.version += 1
+            heapq.heappush(q.up.heap, (self._counters[name], -q.head().seq, q.version, name))
 
     POLICIES["broken"] = (NewestHeadFirst, True, False)
     try:
