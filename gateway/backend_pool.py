@@ -23,7 +23,7 @@ from typing import Any
 
 from .admission import AdmissionController, BackendSlots, Quota, adapt_kv_scale, adapt_seq_cap
 from .config import BackendConfig
-from .engines import Engine, engine_for
+from .engines import Engine, EngineLoad, engine_for
 from .errors import BackendError
 from .metrics import BackendSnapshot
 from .outcomes import BackendErrorKind
@@ -295,37 +295,7 @@ class BackendPool:
         waiting, running = load.waiting, load.running
         slots = st.slots
         queued = self._queued_for(slots) if self._queued_for is not None else 0
-        grew = False
-        if slots.kv_admission == "predict":
-            if load.block_size is not None:
-                slots.block_size = load.block_size
-            total = load.preemptions_total
-            preempted = 0.0
-            if total is not None:
-                if st.preemptions is not None and total >= st.preemptions:
-                    preempted = total - st.preemptions
-                st.preemptions = total
-                st.preemptions_seen += preempted
-            scale = slots.kv_scale
-            grew = adapt_kv_scale(
-                slots,
-                waiting=waiting,
-                preempted=preempted,
-                kv_usage=load.kv_usage,
-                gateway_queued=queued,
-                running=running,
-            )
-            if slots.kv_scale != scale and (slots.kv_scale < 1.0 or preempted):
-                log.info(
-                    "backend %s: KV budget scale %.2f -> %.2f (waiting %d, running %d, "
-                    "preempted %d)",
-                    st.name,
-                    scale,
-                    slots.kv_scale,
-                    waiting,
-                    running,
-                    preempted,
-                )
+        grew = slots.kv_admission == "predict" and self._adapt_kv(st, load, queued)
         if st.config.adaptive:
             before = slots.seq_cap
             if adapt_seq_cap(slots, int(waiting), int(running), queued):
@@ -341,6 +311,41 @@ class BackendPool:
                 )
         if grew:
             self._on_capacity(slots)
+
+    @staticmethod
+    def _adapt_kv(st: BackendState, load: EngineLoad, queued: int) -> bool:
+        """``predict`` admission: the KV budget's scale from the engine's queue and
+        preemptions; True when it grew."""
+        slots = st.slots
+        if load.block_size is not None:
+            slots.block_size = load.block_size
+        total = load.preemptions_total
+        preempted = 0.0
+        if total is not None:
+            if st.preemptions is not None and total >= st.preemptions:
+                preempted = total - st.preemptions
+            st.preemptions = total
+            st.preemptions_seen += preempted
+        scale = slots.kv_scale
+        grew = adapt_kv_scale(
+            slots,
+            waiting=load.waiting,
+            preempted=preempted,
+            kv_usage=load.kv_usage,
+            gateway_queued=queued,
+            running=load.running,
+        )
+        if slots.kv_scale != scale and (slots.kv_scale < 1.0 or preempted):
+            log.info(
+                "backend %s: KV budget scale %.2f -> %.2f (waiting %d, running %d, preempted %d)",
+                st.name,
+                scale,
+                slots.kv_scale,
+                load.waiting,
+                load.running,
+                preempted,
+            )
+        return grew
 
     # -- queries -----------------------------------------------------------------------------
     def snapshot(self) -> tuple[BackendSnapshot, ...]:

@@ -91,25 +91,7 @@ class Dispatcher:
         if self._closed is not None:
             raise self._closed
         core = self.core
-        limits = core.tenant_limits().get(job.tenant)
-        if limits is None:  # removed by a reload after this request was authenticated
-            raise Unauthorized(TENANT_REMOVED)
-        if limits.max_queued is not None and core.queued(job.tenant) >= limits.max_queued:
-            raise RateLimited(
-                f"too many queued requests for this tenant (limit {limits.max_queued})",
-                retry_after=1.0,
-                outcome="rejected_queue_full",
-            )
-        groups = core.group_limits()
-        if groups:
-            for name in core.path(job.tenant):
-                cap = groups[name].max_queued
-                if cap is not None and core.queued_under(name) >= cap:
-                    raise RateLimited(
-                        f"too many queued requests for group {name!r} (limit {cap})",
-                        retry_after=1.0,
-                        outcome="rejected_queue_full",
-                    )
+        self._check_queue_limits(job.tenant)
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         job.payload = fut
         try:
@@ -133,6 +115,29 @@ class Dispatcher:
         except BaseException:
             self._withdraw(job, fut)
             raise
+
+    def _check_queue_limits(self, tenant: str) -> None:
+        """Raise 401 for a tenant a reload removed, 429 when its queue or a group's above it
+        is at its limit."""
+        core = self.core
+        limits = core.tenant_limits().get(tenant)
+        if limits is None:  # removed by a reload after this request was authenticated
+            raise Unauthorized(TENANT_REMOVED)
+        if limits.max_queued is not None and core.queued(tenant) >= limits.max_queued:
+            raise RateLimited(
+                f"too many queued requests for this tenant (limit {limits.max_queued})",
+                retry_after=1.0,
+                outcome="rejected_queue_full",
+            )
+        groups = core.group_limits()
+        for name in core.path(tenant) if groups else ():
+            cap = groups[name].max_queued
+            if cap is not None and core.queued_under(name) >= cap:
+                raise RateLimited(
+                    f"too many queued requests for group {name!r} (limit {cap})",
+                    retry_after=1.0,
+                    outcome="rejected_queue_full",
+                )
 
     def _hold_timer(self, until: float) -> None:
         """A slot is held until ``until`` (clock time): let it lapse then, unless used."""

@@ -459,6 +459,11 @@ class VTCScheduler(Scheduler):
         self._anc = {
             t: tuple(groups[g] for g in reversed(self.path(t)[:-1])) for t in self._weights
         }
+        self._requeue()
+
+    def _requeue(self) -> None:
+        """After :meth:`_rebuild` linked the tree: the queued counts and the heaps."""
+        groups, up = self._groups, self._up
         for t, q in self._queues.items():
             q.up, q.anc = up[t], self._anc[t]
             for g in q.anc:

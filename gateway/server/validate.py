@@ -80,6 +80,18 @@ def check_fields(body: dict[str, Any], chat: bool) -> Fields:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string", param="model")
+    _check_stream(body)
+    n = _int_field(body, "n")
+    if n is not None and n < 1:
+        raise InvalidRequest(f"n must be at least 1, got {n}.")
+    best_of = _int_field(body, "best_of")
+    if best_of is not None and best_of > 1:
+        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
+    name, max_tokens = _max_tokens(body, chat)
+    return Fields(model, max_tokens, name, "messages" if chat else "prompt", n or 1)
+
+
+def _check_stream(body: dict[str, Any]) -> None:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean", param="stream")
@@ -91,14 +103,12 @@ def check_fields(body: dict[str, Any], chat: bool) -> Fields:
             raise InvalidRequest(
                 "Stream options can only be defined when `stream=True`.", param="stream_options"
             )
-    n = _int_field(body, "n")
-    if n is not None and n < 1:
-        raise InvalidRequest(f"n must be at least 1, got {n}.")
-    best_of = _int_field(body, "best_of")
-    if best_of is not None and best_of > 1:
-        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
-    # Chat takes max_completion_tokens (the newer name) before max_tokens; the legacy
-    # completions endpoint knows only max_tokens and, like OpenAI and vLLM, defaults it to 16.
+
+
+def _max_tokens(body: dict[str, Any], chat: bool) -> tuple[str, int | None]:
+    """The output limit's field name and value. Chat takes max_completion_tokens (the newer
+    name) before max_tokens; the legacy completions endpoint knows only max_tokens and, like
+    OpenAI and vLLM, defaults it to 16."""
     name = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:
         name = "max_completion_tokens"
@@ -107,7 +117,7 @@ def check_fields(body: dict[str, Any], chat: bool) -> Fields:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequest(f"'{name}' must be at least 1, got {max_tokens}", param=name)
-    return Fields(model, max_tokens, name, "messages" if chat else "prompt", n or 1)
+    return name, max_tokens
 
 
 def output_reservation(

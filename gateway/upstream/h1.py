@@ -324,30 +324,14 @@ class H1Client:
                     raise BackendUnreachable("backend unreachable: TimeoutError") from exc
             assert conn is not None
             if conn.status != 200:
-                raw: bytes | None = None
-                try:
-                    while not conn.complete:
-                        await conn.wait()
-                    raw = conn.take()
-                except (_Lost, TimeoutError):
-                    raw = None
-                raise self._status_error(conn.status, raw, conn.rate_headers)
+                raise self._status_error(conn.status, await _error_body(conn), conn.rate_headers)
             stream = H1Stream(conn)
             yield stream
         finally:
             if timer:
                 timer[0].cancel()
             if conn is not None:
-                if stream is not None and stream.finished and not conn.complete:
-                    if conn.closed:
-                        conn.close()
-                    else:  # [DONE] read, the message's end still to come: pool it then
-                        conn.release_on_complete = True
-                        loop.call_later(_TAIL_S, _close_unless_complete, conn, conn.gen)
-                elif conn.complete and (stream is None or stream.finished or conn.status != 200):
-                    conn.release()
-                else:
-                    conn.close()
+                _settle(conn, stream, loop)
 
     def close(self) -> None:
         for idle in self._idle.values():
@@ -357,6 +341,31 @@ class H1Client:
         for conn in list(self._live):
             conn.close()
         self._live.clear()
+
+
+async def _error_body(conn: _Conn) -> bytes | None:
+    """A refused request's answer (None: lost or too slow)."""
+    try:
+        while not conn.complete:
+            await conn.wait()
+        return conn.take()
+    except (_Lost, TimeoutError):
+        return None
+
+
+def _settle(conn: _Conn, stream: H1Stream | None, loop: asyncio.AbstractEventLoop) -> None:
+    """The connection after its request: back to the pool when its message ended, pooled
+    once it ends when the stream was read to ``[DONE]``, else closed."""
+    if stream is not None and stream.finished and not conn.complete:
+        if conn.closed:
+            conn.close()
+        else:  # [DONE] read, the message's end still to come: pool it then
+            conn.release_on_complete = True
+            loop.call_later(_TAIL_S, _close_unless_complete, conn, conn.gen)
+    elif conn.complete and (stream is None or stream.finished or conn.status != 200):
+        conn.release()
+    else:
+        conn.close()
 
 
 def _close_unless_complete(conn: _Conn, gen: int) -> None:
