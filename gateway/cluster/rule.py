@@ -168,7 +168,7 @@ class SharedState:
     """The shared fair order and slot ledger, with the scripts' operations as methods.
 
     ``clock()`` gives the time in ms that leases are measured by (Redis's ``TIME`` for the
-    scripts; injected here so that tests and the lab decide when a lease runs out).
+    scripts; injected here so that a test decides when a lease runs out).
     """
 
     def __init__(self, clock: Callable[[], float] = _now_ms) -> None:
