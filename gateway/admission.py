@@ -175,22 +175,27 @@ class BackendSlots:
             return self._peak + self.in_flight * self.block_size
         return self._peak
 
-    def fits(self, tokens: int, prompt: int = 0, expect: int | None = None) -> bool:
+    def fits(self, tokens: int, prompt: int = 0, expect: int | None = None, share: int = 1) -> bool:
         """Room for a request of ``tokens`` (= ``prompt`` + reserved output) right now?
-        ``expect``: the output ``"predict"`` mode plans for (None: the reservation)."""
-        if not self.healthy or self.in_flight >= self.cap:
+        ``expect``: the output ``"predict"`` mode plans for (None: the reservation).
+        ``share`` > 1: only ``1/share`` of the sequences and KV budget count as this caller's
+        (a cluster replica cut off from the shared ledger), and a request alone always fits."""
+        cap = self.cap if share == 1 else max(1, self.cap // share)
+        if not self.healthy or self.in_flight >= cap:
             return False
         quota = self.quota
         if quota is not None and not quota.fits(prompt + planned_output(tokens, prompt, expect)):
             return False
+        if share > 1 and not self.in_flight:
+            return True
         mode = self.kv_admission
         if mode == "reserve":
-            return self.booked_tokens + tokens <= self.max_kv_tokens
+            return self.booked_tokens + tokens <= self.max_kv_tokens // share
         if mode == "predict":
             pad = (self.in_flight + 1) * self.block_size
             left = planned_output(tokens, prompt, expect)
-            return self.peak_with(prompt, left) + pad <= self.kv_budget
-        return self.peak_with(prompt, tokens - prompt) <= self.max_kv_tokens
+            return self.peak_with(prompt, left) + pad <= self.kv_budget // share
+        return self.peak_with(prompt, tokens - prompt) <= self.max_kv_tokens // share
 
     def peak_with(self, run: int, left: int) -> int:
         """Peak estimate of the in-flight requests plus one holding ``run`` tokens with ``left``
@@ -269,17 +274,19 @@ class AdmissionController:
         exclude: Iterable[str] = (),
         prompt: int = 0,
         expect: int | None = None,
+        share: int = 1,
     ) -> BackendSlots | None:
         """The least-loaded healthy backend serving ``model`` with room for ``tokens``, of
         which ``prompt`` is prompt (the rest output to come, of which ``"predict"`` mode plans
-        for ``expect``; ``"reserve"`` mode books it all)."""
+        for ``expect``; ``"reserve"`` mode books it all); ``share``: as for
+        :meth:`BackendSlots.fits`."""
         skip = set(exclude)
         best: BackendSlots | None = None
         for b in self._backends.values():
             if (
                 model in b.models
                 and b.name not in skip
-                and b.fits(tokens, prompt, expect)
+                and b.fits(tokens, prompt, expect, share)
                 and (best is None or b.load < best.load)
             ):
                 best = b

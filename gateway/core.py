@@ -62,7 +62,7 @@ charges from the same history that admission plans with.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -497,27 +497,40 @@ class DispatchCore:
         finally:
             observe(time.perf_counter() - start)
 
+    def open_holds(self, model: str, now: float) -> Iterator[Hold]:
+        """The expected requests of ``model``'s pool, in order of expiry, that hold no slot
+        yet and whose time is not up."""
+        for hold in self._holds:
+            if hold.grant is None and hold.job.model == model and hold.until > now:
+                yield hold
+
+    def grant_hold(self, hold: Hold, backend: BackendSlots) -> None:
+        """Reserve a slot on ``backend`` for ``hold``'s expected request."""
+        finished = hold.job
+        tokens = finished.prompt_tokens + finished.max_tokens
+        reservation = self.admission.reserve(
+            backend, tokens, finished.prompt_tokens, self.expect(finished)
+        )
+        hold.grant = Grant(backend, reservation)
+        self.holds_total += 1
+
     def _hold_for(self, sched: Scheduler, model: str, now: float) -> bool:
         """Book a slot for the first expected request (of ``model``'s pool, not yet holding
         one) whose tenant would be served before the head; True if one was booked."""
-        for hold in self._holds:
+        for hold in self.open_holds(model, now):
             finished = hold.job
-            if hold.grant is None and finished.model == model and hold.until > now:
-                if not sched.entitled(finished.tenant, now):
-                    continue
-                tokens = finished.prompt_tokens + finished.max_tokens
-                expect = self.expect(finished)
-                backend = self.admission.place(
-                    model, tokens, prompt=finished.prompt_tokens, expect=expect
-                )
-                if backend is None:
-                    return False
-                reservation = self.admission.reserve(
-                    backend, tokens, finished.prompt_tokens, expect
-                )
-                hold.grant = Grant(backend, reservation)
-                self.holds_total += 1
-                return True
+            if not sched.entitled(finished.tenant, now):
+                continue
+            backend = self.admission.place(
+                model,
+                finished.prompt_tokens + finished.max_tokens,
+                prompt=finished.prompt_tokens,
+                expect=self.expect(finished),
+            )
+            if backend is None:
+                return False
+            self.grant_hold(hold, backend)
+            return True
         return False
 
     def _pump(self, sched: Scheduler, model: str) -> None:

@@ -67,16 +67,13 @@ class Unauthorized(GatewayError):
     outcome: Outcome = "rejected_unauthorized"  # counted only once the tenant is known
 
 
-class ModelNotFound(GatewayError):
+class ModelNotFound(InvalidRequest):
     status = 404
     type = "NotFoundError"
-    outcome: Outcome = "rejected_invalid"
 
 
-class PayloadTooLarge(GatewayError):
+class PayloadTooLarge(InvalidRequest):
     status = 413
-    type = "BadRequestError"
-    outcome: Outcome = "rejected_invalid"
 
 
 class RateLimited(GatewayError):

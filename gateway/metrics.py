@@ -69,6 +69,61 @@ class BackendSnapshot:
     engine_preemptions: float = 0.0  # preemptions the engine reported since the gateway started
 
 
+#: the per-backend series, in exposition order: (family, name, help, value of a backend)
+_BACKEND_FAMILIES: tuple[
+    tuple[
+        type[GaugeMetricFamily | CounterMetricFamily], str, str, Callable[[BackendSnapshot], float]
+    ],
+    ...,
+] = (
+    (GaugeMetricFamily, "vtc_backend_in_flight", "Sequences in flight.", lambda b: b.in_flight),
+    (
+        GaugeMetricFamily,
+        "vtc_backend_reserved_tokens",
+        "KV tokens reserved by in-flight requests.",
+        lambda b: b.reserved_tokens,
+    ),
+    (
+        GaugeMetricFamily,
+        "vtc_backend_max_num_seqs",
+        "Sequence capacity.",
+        lambda b: b.max_num_seqs,
+    ),
+    (
+        GaugeMetricFamily,
+        "vtc_backend_seq_cap",
+        "Sequences admitted at most now (max_num_seqs, or less while adaptive feedback caps it).",
+        lambda b: b.seq_cap,
+    ),
+    (
+        GaugeMetricFamily,
+        "vtc_backend_max_kv_tokens",
+        "KV token capacity.",
+        lambda b: b.max_kv_tokens,
+    ),
+    (GaugeMetricFamily, "vtc_backend_up", "1 if the backend takes requests.", lambda b: int(b.up)),
+    (
+        CounterMetricFamily,
+        "vtc_backend_admitted",
+        "Requests admitted to the backend.",
+        lambda b: b.admitted_total,
+    ),
+    (
+        GaugeMetricFamily,
+        "vtc_backend_kv_scale",
+        "Predict admission: the KV budget as a fraction of max_kv_tokens (engine feedback lowers "
+        "it while the backend queues or preempts).",
+        lambda b: b.kv_scale,
+    ),
+    (
+        CounterMetricFamily,
+        "vtc_backend_engine_preemptions",
+        "Preemptions the backend's engine reported since the gateway started.",
+        lambda b: b.engine_preemptions,
+    ),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class GroupSnapshot:
     """An inner node of the tenant tree (``path``: ``org/team``; ``level``: 1 at the top)."""
@@ -386,61 +441,22 @@ class _StateCollector(Collector):
         yield from (prompt, completion, requests)
 
     def _backends(self, snap: GatewaySnapshot) -> Iterator[Metric]:
-        b_inflight = GaugeMetricFamily(
-            "vtc_backend_in_flight", "Sequences in flight.", labels=["backend"]
-        )
-        b_reserved = GaugeMetricFamily(
-            "vtc_backend_reserved_tokens", "KV tokens reserved by in-flight requests.",
-            labels=["backend"],
-        )  # fmt: skip
-        b_cap = GaugeMetricFamily(
-            "vtc_backend_seq_cap",
-            "Sequences admitted at most now (max_num_seqs, or less while adaptive feedback "
-            "caps it).",
-            labels=["backend"],
-        )
-        b_seqs = GaugeMetricFamily(
-            "vtc_backend_max_num_seqs", "Sequence capacity.", labels=["backend"]
-        )
-        b_kv = GaugeMetricFamily(
-            "vtc_backend_max_kv_tokens", "KV token capacity.", labels=["backend"]
-        )
-        b_up = GaugeMetricFamily(
-            "vtc_backend_up", "1 if the backend takes requests.", labels=["backend"]
-        )
-        b_admitted = CounterMetricFamily(
-            "vtc_backend_admitted", "Requests admitted to the backend.", labels=["backend"]
-        )
+        families = [
+            (family(name, text, labels=["backend"]), value)
+            for family, name, text, value in _BACKEND_FAMILIES
+        ]
         b_err = CounterMetricFamily(
             "vtc_backend_errors", "Upstream errors by kind.", labels=["backend", "kind"]
         )
-        b_scale = GaugeMetricFamily(
-            "vtc_backend_kv_scale",
-            "Predict admission: the KV budget as a fraction of max_kv_tokens (engine feedback "
-            "lowers it while the backend queues or preempts).",
-            labels=["backend"],
-        )
-        b_pre = CounterMetricFamily(
-            "vtc_backend_engine_preemptions",
-            "Preemptions the backend's engine reported since the gateway started.",
-            labels=["backend"],
-        )
         for b in snap.backends:
-            b_scale.add_metric([b.name], b.kv_scale)
-            b_pre.add_metric([b.name], b.engine_preemptions)
-            b_inflight.add_metric([b.name], b.in_flight)
-            b_reserved.add_metric([b.name], b.reserved_tokens)
-            b_seqs.add_metric([b.name], b.max_num_seqs)
-            b_cap.add_metric([b.name], b.seq_cap)
-            b_kv.add_metric([b.name], b.max_kv_tokens)
-            b_up.add_metric([b.name], 1 if b.up else 0)
-            b_admitted.add_metric([b.name], b.admitted_total)
+            for metric, value in families:
+                metric.add_metric([b.name], value(b))
             errors: dict[BackendErrorKind, int] = dict.fromkeys(BACKEND_ERROR_KINDS, 0)
             errors.update(b.errors)
             for kind, n in sorted(errors.items()):
                 b_err.add_metric([b.name, kind], n)
-        yield from (b_inflight, b_reserved, b_seqs, b_cap, b_kv, b_up, b_admitted, b_err)
-        yield from (b_scale, b_pre)
+        yield from (metric for metric, _ in families)
+        yield b_err
 
     def _global(self, snap: GatewaySnapshot) -> Iterator[Metric]:
         stats = self._stats

@@ -146,6 +146,27 @@ def test_unhealthy_backends_are_skipped() -> None:
 # -- can_ever_fit --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["reserve", "peak", "predict"])
+def test_a_share_keeps_to_its_part_of_sequences_and_kv_and_a_lone_request_fits(mode: str) -> None:
+    """A replica cut off from the shared ledger (share = replicas last seen) keeps to
+    ``1/share`` of each limit, whatever the KV mode; alone on its share any request fits."""
+    seqs = AdmissionController([backend("b", seqs=8, kv=100_000)])
+    seqs.get("b").kv_admission = mode  # type: ignore[assignment]
+    for _ in range(4):
+        b = seqs.place("m", 100, share=2)
+        assert b is not None
+        seqs.reserve(b, 100, 50, 50)
+    assert seqs.place("m", 100, share=2) is None
+    assert seqs.place("m", 100) is not None  # the whole backend has room
+    kv = AdmissionController([backend("b", seqs=8, kv=1_000)])
+    kv.get("b").kv_admission = mode  # type: ignore[assignment]
+    big = kv.place("m", 700, prompt=600, expect=100, share=2)
+    assert big is not None  # more than half the cache, but alone
+    kv.reserve(big, 700, 600, 100)
+    assert kv.place("m", 100, prompt=50, expect=50, share=2) is None
+    assert kv.place("m", 100, prompt=50, expect=50) is not None
+
+
 def test_can_ever_fit_ignores_current_load_but_not_capacity() -> None:
     ac = AdmissionController(
         [backend("a", kv=1000, models=("m",)), backend("b", kv=4000, models=("m", "n"))]

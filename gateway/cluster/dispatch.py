@@ -82,24 +82,12 @@ class ClusterAdmission(AdmissionController):
         exclude: Iterable[str] = (),
         prompt: int = 0,
         expect: int | None = None,
+        share: int = 1,
     ) -> BackendSlots | None:
         store = self.store
-        if store is None or store.up:
-            return super().place(model, tokens, exclude, prompt, expect)
-        n = max(1, store.stats.live_replicas)
-        skip = set(exclude)
-        best: BackendSlots | None = None
-        for b in self.serving(model):
-            cap = b.cap
-            if (
-                b.healthy
-                and b.name not in skip
-                and b.in_flight < max(1, cap // n)
-                and b.booked_tokens + tokens <= max(tokens, b.max_kv_tokens // n)
-                and (best is None or b.load < best.load)
-            ):
-                best = b
-        return best
+        if store is not None and not store.up:
+            share = max(share, store.stats.live_replicas)
+        return super().place(model, tokens, exclude, prompt, expect, share)
 
 
 class ClusterCore(DispatchCore):
@@ -146,8 +134,7 @@ class ClusterCore(DispatchCore):
         entry = self._entry_credit.pop((model, tenant), None)
         if entry is not None:  # as it was when the tenant's request arrived to an empty queue
             return entry
-        credit = getattr(self.pool(model), "credit", None)
-        return float(credit(tenant, self.clock())) if credit is not None else 0.0
+        return self.pool(model).credit(tenant, self.clock())
 
     def wake(self, message: str) -> None:
         kind, _, name = message.partition(":")
@@ -178,8 +165,8 @@ class ClusterCore(DispatchCore):
         store = self.store
         if store is not None:
             pool = self.pool(job.model)
-            if getattr(type(pool), "lift", False):  # the lift is global while Redis is up
-                pool.lift = not store.up  # type: ignore[attr-defined]
+            if type(pool).lift:  # the lift is global while Redis is up
+                pool.lift = not store.up
             if store.up and pool.queued(job.tenant) == 0:
                 self._entry_credit.pop((job.model, job.tenant), None)
                 self._entry_credit[(job.model, job.tenant)] = self.credit(job.model, job.tenant)
@@ -293,7 +280,7 @@ class ClusterCore(DispatchCore):
                     continue  # the store is down now: the next pass decides locally
                 if model in self._again:
                     continue
-                if res.status == "full":
+                if res.status == "full" or (res.status == "ok" and not res.room):
                     self._full[model] = self.full_retry_ticks
                     return  # wait for a wake-up (a slot freed)
                 self._full.pop(model, None)
@@ -324,14 +311,10 @@ class ClusterCore(DispatchCore):
         Found with an empty queue here too, so the claim rides in the same round trip as the
         release that ended the tenant's request, ahead of the wake-up it sends."""
         out: list[Hold] = []
-        for hold in self._holds:
-            finished = hold.job
-            tenant = finished.tenant
+        for hold in self.open_holds(model, now):
+            tenant = hold.job.tenant
             if (
-                hold.grant is None
-                and finished.model == model
-                and hold.until > now
-                and id(hold) not in passed
+                id(hold) not in passed
                 and (not out or tenant == out[0].job.tenant)
                 and not sched.queued(tenant)
                 and tenant not in self._paused
@@ -380,13 +363,9 @@ class ClusterCore(DispatchCore):
         assert isinstance(admission, ClusterAdmission)
         admission.claimed = True
         try:
-            reservation = admission.reserve(
-                backend, tokens, hold.job.prompt_tokens, self.expect(hold.job)
-            )
+            self.grant_hold(hold, backend)
         finally:
             admission.claimed = False
-        hold.grant = Grant(backend, reservation)
-        self.holds_total += 1
 
     def _heads(self, sched: Scheduler, head: Job) -> list[Job]:
         """``head`` and up to ``claim_batch - 1`` of its tenant's jobs queued behind it: one

@@ -31,8 +31,8 @@ class ClusterCollector(Collector):
              "state (time since its last round trip to Redis).", lag),
             (CounterMetricFamily, "fallbacks", "Times this replica lost Redis and fell back to "
              "its local fair order.", st.fallbacks),
-            (CounterMetricFamily, "redis_commands", "Script calls sent to Redis (claims, "
-             "releases, backlog changes, syncs).", st.commands),
+            (CounterMetricFamily, "redis_commands", "Operations sent to Redis (claims, "
+             "releases, backlog changes, syncs); one script call per round trip.", st.commands),
             (GaugeMetricFamily, "replicas", "Replicas holding a lease, as last seen.",
              st.live_replicas),
         ):  # fmt: skip

@@ -12,10 +12,14 @@ Lua keeps what Redis needs and points back to the method of the same name.
 The state (the Redis key in brackets, ``P`` the prefix)::
 
     leases             replica -> lease expiry, ms                     [P:replicas]
-    orders[model]      the model's fair order (:class:`ModelOrder`)   [P:c, P:q, P:d, P:bl, P:last]
+    orders[model]      the model's fair order (:class:`ModelOrder`)
+                                                  [P:c, P:q, P:w, P:d, P:bl, P:last]
     slots[backend]     [sequences in flight, KV tokens booked]        [P:be:<backend>]
+    capacity[backend]  its sequence limit, as the last claim said     [P:cap]
+    models_of[backend] the models claims named it a candidate for     [P:bm:<backend>]
     replicas[replica]  what one replica holds and has waiting         [P:hold, P:rq, P:rd]
-    wakes              messages published on the wake channel         [P:wake]
+    wakes              messages published: (replica, message), None   [P:wake:<replica>,
+                       for every replica                               P:wake]
 
 Every operation but :meth:`SharedState.leave` first renews the caller's lease (a *heartbeat*),
 reaping replicas whose lease ran out. Counters are never reaped: a tenant keeps its position
@@ -88,6 +92,8 @@ class ClaimResult:
     counter: float = 0.0
     lower: int = 0  # backlogged tenants with a smaller counter (at the last check)
     backends: tuple[str, ...] = ()  # one per granted request, in order
+    #: requests of the last one's size the candidates still have room for after the grants
+    room: int = 0
     flushed: tuple[float, ...] = ()  # the shared counter per flush, in order
 
     @property
@@ -102,8 +108,9 @@ class ModelOrder:
 
     #: tenant -> counter (weighted service, counter units) [P:c:<model>]
     counters: dict[str, float] = field(default_factory=dict)
-    #: tenant -> number of replicas where it waits [P:q:<model>]
-    sites: dict[str, int] = field(default_factory=dict)
+    #: tenant -> the replicas where it waits [P:w:<model>\x1f<tenant>], their number
+    #: [P:q:<model>]
+    sites: dict[str, set[str]] = field(default_factory=dict)
     #: tenant -> its requests waiting, all replicas together: its demand [P:d:<model>]
     demand: dict[str, int] = field(default_factory=dict)
     #: tenant -> counter, for tenants waiting somewhere: the backlog [P:bl:<model>]
@@ -140,12 +147,16 @@ class ModelOrder:
             self.counters[tenant] = c
         return c
 
+    def ranked(self) -> list[str]:
+        """The backlogged tenants, first in the order first (ties by name, as a Redis sorted
+        set orders them)."""
+        return sorted(self.backlog, key=lambda t: (self.backlog[t], t))
+
     def below(self, c: float) -> list[str]:
         """Backlogged tenants ahead of a counter ``c`` (smaller beyond the tolerance), first in
-        the order first (ties by name, as a Redis sorted set orders them)."""
+        the order first."""
         limit = c - ORDER_TOLERANCE * max(1.0, abs(c))
-        ahead = [t for t, score in self.backlog.items() if score < limit]
-        return sorted(ahead, key=lambda t: (self.backlog[t], t))
+        return [t for t in self.ranked() if self.backlog[t] < limit]
 
 
 @dataclass(slots=True)
@@ -176,8 +187,10 @@ class SharedState:
         self.leases: dict[str, float] = {}
         self.orders: dict[str, ModelOrder] = {}
         self.slots: dict[str, list[int]] = {}
+        self.capacity: dict[str, int] = {}
+        self.models_of: dict[str, set[str]] = {}
         self.replicas: dict[str, ReplicaState] = {}
-        self.wakes: list[str] = []
+        self.wakes: list[tuple[str | None, str]] = []
 
     def order(self, model: str) -> ModelOrder:
         order = self.orders.get(model)
@@ -280,11 +293,14 @@ class SharedState:
         the order check takes its counter as it would be lifted on arrival,
         ``max(own, smallest backlogged - credit)``.
 
-        Afterwards what still waits here is the tenant's demand at this replica (none: it
-        leaves the backlog here). Returns the status ("ok": all granted; "full" or "order":
-        why the first one not granted was refused), the tenant's counter, how many tenants
-        were ahead at the last check, the backend per granted request and the counter per
-        flush."""
+        Every candidate's sequence limit and the claim's model are noted for it (what a
+        release needs to know whom to wake: :meth:`_wake_for`). Afterwards what still waits
+        here is the tenant's demand at this replica (none: it leaves the backlog here).
+        Returns the status ("ok": all granted; "full" or "order": why the first one not
+        granted was refused), the tenant's counter, how many tenants were ahead at the last
+        check, the backend per granted request, the room the candidates still have for
+        requests of the last one's size (none: the replica waits for a release's wake-up
+        instead of claiming again) and the counter per flush."""
         known, _ = self._heartbeat(replica, lease_ms)
         self._flush(claim.flushes)
         if not known:
@@ -298,6 +314,9 @@ class SharedState:
         else:
             self._mark(replica, model, tenant, claim.credit, waiting)
             c = order.counter(tenant)
+        for cand in claim.candidates:
+            self.capacity[cand.name] = cand.max_seqs
+            self.models_of.setdefault(cand.name, set()).add(model)
         status, lower = "ok", 0
         granted: list[str] = []
         for j, (extra, size) in enumerate(claim.requests):
@@ -324,11 +343,13 @@ class SharedState:
                 self._set_demand(replica, model, tenant, left)
             else:
                 self._unmark(replica, model, tenant)
+        last = max(1, claim.requests[-1][1]) if claim.requests else 1
         return ClaimResult(
             status,
             order.counter(tenant),
             lower,
             tuple(granted),
+            self._room(claim.candidates, last)[1],
             tuple(self.order(f.model).counter(f.tenant) for f in claim.flushes),
         )
 
@@ -389,14 +410,15 @@ class SharedState:
         if key not in state.waits:
             state.waits.add(key)
             order = self.order(model)
-            order.sites[tenant] = order.sites.get(tenant, 0) + 1
-            if order.sites[tenant] == 1:
+            sites = order.sites.setdefault(tenant, set())
+            sites.add(replica)
+            if len(sites) == 1:
                 order.backlog[tenant] = order.lift(tenant, credit)
         self._set_demand(replica, model, tenant, max(1, waiting))
 
     def _unmark(self, replica: str, model: str, tenant: str) -> None:
         """The tenant no longer waits at ``replica``; waiting nowhere any more, it leaves the
-        backlog, becomes the order's ``last`` and the replicas hear ``m:<model>`` (the order
+        backlog, becomes the order's ``last`` and every replica hears ``m:<model>`` (the order
         changed: a claim refused for it may pass now)."""
         self._set_demand(replica, model, tenant, 0)
         state = self.replicas.get(replica)
@@ -405,14 +427,14 @@ class SharedState:
             return
         state.waits.discard(key)
         order = self.order(model)
-        n = order.sites.get(tenant, 0) - 1
-        if n > 0:
-            order.sites[tenant] = n
+        sites = order.sites.get(tenant, set())
+        sites.discard(replica)
+        if sites:
             return
         order.sites.pop(tenant, None)
         order.backlog.pop(tenant, None)
         order.last = tenant
-        self.wakes.append(f"m:{model}")
+        self.wakes.append((None, f"m:{model}"))
 
     def _set_demand(self, replica: str, model: str, tenant: str, n: int) -> None:
         """How many of a tenant's requests wait at a replica, as the replica last said; the
@@ -439,7 +461,7 @@ class SharedState:
         """Move slots between a backend and a replica's holdings. A replica never returns more
         than it holds, and a backend's counts never go below zero, whatever raced (a release
         after a reap): the counts stay exact once the last holder registers again. Returned
-        sequences wake the replicas (``b:<backend>``): a claim refused as full may pass now."""
+        sequences wake replicas (:meth:`_wake_for`): a claim refused as full may pass now."""
         held = self.replica(replica).holds.setdefault(backend, [0, 0])
         seqs = max(seqs, -held[0])
         kv = max(kv, -held[1])
@@ -449,7 +471,36 @@ class SharedState:
         held[0] += seqs
         held[1] += kv
         if seqs < 0:
-            self.wakes.append(f"b:{backend}")
+            self._wake_for(backend)
+
+    def _wake_for(self, backend: str) -> None:
+        """Who hears ``b:<backend>`` when sequences return to a backend: the replicas where
+        the tenants first in the order wait, for each model a claim named the backend a
+        candidate for, as many tenants (in order) as their demand (at least one request each)
+        takes to fill the backend's room now (its sequence limit as the last claim said, less
+        its sequences in flight; at least one). Each such replica hears it once: their claims
+        are the ones the room rule lets pass first, and a replica further back hears a later
+        release or ``m:<model>``, or retries on a tick. With no model or limit known for the
+        backend (no claim named it yet), every replica hears it."""
+        msg = f"b:{backend}"
+        models = self.models_of.get(backend)
+        cap = self.capacity.get(backend)
+        if not models or cap is None:
+            self.wakes.append((None, msg))
+            return
+        room = max(1, cap - self.slots.get(backend, [0, 0])[0])
+        sent: set[str] = set()
+        for model in models:
+            order = self.orders.get(model, ModelOrder())
+            need = 0
+            for tenant in order.ranked()[:room]:
+                for r in order.sites.get(tenant, ()):
+                    if r not in sent:
+                        sent.add(r)
+                        self.wakes.append((r, msg))
+                need += max(1, order.demand.get(tenant, 0))
+                if need >= room:
+                    break
 
     def _room(self, candidates: Sequence[Candidate], tokens: int) -> tuple[str | None, int]:
         """Room for a request of ``tokens`` KV tokens: per candidate, the fewer of its free

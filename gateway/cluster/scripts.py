@@ -12,17 +12,25 @@ fields of :class:`~gateway.cluster.rule.SharedState` in brackets)::
 
     P:replicas         zset   replica -> lease expiry (ms, Redis clock)     [leases]
     P:c:<model>        hash   tenant -> counter                             [ModelOrder.counters]
-    P:q:<model>        hash   tenant -> replicas where it waits             [ModelOrder.sites]
+    P:q:<model>        hash   tenant -> how many replicas it waits at  [len ModelOrder.sites]
     P:d:<model>        hash   tenant -> its requests waiting, all replicas  [ModelOrder.demand]
     P:bl:<model>       zset   tenant -> counter, tenants waiting somewhere  [ModelOrder.backlog]
     P:last:<model>     string the tenant that most recently left the backlog [ModelOrder.last]
     P:be:<backend>     hash   s -> sequences in flight, k -> KV tokens      [slots]
+    P:cap              hash   backend -> its sequence limit, as the last claim said [capacity]
+    P:bm:<backend>     set    the models claims named it a candidate for    [models_of]
+    P:w:<model>\\x1f<tenant>  set  replicas where the tenant waits    [ModelOrder.sites]
     P:hold:<replica>   hash   <backend>\\x1fs / <backend>\\x1fk -> held   [ReplicaState.holds]
     P:rq:<replica>     set    <model>\\x1f<tenant> waiting there           [ReplicaState.waits]
     P:rd:<replica>     hash   <model>\\x1f<tenant> -> requests waiting     [ReplicaState.queued]
-    P:wake             channel  "b:<backend>" (slots freed), "m:<model>" (backlog shrank)
+    P:wake             channel  "b:<backend>" (slots freed, nobody known to wake first),
+                                "m:<model>" (backlog shrank): every replica       [wakes]
+    P:wake:<replica>   channel  "b:<backend>": slots freed, and a tenant waiting at the
+                                replica comes first for them                      [wakes]
 
-Every ARGV starts with P, the replica and its lease in ms.
+Every ARGV starts with P, the replica and its lease in ms. Each operation is a Lua function of
+its ARGV (``op_<name>``); a script runs one alone or, as the store does, a round trip's
+operations in order (``BATCH``).
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ end
 -- SharedState._mark
 local function mark(replica, model, tenant, credit, waiting)
   if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
+    redis.call('SADD', P .. ':w:' .. model .. SEP .. tenant, replica)
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
     if n == 1 then
       local c = lift(model, tenant, credit)
@@ -108,12 +117,38 @@ end
 local function unmark(replica, model, tenant)
   set_demand(replica, model, tenant, 0)
   if redis.call('SREM', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
+    redis.call('SREM', P .. ':w:' .. model .. SEP .. tenant, replica)
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, -1)
     if n <= 0 then
       redis.call('HDEL', P .. ':q:' .. model, tenant)
       redis.call('ZREM', P .. ':bl:' .. model, tenant)
       redis.call('SET', P .. ':last:' .. model, tenant)
       redis.call('PUBLISH', P .. ':wake', 'm:' .. model)
+    end
+  end
+end
+-- SharedState._wake_for
+local function wake_for(backend)
+  local be, msg = P .. ':be:' .. backend, 'b:' .. backend
+  local models = redis.call('SMEMBERS', P .. ':bm:' .. backend)
+  local cap = num(redis.call('HGET', P .. ':cap', backend))
+  if #models == 0 or not cap then
+    redis.call('PUBLISH', P .. ':wake', msg)
+    return
+  end
+  local room = math.max(1, cap - (num(redis.call('HGET', be, 's')) or 0))
+  local sent = {}
+  for _, model in ipairs(models) do
+    local need, d = 0, P .. ':d:' .. model
+    for _, t in ipairs(redis.call('ZRANGE', P .. ':bl:' .. model, 0, room - 1)) do
+      for _, r in ipairs(redis.call('SMEMBERS', P .. ':w:' .. model .. SEP .. t)) do
+        if not sent[r] then
+          sent[r] = true
+          redis.call('PUBLISH', P .. ':wake:' .. r, msg)
+        end
+      end
+      need = need + math.max(1, num(redis.call('HGET', d, t)) or 0)
+      if need >= room then break end
     end
   end
 end
@@ -131,7 +166,7 @@ local function add_slots(replica, backend, seqs, kv)
   if k < 0 then k = 0 end
   redis.call('HSET', be, 's', s, 'k', k)
   redis.call('HSET', hold, backend .. SEP .. 's', hs + seqs, backend .. SEP .. 'k', hk + kv)
-  if seqs < 0 then redis.call('PUBLISH', P .. ':wake', 'b:' .. backend) end
+  if seqs < 0 then wake_for(backend) end
 end
 -- SharedState._drop
 local function drop(replica)
@@ -162,13 +197,13 @@ local function heartbeat(replica, lease_ms)
   if known then redis.call('ZADD', P .. ':replicas', now + lease_ms, replica) end
   return known, now
 end
--- SharedState._flush of the (model, tenant, base, sent) entries at ARGV[from..to]
-local function flush(from, to)
+-- SharedState._flush of the (model, tenant, base, sent) entries at args[from..to]
+local function flush(args, from, to)
   local out = {}
   for i = from, to, 4 do
-    local raw = redis.call('HGET', P .. ':c:' .. ARGV[i], ARGV[i + 1])
-    local c = (raw and tonumber(raw) or tonumber(ARGV[i + 2])) + tonumber(ARGV[i + 3])
-    set_counter(ARGV[i], ARGV[i + 1], c)
+    local raw = redis.call('HGET', P .. ':c:' .. args[i], args[i + 1])
+    local c = (raw and tonumber(raw) or tonumber(args[i + 2])) + tonumber(args[i + 3])
+    set_counter(args[i], args[i + 1], c)
     out[#out + 1] = tostring(c)
   end
   return out
@@ -177,21 +212,16 @@ end
 
 #: SharedState.sync. ARGV: P, replica, lease_ms, (model, tenant, base, sent) per flush.
 #: Returns {known, live replicas, counter per flush...}.
-SYNC = (
-    _COMMON
-    + r"""
+SYNC = r"""
 local known = heartbeat(ARGV[2], tonumber(ARGV[3]))
 local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas')}
-for _, c in ipairs(flush(4, #ARGV)) do out[#out + 1] = c end
+for _, c in ipairs(flush(ARGV, 4, #ARGV)) do out[#out + 1] = c end
 return out
 """
-)
 
 #: SharedState.register. ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then
 #: (model, tenant, requests waiting) *. Returns 1.
-REGISTER = (
-    _COMMON
-    + r"""
+REGISTER = r"""
 local replica = ARGV[2]
 local known, now = heartbeat(replica, tonumber(ARGV[3]))
 local hold = P .. ':hold:' .. replica
@@ -216,13 +246,10 @@ for j = i, #ARGV, 3 do mark(replica, ARGV[j], ARGV[j + 1], 0, tonumber(ARGV[j + 
 redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
 return 1
 """
-)
 
 #: SharedState.mark. ARGV: P, replica, lease_ms, model, tenant, on (1/0), credit, requests
 #: waiting. Returns the tenant's counter, or nil when the replica is unknown.
-MARK = (
-    _COMMON
-    + r"""
+MARK = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 if not heartbeat(replica, tonumber(ARGV[3])) then return false end
 if ARGV[6] == '1' then
@@ -232,20 +259,17 @@ else
 end
 return tostring(counter(model, tenant))
 """
-)
 
 #: SharedState.claim (the order check, the room rule, holds, batches). ARGV: P, replica,
 #: lease_ms, model, tenant, waiting ('h': a hold), credit, f, (model, tenant, base, sent) per
 #: flush, n, (extra, tokens) per request, (backend, max_seqs, max_kv) per candidate. Returns
-#: {status, counter, lower, k, backend per granted request (k), counter per flush...}, or
-#: {'unknown'}.
-CLAIM = (
-    _COMMON
-    + r"""
+#: {status, counter, lower, k, room, backend per granted request (k), counter per flush...},
+#: or {'unknown'}.
+CLAIM = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 local known = heartbeat(replica, tonumber(ARGV[3]))
 local f = tonumber(ARGV[8])
-flush(9, 8 + 4 * f)
+flush(ARGV, 9, 8 + 4 * f)
 if not known then return {'unknown'} end
 local hold = ARGV[6] == 'h'
 local c = counter(model, tenant)
@@ -261,15 +285,9 @@ local base = 9 + 4 * f
 local n = tonumber(ARGV[base])
 local first = base + 1 + 2 * n
 local granted = {}
-local out = {'ok', '', 0}
-for j = 1, n do
-  local extra = tonumber(ARGV[base - 1 + 2 * j])
-  local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
-  local tol = 1e-9 * math.max(1, math.abs(c))  -- rule.ORDER_TOLERANCE
-  local lower = redis.call('ZCOUNT', bl, '-inf', '(' .. (c - tol))
-  out[3] = lower
-  if j > 1 and lower > 0 then out[1] = 'order' break end
-  local best, best_room, total = nil, 0, 0  -- SharedState._room
+local out = {'ok', '', 0, 0, 0}
+local function room_for(tokens)  -- SharedState._room
+  local best, best_room, total = nil, 0, 0
   for i = first, #ARGV, 3 do
     local be = P .. ':be:' .. ARGV[i]
     local s = num(redis.call('HGET', be, 's')) or 0
@@ -281,6 +299,20 @@ for j = 1, n do
       if room > best_room then best, best_room = ARGV[i], room end
     end
   end
+  return best, total
+end
+for i = first, #ARGV, 3 do  -- what SharedState._wake_for needs
+  redis.call('SADD', P .. ':bm:' .. ARGV[i], model)
+  redis.call('HSET', P .. ':cap', ARGV[i], ARGV[i + 1])
+end
+for j = 1, n do
+  local extra = tonumber(ARGV[base - 1 + 2 * j])
+  local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
+  local tol = 1e-9 * math.max(1, math.abs(c))  -- rule.ORDER_TOLERANCE
+  local lower = redis.call('ZCOUNT', bl, '-inf', '(' .. (c - tol))
+  out[3] = lower
+  if j > 1 and lower > 0 then out[1] = 'order' break end
+  local best, total = room_for(tokens)
   if not best then out[1] = 'full' break end
   if lower > 0 then  -- the demand ahead must still fit (more tenants than room: it cannot)
     local need, d = 0, P .. ':d:' .. model
@@ -302,33 +334,60 @@ if not hold then
 end
 out[2] = tostring(counter(model, tenant))
 out[4] = #granted
+local _, left = room_for(math.max(1, tonumber(ARGV[base + 2 * n])))
+out[5] = left
 for _, b in ipairs(granted) do out[#out + 1] = b end
 for i = 9, 8 + 4 * f, 4 do out[#out + 1] = tostring(counter(ARGV[i], ARGV[i + 1])) end
 return out
 """
-)
 
 #: SharedState.add_slots. ARGV: P, replica, lease_ms, backend, seqs, kv. Returns 1, or 0 when
 #: the replica is unknown.
-SLOTS = (
-    _COMMON
-    + r"""
+SLOTS = r"""
 if not heartbeat(ARGV[2], tonumber(ARGV[3])) then return 0 end
 add_slots(ARGV[2], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 return 1
 """
-)
 
 #: SharedState.leave. ARGV: P, replica.
-LEAVE = _COMMON + "drop(ARGV[2])\nreturn 1\n"
+LEAVE = "drop(ARGV[2])\nreturn 1\n"
 
-SCRIPTS = {
+#: Every operation of one round trip in one script call. ARGV: P, replica, lease_ms, then per
+#: operation its name, the count of its own arguments and those arguments (as each operation
+#: takes them after lease_ms: :func:`batch_args`). Returns the operations' replies, in order.
+BATCH = r"""
+local ops = {sync = op_sync, register = op_register, mark = op_mark, claim = op_claim,
+             slots = op_slots, leave = op_leave}
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local f, n = ops[ARGV[i]], tonumber(ARGV[i + 1])
+  local a = {ARGV[1], ARGV[2], ARGV[3]}
+  for j = 1, n do a[3 + j] = ARGV[i + 1 + j] end
+  out[#out + 1] = f(a)
+  i = i + 2 + n
+end
+return out
+"""
+
+#: The operations, each a Lua function of its argument table (the bodies above read it as
+#: ARGV), defined once after the common functions.
+OPERATIONS = {
     "sync": SYNC,
     "register": REGISTER,
     "mark": MARK,
     "claim": CLAIM,
     "slots": SLOTS,
     "leave": LEAVE,
+}
+_FUNCTIONS = _COMMON + "".join(
+    f"local function op_{name}(ARGV)\n{body}\nend\n" for name, body in OPERATIONS.items()
+)
+
+#: name -> the full script text: each operation alone, and ``batch``
+SCRIPTS = {
+    **{name: f"{_FUNCTIONS}return op_{name}(ARGV)\n" for name in OPERATIONS},
+    "batch": _FUNCTIONS + BATCH,
 }
 
 
@@ -395,10 +454,20 @@ def claim_reply(raw: Sequence[Any]) -> ClaimResult | None:
         status,
         float(raw[1]),
         int(raw[2]),
-        tuple(_text(b) for b in raw[4 : 4 + k]),
-        tuple(float(c) for c in raw[4 + k :]),
+        tuple(_text(b) for b in raw[5 : 5 + k]),
+        int(raw[4]),
+        tuple(float(c) for c in raw[5 + k :]),
     )
 
 
 def slots_args(backend: str, seqs: int, kv: int) -> list[Any]:
     return [backend, seqs, kv]
+
+
+def batch_args(calls: Iterable[tuple[str, Sequence[Any]]]) -> list[Any]:
+    """``BATCH``'s arguments after (P, replica, lease_ms): ``(operation, its arguments)`` per
+    call, in the order they run (the operation as named in :data:`OPERATIONS`)."""
+    out: list[Any] = []
+    for name, args in calls:
+        out += [name, len(args), *args]
+    return out

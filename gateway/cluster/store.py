@@ -41,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from .rule import Candidate, Claim, ClaimResult, Flush
 from .scripts import (
     SCRIPTS,
+    batch_args,
     claim_args,
     claim_reply,
     mark_args,
@@ -282,6 +283,9 @@ class ClusterStore:
             tick = now >= next_tick
             if tick:
                 next_tick = now + (self.sync_interval_s if self.up else retry_s)
+                if self.up:  # the queues it retries claim in this round trip, after the sync
+                    self.local.tick()
+                    await asyncio.sleep(0)
             if not self.up and not tick:
                 continue  # the registration that ends an outage carries the whole state
             was_up = self.up
@@ -291,8 +295,6 @@ class ClusterStore:
                 continue
             if not was_up:
                 log.warning("cluster: Redis reachable again; shared fair order resumed")
-            if tick:
-                self.local.tick()
             await asyncio.sleep(0)  # let granted handlers run before the next batch
 
     async def _batch(self, full: bool) -> None:
@@ -346,23 +348,23 @@ class ClusterStore:
         sync = full
         entries = [key for key in self._active if key not in claimed] if sync else []
         flushes = [flush(key) for key in entries]
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        # the whole round trip is one script call (scripts.BATCH) running the operations in order
+        calls: list[tuple[str, list[Any]]] = []
         if register:
-            if not self._shas:
-                await self._load_scripts()
             holdings = [(backend, seqs, kv) for backend, (seqs, kv) in self.held.items()]
             waiting = [(m, t, local.waiting(m, t)) for m, t in self._marked]
-            self._eval(pipe, "register", register_args(holdings, waiting))
-            n += 1
+            calls.append(("register", register_args(holdings, waiting)))
         if sync:
-            self._eval(pipe, "sync", sync_args(flushes))
-        for op in (*marks, *ops):
-            self._eval(pipe, op.script, op.args)
-        n += int(sync) + len(marks) + len(ops)
+            calls.append(("sync", sync_args(flushes)))
+        calls += [(op.script, op.args) for op in (*marks, *ops)]
+        n = len(calls)
         start = time.perf_counter()
         try:
-            results = await pipe.execute()
+            if not self._shas:
+                await self._load_scripts()
+            results = await self.redis.evalsha(
+                self._shas["batch"], 0, self.prefix, self.replica, self.lease_ms, *batch_args(calls)
+            )
         except (RedisError, OSError) as exc:
             for key, sent in before.items():
                 self._sent[key] = sent
@@ -433,16 +435,8 @@ class ClusterStore:
         credit = self.local.credit(*key)
         return _Op("mark", mark_args(key[0], key[1], True, credit, self.local.waiting(*key)), key)
 
-    def _eval(self, pipe: Any, script: str, args: list[Any]) -> None:
-        pipe.evalsha(self._shas[script], 0, self.prefix, self.replica, self.lease_ms, *args)
-
     async def _load_scripts(self) -> None:
-        try:
-            for name, source in SCRIPTS.items():
-                self._shas[name] = await self.redis.script_load(source)
-        except (RedisError, OSError) as exc:
-            self._down(exc, [])
-            raise ClusterUnavailable from None
+        self._shas["batch"] = await self.redis.script_load(SCRIPTS["batch"])
 
     def _down(self, exc: BaseException, ops: list[_Op]) -> None:
         if not self._warned:
@@ -474,11 +468,11 @@ class ClusterStore:
         and the loop re-checks ``_closed``: redis-py's blocking pub/sub read can lose the
         task's cancellation (redis 8.2: a cancel soon after subscribing leaves the task in a
         new read, forever), which made ``close()``, hence a worker's shutdown, hang."""
-        channel = f"{self.prefix}:wake"
+        channels = (f"{self.prefix}:wake", f"{self.prefix}:wake:{self.replica}")
         while not self._closed:
             try:
                 async with self._listener.pubsub() as ps:
-                    await ps.subscribe(channel)
+                    await ps.subscribe(*channels)
                     while not self._closed:
                         msg = await ps.get_message(timeout=_LISTEN_POLL_S)
                         if msg is not None and msg.get("type") == "message":

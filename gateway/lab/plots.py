@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import metrics as m
 from .report import LabResults
+
+Groups = Mapping[str, Sequence[m.RequestRecord]]
 
 #: Tenants beyond this many get no legend entries (the real trace has 27).
 MAX_LEGEND = 8
@@ -85,19 +87,32 @@ def _style_panel(ax: Any, title: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel, fontsize=8)
 
 
-def plot_service_rate(results: LabResults, path: Path, dpi: int = 80) -> None:
+def _tenant_panels(
+    results: LabResults,
+    path: Path,
+    dpi: int,
+    ylabel: str,
+    series: Callable[[Groups, list[float], m.Ticks], dict[str, list[float]]],
+) -> None:
+    """One panel per policy, one line per tenant: ``series(records by tenant, grid, ticks)``."""
     plt = _pyplot()
     ticks = m.Ticks.for_duration(results.duration_s)
     grid = _time_grid(results.duration_s)
     fig, axes = _panels(plt, len(results.policies), dpi)
     for ax, (policy, run) in zip(axes, results.policies.items(), strict=True):
-        groups = m.by_tenant(run.records, results.tenants)
-        rates = m.service_rates(groups, grid, ticks.window, results.prices)
-        for tenant, ys in rates.items():
+        lines = series(m.by_tenant(run.records, results.tenants), grid, ticks)
+        for tenant, ys in lines.items():
             ax.plot(grid, ys, linewidth=1, label=tenant)
-        _style_panel(ax, policy, "service (tok/s)")
+        _style_panel(ax, policy, ylabel)
     _finish(fig, axes, path, len(results.tenants))
     plt.close(fig)
+
+
+def plot_service_rate(results: LabResults, path: Path, dpi: int = 80) -> None:
+    def rate(groups: Groups, grid: list[float], ticks: m.Ticks) -> dict[str, list[float]]:
+        return m.service_rates(groups, grid, ticks.window, results.prices)
+
+    _tenant_panels(results, path, dpi, "service (tok/s)", rate)
 
 
 def plot_acc_gap(results: LabResults, path: Path, dpi: int = 80) -> None:
@@ -126,17 +141,10 @@ def plot_acc_gap(results: LabResults, path: Path, dpi: int = 80) -> None:
 
 
 def plot_latency(results: LabResults, path: Path, dpi: int = 80) -> None:
-    plt = _pyplot()
-    ticks = m.Ticks.for_duration(results.duration_s)
-    grid = _time_grid(results.duration_s)
-    fig, axes = _panels(plt, len(results.policies), dpi)
-    for ax, (policy, run) in zip(axes, results.policies.items(), strict=True):
-        groups = m.by_tenant(run.records, results.tenants)
-        for tenant, recs in groups.items():
-            ax.plot(grid, latency_over_time(recs, grid, ticks.window), linewidth=1, label=tenant)
-        _style_panel(ax, policy, "first-token latency (s)")
-    _finish(fig, axes, path, len(results.tenants))
-    plt.close(fig)
+    def latency(groups: Groups, grid: list[float], ticks: m.Ticks) -> dict[str, list[float]]:
+        return {t: latency_over_time(recs, grid, ticks.window) for t, recs in groups.items()}
+
+    _tenant_panels(results, path, dpi, "first-token latency (s)", latency)
 
 
 def plot_levels(results: LabResults, path: Path, dpi: int = 80) -> None:

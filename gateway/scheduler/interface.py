@@ -131,12 +131,17 @@ class Scheduler(ABC):
     ``_finished``, and overrides what it can answer better than the defaults here (which suit
     a policy without counters in its order, a lift or per-group state): ``queued_jobs``,
     ``queued_under``, ``group_counter``, ``set_min_share``, ``dispatch_cost``, ``resubmits``,
-    ``entitled``, ``hold``, ``unhold``, ``lift_stats``. The ledger (how much each job and
-    tenant has been charged, :meth:`on_output`, :meth:`finish`) and the output predictor live
-    here, so that every policy charges, reports counters and service the same way.
+    ``credit``, ``entitled``, ``hold``, ``unhold``, ``lift_stats``. The ledger (how much each
+    job and tenant has been charged, :meth:`on_output`, :meth:`finish`) and the output
+    predictor live here, so that every policy charges, reports counters and service the same
+    way.
     """
 
     name: str = "base"
+    #: whether an arrival to an empty queue lifts the tenant's counter here (the class value:
+    #: whether the policy has a lift at all; a cluster replica turns it off on its pools while
+    #: the shared order does the lift)
+    lift: bool = False
     #: an arrival this soon (seconds) after one of its tenant's requests finished is a
     #: resubmission (a concurrency-limited client sending its next request); 0: none is (the
     #: busy-tenant rules are off)
@@ -432,6 +437,11 @@ class Scheduler(ABC):
     def unhold(self, job: Job) -> None:
         """The hold of ``job`` ended (used by the tenant's next request, or lapsed); what
         :meth:`hold` booked is released."""
+
+    def credit(self, tenant: str, now: float) -> float:
+        """Counter units ``tenant``, arriving now, may stay below the lift's floor (0 for
+        policies without a lift)."""
+        return 0.0
 
     def lift_stats(self) -> dict[str, tuple[int, float]]:
         """tenant -> (times its counter was lifted on arrival, counter units the lifts added).

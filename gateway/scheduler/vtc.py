@@ -50,34 +50,37 @@ leaves the heap: its entry is dropped when it reaches the top and ``resume`` pus
 so the order passes over it at O(log T) and never stalls behind it.
 
 Priority tiers: a tenant's tier (``Scheduler.set_tenant(..., tier=)``, higher first) picks its
-heap; the head of the order is the least counter of the highest tier with a backlogged tenant,
-so a lower tier is served only while no higher-tier request waits in this pool. The lift's
-floor (both cases) is taken within the arriving tenant's tier: tiers are fair within
-themselves. With one tier everything above is exactly the flat algorithm.
+root; the head of the order is the least counter under the highest tier's root with a
+backlogged tenant, so a lower tier is served only while no higher-tier request waits in this
+pool. The lift's floor (both cases) is taken within the arriving tenant's tier: tiers are fair
+within themselves.
 
 Hierarchy (``set_group``; ``set_tenant(..., parent=)``): every group has a counter and a heap
-of its backlogged children. A charge of ``cost`` priced tokens to a tenant adds ``cost / w`` to
-the tenant and to each of its groups (each at its own weight): O(depth), no sibling is looked
-at. A pick descends from the tier's root, taking at each level the backlogged child with the
-least counter (ties: the earliest to become backlogged): O(depth · log fan-out). The lift
-applies among siblings: a node whose subtree was idle is lifted, on the arrival that makes it
-backlogged, to the least counter of its backlogged siblings, else to the counter of the sibling
-that last left the backlog (both cases, per level). So each level is flat VTC among siblings,
-with the parent's service as the capacity they share, and the flat bound holds per level: two
-siblings ``a``, ``b`` backlogged over an interval get services ``S`` with
-``|S_a / w_a - S_b / w_b| <= U / w_a + U / w_b`` (``2·U`` at equal weights 1; U the most one
-request is charged while others wait, as in the flat bound), whatever happens below them. The
-busy-tenant credit applies at the tenant's own level only (a group is lifted by the paper's
-rules), and a slot is held for a tenant only if its next request would compete with the head
-under the same parent. Tiers are the top level: a tenant's tier is its top-level node's.
+of its backlogged children. A flat config is the one-level case: each tier's root holds its
+tenants, and every rule below reads as the flat algorithm above. A charge of ``cost`` priced
+tokens to a tenant adds ``cost / w`` to the tenant and to each of its groups (each at its own
+weight): O(depth), no sibling is looked at. A pick descends from the tier's root, taking at
+each level the backlogged child with the least counter (ties: the earliest to become
+backlogged): O(depth · log fan-out). The lift applies among siblings: a node whose subtree was
+idle is lifted, on the arrival that makes it backlogged, to the least counter of its
+backlogged siblings, else to the counter of the sibling that last left the backlog (both
+cases, per level). So each level is flat VTC among siblings, with the parent's service as the
+capacity they share, and the flat bound holds per level: two siblings ``a``, ``b`` backlogged
+over an interval get services ``S`` with ``|S_a / w_a - S_b / w_b| <= U / w_a + U / w_b``
+(``2·U`` at equal weights 1; U the most one request is charged while others wait, as in the
+flat bound), whatever happens below them. The busy-tenant credit applies at the tenant's own
+level only (a group is lifted by the paper's rules), and a slot is held for a tenant only if
+its next request would compete with the head under the same parent. Tiers are the top level:
+a tenant's tier is its top-level node's.
 
-Finding the smallest counter is O(log T): backlogged tenants sit in a heap keyed by
-``(counter, seq of head job)``. Output tokens only *raise* counters, which leaves heap keys
-stale-but-low; ``_top`` repairs stale entries lazily when they reach the top (a key that is
-correct at the top is the true minimum, since every true key is >= its stored key). Changes
-that *lower* a key or change the head (refunds, cancelling the head job) push a fresh entry
-under a new version and the old one is skipped when met. So a per-token charge is O(1) and a
-pick is amortised O(log T); nothing scans all tenants.
+Finding the smallest counter is O(log fan-out) per level: backlogged children sit in their
+parent's heap keyed by ``(counter, seq of head job)`` (a group: the arrival that made it
+backlogged). Output tokens only *raise* counters, which leaves heap keys stale-but-low;
+``_best`` repairs stale entries lazily when they reach the top (a key that is correct at the
+top is the true minimum, since every true key is >= its stored key). Changes that *lower* a key
+or change the head (refunds, cancelling the head job) push a fresh entry under a new version
+and the old one is skipped when met. So a per-token charge is O(depth) and a pick is amortised
+O(depth · log fan-out); nothing scans all tenants.
 """
 
 from __future__ import annotations
@@ -90,9 +93,14 @@ from collections.abc import Iterable
 from .interface import Job, Prices, Scheduler, job_key
 from .predictor import OutputPredictor
 
+_Entry = tuple[float, int, int, str]  # (counter key, seq, version, node): a heap entry
+
 
 class _Queue:
+    """A tenant: its FIFO queue, its place in the order and its busy-tenant bookkeeping."""
+
     __slots__ = (
+        "anc",
         "committed",
         "follows",
         "held",
@@ -100,13 +108,16 @@ class _Queue:
         "last_finish",
         "resubmits",
         "running",
-        "tier",
+        "tenant",
+        "up",
         "version",
     )
 
-    def __init__(self, tier: int = 0) -> None:
+    def __init__(self, tenant: str, up: _Group, anc: tuple[_Group, ...]) -> None:
+        self.tenant = tenant
+        self.up = up  # its parent (a tier's root at the top level)
+        self.anc = anc  # its groups, nearest first (none in a flat config)
         self.jobs: OrderedDict[int, Job] = OrderedDict()  # seq -> job, FIFO
-        self.tier = tier  # the tenant's priority tier (its heap)
         self.version = 0
         # seq -> expected cost in priced tokens (w_in * prompt + w_out * expected output)
         self.running: dict[int, float] = {}  # dispatched, not finished
@@ -139,17 +150,17 @@ class _Group:
         "weight",
     )
 
-    def __init__(self, name: str, weight: float = 1.0) -> None:
+    def __init__(self, name: str, weight: float = 1.0, tier: int = 0) -> None:
         self.name = name
         self.weight = weight
         self.counter = 0.0
-        self.heap: list[tuple[float, int, int, str]] = []
-        self.kids: list[str] = []  # children (tenants and groups)
+        self.heap: list[_Entry] = []
+        self.kids: dict[str, None] = {}  # children (tenants and groups), as an ordered set
         self.queued = 0  # jobs waiting in the subtree
         self.since = 0  # seq of the arrival that made the subtree backlogged (ties)
         self.version = 0
         self.last_left: str | None = None  # the child that last left the backlog
-        self.tier = 0
+        self.tier = tier
         self.committed = 0.0  # its tenants' committed costs (their credit, see credit())
 
 
@@ -163,256 +174,99 @@ class VTCScheduler(Scheduler):
         self.predictor = OutputPredictor(mean_window=window)
         self._lifts: dict[str, list[float]] = {}  # tenant -> [count, units added]
         self._queues: dict[str, _Queue] = {}
-        # one heap per priority tier; entries: (counter key, head seq, version, tenant)
-        self._heaps: dict[int, list[tuple[float, int, int, str]]] = {}
-        self._levels: list[int] = []  # tiers that have a heap, highest first
         self._total = 0
-        self._last_left: dict[int, str] = {}  # tier -> its tenant that last left the backlog
         self._share: tuple[int, float] | None = None  # (tier, its minimum share); None: strict
         #: with a share: [counter of that tier, counter of the tiers above it, together]
         self._group = [0.0, 0.0]
-        self._tier_queued: dict[int, int] = {}  # tier -> queued jobs
-        # the tenant tree (set_group); built lazily after a change (_rebuild)
-        self._tree = False  # any node has a parent: pick descends the tree
-        self._dirty = False  # the tree changed since the last _rebuild
+        # the tenant tree: a root per tier, groups under it (set_group), tenants at the leaves
+        self._roots: dict[int, _Group] = {}  # tier -> its root
+        self._levels: list[_Group] = []  # the roots, highest tier first
         self._groups: dict[str, _Group] = {}
-        self._roots: dict[int, _Group] = {}  # tier -> its root (its heap is self._heaps[tier])
         self._up: dict[str, _Group] = {}  # tenant or group -> its parent (a root at the top)
         self._anc: dict[str, tuple[_Group, ...]] = {}  # tenant -> its groups, nearest first
+        self._dirty = False  # the tree changed since the last _rebuild
 
-    # -- heap maintenance --------------------------------------------------------------------
-    def _heap(self, tier: int) -> list[tuple[float, int, int, str]]:
-        heap = self._heaps.get(tier)
-        if heap is None:
-            heap = self._heaps[tier] = []
-            self._levels = sorted(self._heaps, reverse=True)
-        return heap
+    # -- the order ---------------------------------------------------------------------------
+    def _root(self, tier: int) -> _Group:
+        root = self._roots.get(tier)
+        if root is None:
+            root = self._roots[tier] = _Group(f"<tier {tier}>", tier=tier)
+            self._levels = sorted(self._roots.values(), key=lambda r: -r.tier)
+        return root
 
-    def _push(self, tenant: str, q: _Queue) -> None:
-        if self._tree:
-            self._push_node(tenant)
-            return
-        q.version += 1
-        heap = self._heap(q.tier)
-        heapq.heappush(heap, (self._counters[tenant], q.head().seq, q.version, tenant))
-        if len(heap) > 2 * max(self._total + 32, len(self._queues)):
-            self._compact(q.tier)
-
-    def _compact(self, tier: int) -> None:
-        """Drop stale entries (left by churn such as submit/cancel with no pick in between).
-        Runs after a heap doubles past max(queued jobs, tenants): amortised O(1) per push."""
-        heap = self._heaps[tier] = [
-            (self._counters[t], q.head().seq, q.version, t)
-            for t, q in self._queues.items()
-            if q.jobs and q.tier == tier and t not in self._paused
-        ]
-        heapq.heapify(heap)
-
-    def _top(self) -> tuple[str, _Queue] | None:
+    def _top(self) -> _Queue | None:
         """The head of the fair order: the least counter of the highest tier with work (or of
         the tier with a minimum share, while it is owed service; see :meth:`set_min_share`)."""
         if self._dirty:
             self._rebuild()
-        for tier in self._levels:
-            top = self._top_in(tier)
+        for root in self._levels:
+            top = self._best(root.heap)
+            if top is not None and not isinstance(top, _Queue):
+                top = self._descend(root.heap)  # a group leads: down the tree
             if top is not None:
                 share = self._share
-                if share is not None and tier > share[0] and self._group[0] < self._group[1]:
-                    low = self._top_in(share[0]) if share[0] in self._heaps else None
-                    if low is not None:
-                        return low
+                if share is not None and root.tier > share[0] and self._group[0] < self._group[1]:
+                    low = self._roots.get(share[0])
+                    low_top = self._descend(low.heap) if low is not None else None
+                    if low_top is not None:
+                        return low_top
                 return top
         return None
 
-    def set_min_share(self, tier: int, share: float) -> None:
-        """Bound the strict priority: while jobs of ``tier`` and of higher tiers both wait,
-        ``tier`` gets ``share`` of the service (0 < share < 1; 0 restores strict priority).
-        ``tier`` and all tiers above it, together, form two groups ordered by VTC with
-        weights ``share : 1 - share`` (group counters charged with every charge, lifted when
-        a group's queue fills after it emptied); inside each group tiers and tenants go as
-        before. Jobs of tiers below ``tier`` still wait for both groups."""
-        if not 0 <= share < 1:
-            raise ValueError(f"a minimum share must be in [0, 1), got {share!r}")
-        self._share = (tier, share) if share > 0 else None
-
-    def _group_of(self, tier: int) -> int | None:
-        share = self._share
-        if share is None or tier < share[0]:
-            return None
-        return 0 if tier == share[0] else 1
-
-    def _queued_in(self, tier: int, n: int) -> None:
-        """``n`` more (fewer, if negative) jobs queued in ``tier``; lift its group's counter
-        when its queue fills after it emptied."""
-        before = self._tier_queued.get(tier, 0)
-        self._tier_queued[tier] = before + n
-        g = self._group_of(tier)
-        if g is not None and n > 0 and not self._group_queued(g, without=(tier, n)):
-            self._group[g] = max(self._group)
-
-    def _group_queued(self, g: int, without: tuple[int, int] = (0, 0)) -> bool:
-        """Does group ``g`` have queued jobs (not counting ``n`` just added to ``tier``)?"""
-        share = self._share
-        assert share is not None
-        total = 0
-        for tier, n in self._tier_queued.items():
-            if (tier == share[0]) == (g == 0) and tier >= share[0]:
-                total += n - (without[1] if tier == without[0] else 0)
-        return total > 0
-
-    def _top_in(self, tier: int) -> tuple[str, _Queue] | None:
-        heap = self._heaps[tier]
-        if self._tree:
-            return self._descend(heap)
+    def _best(self, heap: list[_Entry]) -> _Queue | _Group | None:
+        """The least backlogged, unpaused node of one heap (stale entries repaired lazily)."""
         while heap:
-            key, seq, version, tenant = heap[0]
-            q = self._queues.get(tenant)
-            if q is None or version != q.version or not q.jobs or tenant in self._paused:
-                heapq.heappop(heap)  # stale, or paused (resume pushes a fresh entry)
-                continue
-            counter = self._counters[tenant]
+            key, seq, version, name = heap[0]
+            node: _Queue | _Group
+            q = self._queues.get(name)
+            if q is not None:
+                if version != q.version or not q.jobs or name in self._paused:
+                    heapq.heappop(heap)  # stale, or paused (resume pushes a fresh entry)
+                    continue
+                node, counter = q, self._counters[name]
+            else:
+                g = self._groups.get(name)
+                if g is None or version != g.version or not g.queued or name in self._paused:
+                    heapq.heappop(heap)
+                    continue
+                node, counter = g, g.counter
             if key != counter:
-                heapq.heapreplace(heap, (counter, seq, version, tenant))
+                heapq.heapreplace(heap, (counter, seq, version, name))
                 continue
-            return tenant, q
+            return node
         return None
 
-    def _on_counter_change(self, tenant: str, delta: float) -> None:
-        if self._tree or self._dirty:
-            self._charge_groups(tenant, delta)
-        share = self._share
-        if share is not None:  # the groups' counters follow every charge
-            tier = self._tiers.get(tenant, 0)
-            if tier >= share[0]:
-                cost = delta * self._weights.get(tenant, 1.0)
-                if tier == share[0]:
-                    self._group[0] += cost / share[1]
-                else:
-                    self._group[1] += cost / (1 - share[1])
-        # Raising a counter leaves a stale-low key that _top repairs; lowering needs a new entry.
-        if delta < 0 and not self._tree:
-            q = self._queues.get(tenant)
-            if q is not None and q.jobs:
-                self._push(tenant, q)
-
-    def _on_tier_change(self, tenant: str, tier: int) -> None:
-        if self._tree or self._parents:
-            self._dirty = True  # the tree is rebuilt with the new tier
-            return
-        q = self._queues.get(tenant)
-        if q is not None and q.tier != tier:
-            if q.jobs:
-                self._queued_in(q.tier, -len(q.jobs))
-                self._queued_in(tier, len(q.jobs))
-            q.tier = tier
-            if q.jobs:
-                self._push(tenant, q)  # a fresh entry in its new tier; the old one is stale
-
-    def _on_pause(self, tenant: str, paused: bool) -> None:
-        if self._dirty:
-            return  # the rebuild before the next decision reads the paused set itself
-        if self._tree:
-            if not paused and self._queued_at(tenant):
-                self._push_node(tenant)  # back in its parent's order, and its ancestors
-            return
-        q = self._queues.get(tenant)
-        if not paused and q is not None and q.jobs:
-            self._push(tenant, q)  # back in the order; a paused one's entry drops at the top
-
-    # -- the tenant tree ---------------------------------------------------------------------
-    def _on_tree_change(self, node: str) -> None:
-        if self._dirty or not self._tree or not self._attach(node):
-            self._dirty = True  # rebuilt before the next decision: a reload sets many at once
-
-    def _attach(self, tenant: str) -> bool:
-        """Index a tenant new since the last rebuild, without queued jobs, under a group (or
-        tier) that is indexed already: O(depth). False when a rebuild is needed instead."""
-        if tenant not in self._weights or tenant in self._up or self.queued(tenant):
-            return False
-        parent = self._parents.get(tenant)
-        up = self._groups.get(parent) if parent is not None else self._roots.get(self.tier(tenant))
-        if up is None:
-            return False
-        self._up[tenant] = up
-        up.kids.append(tenant)
-        anc = []
-        g = up
-        while g.name in self._groups:
-            anc.append(g)
-            g = self._up[g.name]
-        self._anc[tenant] = tuple(anc)
-        q = self._queues.get(tenant)
-        if q is not None:
-            q.tier = up.tier
-        return True
-
-    def _rebuild(self) -> None:
-        """Index the tree as it is now: parents, ancestors, per-group queued counts and heaps.
-        O(tenants + groups); runs after a change of the tree only (start-up, reload)."""
-        self._dirty = False
-        self._tree = bool(self._parents)
-        tier_queued: dict[int, int] = {}
-        for heap in self._heaps.values():
-            heap.clear()
-        if not self._tree:
-            self._groups, self._roots, self._up, self._anc = {}, {}, {}, {}
-            for t, q in self._queues.items():
-                q.tier = self.tier(t)
-                if q.jobs:
-                    tier_queued[q.tier] = tier_queued.get(q.tier, 0) + len(q.jobs)
-                    if t not in self._paused:
-                        self._push(t, q)
-            self._tier_queued = tier_queued
-            return
-        old = self._groups
-        groups: dict[str, _Group] = {}
-        for name, weight in self._group_weights.items():
-            g = groups[name] = old.get(name) or _Group(name)
-            g.weight, g.queued, g.kids, g.last_left, g.committed = weight, 0, [], None, 0.0
-            g.heap = []
-        roots: dict[int, _Group] = {}
-        up: dict[str, _Group] = {}
-        nodes = [*groups, *self._weights]
-        for node in nodes:
-            path = self.path(node)
-            tier = self._tiers.get(path[0], 0)
-            parent = self._parents.get(node)
-            if parent is None:
-                root = roots.get(tier)
-                if root is None:
-                    root = roots[tier] = _Group(f"<tier {tier}>")
-                    root.heap = self._heap(tier)
-                    root.tier = tier
-                    root.last_left = self._last_left.get(tier)
-                up[node] = root
+    def _descend(self, heap: list[_Entry]) -> _Queue | None:
+        """From a tier's root down: at each level the child with the least counter (a flat
+        config: one heap). A group whose backlogged children are all paused leaves its
+        parent's heap (it comes back with :meth:`_push_node`). O(depth · log fan-out)
+        amortised."""
+        node = self._best(heap)
+        stack: list[list[_Entry]] = []
+        while True:
+            if node is None:
+                if not stack:
+                    return None
+                heap = stack.pop()
+                heapq.heappop(heap)  # its top: a group with nothing to run now
+            elif isinstance(node, _Queue):
+                return node
             else:
-                up[node] = groups[parent]
-            up[node].kids.append(node)
-            if node in groups:
-                groups[node].tier = tier
-        self._groups, self._roots, self._up = groups, roots, up
-        self._anc = {
-            t: tuple(groups[g] for g in reversed(self.path(t)[:-1])) for t in self._weights
-        }
-        for t, q in self._queues.items():
-            q.tier = up[t].tier if t in up else self.tier(t)
-            for g in self._anc.get(t, ()):
-                g.committed += q.committed
-            if not q.jobs:
-                continue
-            n = len(q.jobs)
-            tier_queued[q.tier] = tier_queued.get(q.tier, 0) + n
-            roots[q.tier].queued += n
-            for g in self._anc.get(t, ()):
-                g.queued += n
-            q.version += 1
-            if t not in self._paused:
-                heapq.heappush(up[t].heap, (self._counters[t], q.head().seq, q.version, t))
-        for name, g in groups.items():
-            g.version += 1
-            if g.queued and name not in self._paused:
-                heapq.heappush(up[name].heap, (g.counter, g.since, g.version, name))
-        self._tier_queued = tier_queued
+                stack.append(heap)
+                heap = node.heap
+            node = self._best(heap)
+
+    def _level_floor(self, up: _Group) -> float | None:
+        """The lift's floor among ``up``'s children: their least backlogged counter, else the
+        counter of the child that last left the backlog."""
+        heap = up.heap
+        while (best := self._best(heap)) is not None:
+            if isinstance(best, _Queue):
+                return self._counters[best.tenant]
+            if self._descend(best.heap) is not None:
+                return best.counter
+            heapq.heappop(heap)  # a group whose tenants are all paused is no floor (as a tenant)
+        return self._node_counter(up.last_left) if up.last_left is not None else None
 
     def _node_counter(self, name: str) -> float | None:
         g = self._groups.get(name)
@@ -422,30 +276,31 @@ class VTCScheduler(Scheduler):
         g = self._groups.get(node)
         return g.queued if g is not None else self.queued(node)
 
-    def _entry(self, name: str) -> tuple[float, int, int, str]:
-        """A fresh heap entry for a backlogged node (the old ones become stale)."""
-        g = self._groups.get(name)
-        if g is None:
-            q = self._queues[name]
-            q.version += 1
-            return (self._counters[name], q.head().seq, q.version, name)
-        g.version += 1
-        return (g.counter, g.since, g.version, name)
-
     def _push_node(self, name: str) -> None:
-        """Enter the backlogged node ``name`` in its parent's heap, and each ancestor in its
-        parent's (one of them may have left it, all its children paused): O(depth · log)."""
+        """Enter the backlogged node ``name`` in its parent's heap under a fresh entry (the old
+        ones become stale), and each ancestor in its parent's (one of them may have left it,
+        all its children paused): O(depth · log)."""
         up = self._up.get(name)
         while up is not None:
+            g = self._groups.get(name)
+            if g is None:
+                q = self._queues[name]
+                q.version += 1
+                entry = (self._counters[name], q.head().seq, q.version, name)
+            else:
+                g.version += 1
+                entry = (g.counter, g.since, g.version, name)
             heap = up.heap
-            heapq.heappush(heap, self._entry(name))
+            heapq.heappush(heap, entry)
             if len(heap) > 2 * max(up.queued + 32, len(up.kids)):
-                self._compact_group(up)
+                self._compact(up)
             name = up.name
             up = self._up.get(name)
 
-    def _compact_group(self, g: _Group) -> None:
-        """Drop stale entries of ``g``'s heap (as :meth:`_compact` does for a flat tier)."""
+    def _compact(self, g: _Group) -> None:
+        """Drop stale entries of ``g``'s heap (left by churn such as submit/cancel with no pick
+        in between). Runs after a heap doubles past max(queued jobs, children): amortised O(1)
+        per push."""
         entries = []
         for kid in g.kids:
             if kid in self._paused or not self._queued_at(kid):
@@ -459,110 +314,68 @@ class VTCScheduler(Scheduler):
         g.heap[:] = entries
         heapq.heapify(g.heap)
 
-    def _best(self, heap: list[tuple[float, int, int, str]]) -> str | None:
-        """The least backlogged, unpaused node of one heap (stale entries repaired lazily)."""
-        while heap:
-            key, seq, version, name = heap[0]
-            g = self._groups.get(name)
-            if g is None:
-                q = self._queues.get(name)
-                if q is None or version != q.version or not q.jobs or name in self._paused:
-                    heapq.heappop(heap)
-                    continue
-                counter = self._counters[name]
-            else:
-                if version != g.version or not g.queued or name in self._paused:
-                    heapq.heappop(heap)
-                    continue
-                counter = g.counter
-            if key != counter:
-                heapq.heapreplace(heap, (counter, seq, version, name))
-                continue
-            return name
-        return None
+    # -- minimum share of a tier -------------------------------------------------------------
+    def set_min_share(self, tier: int, share: float) -> None:
+        """Bound the strict priority: while jobs of ``tier`` and of higher tiers both wait,
+        ``tier`` gets ``share`` of the service (0 < share < 1; 0 restores strict priority).
+        ``tier`` and all tiers above it, together, form two groups ordered by VTC with
+        weights ``share : 1 - share`` (group counters charged with every charge, lifted when
+        a group's queue fills after it emptied); inside each group tiers and tenants go as
+        before. Jobs of tiers below ``tier`` still wait for both groups."""
+        if not 0 <= share < 1:
+            raise ValueError(f"a minimum share must be in [0, 1), got {share!r}")
+        self._share = (tier, share) if share > 0 else None
 
-    def _descend(self, heap: list[tuple[float, int, int, str]]) -> tuple[str, _Queue] | None:
-        """From a tier's root down: at each level the child with the least counter. A group
-        whose backlogged children are all paused leaves its parent's heap (it comes back with
-        :meth:`_push_node`). O(depth · log fan-out) amortised."""
-        stack: list[list[tuple[float, int, int, str]]] = []
-        while True:
-            name = self._best(heap)
-            if name is None:
-                if not stack:
-                    return None
-                heap = stack.pop()
-                heapq.heappop(heap)  # its top: a group with nothing to run now
-                continue
-            g = self._groups.get(name)
-            if g is None:
-                return name, self._queues[name]
-            stack.append(heap)
-            heap = g.heap
+    def _queued_in(self, tier: int, n: int) -> None:
+        """``n`` more (fewer, if negative) jobs queued in ``tier``; with a minimum share, lift
+        its group's counter when its queue fills after it emptied."""
+        self._roots[tier].queued += n
+        share = self._share
+        if share is None or n <= 0 or tier < share[0]:
+            return
+        g = 0 if tier == share[0] else 1
+        if not self._group_queued(g, without=(tier, n)):
+            self._group[g] = max(self._group)
 
-    def _level_floor(self, up: _Group) -> float | None:
-        """The lift's floor among ``up``'s children: their least backlogged counter, else the
-        counter of the child that last left the backlog."""
-        heap = up.heap
-        while (best := self._best(heap)) is not None:
-            g = self._groups.get(best)
-            if g is None or self._descend(g.heap) is not None:
-                return self._node_counter(best)
-            heapq.heappop(heap)  # a group whose tenants are all paused is no floor (as flat)
-        return self._node_counter(up.last_left) if up.last_left is not None else None
+    def _group_queued(self, g: int, without: tuple[int, int] = (0, 0)) -> bool:
+        """Does group ``g`` have queued jobs (not counting ``n`` just added to ``tier``)?"""
+        share = self._share
+        assert share is not None
+        total = 0
+        for tier, root in self._roots.items():
+            if (tier == share[0]) == (g == 0) and tier >= share[0]:
+                total += root.queued - (without[1] if tier == without[0] else 0)
+        return total > 0
 
-    def _admit_tree(self, tenant: str, q: _Queue, job: Job, now: float) -> None:
-        """Queue ``job`` in the tree: a node whose subtree was idle is lifted among its
-        siblings, level by level (the paper's rules at every level)."""
-        up = self._up.get(tenant)
-        if up is None:  # a tenant added since the last rebuild
-            if not self._attach(tenant):
-                self._rebuild()
-            up = self._up[tenant]
-            q.tier = up.tier
-        anc = self._anc.get(tenant, ())
-        if not q.jobs:
-            if self.lift:
-                self._lift(tenant, q, now, self._level_floor(up))
-            busy = self.credit(tenant, now) > 0
-            for g in anc:
-                if g.queued:
-                    break  # this group and those above it were backlogged already
-                g.since = job.seq
-                floor = self._level_floor(self._up[g.name]) if self.lift else None
-                if floor is not None:
-                    # a busy tenant's group keeps the credit of what its subtree has in flight
-                    target = floor - (g.committed / g.weight if busy else 0.0)
-                    if target > g.counter:
-                        g.counter = target
-        q.jobs[job.seq] = job
-        for g in anc:
-            g.queued += 1
-        self._roots[q.tier].queued += 1
-        if len(q.jobs) == 1:
-            self._push_node(tenant)
-
-    def _leave(self, tenant: str, q: _Queue) -> None:
-        """One job of ``tenant`` left the queue (dispatched or cancelled)."""
-        self._roots[q.tier].queued -= 1
-        for g in self._anc.get(tenant, ()):
-            g.queued -= 1
-            if not g.queued:
-                self._up[g.name].last_left = g.name
+    # -- hooks -------------------------------------------------------------------------------
+    def _on_counter_change(self, tenant: str, delta: float) -> None:
+        if self._groups or self._dirty:
+            self._charge_groups(tenant, delta)
+        elif delta < 0 and self.queued(tenant):
+            self._push_node(tenant)  # a lowered key needs a fresh entry (see _charge_groups)
+        share = self._share
+        if share is not None:  # the groups' counters follow every charge
+            tier = self._tiers.get(tenant, 0)
+            if tier >= share[0]:
+                cost = delta * self._weights.get(tenant, 1.0)
+                if tier == share[0]:
+                    self._group[0] += cost / share[1]
+                else:
+                    self._group[1] += cost / (1 - share[1])
 
     def _charge_groups(self, tenant: str, delta: float) -> None:
         """Charge ``tenant``'s groups what its counter moved by (in priced tokens over each
         group's weight): O(depth), no sibling is looked at."""
         if self._dirty:
             self._rebuild()
-        if not self._tree:
-            return
         anc = self._anc.get(tenant)
         if anc:
             cost = delta * self._weights.get(tenant, 1.0)
             for g in anc:
                 g.counter += cost / g.weight
-        if delta < 0:  # lowered keys need fresh entries, from the lowest backlogged node up
+        # Raising a counter leaves a stale-low key that _best repairs; lowering needs fresh
+        # entries, from the lowest backlogged node up.
+        if delta < 0:
             if self.queued(tenant):
                 self._push_node(tenant)
             elif anc:
@@ -570,6 +383,99 @@ class VTCScheduler(Scheduler):
                     if g.queued:
                         self._push_node(g.name)
                         break
+
+    def _on_tier_change(self, tenant: str, tier: int) -> None:
+        up = self._up.get(tenant)
+        if up is None:
+            return  # indexed with its tier when it arrives (_attach) or at the next rebuild
+        if self._dirty or tenant in self._parents:
+            self._dirty = True  # the tree is rebuilt with the new tier
+            return
+        # a top-level tenant moves to its new tier's root: O(log)
+        root = self._root(tier)
+        del up.kids[tenant]
+        root.kids[tenant] = None
+        self._up[tenant] = root
+        q = self._queues.get(tenant)
+        if q is not None:
+            q.up = root
+            if q.jobs:
+                self._queued_in(up.tier, -len(q.jobs))
+                self._queued_in(tier, len(q.jobs))
+                self._push_node(tenant)  # a fresh entry in its new tier; the old one is stale
+
+    def _on_pause(self, tenant: str, paused: bool) -> None:
+        if self._dirty:
+            return  # the rebuild before the next decision reads the paused set itself
+        if not paused and self._queued_at(tenant):
+            self._push_node(tenant)  # back in its parent's order, and its ancestors
+
+    def _on_tree_change(self, node: str) -> None:
+        if self._dirty or not self._attach(node):
+            self._dirty = True  # rebuilt before the next decision: a reload sets many at once
+
+    # -- the tenant tree ---------------------------------------------------------------------
+    def _attach(self, tenant: str) -> bool:
+        """Index a tenant new since the last rebuild, without queued jobs, under a group (or
+        tier) that is indexed already: O(depth). False when a rebuild is needed instead."""
+        if tenant not in self._weights or tenant in self._up or self.queued(tenant):
+            return False
+        parent = self._parents.get(tenant)
+        up = self._groups.get(parent) if parent is not None else self._root(self.tier(tenant))
+        if up is None:
+            return False
+        self._up[tenant] = up
+        up.kids[tenant] = None
+        anc = []
+        g = up
+        while g.name in self._groups:
+            anc.append(g)
+            g = self._up[g.name]
+        self._anc[tenant] = tuple(anc)
+        return True
+
+    def _rebuild(self) -> None:
+        """Index the tree as it is now: parents, ancestors, per-node queued counts and heaps.
+        O(tenants + groups); runs after a change of the tree only (start-up, reload)."""
+        self._dirty = False
+        old = self._groups
+        groups: dict[str, _Group] = {}
+        for name, weight in self._group_weights.items():
+            g = groups[name] = old.get(name) or _Group(name)
+            g.weight, g.queued, g.kids, g.last_left, g.committed = weight, 0, {}, None, 0.0
+            g.heap = []
+        for root in self._roots.values():  # a root keeps its last_left (the lift's floor)
+            root.queued, root.kids, root.heap = 0, {}, []
+        up: dict[str, _Group] = {}
+        for node in [*groups, *self._weights]:
+            path = self.path(node)
+            tier = self._tiers.get(path[0], 0)
+            parent = self._parents.get(node)
+            up[node] = self._root(tier) if parent is None else groups[parent]
+            up[node].kids[node] = None
+            if node in groups:
+                groups[node].tier = tier
+        self._groups, self._up = groups, up
+        self._anc = {
+            t: tuple(groups[g] for g in reversed(self.path(t)[:-1])) for t in self._weights
+        }
+        for t, q in self._queues.items():
+            q.up, q.anc = up[t], self._anc[t]
+            for g in q.anc:
+                g.committed += q.committed
+            if not q.jobs:
+                continue
+            n = len(q.jobs)
+            self._roots[q.up.tier].queued += n
+            for g in q.anc:
+                g.queued += n
+            q.version += 1
+            if t not in self._paused:
+                heapq.heappush(up[t].heap, (self._counters[t], q.head().seq, q.version, t))
+        for name, g in groups.items():
+            g.version += 1
+            if g.queued and name not in self._paused:
+                heapq.heappush(up[name].heap, (g.counter, g.since, g.version, name))
 
     def group_counter(self, name: str) -> float:
         if self._dirty:
@@ -580,42 +486,60 @@ class VTCScheduler(Scheduler):
     def queued_under(self, node: str) -> int:
         if self._dirty:
             self._rebuild()
-        g = self._groups.get(node)
-        return g.queued if g is not None else self.queued(node)
+        return self._queued_at(node)
 
     # -- policy ------------------------------------------------------------------------------
     def _admit(self, job: Job, now: float) -> None:
+        """Queue ``job``: a node whose subtree was idle is lifted among its siblings, level by
+        level (the paper's rules at every level; a flat config has one)."""
         tenant = job.tenant
+        if self._dirty:
+            self._rebuild()
         q = self._queues.get(tenant)
         if q is None:
-            q = self._queues[tenant] = _Queue(self.tier(tenant))
+            if tenant not in self._up and not self._attach(tenant):
+                self._rebuild()  # a tenant added since the last rebuild, under a new group
+            q = self._queues[tenant] = _Queue(tenant, self._up[tenant], self._anc[tenant])
         follows = self.follow_s > 0 and now - q.last_finish <= self.follow_s
         q.resubmits = 0.75 * q.resubmits + (0.25 if follows else 0)
         q.follows = q.resubmits > 0.5
-        if self._dirty:
-            self._rebuild()
-        if self._tree:
-            self._admit_tree(tenant, q, job, now)
-        elif not q.jobs:
-            if self.lift:
-                self._lift(tenant, q, now, self._floor(q.tier))
+        anc = q.anc
+        if q.jobs:
             q.jobs[job.seq] = job
-            self._push(tenant, q)
         else:
+            if self.lift:
+                self._lift(tenant, q, now, self._level_floor(q.up))
+            if anc:
+                self._lift_groups(anc, job, self.credit(tenant, now) > 0)
             q.jobs[job.seq] = job
+            self._push_node(tenant)
+        for g in anc:
+            g.queued += 1
         self._total += 1
-        self._queued_in(q.tier, 1)
+        self._queued_in(q.up.tier, 1)
 
-    def _floor(self, tier: int) -> float | None:
-        """The lift's floor in ``tier``: its least backlogged counter, else the counter of its
-        tenant that last left the backlog (tiers are fair within themselves only)."""
-        top = self._top_in(tier) if tier in self._heaps else None
-        if top is not None:
-            return self._counters[top[0]]
-        last = self._last_left.get(tier)
-        if last is not None:
-            return self._counters[last]
-        return None
+    def _lift_groups(self, anc: tuple[_Group, ...], job: Job, busy: bool) -> None:
+        """The groups of a tenant whose queue was empty, up to the first that was backlogged
+        already: each is lifted among its siblings (a busy tenant's group keeps the credit of
+        what its subtree has in flight)."""
+        for g in anc:
+            if g.queued:
+                break  # this group and those above it were backlogged already
+            g.since = job.seq
+            floor = self._level_floor(self._up[g.name]) if self.lift else None
+            if floor is not None:
+                target = floor - (g.committed / g.weight if busy else 0.0)
+                if target > g.counter:
+                    g.counter = target
+
+    def _leave(self, q: _Queue) -> None:
+        """One job of ``q`` left it (dispatched or cancelled)."""
+        self._total -= 1
+        self._roots[q.up.tier].queued -= 1
+        for g in q.anc:
+            g.queued -= 1
+            if not g.queued:
+                self._up[g.name].last_left = g.name
 
     def credit(self, tenant: str, now: float) -> float:
         """Counter units a tenant arriving now may stay below the lift's floor: for one that
@@ -639,12 +563,11 @@ class VTCScheduler(Scheduler):
             stat[1] += delta
             self._counters[tenant] = target
 
-    def _commit(self, tenant: str, q: _Queue, cost: float) -> None:
+    def _commit(self, q: _Queue, cost: float) -> None:
         """A job's expected cost enters (or leaves) its tenant's credit, and its groups'."""
         q.committed += cost
-        if self._tree:
-            for g in self._anc.get(tenant, ()):
-                g.committed += cost
+        for g in q.anc:
+            g.committed += cost
 
     def lift_stats(self) -> dict[str, tuple[int, float]]:
         return {t: (int(c), u) for t, (c, u) in self._lifts.items()}
@@ -662,18 +585,18 @@ class VTCScheduler(Scheduler):
         top = self._top()
         if top is None:
             return False  # nobody waits: a free slot stays free for its next request anyway
-        if top[1].tier != q.tier:
-            return q.tier > top[1].tier  # a higher tier goes first, a lower one after
-        if self._tree and self._up.get(tenant) is not self._up.get(top[0]):
-            return self._entitled_above(tenant, top[0], now)
-        head = self._counters[top[0]]
+        if top.up.tier != q.up.tier:
+            return q.up.tier > top.up.tier  # a higher tier goes first, a lower one after
+        if q.up is not top.up:
+            return self._entitled_above(tenant, top.tenant, now)
+        head = self._counters[top.tenant]
         # its next request is lifted to at least head - credit (see _lift)
         return max(self._counters[tenant], head - self.credit(tenant, now)) < head
 
     def _entitled_above(self, tenant: str, head: str, now: float) -> bool:
         """``entitled`` where the order diverges above ``tenant``: at ``x``, its group that is
         a sibling of ``y`` on the head's path. A backlogged ``x`` lost to ``y`` already; an idle
-        one is lifted to ``y``'s counter less its credit (see :meth:`_admit_tree`), and then
+        one is lifted to ``y``'s counter less its credit (see :meth:`_admit`), and then
         its subtree holds nothing but the tenant's next request."""
         parents: dict[int, _Group | None] = {
             id(self._up[g.name]): g for g in self._anc.get(head, ())
@@ -698,43 +621,36 @@ class VTCScheduler(Scheduler):
         if q is not None:
             cost = self.prices.cost(job.prompt_tokens, job.expected_output)
             q.held[job.seq] = cost
-            self._commit(job.tenant, q, cost)
+            self._commit(q, cost)
 
     def unhold(self, job: Job) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            self._commit(job.tenant, q, -q.held.pop(job.seq, 0.0))
+            self._commit(q, -q.held.pop(job.seq, 0.0))
 
     def peek(self, now: float) -> Job | None:
         top = self._top()
-        return top[1].head() if top is not None else None
+        return top.head() if top is not None else None
 
     def pop(self, now: float) -> Job | None:
-        top = self._top()
-        if top is None:
+        q = self._top()
+        if q is None:
             return None
-        tenant, q = top
-        # _top left the tenant's entry at the top of its parent's heap (its tier's, if flat)
-        heap = self._up[tenant].heap if self._tree else self._heaps[q.tier]
+        tenant = q.tenant
+        up = q.up  # _top left the tenant's entry at the top of its heap
         _, job = q.jobs.popitem(last=False)
-        self._total -= 1
-        self._queued_in(q.tier, -1)
+        self._leave(q)
         self._predict(job, q)
         self._dispatched(job, now)  # raises the counter: the heap is not touched (lazy)
         cost = self.prices.cost(job.prompt_tokens, job.expected_output)
         q.running[job.seq] = cost
-        self._commit(tenant, q, cost)
+        self._commit(q, cost)
         if q.jobs:  # the tenant stays backlogged: re-key its entry at the top in one sift
             q.version += 1
-            heapq.heapreplace(heap, (self._counters[tenant], q.head().seq, q.version, tenant))
+            heapq.heapreplace(up.heap, (self._counters[tenant], q.head().seq, q.version, tenant))
         else:
-            heapq.heappop(heap)
-            if self._tree:
-                self._up[tenant].last_left = tenant
-            else:
-                self._last_left[q.tier] = tenant
-        if self._tree:
-            self._leave(tenant, q)
+            heapq.heappop(up.heap)
+            up.last_left = tenant
         return job
 
     def prediction(self, tenant: str, max_tokens: int, model: str = "", endpoint: str = "") -> int:
@@ -768,7 +684,7 @@ class VTCScheduler(Scheduler):
     def _finished(self, job: Job, now: float, ran: bool) -> None:
         q = self._queues.get(job.tenant)
         if q is not None:
-            self._commit(job.tenant, q, -q.running.pop(job.seq, 0.0))
+            self._commit(q, -q.running.pop(job.seq, 0.0))
             q.last_finish = now
 
     def cancel(self, job: Job, now: float) -> bool:
@@ -777,18 +693,12 @@ class VTCScheduler(Scheduler):
         q = self._queues.get(job.tenant)
         if q is None or q.jobs.pop(job.seq, None) is None:
             return False
-        self._total -= 1
-        self._queued_in(q.tier, -1)
-        if self._tree:
-            self._leave(job.tenant, q)
+        self._leave(q)
         if q.jobs:
-            self._push(tenant=job.tenant, q=q)  # the head may have changed
+            self._push_node(job.tenant)  # the head may have changed
         else:
             q.version += 1
-            if self._tree:
-                self._up[job.tenant].last_left = job.tenant
-            else:
-                self._last_left[q.tier] = job.tenant
+            q.up.last_left = job.tenant
         return True
 
     def queued(self, tenant: str) -> int:

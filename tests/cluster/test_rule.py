@@ -3,8 +3,12 @@
 Seeded random scripts of operations (several replicas, models, tenants and backends; claims
 with holds and batches, marks, syncs with flushed charges, slots booked and returned,
 registrations, replicas leaving or losing their lease) run against a real redis-server, through
-the scripts' typed calls, and against :class:`SharedState`; after every operation the replies,
-the wake-ups published and the whole state must agree (counters within float tolerance).
+the scripts' typed calls, and against :class:`SharedState`; the replies, the wake-ups published
+(channel and message: the broadcast and each replica's own) and the whole state must agree
+(counters within float tolerance). Most scripts go as the store sends them, through ``BATCH``
+(runs of one to four consecutive operations of one replica in one call; the state and the
+wake-ups are compared after each call); every third goes one operation per call through the
+operation's own script, compared after each operation.
 
 Leases: the differential scripts never depend on Redis's clock: a live replica's lease is far
 in the future, and a replica is made to lose its lease by a heartbeat with a lease far in the
@@ -59,6 +63,14 @@ REPLIES: dict[str, Callable[[Any], Any]] = {
 }
 SCRIPT_OF = {"add_slots": "slots"}
 
+Op = tuple[str, tuple[Any, ...]]  # (method of SharedState, its arguments)
+
+
+def caller(op: Op) -> tuple[str, int]:
+    """The (replica, lease_ms) an operation is sent with (a leaving replica's lease unused)."""
+    method, args = op
+    return (args[0], LIVE) if method == "leave" else (args[0], int(args[1]))
+
 
 class Lua:
     """The scripts, called like :class:`SharedState`'s methods (the same typed arguments and
@@ -68,11 +80,22 @@ class Lua:
         self.r = client
         self.sha = {name: client.script_load(src) for name, src in scripts.SCRIPTS.items()}
 
-    def call(self, method: str, args: tuple[Any, ...]) -> Any:
-        replica, lease_ms, *rest = args if method != "leave" else (*args, 0)
+    def call(self, op: Op) -> Any:
+        """One operation through its own script."""
+        method, args = op
+        replica, lease_ms = caller(op)
+        argv = ARGS[method](*args[2:])
         sha = self.sha[SCRIPT_OF.get(method, method)]
-        argv = ARGS[method](*rest)
-        return REPLIES[method](self.r.evalsha(sha, 0, P, replica, int(lease_ms), *argv))
+        return REPLIES[method](self.r.evalsha(sha, 0, P, replica, lease_ms, *argv))
+
+    def batch(self, ops: list[Op]) -> list[Any]:
+        """Operations of one replica with one lease in one ``BATCH`` call, as the store sends a
+        round trip; their replies in order."""
+        replica, lease_ms = caller(ops[0])
+        calls = [(SCRIPT_OF.get(m, m), ARGS[m](*args[2:])) for m, args in ops]
+        raw = self.r.evalsha(self.sha["batch"], 0, P, replica, lease_ms, *scripts.batch_args(calls))
+        assert len(raw) == len(ops)
+        return [REPLIES[m](reply) for (m, _), reply in zip(ops, raw, strict=True)]
 
 
 # -- the whole state, read the same way from both -----------------------------------------------
@@ -85,8 +108,13 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
         pipe.hgetall(f"{P}:d:{m}")
         pipe.zrange(f"{P}:bl:{m}", 0, -1, withscores=True)
         pipe.get(f"{P}:last:{m}")
+    for m in MODELS:
+        for t in TENANTS:
+            pipe.smembers(f"{P}:w:{m}{SEP}{t}")
     for b in BACKENDS:
         pipe.hgetall(f"{P}:be:{b}")
+        pipe.smembers(f"{P}:bm:{b}")
+    pipe.hgetall(f"{P}:cap")
     for rep in REPLICAS:
         pipe.hgetall(f"{P}:hold:{rep}")
         pipe.smembers(f"{P}:rq:{rep}")
@@ -104,15 +132,21 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
             "backlog": {k.decode(): float(v) for k, v in bl},
             "last": last.decode() if last is not None else None,
         }
-        if any(order.values()):
-            models[m] = order
-    out["models"] = models
-    slots = {}
+        models[m] = order
+    for m in MODELS:
+        where = {t: sorted(r.decode() for r in w) for t in TENANTS if (w := next(res))}
+        models[m]["where"] = where
+    out["models"] = {m: order for m, order in models.items() if any(order.values())}
+    slots, models_of = {}, {}
     for b in BACKENDS:
-        be = next(res)
+        be, bm = next(res), next(res)
         if be:
             slots[b] = (int(be[b"s"]), int(be[b"k"]))
+        if bm:
+            models_of[b] = sorted(m.decode() for m in bm)
     out["slots"] = slots
+    out["models_of"] = models_of
+    out["capacity"] = {k.decode(): int(v) for k, v in next(res).items()}
     holds, waits, queued = {}, {}, {}
     for rep in REPLICAS:
         hold, rq, rd = next(res), next(res), next(res)
@@ -137,25 +171,31 @@ def rule_state(s: SharedState) -> dict[str, Any]:
     for m, o in s.orders.items():
         order = {
             "counters": dict(o.counters),
-            "sites": dict(o.sites),
+            "sites": {t: len(rs) for t, rs in o.sites.items()},
             "demand": dict(o.demand),
             "backlog": dict(o.backlog),
             "last": o.last,
+            "where": {t: sorted(rs) for t, rs in o.sites.items()},
         }
         if any(order.values()):
             models[m] = order
     out["models"] = models
     out["slots"] = {b: tuple(v) for b, v in s.slots.items()}
+    out["models_of"] = {b: sorted(ms) for b, ms in s.models_of.items() if ms}
+    out["capacity"] = dict(s.capacity)
     out["holds"] = {r: {b: tuple(v) for b, v in st.holds.items()} for r, st in s.replicas.items()}
     out["waits"] = {r: sorted(st.waits) for r, st in s.replicas.items()}
     out["queued"] = {r: dict(st.queued) for r, st in s.replicas.items()}
     for name in ("holds", "waits", "queued"):
         out[name] = {r: v for r, v in out[name].items() if v}
     keys = [f"{P}:replicas"] if out["replicas"] else []
+    names = {"counters": "c", "sites": "q", "demand": "d", "backlog": "bl", "last": "last"}
     for m, order in models.items():
-        names = {"counters": "c", "sites": "q", "demand": "d", "backlog": "bl", "last": "last"}
-        keys += [f"{P}:{names[k]}:{m}" for k, v in order.items() if v]
+        keys += [f"{P}:{names[k]}:{m}" for k, v in order.items() if v and k in names]
+        keys += [f"{P}:w:{m}{SEP}{t}" for t in order["where"]]
     keys += [f"{P}:be:{b}" for b in out["slots"]]
+    keys += [f"{P}:bm:{b}" for b in out["models_of"]]
+    keys += [f"{P}:cap"] if out["capacity"] else []
     for name, prefix in (("holds", "hold"), ("waits", "rq"), ("queued", "rd")):
         keys += [f"{P}:{prefix}:{r}" for r in out[name]]
     out["keys"] = sorted(keys)
@@ -183,7 +223,7 @@ def dyadic(rng: random.Random, top: float) -> float:
     return rng.randint(0, int(top * 8)) / 8
 
 
-def operations(seed: int) -> Iterator[tuple[str, tuple[Any, ...]]]:
+def operations(seed: int) -> Iterator[Op]:
     """``(method, args)`` per operation of seed ``seed``'s script."""
     rng = random.Random(seed)
     capacity = {b: (rng.randint(1, 6), rng.randint(40, 300)) for b in BACKENDS}
@@ -208,7 +248,7 @@ def operations(seed: int) -> Iterator[tuple[str, tuple[Any, ...]]]:
     def credit() -> float:
         return dyadic(rng, 5) if rng.random() < 0.3 else 0.0
 
-    def register(r: str) -> tuple[str, tuple[Any, ...]]:
+    def register(r: str) -> Op:
         holdings = [
             (b, rng.randint(0, 3), rng.randint(0, 150))
             for b in rng.sample(BACKENDS, rng.randint(0, 2))
@@ -254,38 +294,65 @@ def operations(seed: int) -> Iterator[tuple[str, tuple[Any, ...]]]:
             yield "sync", (r, -(10**9) + expiries * 10**6, [])
 
 
-def wakes(sub: Any, n: int) -> list[str]:
-    """The next ``n`` wake-ups published, then any more that arrived meanwhile."""
-    out: list[str] = []
+CHANNELS = (f"{P}:wake", *(f"{P}:wake:{r}" for r in REPLICAS))
+
+
+def channel(replica: str | None) -> str:
+    """The channel of a wake-up of :attr:`SharedState.wakes` (None: every replica's)."""
+    return f"{P}:wake" if replica is None else f"{P}:wake:{replica}"
+
+
+def wakes(sub: Any, n: int) -> list[tuple[str, str]]:
+    """The next ``n`` wake-ups published, (channel, message), then any more that arrived
+    meanwhile."""
+    out: list[tuple[str, str]] = []
     deadline = time.monotonic() + 5
     while len(out) < n and time.monotonic() < deadline:
         msg = sub.get_message(ignore_subscribe_messages=True, timeout=1.0)
         if msg is not None:
-            out.append(msg["data"].decode())
+            out.append((msg["channel"].decode(), msg["data"].decode()))
     while (msg := sub.get_message(ignore_subscribe_messages=True, timeout=0)) is not None:
-        out.append(msg["data"].decode())
+        out.append((msg["channel"].decode(), msg["data"].decode()))
     return sorted(out)
+
+
+def calls(seed: int) -> Iterator[list[Op]]:
+    """Seed ``seed``'s operations as script calls: one each for every third seed, else runs
+    of one to four consecutive operations of one replica with one lease (one ``BATCH``)."""
+    rng = random.Random(f"batch {seed}")
+    run: list[Op] = []
+    size = 1
+    for op in operations(seed):
+        if run and (len(run) >= size or caller(op) != caller(run[0])):
+            yield run
+            run = []
+        if not run:
+            size = 1 if seed % 3 == 0 else rng.randint(1, 4)
+        run.append(op)
+    if run:
+        yield run
 
 
 def run_script(client: redis.Redis, lua: Lua, sub: Any, seed: int, rule: SharedState) -> None:
     client.flushdb()
-    for i, (method, args) in enumerate(operations(seed)):
-        expected = getattr(rule, method)(*args)
-        got = lua.call(method, args)
-        where = f"seed {seed}, op {i}: {method}{args}"
+    for i, ops in enumerate(calls(seed)):
+        where = f"seed {seed}, call {i}: {ops}"
+        expected = [getattr(rule, method)(*args) for method, args in ops]
+        got = lua.batch(ops) if seed % 3 else [lua.call(ops[0])]
         assert same(got, expected), f"{where}\n lua:  {got}\n rule: {expected}"
-        want_wakes = sorted(rule.wakes)
+        want_wakes = sorted((channel(r), msg) for r, msg in rule.wakes)
         rule.wakes.clear()
         lua_state, rule_st = redis_state(client), rule_state(rule)
         assert same(lua_state, rule_st), f"{where}\n lua:  {lua_state}\n rule: {rule_st}"
-        assert wakes(sub, len(want_wakes)) == want_wakes, where
+        got_wakes = wakes(sub, len(want_wakes))
+        assert got_wakes == want_wakes, f"{where}\n lua:  {got_wakes}\n rule: {want_wakes}"
 
 
 @pytest.fixture
 def lua(redis_server: RedisServer) -> Iterator[tuple[redis.Redis, Lua, Any]]:
     client = redis.Redis.from_url(redis_server.url)
     sub = client.pubsub()
-    sub.subscribe(f"{P}:wake")
+    sub.subscribe(*CHANNELS)
     try:
         yield client, Lua(client), sub
     finally:
@@ -299,15 +366,43 @@ def test_scripts_decide_as_the_rule(lua: tuple[redis.Redis, Lua, Any]) -> None:
         run_script(client, scripts_, sub, seed, SharedState(clock=lambda: 0.0))
 
 
+def wake_outcomes(rule: SharedState) -> set[str]:
+    """What the wake-ups of one operation show: broadcasts of a release, targeted ones, one
+    release waking several replicas, and one leaving out a replica where a backlogged tenant
+    of the backend's models waits (the room reached only the tenants before it)."""
+    seen: set[str] = set()
+    woken: dict[str, set[str]] = {}
+    for replica, msg in rule.wakes:
+        if replica is None:
+            seen.add(f"wake every replica {msg[0]}")
+        else:
+            woken.setdefault(msg[2:], set()).add(replica)
+    for backend, replicas in woken.items():
+        seen.add("wake targeted" if len(replicas) == 1 else "wake targeted at several")
+        waiting = {
+            r
+            for m in rule.models_of[backend]
+            if m in rule.orders
+            for t in rule.orders[m].backlog
+            for r in rule.orders[m].sites[t]
+        }
+        if waiting - replicas:
+            seen.add("wake cut by the room")
+    rule.wakes.clear()
+    return seen
+
+
 def test_the_scripts_cover_every_outcome() -> None:
     """The seeded scripts reach every claim outcome, refusals for the demand ahead, holds,
-    batches, unknown replicas and reaped leases (else the comparison proves little)."""
+    batches, unknown replicas, reaped leases, a grant that leaves no room and each kind of
+    wake-up (else the comparison proves little)."""
     seen: set[str] = set()
     for seed in range(SEEDS):
         rule = SharedState(clock=lambda: 0.0)
         for method, args in operations(seed):
             before = set(rule.leases)
             res = getattr(rule, method)(*args)
+            seen |= wake_outcomes(rule)
             if method != "leave" and before - set(rule.leases):
                 seen.add("reaped")
             if method == "claim":
@@ -320,6 +415,7 @@ def test_the_scripts_cover_every_outcome() -> None:
                     seen.add("order refused with room")
                 if res.backends and res.lower and kind == "claim":
                     seen.add("granted past tenants ahead")
+                seen.add(f"{res.status} room {min(res.room, 1)}")
     for outcome in (
         "claim ok 1",
         "claim ok 2",
@@ -333,6 +429,15 @@ def test_the_scripts_cover_every_outcome() -> None:
         "order refused with room",
         "granted past tenants ahead",
         "reaped",
+        "ok room 0",
+        "ok room 1",
+        "full room 0",
+        "order room 1",
+        "wake every replica b",
+        "wake every replica m",
+        "wake targeted",
+        "wake targeted at several",
+        "wake cut by the room",
     ):
         assert outcome in seen, (outcome, sorted(seen))
 
@@ -344,17 +449,17 @@ def test_lease_runs_out(lua: tuple[redis.Redis, Lua, Any]) -> None:
     client.flushdb()
     rule = SharedState(clock=lambda: time.time() * 1000)
     lease = 1000
-    steps: list[tuple[str, tuple[Any, ...]]] = [
+    steps: list[Op] = [
         ("register", ("r0", lease, [("b0", 2, 40)], [("m0", "a", 3), ("m0", "b", 1)])),
         ("register", ("r1", LIVE, [("b0", 1, 10)], [("m0", "a", 1)])),
         ("sync", ("r1", LIVE, [])),  # r0's lease still runs
     ]
     for method, args in steps:
-        assert same(scripts_.call(method, args), getattr(rule, method)(*args))
+        assert same(scripts_.batch([(method, args)]), [getattr(rule, method)(*args)])
         assert same(redis_state(client), rule_state(rule))
     assert "r0" in rule.leases
     time.sleep(lease / 1000 + 0.3)
-    got = scripts_.call("sync", ("r1", LIVE, []))
+    got = scripts_.call(("sync", ("r1", LIVE, [])))
     assert same(got, rule.sync("r1", LIVE, []))
     assert got.replicas == 1
     state = redis_state(client)

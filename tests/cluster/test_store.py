@@ -142,9 +142,31 @@ async def test_claim_goes_to_the_globally_smallest_counter(redis_server: RedisSe
         assert granted.counter == 10.0 and l2.counter(M, "b") == 10.0
         assert (await claim(s2, "b")).status == "full"  # one slot, held by b
         s2.release("b0", 100)
-        await wait_for(lambda: "b:b0" in l1.wakes)  # r1 hears that a slot freed
+        await wait_for(lambda: "b:b0" in l2.wakes)  # b comes first: r2 hears that a slot freed
         await served(s2, l2, "b", 100.0)  # b's output, charged locally, flushed by a sync
         assert (await claim(s1, "a")).status == "ok"  # 50 < 110 now
+
+
+async def test_a_release_wakes_the_replicas_of_the_tenants_first_for_the_room(
+    redis_server: RedisServer,
+) -> None:
+    """A freed slot wakes the replicas where the tenants first in the order wait, as many
+    tenants as their demand takes to fill the backend's room, not every replica."""
+    two = [Candidate("b0", 2, 10_000)]
+    async with replica(redis_server, "r1") as (s1, l1), replica(redis_server, "r2") as (s2, l2):
+        await arrive(s1, l1, "a")
+        await arrive(s2, l2, "b")
+        await served(s1, l1, "a", 50.0)
+        assert (await claim(s2, "b", two, extra=1.0, n=2)).backends == ("b0", "b0")
+        assert (await claim(s1, "a", two)).status == "full"  # a waits behind b, b once more
+        s2.release("b0", 100)  # room 1: b's next request takes it
+        await wait_for(lambda: "b:b0" in l2.wakes)
+        s2.release("b0", 100)  # room 2: b's request, then a
+        await wait_for(lambda: l2.wakes.count("b:b0") == 2 and "b:b0" in l1.wakes)
+        l2.waiting_set.discard((M, "b"))
+        s2.touch(M, "b")  # b leaves the backlog: a wake-up for every replica, sent after both
+        await wait_for(lambda: "m:m" in l1.wakes)
+        assert l1.wakes.count("b:b0") == 1  # r1 heard only the release whose room reached a
 
 
 async def test_one_claim_grants_several_while_the_tenant_keeps_its_place(
@@ -323,7 +345,7 @@ class DeafPubSub:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, *channels: str) -> None:
         return None
 
     async def _read(self, timeout_s: float) -> None:

@@ -32,7 +32,6 @@ from gateway.scheduler import (
     VTCPredictScheduler,
     VTCScheduler,
 )
-from gateway.scheduler.vtc import _Queue
 
 TENANTS = ("a", "b", "c", "d", "e")
 WEIGHTS = (0.5, 1.0, 2.0, 3.0)
@@ -309,11 +308,11 @@ def test_reference_detects_a_wrong_pick() -> None:
     """The harness has teeth: a scheduler that breaks ties the wrong way is caught."""
 
     class NewestHeadFirst(VTCScheduler):
-        def _push(self, tenant: str, q: _Queue) -> None:
+        def _push_node(self, name: str) -> None:
+            super()._push_node(name)
+            q = self._queues[name]  # a fresh entry keyed by the newest job first
             q.version += 1
-            heapq.heappush(
-                self._heap(q.tier), (self._counters[tenant], -q.head().seq, q.version, tenant)
-            )
+            heapq.heappush(q.up.heap, (self._counters[name], -q.head().seq, q.version, name))
 
     POLICIES["broken"] = (NewestHeadFirst, True, False)
     try:

@@ -383,6 +383,88 @@ def test_flat_tenants_wrapped_in_one_group_take_the_flat_decisions() -> None:
             assert one.counter(t) == two.counter(t)
 
 
+# tenant -> (weight, tier); the wrapped config puts each tier's tenants under one group
+SCRIPT_TENANTS = {"a": (1.0, 0), "b": (2.0, 0), "c": (3.0, 0), "d": (1.0, -1), "e": (2.0, -1)}
+
+
+def scripted_run(sched: VTCScheduler, seed: int, steps: int = 500) -> list[object]:
+    """A seeded random event script through every decision of the order: arrivals (idle
+    spells, resubmissions within ``follow_s``), picks, output, finishes (ran or not, with
+    the backend's count), cancels, pauses, holds and ``entitled``, refunds by
+    ``set_counter``; returns what was decided and every tenant's counter after each step."""
+    rng = random.Random(seed)
+    tenants = list(SCRIPT_TENANTS)
+    queued: list[Job] = []
+    running: list[Job] = []
+    held: list[Job] = []
+    log: list[object] = []
+    now = 0.0
+    for _ in range(steps):
+        now += rng.choice((0.005, 0.01, 0.05, 0.5))
+        op = rng.random()
+        t = rng.choice(tenants)
+        if op < 0.34:
+            j = make_job(t, rng.randint(1, 40), rng.randint(1, 30), now)
+            sched.submit(j, now)
+            queued.append(j)
+        elif op < 0.50:
+            peek = sched.peek(now)
+            cost = sched.dispatch_cost(peek) if peek is not None else None
+            j = sched.pop(now)
+            assert j is peek
+            if j is not None:
+                queued.remove(j)
+                running.append(j)
+                log.append(("pop", j.tenant, j.seq, cost, j.charged))
+            else:
+                log.append(("pop", None))
+        elif op < 0.62 and running:
+            sched.on_output(running[rng.randrange(len(running))], rng.randint(1, 8), now)
+        elif op < 0.74 and running:
+            j = running.pop(rng.randrange(len(running)))
+            ran = rng.random() < 0.9
+            sched.finish(j, now, ran=ran, output_tokens=rng.randint(0, 30) if ran else None)
+            if sched.resubmits(j.tenant) and rng.random() < 0.7:
+                log.append(("entitled", j.tenant, sched.entitled(j.tenant, now)))
+                sched.hold(j)
+                held.append(j)
+        elif op < 0.80 and held:
+            sched.unhold(held.pop(rng.randrange(len(held))))
+        elif op < 0.86 and queued:
+            j = queued.pop(rng.randrange(len(queued)))
+            assert sched.cancel(j, now)
+        elif op < 0.92:
+            (sched.resume if sched.paused(t) else sched.pause)(t)
+        elif op < 0.96:
+            log.append(("entitled", t, sched.entitled(t, now)))
+        else:
+            sched.set_counter(t, sched.counter(t) + rng.choice((-20.0, -1.0, 5.0)))
+        log.append(tuple(sched.counter(x) for x in tenants))
+    log.append(sorted(sched.lift_stats().items()))
+    return log
+
+
+@pytest.mark.parametrize("policy", ["vtc", "lcf", "vtc-predict"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("min_share", [0.0, 0.25])
+def test_a_flat_config_and_one_group_per_tier_decide_identically(
+    policy: str, seed: int, min_share: float
+) -> None:
+    """Differential: flat tenants (one-level trees, one per tier) and the same tenants under
+    one explicit group per tier take the same decisions on a seeded script, busy-tenant
+    credit, holds, pauses and a tier's minimum share included."""
+    flat, wrapped = make_scheduler(policy), make_scheduler(policy)
+    assert isinstance(flat, VTCScheduler) and isinstance(wrapped, VTCScheduler)
+    wrapped.set_group("hi", 3.0, tier=0)
+    wrapped.set_group("lo", 0.5, tier=-1)
+    for t, (weight, tier) in SCRIPT_TENANTS.items():
+        flat.set_tenant(t, weight, tier=tier)
+        wrapped.set_tenant(t, weight, tier=tier, parent="hi" if tier == 0 else "lo")
+    for sched in (flat, wrapped):
+        sched.set_min_share(-1, min_share)
+    assert scripted_run(flat, seed) == scripted_run(wrapped, seed)
+
+
 def test_paused_team_passes_its_turn_to_its_sibling_then_to_other_orgs() -> None:
     sched = shipped(ORGS, Prices())
     for _ in range(3):

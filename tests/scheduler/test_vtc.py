@@ -468,7 +468,7 @@ def test_submit_cancel_churn_keeps_the_heap_bounded() -> None:
         j = Job("b", 10, 10, float(i))
         s.submit(j, float(i))
         assert s.cancel(j, float(i))
-    assert len(s._heaps[0]) <= 2 * 34
+    assert len(s._roots[0].heap) <= 2 * 34
     assert s.pop(1e4) is keep
 
 
