@@ -1,8 +1,9 @@
 """Scale-out: one fair order shared by gateway processes through Redis.
 
-``scripts`` holds the atomic decisions (Lua, run inside Redis), ``store`` the replica's batched
-link to them, ``dispatch`` the dispatcher that claims slots through it, ``metrics`` what
-Prometheus sees of the link. Without a ``cluster:`` config section none of this is imported.
+``rule`` states the shared decisions in Python, ``scripts`` holds the same decisions as Lua run
+atomically inside Redis (checked equal by a test), ``store`` the replica's batched link to them,
+``dispatch`` the dispatcher that claims slots through it, ``metrics`` what Prometheus sees of
+the link. Without a ``cluster:`` config section none of this is imported.
 """
 
 from .dispatch import ClusterAdmission, ClusterDispatcher, default_replica_id

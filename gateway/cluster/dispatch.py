@@ -2,13 +2,14 @@
 
 Requests wait in this process's per-model schedulers exactly as in a single gateway; what
 changes is who decides that the head of a queue may have a batch slot. Instead of the local
-admission check, a *claim* asks Redis (``scripts.CLAIM``): it grants the slot if no backlogged
-tenant anywhere has a smaller counter (or the backends keep room for them too) and a backend has
-capacity, booking it in the shared ledger. One claim asks for the head and up to
-``claim_batch - 1`` of its tenant's requests queued behind it (granted while the tenant keeps the
-smallest counter), so a burst of freed slots costs one round trip. Granted: the core commits the
-jobs (pop, charge, reserve) while the reply is processed. A slot held for a resubmitting
-tenant's next request (``DispatchCore`` holds) is claimed the same way before the head's.
+admission check, a *claim* asks Redis (the rule: :meth:`gateway.cluster.rule.SharedState.claim`):
+it grants the slot if no backlogged tenant anywhere has a smaller counter (or the backends keep
+room for them too) and a backend has capacity, booking it in the shared ledger. One claim asks
+for the head and up to ``claim_batch - 1`` of its tenant's requests queued behind it (granted
+while the tenant keeps the smallest counter), so a burst of freed slots costs one round trip.
+Granted: the core commits the jobs (pop, charge, reserve) while the reply is processed. A slot
+held for a resubmitting tenant's next request (``DispatchCore`` holds) is claimed the same way
+before the head's.
 Refused: the replica waits for a wake-up — another replica released a slot or a tenant left the
 backlog (Redis pub/sub), or the next sync tick — and asks again.
 
@@ -33,7 +34,8 @@ from ..admission import AdmissionController, BackendSlots, Reservation
 from ..core import DispatchCore, Grant, Hold
 from ..dispatcher import Dispatcher
 from ..scheduler import Job, Scheduler
-from .store import Candidate, ClaimResult, ClusterStore, ClusterUnavailable
+from .rule import Candidate, ClaimResult
+from .store import ClusterStore, ClusterUnavailable
 
 
 def default_replica_id() -> str:

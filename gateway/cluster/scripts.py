@@ -1,36 +1,44 @@
-"""The Redis server-side scripts that make the shared decisions atomic.
+"""The shared fair order's decisions as Redis server-side scripts, and their typed calls.
 
-Every decision that must see one consistent state (lift a tenant against the global backlog,
-claim a batch slot against the global minimum and the backend's capacity, return slots) runs
-as one Lua script inside Redis; the gateway never reads, decides and writes back.
+Every decision that must see one consistent state runs as one Lua script inside Redis; the
+gateway never reads, decides and writes back. The rules are those of
+:mod:`gateway.cluster.rule`, which states each of them with its reasoning; the Lua below keeps
+what Redis needs and names the ``rule.py`` method it implements (``tests/cluster/test_rule.py``
+checks the two equal on seeded scripts of operations). The functions at the end map the
+typed arguments and replies of :class:`gateway.cluster.rule.SharedState` to ARGV and back.
 
-Keys (``P`` is the configured prefix, hash-tagged so that every key lives in one slot)::
+Keys (``P`` is the configured prefix, hash-tagged so that every key lives in one slot; the
+fields of :class:`~gateway.cluster.rule.SharedState` in brackets)::
 
-    P:replicas         zset   replica -> lease expiry (ms, Redis clock)
-    P:c:<model>        hash   tenant -> counter (weighted service, counter units)
-    P:q:<model>        hash   tenant -> number of replicas where the tenant waits
-    P:d:<model>        hash   tenant -> its requests waiting, all replicas (the demand)
-    P:bl:<model>       zset   tenant -> counter, for tenants waiting somewhere (the backlog)
-    P:last:<model>     string the tenant that most recently left the backlog
-    P:be:<backend>     hash   s -> sequences in flight, k -> KV tokens booked
-    P:cap              hash   backend -> its sequence limit, as the last claim said
-    P:bm:<backend>     set    the models claims named it a candidate for
-    P:w:<model>\x1f<tenant>  set  replicas where the tenant waits
-    P:hold:<replica>   hash   <backend>\\x1fs / <backend>\\x1fk -> what this replica holds
-    P:rq:<replica>     set    <model>\\x1f<tenant> the replica has waiting
-    P:rd:<replica>     hash   <model>\\x1f<tenant> -> how many requests wait there
+    P:replicas         zset   replica -> lease expiry (ms, Redis clock)     [leases]
+    P:c:<model>        hash   tenant -> counter                             [ModelOrder.counters]
+    P:q:<model>        hash   tenant -> how many replicas it waits at  [len ModelOrder.sites]
+    P:d:<model>        hash   tenant -> its requests waiting, all replicas  [ModelOrder.demand]
+    P:bl:<model>       zset   tenant -> counter, tenants waiting somewhere  [ModelOrder.backlog]
+    P:last:<model>     string the tenant that most recently left the backlog [ModelOrder.last]
+    P:be:<backend>     hash   s -> sequences in flight, k -> KV tokens      [slots]
+    P:cap              hash   backend -> its sequence limit, as the last claim said [capacity]
+    P:bm:<backend>     set    the models claims named it a candidate for    [models_of]
+    P:w:<model>\\x1f<tenant>  set  replicas where the tenant waits    [ModelOrder.sites]
+    P:hold:<replica>   hash   <backend>\\x1fs / <backend>\\x1fk -> held   [ReplicaState.holds]
+    P:rq:<replica>     set    <model>\\x1f<tenant> waiting there           [ReplicaState.waits]
+    P:rd:<replica>     hash   <model>\\x1f<tenant> -> requests waiting     [ReplicaState.queued]
     P:wake             channel  "b:<backend>" (slots freed, nobody known to wake first),
-                                "m:<model>" (backlog shrank): every replica
-    P:wake:<replica>   channel  "b:<backend>": slots freed, and a tenant waiting at the replica
-                                comes first for them
+                                "m:<model>" (backlog shrank): every replica       [wakes]
+    P:wake:<replica>   channel  "b:<backend>": slots freed, and a tenant waiting at the
+                                replica comes first for them                      [wakes]
 
-A replica's lease is renewed by every script it runs; any script first *reaps* replicas whose
-lease ran out: their slots return to the backends and their waiting tenants leave the backlog.
-Counters are never reaped (a tenant keeps its position). Slot counts are clamped at zero so a
-release racing a reap can never drive a backend negative.
+Every ARGV starts with P, the replica and its lease in ms. Each operation is a Lua function of
+its ARGV (``op_<name>``); a script runs one alone or, as the store does, a round trip's
+operations in order (``BATCH``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .rule import Claim, ClaimResult, Flush, SyncResult
 
 _COMMON = r"""
 local P = ARGV[1]
@@ -44,17 +52,29 @@ local function split(s)
   local i = string.find(s, SEP, 1, true)
   return string.sub(s, 1, i - 1), string.sub(s, i + 1)
 end
+-- byte order whatever the server's locale (Lua's < on strings uses strcoll)
+local function bytes_before(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function sorted_members(key)
+  local m = redis.call('SMEMBERS', key)
+  table.sort(m, bytes_before)
+  return m
+end
 local function counter(model, tenant)
   return num(redis.call('HGET', P .. ':c:' .. model, tenant)) or 0
 end
+-- ModelOrder.set_counter
 local function set_counter(model, tenant, c)
   redis.call('HSET', P .. ':c:' .. model, tenant, tostring(c))
   local bl = P .. ':bl:' .. model
   if redis.call('ZSCORE', bl, tenant) then redis.call('ZADD', bl, c, tenant) end
 end
--- Lift on entering the backlog: max(own, floor - credit), the floor being the smallest counter
--- of the backlogged others or, with nobody waiting, the counter of the tenant that left the
--- backlog last; credit > 0 only for a busy tenant resubmitting (see gateway/scheduler/vtc.py).
+-- ModelOrder.floor and ModelOrder.lift
 local function lift(model, tenant, credit)
   local c = counter(model, tenant)
   local top = redis.call('ZRANGE', P .. ':bl:' .. model, 0, 0, 'WITHSCORES')
@@ -71,8 +91,7 @@ local function lift(model, tenant, credit)
   end
   return c
 end
--- How many of a tenant's requests wait at a replica (as the replica last said); the sum over
--- replicas is the tenant's demand, which a claim of a tenant further back must leave room for.
+-- SharedState._set_demand
 local function set_demand(replica, model, tenant, n)
   local rd, f = P .. ':rd:' .. replica, model .. SEP .. tenant
   local old = num(redis.call('HGET', rd, f)) or 0
@@ -82,6 +101,7 @@ local function set_demand(replica, model, tenant, n)
     redis.call('HDEL', P .. ':d:' .. model, tenant)
   end
 end
+-- SharedState._mark
 local function mark(replica, model, tenant, credit, waiting)
   if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
     redis.call('SADD', P .. ':w:' .. model .. SEP .. tenant, replica)
@@ -93,6 +113,7 @@ local function mark(replica, model, tenant, credit, waiting)
   end
   set_demand(replica, model, tenant, math.max(1, waiting))
 end
+-- SharedState._unmark
 local function unmark(replica, model, tenant)
   set_demand(replica, model, tenant, 0)
   if redis.call('SREM', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
@@ -106,9 +127,7 @@ local function unmark(replica, model, tenant)
     end
   end
 end
--- A release wakes only the replicas where the tenants first in the order wait (for each model
--- the backend served in a claim): as many tenants as their demand takes to fill the room the
--- backend has now. Unknown models or room (no claim seen yet): every replica.
+-- SharedState._wake_for
 local function wake_for(backend)
   local be, msg = P .. ':be:' .. backend, 'b:' .. backend
   local models = redis.call('SMEMBERS', P .. ':bm:' .. backend)
@@ -133,12 +152,12 @@ local function wake_for(backend)
     end
   end
 end
+-- SharedState._add_slots (clamped: never below zero, never more returned than held)
 local function add_slots(replica, backend, seqs, kv)
   local be = P .. ':be:' .. backend
   local hold = P .. ':hold:' .. replica
   local hs = num(redis.call('HGET', hold, backend .. SEP .. 's')) or 0
   local hk = num(redis.call('HGET', hold, backend .. SEP .. 'k')) or 0
-  -- never return more than this replica holds: counts stay >= 0 whatever raced
   if seqs < -hs then seqs = -hs end
   if kv < -hk then kv = -hk end
   local s = (num(redis.call('HGET', be, 's')) or 0) + seqs
@@ -149,6 +168,7 @@ local function add_slots(replica, backend, seqs, kv)
   redis.call('HSET', hold, backend .. SEP .. 's', hs + seqs, backend .. SEP .. 'k', hk + kv)
   if seqs < 0 then wake_for(backend) end
 end
+-- SharedState._drop
 local function drop(replica)
   local hold = redis.call('HGETALL', P .. ':hold:' .. replica)
   for i = 1, #hold, 2 do
@@ -159,7 +179,7 @@ local function drop(replica)
     end
   end
   redis.call('DEL', P .. ':hold:' .. replica)
-  for _, m in ipairs(redis.call('SMEMBERS', P .. ':rq:' .. replica)) do
+  for _, m in ipairs(sorted_members(P .. ':rq:' .. replica)) do
     local model, tenant = split(m)
     unmark(replica, model, tenant)
   end
@@ -167,7 +187,7 @@ local function drop(replica)
   redis.call('DEL', P .. ':rd:' .. replica)
   redis.call('ZREM', P .. ':replicas', replica)
 end
--- Reap replicas whose lease ran out; renew ours if we are known. Returns whether we were.
+-- SharedState._heartbeat: returns (known, now)
 local function heartbeat(replica, lease_ms)
   local now = now_ms()
   for _, r in ipairs(redis.call('ZRANGEBYSCORE', P .. ':replicas', '-inf', now)) do
@@ -177,27 +197,30 @@ local function heartbeat(replica, lease_ms)
   if known then redis.call('ZADD', P .. ':replicas', now + lease_ms, replica) end
   return known, now
 end
+-- SharedState._flush of the (model, tenant, base, sent) entries at args[from..to]
+local function flush(args, from, to)
+  local out = {}
+  for i = from, to, 4 do
+    local raw = redis.call('HGET', P .. ':c:' .. args[i], args[i + 1])
+    local c = (raw and tonumber(raw) or tonumber(args[i + 2])) + tonumber(args[i + 3])
+    set_counter(args[i], args[i + 1], c)
+    out[#out + 1] = tostring(c)
+  end
+  return out
+end
 """
 
-#: Heartbeat + flush of locally accumulated charges. ARGV: P, replica, lease_ms, then
-#: (model, tenant, base, sent) per tenant: ``base`` re-creates a counter lost by an empty
-#: restart, ``sent`` is added. Returns {known, live replicas, counter per entry...}.
+#: SharedState.sync. ARGV: P, replica, lease_ms, (model, tenant, base, sent) per flush.
+#: Returns {known, live replicas, counter per flush...}.
 SYNC = r"""
 local known = heartbeat(ARGV[2], tonumber(ARGV[3]))
 local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas')}
-for i = 4, #ARGV, 4 do
-  local model, tenant = ARGV[i], ARGV[i + 1]
-  local raw = redis.call('HGET', P .. ':c:' .. model, tenant)
-  local c = (raw and tonumber(raw) or tonumber(ARGV[i + 2])) + tonumber(ARGV[i + 3])
-  set_counter(model, tenant, c)
-  out[#out + 1] = tostring(c)
-end
+for _, c in ipairs(flush(ARGV, 4, #ARGV)) do out[#out + 1] = c end
 return out
 """
 
-#: (Re)register a replica with its full local state: what it holds and where tenants wait.
-#: ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then (model, tenant,
-#: requests waiting) *.
+#: SharedState.register. ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then
+#: (model, tenant, requests waiting) *. Returns 1.
 REGISTER = r"""
 local replica = ARGV[2]
 local known, now = heartbeat(replica, tonumber(ARGV[3]))
@@ -212,29 +235,20 @@ for _ = 1, n do
   i = i + 3
 end
 local want = {}
-while i <= #ARGV do
-  want[ARGV[i] .. SEP .. ARGV[i + 1]] = tonumber(ARGV[i + 2])
-  i = i + 3
-end
-for _, m in ipairs(redis.call('SMEMBERS', P .. ':rq:' .. replica)) do
+for j = i, #ARGV, 3 do want[ARGV[j] .. SEP .. ARGV[j + 1]] = true end
+for _, m in ipairs(sorted_members(P .. ':rq:' .. replica)) do
   if not want[m] then
     local model, tenant = split(m)
     unmark(replica, model, tenant)
   end
 end
-for m, waiting in pairs(want) do
-  local model, tenant = split(m)
-  mark(replica, model, tenant, 0, waiting)
-end
+for j = i, #ARGV, 3 do mark(replica, ARGV[j], ARGV[j + 1], 0, tonumber(ARGV[j + 2])) end
 redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
 return 1
 """
 
-#: A tenant starts (1) or stops (0) waiting at this replica. ARGV: P, replica, lease_ms, model,
-#: tenant, on, credit (counter units a resubmitting tenant may stay below the lift's floor),
-#: its requests waiting here.
-#: Returns the tenant's counter (lifted when it joined the global backlog), or nil when the
-#: replica is unknown (it registers its whole state instead).
+#: SharedState.mark. ARGV: P, replica, lease_ms, model, tenant, on (1/0), credit, requests
+#: waiting. Returns the tenant's counter, or nil when the replica is unknown.
 MARK = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 if not heartbeat(replica, tonumber(ARGV[3])) then return false end
@@ -246,40 +260,16 @@ end
 return tostring(counter(model, tenant))
 """
 
-#: Claim slots for the next ``n`` requests of ``tenant`` (its head request and those queued
-#: behind it here), flushing the replica's unsent charges first (the claimant's and its other
-#: tenants', so that the order check sees this replica's own counters exact). ARGV: P, replica,
-#: lease_ms, model, tenant, waiting (the tenant's requests waiting here, the claimed ones
-#: included; 'h': a *hold*, see below), credit (as for MARK), f, then (model, tenant, base,
-#: sent) per flushed counter (as in SYNC; the claimant's first), then n, then (extra, tokens)
-#: per request (``extra``: counter units charged when granted), then (backend, max_seqs,
-#: max_kv) per candidate backend.
-#:
-#: The first request is granted when some candidate has room and either no backlogged tenant
-#: has a smaller counter or, after this booking, the candidates still have room for a request
-#: of this size for each request such tenants have waiting (their replicas claim it: a batch of
-#: slots freed at once goes to the tenants first in the order, whichever replica asks first;
-#: work-conserving, since the room beyond their demand is taken; a stale entry holds back what
-#: its replica last said waits there). Each further one only while the tenant, charged for the
-#: ones before,
-#: still has the smallest counter of the backlog and a candidate has room; the first refusal
-#: ends the claim. A hold books slots for the expected next requests of a tenant that waits
-#: nowhere (a busy tenant resubmitting, see gateway/core.py): charged nothing (``extra`` 0), the
-#: tenant not entered in the backlog, its counter taken as it would be lifted on arrival
-#: (``max(own, floor - credit)``) for the order check. Returns {status, counter, lower, k,
-#: room, backend per granted request (k), counter per flushed entry...} (``room``: requests of
-#: the last one's size the candidates still have room for, after the grants): status
-#: 'ok' (all granted), 'full' or 'order' (why the first not granted was refused); or
-#: {'unknown'} (the replica must register first).
+#: SharedState.claim (the order check, the room rule, holds, batches). ARGV: P, replica,
+#: lease_ms, model, tenant, waiting ('h': a hold), credit, f, (model, tenant, base, sent) per
+#: flush, n, (extra, tokens) per request, (backend, max_seqs, max_kv) per candidate. Returns
+#: {status, counter, lower, k, room, backend per granted request (k), counter per flush...},
+#: or {'unknown'}.
 CLAIM = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 local known = heartbeat(replica, tonumber(ARGV[3]))
 local f = tonumber(ARGV[8])
-for i = 9, 8 + 4 * f, 4 do  -- the charges count whether or not the replica is known
-  local raw = redis.call('HGET', P .. ':c:' .. ARGV[i], ARGV[i + 1])
-  set_counter(ARGV[i], ARGV[i + 1],
-              (raw and tonumber(raw) or tonumber(ARGV[i + 2])) + tonumber(ARGV[i + 3]))
-end
+flush(ARGV, 9, 8 + 4 * f)
 if not known then return {'unknown'} end
 local hold = ARGV[6] == 'h'
 local c = counter(model, tenant)
@@ -296,9 +286,7 @@ local n = tonumber(ARGV[base])
 local first = base + 1 + 2 * n
 local granted = {}
 local out = {'ok', '', 0, 0, 0}
--- the candidate with the most room for a request of ``tokens`` (nil: none has room), and the
--- room of all candidates together (requests of that size)
-local function room_for(tokens)
+local function room_for(tokens)  -- SharedState._room
   local best, best_room, total = nil, 0, 0
   for i = first, #ARGV, 3 do
     local be = P .. ':be:' .. ARGV[i]
@@ -313,20 +301,20 @@ local function room_for(tokens)
   end
   return best, total
 end
-for i = first, #ARGV, 3 do  -- what a release needs to know whom to wake
+for i = first, #ARGV, 3 do  -- what SharedState._wake_for needs
   redis.call('SADD', P .. ':bm:' .. ARGV[i], model)
   redis.call('HSET', P .. ':cap', ARGV[i], ARGV[i + 1])
 end
 for j = 1, n do
   local extra = tonumber(ARGV[base - 1 + 2 * j])
   local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
-  local tol = 1e-9 * math.max(1, math.abs(c))
+  local tol = 1e-9 * math.max(1, math.abs(c))  -- rule.ORDER_TOLERANCE
   local lower = redis.call('ZCOUNT', bl, '-inf', '(' .. (c - tol))
   out[3] = lower
   if j > 1 and lower > 0 then out[1] = 'order' break end
   local best, total = room_for(tokens)
   if not best then out[1] = 'full' break end
-  if lower > 0 then  -- room for all the requests waiting ahead (bounded by the room)
+  if lower > 0 then  -- the demand ahead must still fit (more tenants than room: it cannot)
     local need, d = 0, P .. ':d:' .. model
     for _, t in ipairs(redis.call('ZRANGEBYSCORE', bl, '-inf', '(' .. (c - tol),
                                   'LIMIT', 0, total)) do
@@ -340,7 +328,7 @@ for j = 1, n do
   c = c + extra
   set_counter(model, tenant, c)
 end
-if not hold then  -- what still waits here after the grants
+if not hold then
   local left = tonumber(ARGV[6]) - #granted
   if left > 0 then set_demand(replica, model, tenant, left) else unmark(replica, model, tenant) end
 end
@@ -353,21 +341,20 @@ for i = 9, 8 + 4 * f, 4 do out[#out + 1] = tostring(counter(ARGV[i], ARGV[i + 1]
 return out
 """
 
-#: Book (+) or return (-) slots without any check (a release, or a request moved to another
-#: backend after its first refused it). ARGV: P, replica, lease_ms, backend, seqs, kv.
-#: An unknown replica books nothing (its next registration carries its whole holdings).
+#: SharedState.add_slots. ARGV: P, replica, lease_ms, backend, seqs, kv. Returns 1, or 0 when
+#: the replica is unknown.
 SLOTS = r"""
 if not heartbeat(ARGV[2], tonumber(ARGV[3])) then return 0 end
 add_slots(ARGV[2], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 return 1
 """
 
-#: A replica shutting down returns its slots and leaves the backlog. ARGV: P, replica.
+#: SharedState.leave. ARGV: P, replica.
 LEAVE = "drop(ARGV[2])\nreturn 1\n"
 
 #: Every operation of one round trip in one script call. ARGV: P, replica, lease_ms, then per
-#: operation its name, the count of its own arguments and those arguments (as each script above
-#: takes them after lease_ms). Returns the operations' replies, in order.
+#: operation its name, the count of its own arguments and those arguments (as each operation
+#: takes them after lease_ms: :func:`batch_args`). Returns the operations' replies, in order.
 BATCH = r"""
 local ops = {sync = op_sync, register = op_register, mark = op_mark, claim = op_claim,
              slots = op_slots, leave = op_leave}
@@ -402,3 +389,85 @@ SCRIPTS = {
     **{name: f"{_FUNCTIONS}return op_{name}(ARGV)\n" for name in OPERATIONS},
     "batch": _FUNCTIONS + BATCH,
 }
+
+
+# -- typed calls: the arguments after (P, replica, lease_ms), and the replies ---------------------
+def _flush_args(flushes: Iterable[Flush]) -> list[Any]:
+    out: list[Any] = []
+    for f in flushes:
+        out += [f.model, f.tenant, repr(float(f.base)), repr(float(f.sent))]
+    return out
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def sync_args(flushes: Iterable[Flush]) -> list[Any]:
+    return _flush_args(flushes)
+
+
+def sync_reply(raw: Sequence[Any]) -> SyncResult:
+    return SyncResult(bool(int(raw[0])), int(raw[1]), tuple(float(c) for c in raw[2:]))
+
+
+def register_args(
+    holdings: Iterable[tuple[str, int, int]], waiting: Iterable[tuple[str, str, int]]
+) -> list[Any]:
+    held = list(holdings)
+    out: list[Any] = [len(held)]
+    for backend, seqs, kv in held:
+        out += [backend, seqs, kv]
+    for model, tenant, n in waiting:
+        out += [model, tenant, n]
+    return out
+
+
+def mark_args(
+    model: str, tenant: str, on: bool, credit: float = 0.0, waiting: int = 0
+) -> list[Any]:
+    return [model, tenant, "1" if on else "0", repr(float(credit)), waiting]
+
+
+def mark_reply(raw: Any) -> float | None:
+    return None if raw is None else float(raw)
+
+
+def claim_args(claim: Claim) -> list[Any]:
+    waiting = "h" if claim.waiting is None else claim.waiting
+    out: list[Any] = [claim.model, claim.tenant, waiting, repr(float(claim.credit))]
+    out += [len(claim.flushes), *_flush_args(claim.flushes), len(claim.requests)]
+    for extra, tokens in claim.requests:
+        out += [repr(float(extra)), tokens]
+    for c in claim.candidates:
+        out += [c.name, c.max_seqs, c.max_kv]
+    return out
+
+
+def claim_reply(raw: Sequence[Any]) -> ClaimResult | None:
+    """None: the replica is unknown."""
+    status = _text(raw[0])
+    if status == "unknown":
+        return None
+    k = int(raw[3])
+    return ClaimResult(
+        status,
+        float(raw[1]),
+        int(raw[2]),
+        tuple(_text(b) for b in raw[5 : 5 + k]),
+        int(raw[4]),
+        tuple(float(c) for c in raw[5 + k :]),
+    )
+
+
+def slots_args(backend: str, seqs: int, kv: int) -> list[Any]:
+    return [backend, seqs, kv]
+
+
+def batch_args(calls: Iterable[tuple[str, Sequence[Any]]]) -> list[Any]:
+    """``BATCH``'s arguments after (P, replica, lease_ms): ``(operation, its arguments)`` per
+    call, in the order they run (the operation as named in :data:`OPERATIONS`)."""
+    out: list[Any] = []
+    for name, args in calls:
+        out += [name, len(args), *args]
+    return out

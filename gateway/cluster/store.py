@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,7 +38,19 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from .scripts import SCRIPTS
+from .rule import Candidate, Claim, ClaimResult, Flush
+from .scripts import (
+    SCRIPTS,
+    batch_args,
+    claim_args,
+    claim_reply,
+    mark_args,
+    mark_reply,
+    register_args,
+    slots_args,
+    sync_args,
+    sync_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +64,6 @@ _LISTEN_POLL_S = 0.5
 
 class ClusterUnavailable(Exception):
     """Redis cannot be reached now; decide locally."""
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A backend a claim may book, with the capacity this replica knows for it."""
-
-    name: str
-    max_seqs: int
-    max_kv: int
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimResult:
-    status: str  # "ok" (all granted) | "full" | "order" (why the rest was refused)
-    counter: float = 0.0
-    lower: int = 0  # backlogged tenants with a smaller counter (refusals)
-    backends: tuple[str, ...] = ()  # one per granted request, in order
-    #: requests of the last one's size the candidates still have room for after the grants
-    room: int = 0
-
-    @property
-    def backend(self) -> str | None:
-        """The first request's backend, if granted."""
-        return self.backends[0] if self.backends else None
 
 
 class LocalView(Protocol):
@@ -108,6 +97,8 @@ class _Op:
     args: list[Any]
     key: Key | None = None
     on_result: Callable[[Any], None] | None = None
+    #: a claim, without the charges it carries (added when its batch is built)
+    claim: Claim | None = None
     #: a claim's flushed counters (the claimant's first), set when its batch is built
     flushed: list[Key] = field(default_factory=list)
 
@@ -197,56 +188,53 @@ class ClusterStore:
     ) -> ClaimResult:
         """Ask for slots for ``tenant``'s next requests, ``(extra, tokens)`` each: the head
         request and those queued behind it, granted in order while the tenant keeps its place
-        (see ``scripts.CLAIM``). The claim carries the tenant's unsent charges. ``on_result``
-        runs synchronously inside the writer as the reply is processed (so the local pops and
-        the counter mirror move together); the result is also returned. ``waiting``: the
-        tenant's requests waiting here, these included (the demand that tenants behind it in the
-        order must leave room for). ``hold``: one slot for the expected next
+        (:meth:`gateway.cluster.rule.SharedState.claim`). The claim carries the tenant's unsent
+        charges. ``on_result`` runs synchronously inside the writer as the reply is processed
+        (so the local pops and the counter mirror move together); the result is also returned.
+        ``waiting``: the tenant's requests waiting here, these included (the demand that tenants
+        behind it in the order must leave room for). ``hold``: one slot for the expected next
         request of a tenant waiting nowhere, checked against the order but charged nothing
         (``requests`` holds its size). Raises :class:`ClusterUnavailable`."""
         if not self.up:
             raise ClusterUnavailable
-        credit = repr(float(self.local.credit(model, tenant)))
-        # the flush (after the credit) is inserted when the batch is built
         waiting = max(waiting, len(requests))
-        flag = "h" if hold else str(waiting)
-        args: list[Any] = [model, tenant, flag, credit, len(requests)]
-        for extra, tokens in requests:
-            args += [repr(float(extra)), tokens]
-        for c in candidates:
-            args += [c.name, c.max_seqs, c.max_kv]
+        claim = Claim(
+            model,
+            tenant,
+            None if hold else waiting,
+            float(self.local.credit(model, tenant)),
+            tuple(requests),
+            tuple(candidates),
+        )
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         key = (model, tenant)
-        op = _Op("claim", args, key)
+        op = _Op("claim", [], key, claim=claim)
 
         def done(raw: Any) -> None:
             if isinstance(raw, BaseException):
                 if not fut.done():
                     fut.set_exception(ClusterUnavailable())
                 return
-            if raw[0] == b"unknown":
+            reply = claim_reply(raw)
+            if reply is None:
                 self._register_due = True
                 self._kick.set()
                 res = ClaimResult("full")
             else:
-                k = int(raw[3])
-                backends = tuple(b.decode() for b in raw[5 : 5 + k])
-                res = ClaimResult(
-                    raw[0].decode(), float(raw[1]), int(raw[2]), backends, int(raw[4])
-                )
-                for backend, (_, tokens) in zip(backends, requests, strict=False):
+                res = reply
+                for backend, (_, tokens) in zip(res.backends, requests, strict=False):
                     held = self.held.setdefault(backend, [0, 0])
                     held[0] += 1
                     held[1] += tokens
-                if not hold and len(backends) >= waiting:
+                if not hold and len(res.backends) >= waiting:
                     self._marked.discard(key)
                     self._dirty.add(key)
             on_result(res)  # the local pops (or, if a job left meanwhile, a release)
-            if raw[0] != b"unknown":
+            if reply is not None:
                 extra = 0.0 if hold else sum(e for e, _ in requests[: len(res.backends)])
                 self._apply(key, res.counter, extra)
-                for other, remote in zip(op.flushed[1:], raw[6 + k :], strict=True):
-                    self._apply(other, float(remote))
+                for other, remote in zip(op.flushed[1:], res.flushed[1:], strict=True):
+                    self._apply(other, remote)
             if not fut.done():
                 fut.set_result(res)
 
@@ -268,7 +256,7 @@ class ClusterStore:
         held[0] = max(0, held[0] + seqs)
         held[1] = max(0, held[1] + tokens)
         if self.up:
-            self._push(_Op("slots", [backend, seqs, tokens]))
+            self._push(_Op("slots", slots_args(backend, seqs, tokens)))
 
     def _push(self, op: _Op) -> None:
         self._ops.append(op)
@@ -315,7 +303,7 @@ class ClusterStore:
         local = self.local
         # backlog changes since the last batch become mark/unmark ops
         marks: list[_Op] = []
-        claims = {op.key for op in ops if op.script == "claim" and op.args[2] != "h"}
+        claims = {op.key for op in ops if op.claim is not None and op.claim.waiting is not None}
         for key in self._dirty:
             want = local.waiting(*key) > 0
             if want != (key in self._marked):
@@ -331,17 +319,17 @@ class ClusterStore:
             self._marked = {k for k in self._active if local.waiting(*k)}
         before: dict[Key, float] = {}
 
-        def flush(key: Key) -> tuple[str, str]:
-            """(base, sent) of ``key``'s charges since its last flush; now counted as sent."""
+        def flush(key: Key) -> Flush:
+            """``key``'s charges since its last flush; now counted as sent."""
             value = local.counter(*key)
             sent = self._sent.get(key, value)
             before.setdefault(key, sent)
             self._sent[key] = value
-            return repr(sent), repr(value - sent)
+            return Flush(key[0], key[1], sent, value - sent)
 
         claimed: set[Key] = set()
         for op in ops:  # a claim carries the claimant's unsent charges, the first the others'
-            if op.script == "claim" and op.key is not None:
+            if op.claim is not None and op.key is not None:
                 others = (
                     []
                     if claimed
@@ -353,40 +341,29 @@ class ClusterStore:
                 )
                 op.flushed = [op.key, *others]
                 claimed.update(op.flushed)
-                entries_f: list[Any] = []
-                for k in op.flushed:
-                    entries_f += [k[0], k[1], *flush(k)]
-                op.args[4:4] = [len(op.flushed), *entries_f]
+                charges = tuple(flush(k) for k in op.flushed)
+                op.args = claim_args(dataclasses.replace(op.claim, flushes=charges))
         # the SYNC renews the lease and flushes everything else once per interval; between
         # ticks the claims, releases and backlog changes go alone (each renews the lease too)
         sync = full
-        entries: list[Key] = []
-        sync_args: list[Any] = []
-        if sync:
-            for key in self._active:
-                if key not in claimed:
-                    entries.append(key)
-                    sync_args += [key[0], key[1], *flush(key)]
+        entries = [key for key in self._active if key not in claimed] if sync else []
+        flushes = [flush(key) for key in entries]
         # the whole round trip is one script call (scripts.BATCH) running the operations in order
-        batch: list[Any] = []
+        calls: list[tuple[str, list[Any]]] = []
         if register:
-            reg: list[Any] = [len(self.held)]
-            for backend, (seqs, kv) in self.held.items():
-                reg += [backend, seqs, kv]
-            for model, tenant in self._marked:
-                reg += [model, tenant, local.waiting(model, tenant)]
-            batch += ["register", len(reg), *reg]
+            holdings = [(backend, seqs, kv) for backend, (seqs, kv) in self.held.items()]
+            waiting = [(m, t, local.waiting(m, t)) for m, t in self._marked]
+            calls.append(("register", register_args(holdings, waiting)))
         if sync:
-            batch += ["sync", len(sync_args), *sync_args]
-        for op in (*marks, *ops):
-            batch += [op.script, len(op.args), *op.args]
-        n = int(register) + int(sync) + len(marks) + len(ops)
+            calls.append(("sync", sync_args(flushes)))
+        calls += [(op.script, op.args) for op in (*marks, *ops)]
+        n = len(calls)
         start = time.perf_counter()
         try:
             if not self._shas:
                 await self._load_scripts()
             results = await self.redis.evalsha(
-                self._shas["batch"], 0, self.prefix, self.replica, self.lease_ms, *batch
+                self._shas["batch"], 0, self.prefix, self.replica, self.lease_ms, *batch_args(calls)
             )
         except (RedisError, OSError) as exc:
             for key, sent in before.items():
@@ -415,21 +392,22 @@ class ClusterStore:
             self._register_due = False
             i = 1
         if sync:
-            reply = results[i]
+            synced = sync_reply(results[i])
             i += 1
-            if not reply[0]:
+            if not synced.known:
                 self._register_due = True
                 self._kick.set()
-            stats.live_replicas = max(1, int(reply[1]))
-            for key, raw in zip(entries, reply[2:], strict=True):
-                self._apply(key, float(raw))
+            stats.live_replicas = max(1, synced.replicas)
+            for key, remote in zip(entries, synced.counters, strict=True):
+                self._apply(key, remote)
         for op, raw in zip((*marks, *ops), results[i:], strict=True):
             if op.script == "mark":
-                if raw is None:
+                marked = mark_reply(raw)
+                if marked is None:
                     self._register_due = True
                     self._kick.set()
                 elif op.key is not None:
-                    self._apply(op.key, float(raw))
+                    self._apply(op.key, marked)
             elif op.script == "slots" and not raw:
                 self._register_due = True  # Redis no longer knows this replica
                 self._kick.set()
@@ -453,9 +431,9 @@ class ClusterStore:
 
     def _mark_op(self, key: Key, on: bool) -> _Op:
         if not on:
-            return _Op("mark", [key[0], key[1], "0", "0", 0], key)
-        credit = repr(float(self.local.credit(*key)))
-        return _Op("mark", [key[0], key[1], "1", credit, self.local.waiting(*key)], key)
+            return _Op("mark", mark_args(key[0], key[1], False), key)
+        credit = self.local.credit(*key)
+        return _Op("mark", mark_args(key[0], key[1], True, credit, self.local.waiting(*key)), key)
 
     async def _load_scripts(self) -> None:
         self._shas["batch"] = await self.redis.script_load(SCRIPTS["batch"])

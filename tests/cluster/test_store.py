@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis import asyncio as aioredis
 
-from gateway.cluster.store import Candidate, ClaimResult, ClusterStore, ClusterUnavailable
+from gateway.cluster.rule import Candidate, ClaimResult
+from gateway.cluster.store import ClusterStore, ClusterUnavailable
 
 from ..gateway.conftest import wait_for
 from .conftest import RedisServer
