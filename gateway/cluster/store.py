@@ -133,7 +133,8 @@ class ClusterStore:
         self._ops: list[_Op] = []
         self._register_due = True
         self._kick = asyncio.Event()
-        self._shas: dict[str, str] = {}
+        #: the batch script's SHA in this Redis (None: load it first; a restarted Redis forgets)
+        self._sha: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._warned = False  # the outage in progress has been logged
@@ -360,10 +361,10 @@ class ClusterStore:
         n = len(calls)
         start = time.perf_counter()
         try:
-            if not self._shas:
-                await self._load_scripts()
+            if self._sha is None:
+                self._sha = await self.redis.script_load(SCRIPTS["batch"])
             results = await self.redis.evalsha(
-                self._shas["batch"], 0, self.prefix, self.replica, self.lease_ms, *batch_args(calls)
+                self._sha, 0, self.prefix, self.replica, self.lease_ms, *batch_args(calls)
             )
         except (RedisError, OSError) as exc:
             for key, sent in before.items():
@@ -435,9 +436,6 @@ class ClusterStore:
         credit = self.local.credit(*key)
         return _Op("mark", mark_args(key[0], key[1], True, credit, self.local.waiting(*key)), key)
 
-    async def _load_scripts(self) -> None:
-        self._shas["batch"] = await self.redis.script_load(SCRIPTS["batch"])
-
     def _down(self, exc: BaseException, ops: list[_Op]) -> None:
         if not self._warned:
             self._warned = True
@@ -448,7 +446,7 @@ class ClusterStore:
                 exc.__class__.__name__,
             )
         self.up = False
-        self._shas.clear()
+        self._sha = None
         self._lost(ops, exc)
 
     def _lost(self, ops: list[_Op], exc: BaseException | None = None) -> None:
