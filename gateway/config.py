@@ -542,27 +542,18 @@ def _check_keys(r: _Reader, nodes: tuple[TenantNode, ...], where: dict[str, str]
 
 
 def _check_cluster(r: _Reader, config: GatewayConfig, cluster: ClusterConfig) -> None:
-    """With a ``cluster`` section: a lease of several syncs, and only what replicas share
-    (flat tenants without per-process limits or tiers, a counter policy)."""
+    """With a ``cluster`` section: a lease of several syncs, a counter policy, and no
+    per-tenant cap on requests running at once (not shared across replicas yet)."""
     if cluster.lease_s < 5 * cluster.sync_interval_s:
         r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
-    if config.hierarchical:
-        r.fail(
-            "tenants",
-            "nested tenants are not shared across replicas yet: not allowed with a cluster section",
-            show=False,
-        )
-    for i, tenant in enumerate(config.tenants):
-        for key, value, default in (
-            ("max_in_flight", tenant.max_in_flight, None),
-            ("tier", tenant.tier, "interactive"),
-        ):
-            if value != default:
-                r.fail(
-                    f"tenants[{i}].{key}",
-                    "is not shared across replicas yet: not allowed with a cluster section",
-                    value,
-                )
+    keys = _node_keys(config.tenants, "tenants")
+    for node in config.nodes():
+        if node.config.max_in_flight is not None:
+            r.fail(
+                f"{keys[node.path]}.max_in_flight",
+                "is not shared across replicas yet: not allowed with a cluster section",
+                node.config.max_in_flight,
+            )
     if config.scheduler.policy not in CLUSTER_POLICIES:
         r.fail(
             "scheduler.policy",

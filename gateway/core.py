@@ -482,6 +482,10 @@ class DispatchCore:
         for model in list(self._pools):
             self.pump(model)
 
+    def reloaded(self) -> None:
+        """A reload changed tenants, weights or the tree (hook: a cluster replica tells the
+        shared order where its waiting tenants sit now)."""
+
     def pump(self, model: str) -> None:
         """Dispatch ``model``'s queued jobs while the fair order's head fits on a backend."""
         sched = self._pools.get(model)

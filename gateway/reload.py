@@ -122,6 +122,7 @@ def apply_config(state: GatewayState, new: GatewayConfig) -> ReloadResult:
         rejected += dispatcher.remove_tenant(name, Unauthorized(REMOVED_MESSAGE))
     for name in groups_before - groups_after:
         core.forget_group(name)
+    core.reloaded()
     core.pump_all()  # weights changed the fair order; let it act now
     state.stats.reload(ok=True)
     result = ReloadResult(added, removed, changed, rejected, ignored)

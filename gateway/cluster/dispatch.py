@@ -33,8 +33,8 @@ from collections.abc import Iterable
 from ..admission import AdmissionController, BackendSlots, Reservation
 from ..core import DispatchCore, Grant, Hold
 from ..dispatcher import Dispatcher
-from ..scheduler import Job, Scheduler
-from .rule import Candidate, ClaimResult
+from ..scheduler import TIERS, Job, Scheduler
+from .rule import Candidate, ClaimResult, Node, Place
 from .store import ClusterStore, ClusterUnavailable
 
 
@@ -117,18 +117,43 @@ class ClusterCore(DispatchCore):
         self._entry_credit: dict[tuple[str, str], float] = {}
 
     # -- LocalView ---------------------------------------------------------------------------
-    def counter(self, model: str, tenant: str) -> float:
-        return self.pool(model).counter(tenant)
+    def counter(self, model: str, node: str) -> float:
+        return self.pool(model).node_counter(node)
 
-    def set_counter(self, model: str, tenant: str, value: float) -> None:
-        self.pool(model).set_counter(tenant, value)
+    def set_counter(self, model: str, node: str, value: float) -> None:
+        self.pool(model).set_node_counter(node, value)
 
     def waiting(self, model: str, tenant: str) -> int:
         pool = self._pools.get(model)
         return pool.queued(tenant) if pool is not None else 0
 
-    def busy(self, model: str, tenant: str) -> bool:
-        return self._busy[(model, tenant)] > 0
+    def busy(self, model: str, node: str) -> bool:
+        # the share's two nodes are charged by every tenant of their tiers: always synced
+        return node.startswith("~") or self._busy[(model, node)] > 0
+
+    def groups(self, model: str, tenant: str) -> tuple[str, ...]:
+        return tuple(n.name for n in self.place(model, tenant, credit=False).path[:-1])
+
+    def place(self, model: str, tenant: str, credit: bool = True) -> Place:
+        """The tenant's place in the shared order (:class:`gateway.cluster.rule.Place`): its
+        groups from the top, then itself, with their weights and, with ``credit``, the
+        credit each may keep entering the backlog (its groups' only while it has some); with
+        a tier's minimum share, the share's node above them all."""
+        pool = self.pool(model)
+        own = self.credit(model, tenant) if credit else 0.0
+        names = pool.path(tenant)
+        nodes = [
+            Node(g, pool.group_weight(g), pool.group_credit(g) if own > 0 else 0.0)
+            for g in names[:-1]
+        ]
+        nodes.append(Node(tenant, pool.weight(tenant), own))
+        tier = pool.tier(names[0])
+        share = self.options.batch_min_share
+        batch = TIERS["batch"]
+        if share and tier >= batch:
+            top = Node("~share", share) if tier == batch else Node("~rest", 1 - share)
+            return Place((top, *nodes), batch)
+        return Place(tuple(nodes), tier)
 
     def credit(self, model: str, tenant: str) -> float:
         entry = self._entry_credit.pop((model, tenant), None)
@@ -147,6 +172,12 @@ class ClusterCore(DispatchCore):
                     for model in b.models:
                         self._full.pop(model, None)
                     self.pump_backend(b)
+
+    def reloaded(self) -> None:
+        """The tree may have moved: register again (the registration names every waiting
+        tenant's place; the others' come with their next mark or claim)."""
+        if self.store is not None:
+            self.store.register_again()
 
     def tick(self) -> None:
         """Every sync interval: retry queues whose head was refused for its place in the order
@@ -189,12 +220,14 @@ class ClusterCore(DispatchCore):
     ) -> None:
         super().commit(sched, job, backend, now, expect)
         if self.store is not None:
-            self._busy[(job.model, job.tenant)] += 1
+            for node in self.pool(job.model).path(job.tenant):
+                self._busy[(job.model, node)] += 1
             self.store.touch(job.model, job.tenant)
 
     def _done(self, job: Job) -> None:
         if self.store is not None:
-            self._busy[(job.model, job.tenant)] -= 1
+            for node in self.pool(job.model).path(job.tenant):
+                self._busy[(job.model, node)] -= 1
             self.store.touch(job.model, job.tenant)
 
     def release(
@@ -261,11 +294,8 @@ class ClusterCore(DispatchCore):
                     continue
                 assert job is not None
                 jobs = self._heads(sched, job)
-                weight = sched.weight(job.tenant)
                 # what each grant charges, as pop will (a busy tenant's expected output too)
-                requests = [
-                    (sched.dispatch_cost(j) / weight, j.prompt_tokens + j.max_tokens) for j in jobs
-                ]
+                requests = [(sched.dispatch_cost(j), j.prompt_tokens + j.max_tokens) for j in jobs]
 
                 def on_result(
                     res: ClaimResult, sched: Scheduler = sched, jobs: list[Job] = jobs

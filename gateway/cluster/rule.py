@@ -13,13 +13,23 @@ The state (the Redis key in brackets, ``P`` the prefix)::
 
     leases             replica -> lease expiry, ms                     [P:replicas]
     orders[model]      the model's fair order (:class:`ModelOrder`)
-                                                  [P:c, P:q, P:w, P:d, P:bl, P:last]
+                                   [P:c, P:up, P:q, P:w, P:d, P:bl, P:last, P:tiers]
     slots[backend]     [sequences in flight, KV tokens booked]        [P:be:<backend>]
     capacity[backend]  its sequence limit, as the last claim said     [P:cap]
     models_of[backend] the models claims named it a candidate for     [P:bm:<backend>]
     replicas[replica]  what one replica holds and has waiting         [P:hold, P:rq, P:rd]
     wakes              messages published: (replica, message), None   [P:wake:<replica>,
                        for every replica                               P:wake]
+
+The order is a tree, as in one process (:mod:`gateway.scheduler.vtc`): each tier has a root
+(``~t<tier>``), under it the top-level nodes (groups, or tenants in a flat config), under a
+group its children; every node has a counter, and siblings are ordered by counter with VTC's
+lift among them. A replica names a tenant's place with every operation that may add it to the
+order (its *path*: :class:`Node` per level, top-level node first, the tenant last, and its
+tier), so the shared state needs no copy of the configuration, and a reload that moves a node
+takes effect with the next mark or claim naming it. A minimum share for a tier
+(``batch_min_share``) is two more nodes above the top level, ``~share`` and ``~rest``, weighted
+``share : 1 - share`` (the replica builds them into the path: :mod:`gateway.cluster.dispatch`).
 
 Every operation but :meth:`SharedState.leave` first renews the caller's lease (a *heartbeat*),
 reaping replicas whose lease ran out. Counters are never reaped: a tenant keeps its position
@@ -28,8 +38,9 @@ however its replicas come and go.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 Key = tuple[str, str]  # (model, tenant)
@@ -37,6 +48,43 @@ Key = tuple[str, str]  # (model, tenant)
 #: Relative tolerance of the order check: counters this close count as equal (float sums of
 #: charges made in different orders at different replicas differ in the last bits).
 ORDER_TOLERANCE = 1e-9
+
+
+def root(tier: int) -> str:
+    """The name of a tier's root in the shared order (no configured name starts with ``~``)."""
+    return f"~t{tier}"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One level of a tenant's place in the tenant tree: a group, or the tenant itself (last
+    in a path), with its weight and the counter units it may stay below the lift's floor when
+    it enters the backlog (a resubmitting tenant's credit, and its groups'; else 0)."""
+
+    name: str
+    weight: float = 1.0
+    credit: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a tenant sits: its path (top-level node first, the tenant last) and its tier."""
+
+    path: tuple[Node, ...]
+    tier: int = 0
+
+    @property
+    def tenant(self) -> str:
+        return self.path[-1].name
+
+    def parent(self, i: int) -> str:
+        """The parent of ``path[i]``: the node above it, or the tier's root."""
+        return self.path[i - 1].name if i else root(self.tier)
+
+
+def flat(tenant: str, weight: float = 1.0, credit: float = 0.0, tier: int = 0) -> Place:
+    """A tenant of a flat config: one level under its tier's root."""
+    return Place((Node(tenant, weight, credit),), tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +98,13 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """A replica's charges to one counter since its previous flush: ``sent`` counter units are
-    added to the shared counter; ``base`` re-creates a counter the shared state lost (Redis
-    restarted empty) from the replica's last known value."""
+    """A replica's charges to one node's counter (a tenant's or a group's) since its previous
+    flush: ``sent`` counter units are added to the shared counter; ``base`` re-creates a
+    counter the shared state lost (Redis restarted empty) from the replica's last known
+    value."""
 
     model: str
-    tenant: str
+    tenant: str  # the node
     base: float
     sent: float
 
@@ -65,18 +114,22 @@ class Claim:
     """What a replica asks for in one claim (see :meth:`SharedState.claim`)."""
 
     model: str
-    tenant: str
+    #: the tenant's place, with the credit of each level
+    place: Place
     #: the tenant's requests waiting at the replica, the claimed ones included; None: a hold
     waiting: int | None
-    #: counter units a resubmitting tenant may stay below the lift's floor
-    credit: float
-    #: ``(extra, tokens)`` per request, the head request first: ``extra`` counter units are
-    #: charged when it is granted, ``tokens`` KV tokens booked
+    #: ``(cost, tokens)`` per request, the head request first: ``cost`` priced tokens are
+    #: charged when it is granted (``cost / weight`` to each node of the path), ``tokens`` KV
+    #: tokens booked
     requests: tuple[tuple[float, int], ...]
     #: the backends it may go to
     candidates: tuple[Candidate, ...]
     #: the replica's unsent charges (the claimant's first)
     flushes: tuple[Flush, ...] = ()
+
+    @property
+    def tenant(self) -> str:
+        return self.place.tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +142,17 @@ class SyncResult:
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     status: str  # "ok" (all granted) | "full" | "order" (why the rest was refused)
-    counter: float = 0.0
-    lower: int = 0  # backlogged tenants with a smaller counter (at the last check)
+    counters: tuple[float, ...] = ()  # the counter of each node of the claim's path
+    lower: int = 0  # backlogged nodes ahead of the claimant's (at the last check)
     backends: tuple[str, ...] = ()  # one per granted request, in order
     #: requests of the last one's size the candidates still have room for after the grants
     room: int = 0
     flushed: tuple[float, ...] = ()  # the shared counter per flush, in order
+
+    @property
+    def counter(self) -> float:
+        """The tenant's counter."""
+        return self.counters[-1] if self.counters else 0.0
 
     @property
     def backend(self) -> str | None:
@@ -104,59 +162,152 @@ class ClaimResult:
 
 @dataclass(slots=True)
 class ModelOrder:
-    """One model's shared fair order."""
+    """One model's shared fair order: a tree of counters (see the module docstring)."""
 
-    #: tenant -> counter (weighted service, counter units) [P:c:<model>]
+    #: node -> counter (weighted service, counter units) [P:c:<model>]
     counters: dict[str, float] = field(default_factory=dict)
+    #: node -> its parent (a tier's root at the top), as the last place naming it said
+    #: [P:up:<model>]
+    up: dict[str, str] = field(default_factory=dict)
     #: tenant -> the replicas where it waits [P:w:<model>\x1f<tenant>], their number
     #: [P:q:<model>]
     sites: dict[str, set[str]] = field(default_factory=dict)
-    #: tenant -> its requests waiting, all replicas together: its demand [P:d:<model>]
+    #: node -> the requests waiting in its subtree, all replicas together: its demand (tier
+    #: roots too) [P:d:<model>]
     demand: dict[str, int] = field(default_factory=dict)
-    #: tenant -> counter, for tenants waiting somewhere: the backlog [P:bl:<model>]
-    backlog: dict[str, float] = field(default_factory=dict)
-    #: the tenant that most recently left the backlog [P:last:<model>]
-    last: str | None = None
+    #: parent -> {child: counter} for its children with a tenant waiting somewhere below: the
+    #: backlog, per parent [P:bl:<model>\x1f<parent>]
+    backlog: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: parent -> the child that most recently left its backlog [P:last:<model>]
+    last: dict[str, str] = field(default_factory=dict)
+    #: root -> tier, for the tiers with a backlog [P:tiers:<model>]
+    tiers: dict[str, int] = field(default_factory=dict)
 
-    def counter(self, tenant: str) -> float:
-        return self.counters.get(tenant, 0.0)
+    def counter(self, node: str) -> float:
+        return self.counters.get(node, 0.0)
 
-    def set_counter(self, tenant: str, value: float) -> None:
-        """Set a counter; a backlogged tenant moves to its new place in the order."""
-        self.counters[tenant] = value
-        if tenant in self.backlog:
-            self.backlog[tenant] = value
+    def set_counter(self, node: str, value: float) -> None:
+        """Set a counter; a backlogged node moves to its new place among its siblings."""
+        self.counters[node] = value
+        siblings = self.backlog.get(self.up.get(node, ""))
+        if siblings is not None and node in siblings:
+            siblings[node] = value
 
-    def floor(self) -> float | None:
-        """The counter a tenant entering the backlog is lifted to: the smallest of the
-        backlogged tenants or, with nobody waiting, that of the tenant that left last (VTC's
-        rule, as in :mod:`gateway.scheduler.vtc`); None on a fresh order."""
-        if self.backlog:
-            return min(self.backlog.values())
-        return self.counter(self.last) if self.last is not None else None
+    def floor(self, parent: str) -> float | None:
+        """The counter a child of ``parent`` entering its backlog is lifted to: the smallest of
+        the backlogged children or, with none, that of the child that left last (VTC's rule,
+        per level, as in :mod:`gateway.scheduler.vtc`); None on a fresh parent."""
+        siblings = self.backlog.get(parent)
+        if siblings:
+            return min(siblings.values())
+        last = self.last.get(parent)
+        return self.counter(last) if last is not None else None
 
-    def lift(self, tenant: str, credit: float) -> float:
-        """Entering the backlog, a tenant's counter becomes ``max(own, floor - credit)``: idle
-        time earns no credit, so a returning tenant cannot starve those that kept waiting.
-        ``credit > 0`` only for a busy tenant resubmitting: it may stay that far below the
-        floor (:meth:`gateway.scheduler.vtc.VTCScheduler.lift`)."""
-        c = self.counter(tenant)
-        floor = self.floor()
+    def lift(self, node: str, parent: str, credit: float) -> float:
+        """Entering its parent's backlog, a node's counter becomes ``max(own, floor - credit)``:
+        idle time earns no credit, so a returning tenant cannot starve those that kept waiting.
+        ``credit > 0`` only for a busy tenant resubmitting (and its groups): it may stay that
+        far below the floor (:meth:`gateway.scheduler.vtc.VTCScheduler.lift`)."""
+        c = self.counter(node)
+        floor = self.floor(parent)
         if floor is not None and floor - credit > c:
             c = floor - credit
-            self.counters[tenant] = c
+            self.counters[node] = c
         return c
 
-    def ranked(self) -> list[str]:
-        """The backlogged tenants, first in the order first (ties by name, as a Redis sorted
-        set orders them)."""
-        return sorted(self.backlog, key=lambda t: (self.backlog[t], t))
+    def ranked(self, parent: str) -> list[str]:
+        """``parent``'s backlogged children, first in the order first (ties by name, as a
+        Redis sorted set orders them)."""
+        siblings = self.backlog.get(parent, {})
+        return sorted(siblings, key=lambda t: (siblings[t], t))
 
-    def below(self, c: float) -> list[str]:
-        """Backlogged tenants ahead of a counter ``c`` (smaller beyond the tolerance), first in
-        the order first."""
+    def below(self, parent: str, c: float) -> list[str]:
+        """``parent``'s backlogged children ahead of a counter ``c`` (smaller beyond the
+        tolerance), first in the order first."""
         limit = c - ORDER_TOLERANCE * max(1.0, abs(c))
-        return [t for t in self.ranked() if self.backlog[t] < limit]
+        siblings = self.backlog.get(parent, {})
+        return [t for t in self.ranked(parent) if siblings[t] < limit]
+
+    def ahead(self, place: Place, counters: Sequence[float]) -> list[str]:
+        """The backlogged nodes whose tenants come before a tenant at ``place`` whose path's
+        counters are ``counters``: every tier root above its tier (in tier order), then per
+        level from the top the siblings with a smaller counter."""
+        out = [
+            r
+            for r in sorted(self.tiers, key=lambda r: -self.tiers[r])
+            if self.tiers[r] > place.tier
+        ]
+        for i in range(len(place.path)):
+            out += self.below(place.parent(i), counters[i])
+        return out
+
+    def add_demand(self, node: str, n: int) -> None:
+        """``n`` more (fewer) requests wait in ``node``'s subtree: it and every node above it."""
+        at: str | None = node if n else None
+        while at is not None:
+            total = self.demand.get(at, 0) + n
+            if total > 0:
+                self.demand[at] = total
+            else:
+                self.demand.pop(at, None)
+            at = self.up.get(at)
+
+    def enter(self, place: Place) -> None:
+        """A tenant waits somewhere at ``place``: first every node is put under the parent the
+        place names (a reload may have moved it: its demand moves along, and out of its old
+        parent's backlog it goes), then, from the tenant up, each node not yet in its parent's
+        backlog enters it, lifted (:meth:`lift`), as long as it has a tenant waiting below."""
+        path = place.path
+        for i, node in enumerate(path):
+            parent, old = place.parent(i), self.up.get(node.name)
+            if old == parent:
+                continue
+            d = self.demand.get(node.name, 0)
+            if old is not None:
+                self.add_demand(old, -d)
+                if node.name in self.backlog.get(old, {}):
+                    self.leave(node.name)
+            self.up[node.name] = parent
+            self.add_demand(parent, d)
+        for i in range(len(path) - 1, -1, -1):
+            node, parent = path[i], place.parent(i)
+            if i < len(path) - 1 and not self.backlog.get(node.name):
+                break  # nothing waits below this group (its tenant is not waiting yet)
+            siblings = self.backlog.setdefault(parent, {})
+            if node.name in siblings:
+                continue
+            siblings[node.name] = self.lift(node.name, parent, node.credit)
+            if i == 0:
+                self.tiers[parent] = place.tier
+
+    def leave(self, node: str) -> None:
+        """``node`` leaves its parent's backlog and becomes its ``last``; a parent left with
+        no backlogged child leaves its own parent's (a tier root: the tier has none)."""
+        parent = self.up[node]
+        siblings = self.backlog[parent]
+        del siblings[node]
+        self.last[parent] = node
+        if siblings:
+            return
+        del self.backlog[parent]
+        if parent in self.up:
+            self.leave(parent)
+        else:
+            self.tiers.pop(parent, None)
+
+    def tenants_in_order(self) -> Iterator[str]:
+        """The backlogged tenants, first in the order first: tiers from the highest, then at
+        each level down the children by counter."""
+
+        def walk(parent: str) -> Iterator[str]:
+            for child in self.ranked(parent):
+                if child in self.backlog:
+                    yield from walk(child)
+                else:
+                    yield child
+
+        for r in sorted(self.tiers, key=lambda r: (-self.tiers[r], r)):
+            yield from walk(r)
 
 
 @dataclass(slots=True)
@@ -220,28 +371,29 @@ class SharedState:
         replica: str,
         lease_ms: float,
         holdings: Iterable[tuple[str, int, int]],
-        waiting: Iterable[tuple[str, str, int]],
+        waiting: Iterable[tuple[str, Place, int]],
     ) -> bool:
         """(Re)register a replica with its whole local state (``REGISTER``): the slots it holds,
-        ``(backend, seqs, kv)``, and where its tenants wait, ``(model, tenant, requests)``.
+        ``(backend, seqs, kv)``, and where its tenants wait, ``(model, place, requests)``.
 
         This makes the shared state exact again after anything was lost (a reaped lease, a
-        Redis that restarted empty, a round trip whose outcome is unknown): holdings are set to
-        what the replica says (the difference moves the backend's counts), tenants no longer
-        waiting there are unmarked (in name order), the others marked in the order given,
-        each entering the backlog lifted without credit."""
+        Redis that restarted empty, a round trip whose outcome is unknown, a reload that moved
+        tenants): holdings are set to what the replica says (the difference moves the
+        backend's counts), tenants no longer waiting there are unmarked (in name order), the
+        others marked in the order given, each entering the backlog lifted without credit."""
         _, now = self._heartbeat(replica, lease_ms)
         for backend, seqs, kv in holdings:
             held = self.replicas.get(replica, ReplicaState()).holds.get(backend, [0, 0])
             self._add_slots(replica, backend, seqs - held[0], kv - held[1])
-        wanted = [((model, tenant), n) for model, tenant, n in waiting]
-        keep = {key for key, _ in wanted}
+        wanted = [(model, place, n) for model, place, n in waiting]
+        keep = {(model, place.tenant) for model, place, _ in wanted}
         state = self.replicas.get(replica)
         for key in sorted(state.waits if state is not None else ()):
             if key not in keep:
                 self._unmark(replica, *key)
-        for (model, tenant), n in wanted:
-            self._mark(replica, model, tenant, 0.0, n)
+        for model, place, n in wanted:
+            bare = Place(tuple(Node(x.name, x.weight) for x in place.path), place.tier)
+            self._mark(replica, model, bare, n)
         self.leases[replica] = now + lease_ms
         return True
 
@@ -251,18 +403,18 @@ class SharedState:
         lease_ms: float,
         model: str,
         tenant: str,
-        on: bool,
-        credit: float = 0.0,
+        on: Place | None,
         waiting: int = 1,
     ) -> float | None:
-        """A tenant starts (``on``) or stops waiting at this replica (``MARK``). Returns its
-        counter (lifted if it entered the backlog), or None when the replica is unknown (it
-        registers its whole state instead)."""
+        """A tenant starts waiting at this replica, at place ``on`` (with the credit of each
+        level), or stops (``on`` None) (``MARK``). Returns its counter (lifted if it entered
+        the backlog), or None when the replica is unknown (it registers its whole state
+        instead)."""
         known, _ = self._heartbeat(replica, lease_ms)
         if not known:
             return None
-        if on:
-            self._mark(replica, model, tenant, credit, waiting)
+        if on is not None:
+            self._mark(replica, model, on, waiting)
         else:
             self._unmark(replica, model, tenant)
         return self.order(model).counter(tenant)
@@ -276,52 +428,55 @@ class SharedState:
 
         The tenant joins the backlog (as by :meth:`mark`), then the requests are granted in
         order, each on the candidate with the most room (:meth:`_room`), the first refusal
-        ending the claim:
+        ending the claim. The nodes *ahead* of the tenant (:meth:`ModelOrder.ahead`) are the
+        backlogged tiers above its tier and, at every level of its path, the siblings with a
+        smaller counter: in one process their tenants would be served first.
 
-        * the first request when some candidate has room and either no backlogged tenant is
-          ahead of the claimant or, after this booking, the candidates still have room for a
-          request of this size for every request the tenants ahead have waiting (their
-          demand, at least one each). Their replicas claim that room: a batch of slots freed
-          at once goes to the tenants first in the order whichever replica asks first, and
-          the room beyond their demand is taken (work-conserving). A stale demand holds back
-          what its replica last said waits there, no more;
-        * each further one only while the tenant, charged for the ones before, is still first
-          in the order and a candidate has room.
+        * the first request when some candidate has room and either nothing is ahead of the
+          claimant or, after this booking, the candidates still have room for a request of
+          this size for every request waiting under the nodes ahead (their demand, at least
+          one each). Their replicas claim that room: a batch of slots freed at once goes to
+          the tenants first in the order whichever replica asks first, and the room beyond
+          their demand is taken (work-conserving). A stale demand holds back what its replica
+          last said waits there, no more;
+        * each further one only while the tenant, charged for the ones before (each node of
+          its path ``cost / weight``), still has nothing ahead and a candidate has room.
 
         A *hold* books slots for the expected next requests of a busy tenant that waits
         nowhere (:meth:`gateway.core.DispatchCore.hold`): it does not enter the backlog, and
-        the order check takes its counter as it would be lifted on arrival,
-        ``max(own, smallest backlogged - credit)``.
+        the order check takes each node not in its parent's backlog with its counter as it
+        would be lifted on arrival, ``max(own, smallest backlogged sibling - credit)``.
 
         Every candidate's sequence limit and the claim's model are noted for it (what a
         release needs to know whom to wake: :meth:`_wake_for`). Afterwards what still waits
         here is the tenant's demand at this replica (none: it leaves the backlog here).
         Returns the status ("ok": all granted; "full" or "order": why the first one not
-        granted was refused), the tenant's counter, how many tenants were ahead at the last
-        check, the backend per granted request, the room the candidates still have for
-        requests of the last one's size (none: the replica waits for a release's wake-up
+        granted was refused), the counter of each node of the path, how many nodes were ahead
+        at the last check, the backend per granted request, the room the candidates still have
+        for requests of the last one's size (none: the replica waits for a release's wake-up
         instead of claiming again) and the counter per flush."""
         known, _ = self._heartbeat(replica, lease_ms)
         self._flush(claim.flushes)
         if not known:
             return None
-        model, tenant, waiting = claim.model, claim.tenant, claim.waiting
+        model, place, waiting = claim.model, claim.place, claim.waiting
         order = self.order(model)
-        c = order.counter(tenant)
+        if waiting is not None:
+            self._mark(replica, model, place, waiting)
+        cs = [order.counter(node.name) for node in place.path]
         if waiting is None:
-            if order.backlog:
-                c = max(c, min(order.backlog.values()) - claim.credit)
-        else:
-            self._mark(replica, model, tenant, claim.credit, waiting)
-            c = order.counter(tenant)
+            for i, node in enumerate(place.path):
+                siblings = order.backlog.get(place.parent(i), {})
+                if siblings and node.name not in siblings:
+                    cs[i] = max(cs[i], min(siblings.values()) - node.credit)
         for cand in claim.candidates:
             self.capacity[cand.name] = cand.max_seqs
             self.models_of.setdefault(cand.name, set()).add(model)
         status, lower = "ok", 0
         granted: list[str] = []
-        for j, (extra, size) in enumerate(claim.requests):
+        for j, (cost, size) in enumerate(claim.requests):
             tokens = max(1, size)
-            ahead = order.below(c)
+            ahead = order.ahead(place, cs)
             lower = len(ahead)
             if j > 0 and lower:
                 status = "order"
@@ -330,23 +485,24 @@ class SharedState:
             if best is None:
                 status = "full"
                 break
-            if lower and sum(max(1, order.demand.get(t, 0)) for t in ahead) > total - 1:
+            if lower and sum(max(1, order.demand.get(x, 0)) for x in ahead) > total - 1:
                 status = "order"
                 break
             self._add_slots(replica, best, 1, tokens)
             granted.append(best)
-            c += extra
-            order.set_counter(tenant, c)
+            for i, node in enumerate(place.path):
+                cs[i] += cost / node.weight
+                order.set_counter(node.name, cs[i])
         if waiting is not None:
             left = waiting - len(granted)
             if left > 0:
-                self._set_demand(replica, model, tenant, left)
+                self._set_demand(replica, model, place.tenant, left)
             else:
-                self._unmark(replica, model, tenant)
+                self._unmark(replica, model, place.tenant)
         last = max(1, claim.requests[-1][1]) if claim.requests else 1
         return ClaimResult(
             status,
-            order.counter(tenant),
+            tuple(order.counter(node.name) for node in place.path),
             lower,
             tuple(granted),
             self._room(claim.candidates, last)[1],
@@ -402,24 +558,25 @@ class SharedState:
             out.append(c)
         return tuple(out)
 
-    def _mark(self, replica: str, model: str, tenant: str, credit: float, waiting: int) -> None:
-        """The tenant waits at ``replica`` (``waiting`` requests, at least one counted). At the
-        first replica where it waits, it enters the backlog, lifted (:meth:`ModelOrder.lift`)."""
+    def _mark(self, replica: str, model: str, place: Place, waiting: int) -> None:
+        """The tenant waits at ``replica`` (``waiting`` requests, at least one counted), at
+        ``place``: it enters the backlog at the first replica where it waits, and each mark
+        puts its nodes where the place says (:meth:`ModelOrder.enter`)."""
         state = self.replica(replica)
+        tenant = place.tenant
         key = (model, tenant)
+        order = self.order(model)
         if key not in state.waits:
             state.waits.add(key)
-            order = self.order(model)
-            sites = order.sites.setdefault(tenant, set())
-            sites.add(replica)
-            if len(sites) == 1:
-                order.backlog[tenant] = order.lift(tenant, credit)
+            order.sites.setdefault(tenant, set()).add(replica)
+        order.enter(place)
         self._set_demand(replica, model, tenant, max(1, waiting))
 
     def _unmark(self, replica: str, model: str, tenant: str) -> None:
         """The tenant no longer waits at ``replica``; waiting nowhere any more, it leaves the
-        backlog, becomes the order's ``last`` and every replica hears ``m:<model>`` (the order
-        changed: a claim refused for it may pass now)."""
+        backlog (and each group it leaves without a tenant waiting: :meth:`ModelOrder.leave`)
+        and every replica hears ``m:<model>`` (the order changed: a claim refused for it may
+        pass now)."""
         self._set_demand(replica, model, tenant, 0)
         state = self.replicas.get(replica)
         key = (model, tenant)
@@ -432,14 +589,14 @@ class SharedState:
         if sites:
             return
         order.sites.pop(tenant, None)
-        order.backlog.pop(tenant, None)
-        order.last = tenant
+        if tenant in order.backlog.get(order.up.get(tenant, ""), {}):
+            order.leave(tenant)
         self.wakes.append((None, f"m:{model}"))
 
     def _set_demand(self, replica: str, model: str, tenant: str, n: int) -> None:
         """How many of a tenant's requests wait at a replica, as the replica last said; the
-        sum over replicas is the tenant's demand, the room a claim of a tenant further back in
-        the order must leave (see :meth:`claim`)."""
+        sum over replicas is the tenant's demand (and, up its path, its groups'), the room a
+        claim of a tenant further back in the order must leave (see :meth:`claim`)."""
         key = (model, tenant)
         state = self.replicas.get(replica)
         old = state.queued.get(key, 0) if state is not None else 0
@@ -450,12 +607,7 @@ class SharedState:
             state.queued[key] = n
         else:
             state.queued.pop(key, None)
-        order = self.order(model)
-        total = order.demand.get(tenant, 0) + n - old
-        if total > 0:
-            order.demand[tenant] = total
-        else:
-            order.demand.pop(tenant, None)
+        self.order(model).add_demand(tenant, n - old)
 
     def _add_slots(self, replica: str, backend: str, seqs: int, kv: int) -> None:
         """Move slots between a backend and a replica's holdings. A replica never returns more
@@ -474,13 +626,13 @@ class SharedState:
             self._wake_for(backend)
 
     def _wake_for(self, backend: str) -> None:
-        """Who hears ``b:<backend>`` when sequences return to a backend: the replicas where
-        the tenants first in the order wait, for each model a claim named the backend a
-        candidate for, as many tenants (in order) as their demand (at least one request each)
-        takes to fill the backend's room now (its sequence limit as the last claim said, less
-        its sequences in flight; at least one). Each such replica hears it once: their claims
-        are the ones the room rule lets pass first, and a replica further back hears a later
-        release or ``m:<model>``, or retries on a tick. With no model or limit known for the
+        """Who hears ``b:<backend>`` when sequences return to a backend: the replicas where the
+        tenants first in the order wait (:meth:`ModelOrder.tenants_in_order`), for each model a
+        claim named the backend a candidate for, as many tenants (in order) as their demand (at
+        least one request each) takes to fill the backend's room now (its sequence limit as the last
+        claim said, less its sequences in flight; at least one). Each such replica hears it once:
+        their claims are the ones the room rule lets pass first, and a replica further back hears a
+        later release or ``m:<model>``, or retries on a tick. With no model or limit known for the
         backend (no claim named it yet), every replica hears it."""
         msg = f"b:{backend}"
         models = self.models_of.get(backend)
@@ -493,7 +645,7 @@ class SharedState:
         for model in models:
             order = self.orders.get(model, ModelOrder())
             need = 0
-            for tenant in order.ranked()[:room]:
+            for tenant in itertools.islice(order.tenants_in_order(), room):
                 for r in order.sites.get(tenant, ()):
                     if r not in sent:
                         sent.add(r)

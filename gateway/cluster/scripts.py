@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .rule import Claim, ClaimResult, Flush, SyncResult
+from .rule import Claim, ClaimResult, Flush, Place, SyncResult
 
 _COMMON = r"""
 local P = ARGV[1]
@@ -65,31 +65,121 @@ local function sorted_members(key)
   table.sort(m, bytes_before)
   return m
 end
-local function counter(model, tenant)
-  return num(redis.call('HGET', P .. ':c:' .. model, tenant)) or 0
+local function counter(model, node)
+  return num(redis.call('HGET', P .. ':c:' .. model, node)) or 0
 end
+local function bl(model, parent) return P .. ':bl:' .. model .. SEP .. parent end
 -- ModelOrder.set_counter
-local function set_counter(model, tenant, c)
-  redis.call('HSET', P .. ':c:' .. model, tenant, tostring(c))
-  local bl = P .. ':bl:' .. model
-  if redis.call('ZSCORE', bl, tenant) then redis.call('ZADD', bl, c, tenant) end
+local function set_counter(model, node, c)
+  redis.call('HSET', P .. ':c:' .. model, node, tostring(c))
+  local up = redis.call('HGET', P .. ':up:' .. model, node)
+  if up and redis.call('ZSCORE', bl(model, up), node) then
+    redis.call('ZADD', bl(model, up), c, node)
+  end
 end
 -- ModelOrder.floor and ModelOrder.lift
-local function lift(model, tenant, credit)
-  local c = counter(model, tenant)
-  local top = redis.call('ZRANGE', P .. ':bl:' .. model, 0, 0, 'WITHSCORES')
+local function lift(model, node, parent, credit)
+  local c = counter(model, node)
+  local top = redis.call('ZRANGE', bl(model, parent), 0, 0, 'WITHSCORES')
   local floor = nil
   if #top > 0 then
     floor = tonumber(top[2])
   else
-    local last = redis.call('GET', P .. ':last:' .. model)
+    local last = redis.call('HGET', P .. ':last:' .. model, parent)
     if last then floor = counter(model, last) end
   end
   if floor and floor - credit > c then
     c = floor - credit
-    redis.call('HSET', P .. ':c:' .. model, tenant, tostring(c))
+    redis.call('HSET', P .. ':c:' .. model, node, tostring(c))
   end
   return c
+end
+-- ModelOrder.add_demand
+local function add_demand(model, node, n)
+  if n == 0 then return end
+  local d, up = P .. ':d:' .. model, P .. ':up:' .. model
+  local at = node
+  while at do
+    if redis.call('HINCRBY', d, at, n) <= 0 then redis.call('HDEL', d, at) end
+    at = redis.call('HGET', up, at)
+  end
+end
+-- ModelOrder.leave
+local function leave(model, node)
+  local up = P .. ':up:' .. model
+  while true do
+    local parent = redis.call('HGET', up, node)
+    local key = bl(model, parent)
+    redis.call('ZREM', key, node)
+    redis.call('HSET', P .. ':last:' .. model, parent, node)
+    if redis.call('EXISTS', key) == 1 then return end
+    if redis.call('HEXISTS', up, parent) == 0 then
+      redis.call('ZREM', P .. ':tiers:' .. model, parent)
+      return
+    end
+    node = parent
+  end
+end
+-- a Place at args[i] (tier, levels, (name, weight, credit) per level); and the index after it
+local function place_at(args, i)
+  local p = {tier = args[i], n = tonumber(args[i + 1]), name = {}, weight = {}, credit = {}}
+  for j = 1, p.n do
+    local b = i + 3 * j - 1
+    p.name[j], p.weight[j], p.credit[j] = args[b], tonumber(args[b + 1]), tonumber(args[b + 2])
+  end
+  return p, i + 2 + 3 * p.n
+end
+-- Place.parent
+local function parent_of(p, j)
+  if j > 1 then return p.name[j - 1] end
+  return '~t' .. p.tier
+end
+-- ModelOrder.enter
+local function enter(model, p)
+  local up = P .. ':up:' .. model
+  for j = 1, p.n do
+    local node, parent = p.name[j], parent_of(p, j)
+    local old = redis.call('HGET', up, node)
+    if old ~= parent then
+      local d = num(redis.call('HGET', P .. ':d:' .. model, node)) or 0
+      if old then
+        add_demand(model, old, -d)
+        if redis.call('ZSCORE', bl(model, old), node) then leave(model, node) end
+      end
+      redis.call('HSET', up, node, parent)
+      add_demand(model, parent, d)
+    end
+  end
+  for j = p.n, 1, -1 do
+    local node, parent = p.name[j], parent_of(p, j)
+    if j < p.n and redis.call('EXISTS', bl(model, node)) == 0 then break end
+    if not redis.call('ZSCORE', bl(model, parent), node) then
+      redis.call('ZADD', bl(model, parent), lift(model, node, parent, p.credit[j]), node)
+      if j == 1 then redis.call('ZADD', P .. ':tiers:' .. model, tonumber(p.tier), parent) end
+    end
+  end
+end
+-- ModelOrder.ahead: how many nodes are ahead of the path's counters cs, and (with total) their
+-- demand, counted until it passes total - 1
+local function ahead(model, p, cs, total)
+  local keys, lows = {P .. ':tiers:' .. model}, {'(' .. p.tier}
+  local highs = {'+inf'}
+  for j = 1, p.n do
+    local c = cs[j]
+    keys[j + 1], lows[j + 1] = bl(model, parent_of(p, j)), '-inf'
+    highs[j + 1] = '(' .. (c - 1e-9 * math.max(1, math.abs(c)))  -- rule.ORDER_TOLERANCE
+  end
+  local lower, need, d = 0, 0, P .. ':d:' .. model
+  for k = 1, #keys do lower = lower + redis.call('ZCOUNT', keys[k], lows[k], highs[k]) end
+  if lower == 0 or not total then return lower, 0 end
+  for k = 1, #keys do
+    local xs = redis.call('ZRANGEBYSCORE', keys[k], lows[k], highs[k], 'LIMIT', 0, total)
+    for _, x in ipairs(xs) do
+      need = need + math.max(1, num(redis.call('HGET', d, x)) or 0)
+      if need > total - 1 then return lower, need end
+    end
+  end
+  return lower, need
 end
 -- SharedState._set_demand
 local function set_demand(replica, model, tenant, n)
@@ -97,20 +187,16 @@ local function set_demand(replica, model, tenant, n)
   local old = num(redis.call('HGET', rd, f)) or 0
   if n == old then return end
   if n > 0 then redis.call('HSET', rd, f, n) else redis.call('HDEL', rd, f) end
-  if redis.call('HINCRBY', P .. ':d:' .. model, tenant, n - old) <= 0 then
-    redis.call('HDEL', P .. ':d:' .. model, tenant)
-  end
+  add_demand(model, tenant, n - old)
 end
 -- SharedState._mark
-local function mark(replica, model, tenant, credit, waiting)
+local function mark(replica, model, p, waiting)
+  local tenant = p.name[p.n]
   if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
     redis.call('SADD', P .. ':w:' .. model .. SEP .. tenant, replica)
-    local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
-    if n == 1 then
-      local c = lift(model, tenant, credit)
-      redis.call('ZADD', P .. ':bl:' .. model, c, tenant)
-    end
+    redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
   end
+  enter(model, p)
   set_demand(replica, model, tenant, math.max(1, waiting))
 end
 -- SharedState._unmark
@@ -121,8 +207,8 @@ local function unmark(replica, model, tenant)
     local n = redis.call('HINCRBY', P .. ':q:' .. model, tenant, -1)
     if n <= 0 then
       redis.call('HDEL', P .. ':q:' .. model, tenant)
-      redis.call('ZREM', P .. ':bl:' .. model, tenant)
-      redis.call('SET', P .. ':last:' .. model, tenant)
+      local up = redis.call('HGET', P .. ':up:' .. model, tenant)
+      if up and redis.call('ZSCORE', bl(model, up), tenant) then leave(model, tenant) end
       redis.call('PUBLISH', P .. ':wake', 'm:' .. model)
     end
   end
@@ -140,15 +226,25 @@ local function wake_for(backend)
   local sent = {}
   for _, model in ipairs(models) do
     local need, d = 0, P .. ':d:' .. model
-    for _, t in ipairs(redis.call('ZRANGE', P .. ':bl:' .. model, 0, room - 1)) do
-      for _, r in ipairs(redis.call('SMEMBERS', P .. ':w:' .. model .. SEP .. t)) do
-        if not sent[r] then
-          sent[r] = true
-          redis.call('PUBLISH', P .. ':wake:' .. r, msg)
+    local function walk(parent)  -- ModelOrder.tenants_in_order; true once the room is met
+      for _, x in ipairs(redis.call('ZRANGE', bl(model, parent), 0, room - 1)) do
+        if redis.call('EXISTS', bl(model, x)) == 1 then
+          if walk(x) then return true end
+        else
+          for _, r in ipairs(redis.call('SMEMBERS', P .. ':w:' .. model .. SEP .. x)) do
+            if not sent[r] then
+              sent[r] = true
+              redis.call('PUBLISH', P .. ':wake:' .. r, msg)
+            end
+          end
+          need = need + math.max(1, num(redis.call('HGET', d, x)) or 0)
+          if need >= room then return true end
         end
       end
-      need = need + math.max(1, num(redis.call('HGET', d, t)) or 0)
-      if need >= room then break end
+      return false
+    end
+    for _, r in ipairs(redis.call('ZREVRANGE', P .. ':tiers:' .. model, 0, -1)) do
+      if walk(r) then break end
     end
   end
 end
@@ -220,7 +316,8 @@ return out
 """
 
 #: SharedState.register. ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then
-#: (model, tenant, requests waiting) *. Returns 1.
+#: per tenant waiting: model, requests waiting, its place (tier, levels, (name, weight, credit)
+#: per level). Returns 1.
 REGISTER = r"""
 local replica = ARGV[2]
 local known, now = heartbeat(replica, tonumber(ARGV[3]))
@@ -234,26 +331,33 @@ for _ = 1, n do
   add_slots(replica, backend, seqs - hs, kv - hk)
   i = i + 3
 end
-local want = {}
-for j = i, #ARGV, 3 do want[ARGV[j] .. SEP .. ARGV[j + 1]] = true end
+local want, entries = {}, {}
+while i <= #ARGV do
+  local p, nxt = place_at(ARGV, i + 2)
+  for j = 1, p.n do p.credit[j] = 0 end
+  entries[#entries + 1] = {ARGV[i], tonumber(ARGV[i + 1]), p}
+  want[ARGV[i] .. SEP .. p.name[p.n]] = true
+  i = nxt
+end
 for _, m in ipairs(sorted_members(P .. ':rq:' .. replica)) do
   if not want[m] then
     local model, tenant = split(m)
     unmark(replica, model, tenant)
   end
 end
-for j = i, #ARGV, 3 do mark(replica, ARGV[j], ARGV[j + 1], 0, tonumber(ARGV[j + 2])) end
+for _, e in ipairs(entries) do mark(replica, e[1], e[3], e[2]) end
 redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
 return 1
 """
 
-#: SharedState.mark. ARGV: P, replica, lease_ms, model, tenant, on (1/0), credit, requests
-#: waiting. Returns the tenant's counter, or nil when the replica is unknown.
+#: SharedState.mark. ARGV: P, replica, lease_ms, model, tenant, on (1/0), requests waiting,
+#: and with on its place (tier, levels, (name, weight, credit) per level). Returns the tenant's
+#: counter, or nil when the replica is unknown.
 MARK = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
 if not heartbeat(replica, tonumber(ARGV[3])) then return false end
 if ARGV[6] == '1' then
-  mark(replica, model, tenant, tonumber(ARGV[7]), tonumber(ARGV[8]))
+  mark(replica, model, place_at(ARGV, 8), tonumber(ARGV[7]))
 else
   unmark(replica, model, tenant)
 end
@@ -261,83 +365,82 @@ return tostring(counter(model, tenant))
 """
 
 #: SharedState.claim (the order check, the room rule, holds, batches). ARGV: P, replica,
-#: lease_ms, model, tenant, waiting ('h': a hold), credit, f, (model, tenant, base, sent) per
-#: flush, n, (extra, tokens) per request, (backend, max_seqs, max_kv) per candidate. Returns
-#: {status, counter, lower, k, room, backend per granted request (k), counter per flush...},
-#: or {'unknown'}.
+#: lease_ms, model, waiting ('h': a hold), the place (tier, levels, (name, weight, credit) per
+#: level), f, (model, node, base, sent) per flush, n, (cost, tokens) per request, (backend,
+#: max_seqs, max_kv) per candidate. Returns {status, lower, k, room, levels, counter per level,
+#: backend per granted request (k), counter per flush...}, or {'unknown'}.
 CLAIM = r"""
-local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
+local replica, model = ARGV[2], ARGV[4]
 local known = heartbeat(replica, tonumber(ARGV[3]))
-local f = tonumber(ARGV[8])
-flush(ARGV, 9, 8 + 4 * f)
+local p, i = place_at(ARGV, 6)
+local f = tonumber(ARGV[i])
+flush(ARGV, i + 1, i + 4 * f)
 if not known then return {'unknown'} end
-local hold = ARGV[6] == 'h'
-local c = counter(model, tenant)
-local bl = P .. ':bl:' .. model
-if hold then
-  local top = redis.call('ZRANGE', bl, 0, 0, 'WITHSCORES')
-  if #top > 0 then c = math.max(c, tonumber(top[2]) - tonumber(ARGV[7])) end
-else
-  mark(replica, model, tenant, tonumber(ARGV[7]), tonumber(ARGV[6]))
-  c = counter(model, tenant)
+local hold = ARGV[5] == 'h'
+local tenant = p.name[p.n]
+if not hold then mark(replica, model, p, tonumber(ARGV[5])) end
+local cs = {}
+for j = 1, p.n do
+  cs[j] = counter(model, p.name[j])
+  local key = bl(model, parent_of(p, j))
+  if hold and not redis.call('ZSCORE', key, p.name[j]) then
+    local top = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if #top > 0 then cs[j] = math.max(cs[j], tonumber(top[2]) - p.credit[j]) end
+  end
 end
-local base = 9 + 4 * f
+local base = i + 1 + 4 * f
 local n = tonumber(ARGV[base])
 local first = base + 1 + 2 * n
 local granted = {}
-local out = {'ok', '', 0, 0, 0}
+local out = {'ok', 0, 0, 0, p.n}
 local function room_for(tokens)  -- SharedState._room
   local best, best_room, total = nil, 0, 0
-  for i = first, #ARGV, 3 do
-    local be = P .. ':be:' .. ARGV[i]
+  for k = first, #ARGV, 3 do
+    local be = P .. ':be:' .. ARGV[k]
     local s = num(redis.call('HGET', be, 's')) or 0
-    local k = num(redis.call('HGET', be, 'k')) or 0
-    local room = math.min(tonumber(ARGV[i + 1]) - s,
-                          math.floor((tonumber(ARGV[i + 2]) - k) / tokens))
+    local kv = num(redis.call('HGET', be, 'k')) or 0
+    local room = math.min(tonumber(ARGV[k + 1]) - s,
+                          math.floor((tonumber(ARGV[k + 2]) - kv) / tokens))
     if room > 0 then
       total = total + room
-      if room > best_room then best, best_room = ARGV[i], room end
+      if room > best_room then best, best_room = ARGV[k], room end
     end
   end
   return best, total
 end
-for i = first, #ARGV, 3 do  -- what SharedState._wake_for needs
-  redis.call('SADD', P .. ':bm:' .. ARGV[i], model)
-  redis.call('HSET', P .. ':cap', ARGV[i], ARGV[i + 1])
+for k = first, #ARGV, 3 do  -- what SharedState._wake_for needs
+  redis.call('SADD', P .. ':bm:' .. ARGV[k], model)
+  redis.call('HSET', P .. ':cap', ARGV[k], ARGV[k + 1])
 end
 for j = 1, n do
-  local extra = tonumber(ARGV[base - 1 + 2 * j])
+  local cost = tonumber(ARGV[base - 1 + 2 * j])
   local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
-  local tol = 1e-9 * math.max(1, math.abs(c))  -- rule.ORDER_TOLERANCE
-  local lower = redis.call('ZCOUNT', bl, '-inf', '(' .. (c - tol))
-  out[3] = lower
+  local lower = ahead(model, p, cs)
+  out[2] = lower
   if j > 1 and lower > 0 then out[1] = 'order' break end
   local best, total = room_for(tokens)
   if not best then out[1] = 'full' break end
-  if lower > 0 then  -- the demand ahead must still fit (more tenants than room: it cannot)
-    local need, d = 0, P .. ':d:' .. model
-    for _, t in ipairs(redis.call('ZRANGEBYSCORE', bl, '-inf', '(' .. (c - tol),
-                                  'LIMIT', 0, total)) do
-      need = need + math.max(1, num(redis.call('HGET', d, t)) or 0)
-      if need > total - 1 then break end
-    end
+  if lower > 0 then  -- the demand ahead must still fit (more nodes than room: it cannot)
+    local _, need = ahead(model, p, cs, total)
     if total - 1 < need then out[1] = 'order' break end
   end
   add_slots(replica, best, 1, tokens)
   granted[#granted + 1] = best
-  c = c + extra
-  set_counter(model, tenant, c)
+  for k = 1, p.n do
+    cs[k] = cs[k] + cost / p.weight[k]
+    set_counter(model, p.name[k], cs[k])
+  end
 end
 if not hold then
-  local left = tonumber(ARGV[6]) - #granted
+  local left = tonumber(ARGV[5]) - #granted
   if left > 0 then set_demand(replica, model, tenant, left) else unmark(replica, model, tenant) end
 end
-out[2] = tostring(counter(model, tenant))
-out[4] = #granted
+out[3] = #granted
 local _, left = room_for(math.max(1, tonumber(ARGV[base + 2 * n])))
-out[5] = left
+out[4] = left
+for j = 1, p.n do out[#out + 1] = tostring(counter(model, p.name[j])) end
 for _, b in ipairs(granted) do out[#out + 1] = b end
-for i = 9, 8 + 4 * f, 4 do out[#out + 1] = tostring(counter(ARGV[i], ARGV[i + 1])) end
+for k = i + 1, i + 4 * f, 4 do out[#out + 1] = tostring(counter(ARGV[k], ARGV[k + 1])) end
 return out
 """
 
@@ -411,22 +514,29 @@ def sync_reply(raw: Sequence[Any]) -> SyncResult:
     return SyncResult(bool(int(raw[0])), int(raw[1]), tuple(float(c) for c in raw[2:]))
 
 
+def _place_args(place: Place) -> list[Any]:
+    out: list[Any] = [str(int(place.tier)), len(place.path)]
+    for node in place.path:
+        out += [node.name, repr(float(node.weight)), repr(float(node.credit))]
+    return out
+
+
 def register_args(
-    holdings: Iterable[tuple[str, int, int]], waiting: Iterable[tuple[str, str, int]]
+    holdings: Iterable[tuple[str, int, int]], waiting: Iterable[tuple[str, Place, int]]
 ) -> list[Any]:
     held = list(holdings)
     out: list[Any] = [len(held)]
     for backend, seqs, kv in held:
         out += [backend, seqs, kv]
-    for model, tenant, n in waiting:
-        out += [model, tenant, n]
+    for model, place, n in waiting:
+        out += [model, n, *_place_args(place)]
     return out
 
 
-def mark_args(
-    model: str, tenant: str, on: bool, credit: float = 0.0, waiting: int = 0
-) -> list[Any]:
-    return [model, tenant, "1" if on else "0", repr(float(credit)), waiting]
+def mark_args(model: str, tenant: str, on: Place | None, waiting: int = 1) -> list[Any]:
+    if on is None:
+        return [model, tenant, "0", waiting]
+    return [model, tenant, "1", waiting, *_place_args(on)]
 
 
 def mark_reply(raw: Any) -> float | None:
@@ -435,10 +545,10 @@ def mark_reply(raw: Any) -> float | None:
 
 def claim_args(claim: Claim) -> list[Any]:
     waiting = "h" if claim.waiting is None else claim.waiting
-    out: list[Any] = [claim.model, claim.tenant, waiting, repr(float(claim.credit))]
+    out: list[Any] = [claim.model, waiting, *_place_args(claim.place)]
     out += [len(claim.flushes), *_flush_args(claim.flushes), len(claim.requests)]
-    for extra, tokens in claim.requests:
-        out += [repr(float(extra)), tokens]
+    for cost, tokens in claim.requests:
+        out += [repr(float(cost)), tokens]
     for c in claim.candidates:
         out += [c.name, c.max_seqs, c.max_kv]
     return out
@@ -449,14 +559,15 @@ def claim_reply(raw: Sequence[Any]) -> ClaimResult | None:
     status = _text(raw[0])
     if status == "unknown":
         return None
-    k = int(raw[3])
+    k, levels = int(raw[2]), int(raw[4])
+    granted = 5 + levels
     return ClaimResult(
         status,
-        float(raw[1]),
-        int(raw[2]),
-        tuple(_text(b) for b in raw[5 : 5 + k]),
-        int(raw[4]),
-        tuple(float(c) for c in raw[5 + k :]),
+        tuple(float(c) for c in raw[5:granted]),
+        int(raw[1]),
+        tuple(_text(b) for b in raw[granted : granted + k]),
+        int(raw[3]),
+        tuple(float(c) for c in raw[granted + k :]),
     )
 
 

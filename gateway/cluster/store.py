@@ -38,7 +38,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from .rule import Candidate, Claim, ClaimResult, Flush
+from .rule import Candidate, Claim, ClaimResult, Flush, Place
 from .scripts import (
     SCRIPTS,
     batch_args,
@@ -69,11 +69,12 @@ class ClusterUnavailable(Exception):
 class LocalView(Protocol):
     """What the store needs from the replica's schedulers (implemented by the dispatcher)."""
 
-    def counter(self, model: str, tenant: str) -> float: ...
-    def set_counter(self, model: str, tenant: str, value: float) -> None: ...
+    def counter(self, model: str, node: str) -> float: ...
+    def set_counter(self, model: str, node: str, value: float) -> None: ...
     def waiting(self, model: str, tenant: str) -> int: ...
-    def busy(self, model: str, tenant: str) -> bool: ...
-    def credit(self, model: str, tenant: str) -> float: ...
+    def busy(self, model: str, node: str) -> bool: ...
+    def place(self, model: str, tenant: str, credit: bool = True) -> Place: ...
+    def groups(self, model: str, tenant: str) -> tuple[str, ...]: ...
     def wake(self, message: str) -> None: ...
     def tick(self) -> None: ...
 
@@ -169,12 +170,20 @@ class ClusterStore:
 
     # -- what the dispatcher tells the store ------------------------------------------------
     def touch(self, model: str, tenant: str) -> None:
-        """The tenant's queue or charges here may have changed (submit, cancel, dispatch)."""
+        """The tenant's queue or charges here may have changed (submit, cancel, dispatch);
+        its groups' charges too (they are flushed as their own counters)."""
         key = (model, tenant)
-        if key not in self._sent:  # charges from here on are this replica's to flush
-            self._sent[key] = self.local.counter(model, tenant)
+        for node in (*self.local.groups(model, tenant), tenant):
+            k = (model, node)
+            if k not in self._sent:  # charges from here on are this replica's to flush
+                self._sent[k] = self.local.counter(model, node)
+            self._active.add(k)
         self._dirty.add(key)
-        self._active.add(key)
+        self._kick.set()
+
+    def register_again(self) -> None:
+        """Send the whole local state with the next round trip (after a reload)."""
+        self._register_due = True
         self._kick.set()
 
     async def claim(
@@ -187,7 +196,7 @@ class ClusterStore:
         on_result: Callable[[ClaimResult], None],
         hold: bool = False,
     ) -> ClaimResult:
-        """Ask for slots for ``tenant``'s next requests, ``(extra, tokens)`` each: the head
+        """Ask for slots for ``tenant``'s next requests, ``(cost, tokens)`` each: the head
         request and those queued behind it, granted in order while the tenant keeps its place
         (:meth:`gateway.cluster.rule.SharedState.claim`). The claim carries the tenant's unsent
         charges. ``on_result`` runs synchronously inside the writer as the reply is processed
@@ -199,14 +208,8 @@ class ClusterStore:
         if not self.up:
             raise ClusterUnavailable
         waiting = max(waiting, len(requests))
-        claim = Claim(
-            model,
-            tenant,
-            None if hold else waiting,
-            float(self.local.credit(model, tenant)),
-            tuple(requests),
-            tuple(candidates),
-        )
+        place = self.local.place(model, tenant)
+        claim = Claim(model, place, None if hold else waiting, tuple(requests), tuple(candidates))
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         key = (model, tenant)
         op = _Op("claim", [], key, claim=claim)
@@ -232,10 +235,13 @@ class ClusterStore:
                     self._dirty.add(key)
             on_result(res)  # the local pops (or, if a job left meanwhile, a release)
             if reply is not None:
-                extra = 0.0 if hold else sum(e for e, _ in requests[: len(res.backends)])
-                self._apply(key, res.counter, extra)
+                cost = 0.0 if hold else sum(e for e, _ in requests[: len(res.backends)])
+                for node, remote in zip(place.path, res.counters, strict=True):
+                    self._apply((model, node.name), remote, cost / node.weight)
+                path = {(model, node.name) for node in place.path}
                 for other, remote in zip(op.flushed[1:], res.flushed[1:], strict=True):
-                    self._apply(other, remote)
+                    if other not in path:
+                        self._apply(other, remote)
             if not fut.done():
                 fut.set_result(res)
 
@@ -353,7 +359,7 @@ class ClusterStore:
         calls: list[tuple[str, list[Any]]] = []
         if register:
             holdings = [(backend, seqs, kv) for backend, (seqs, kv) in self.held.items()]
-            waiting = [(m, t, local.waiting(m, t)) for m, t in self._marked]
+            waiting = [(m, local.place(m, t, False), local.waiting(m, t)) for m, t in self._marked]
             calls.append(("register", register_args(holdings, waiting)))
         if sync:
             calls.append(("sync", sync_args(flushes)))
@@ -432,9 +438,9 @@ class ClusterStore:
 
     def _mark_op(self, key: Key, on: bool) -> _Op:
         if not on:
-            return _Op("mark", mark_args(key[0], key[1], False), key)
-        credit = self.local.credit(*key)
-        return _Op("mark", mark_args(key[0], key[1], True, credit, self.local.waiting(*key)), key)
+            return _Op("mark", mark_args(key[0], key[1], None), key)
+        place = self.local.place(*key)
+        return _Op("mark", mark_args(key[0], key[1], place, self.local.waiting(*key)), key)
 
     def _down(self, exc: BaseException, ops: list[_Op]) -> None:
         if not self._warned:

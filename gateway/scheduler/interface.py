@@ -270,6 +270,22 @@ class Scheduler(ABC):
             self._counters[tenant] = value
             self._on_counter_change(tenant, delta)
 
+    def node_counter(self, node: str) -> float:
+        """A tenant's or a group's counter (a shared order syncs both)."""
+        return self.counter(node) if node in self._weights else self.group_counter(node)
+
+    def set_node_counter(self, node: str, value: float) -> None:
+        """Set a tenant's or a group's counter to the value a shared order holds for it,
+        without moving any other node (a shared order syncs every node itself). Policies
+        with per-group counters override it; here a group has none."""
+        if node not in self._group_weights:
+            self.set_counter(node, value)
+
+    def group_credit(self, name: str) -> float:
+        """Counter units a group entering the backlog with a busy tenant may stay below the
+        lift's floor (0 for policies without a lift)."""
+        return 0.0
+
     def pause(self, tenant: str) -> None:
         """Pass over ``tenant``'s queued jobs until :meth:`resume` (they stay queued)."""
         if tenant not in self._paused:

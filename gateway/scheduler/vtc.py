@@ -95,6 +95,10 @@ from .predictor import OutputPredictor
 
 _Entry = tuple[float, int, int, str]  # (counter key, seq, version, node): a heap entry
 
+#: the counters of a tier's minimum share (:meth:`VTCScheduler.set_min_share`) as nodes of a
+#: shared order (:mod:`gateway.cluster.rule`): that tier's group, and the tiers above it
+SHARE_NODES = {"~share": 0, "~rest": 1}
+
 
 class _Queue:
     """A tenant: its FIFO queue, its place in the order and its busy-tenant bookkeeping."""
@@ -331,8 +335,8 @@ class VTCScheduler(Scheduler):
         its group's counter when its queue fills after it emptied."""
         self._roots[tier].queued += n
         share = self._share
-        if share is None or n <= 0 or tier < share[0]:
-            return
+        if share is None or n <= 0 or tier < share[0] or not self.lift:
+            return  # (a cluster replica: the shared order lifts)
         g = 0 if tier == share[0] else 1
         if not self._group_queued(g, without=(tier, n)):
             self._group[g] = max(self._group)
@@ -487,6 +491,39 @@ class VTCScheduler(Scheduler):
             self._rebuild()
         g = self._groups.get(name)
         return g.counter if g is not None else 0.0
+
+    def node_counter(self, node: str) -> float:
+        share = SHARE_NODES.get(node)
+        if share is not None:
+            return self._group[share]
+        return super().node_counter(node)
+
+    def set_node_counter(self, node: str, value: float) -> None:
+        """As the base, for tenants, groups and the two nodes of a tier's minimum share
+        (:data:`SHARE_NODES`); a lowered key gets a fresh heap entry (see the module
+        docstring), a raised one is repaired when it reaches the top."""
+        share = SHARE_NODES.get(node)
+        if share is not None:
+            self._group[share] = value
+            return
+        if self._dirty:
+            self._rebuild()
+        g = self._groups.get(node)
+        if g is None and node not in self._weights:
+            self.set_tenant(node)
+        old = g.counter if g is not None else self._counters[node]
+        if g is not None:
+            g.counter = value
+        else:
+            self._counters[node] = value
+        if value < old and self._queued_at(node) and node not in self._paused:
+            self._push_node(node)
+
+    def group_credit(self, name: str) -> float:
+        if self._dirty:
+            self._rebuild()
+        g = self._groups.get(name)
+        return g.committed / g.weight if g is not None else 0.0
 
     def queued_under(self, node: str) -> int:
         if self._dirty:

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from gateway.cluster import scripts
-from gateway.cluster.rule import Candidate, Claim, Flush, SharedState
+from gateway.cluster.rule import Candidate, Claim, Flush, Node, Place, SharedState, flat
 
 from .conftest import RedisServer
 
@@ -39,7 +39,19 @@ P = "{t}"
 SEP = "\x1f"
 REPLICAS = ("r0", "r1", "r2")
 MODELS = ("m0", "m1")
-TENANTS = ("a", "b", "c", "d")
+TENANTS = ("a", "b", "c", "d", "e")
+#: each tenant's places, (tier, its groups from the top): the usual one first, then where a
+#: reload may move it (to another group, another tier, or its group to another tier)
+PLACES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
+    "a": [(0, ("g1",)), (0, ("g2",))],
+    "b": [(0, ("g1",))],
+    "c": [(0, ("g2", "g3")), (-1, ())],
+    "d": [(0, ()), (-1, ())],
+    "e": [(-1, ("g4",)), (0, ("g4",))],
+}
+WEIGHTS = {"g1": 2.0, "g2": 1.0, "g3": 0.5, "g4": 4.0, "a": 1.0, "b": 2.0, "c": 0.5, "d": 1.0}
+NODES = (*TENANTS, "g1", "g2", "g3", "g4")
+PARENTS = ("~t0", "~t-1", "g1", "g2", "g3", "g4")
 BACKENDS = ("b0", "b1", "b2")
 LIVE = 10**12  # ms: a lease that does not run out during a test
 
@@ -104,10 +116,13 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
     pipe.zrange(f"{P}:replicas", 0, -1)
     for m in MODELS:
         pipe.hgetall(f"{P}:c:{m}")
+        pipe.hgetall(f"{P}:up:{m}")
         pipe.hgetall(f"{P}:q:{m}")
         pipe.hgetall(f"{P}:d:{m}")
-        pipe.zrange(f"{P}:bl:{m}", 0, -1, withscores=True)
-        pipe.get(f"{P}:last:{m}")
+        pipe.hgetall(f"{P}:last:{m}")
+        pipe.zrange(f"{P}:tiers:{m}", 0, -1, withscores=True)
+        for parent in PARENTS:
+            pipe.zrange(f"{P}:bl:{m}{SEP}{parent}", 0, -1, withscores=True)
     for m in MODELS:
         for t in TENANTS:
             pipe.smembers(f"{P}:w:{m}{SEP}{t}")
@@ -124,13 +139,16 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
     out: dict[str, Any] = {"replicas": sorted(s.decode() for s in next(res))}
     models = {}
     for m in MODELS:
-        c, q, d, bl, last = (next(res) for _ in range(5))
+        c, up, q, d, last, tiers = (next(res) for _ in range(6))
+        backlog = {parent: {k.decode(): float(v) for k, v in next(res)} for parent in PARENTS}
         order = {
             "counters": {k.decode(): float(v) for k, v in c.items()},
+            "up": {k.decode(): v.decode() for k, v in up.items()},
             "sites": {k.decode(): int(v) for k, v in q.items()},
             "demand": {k.decode(): int(v) for k, v in d.items()},
-            "backlog": {k.decode(): float(v) for k, v in bl},
-            "last": last.decode() if last is not None else None,
+            "backlog": {parent: v for parent, v in backlog.items() if v},
+            "last": {k.decode(): v.decode() for k, v in last.items()},
+            "tiers": {k.decode(): int(v) for k, v in tiers},
         }
         models[m] = order
     for m in MODELS:
@@ -171,10 +189,12 @@ def rule_state(s: SharedState) -> dict[str, Any]:
     for m, o in s.orders.items():
         order = {
             "counters": dict(o.counters),
+            "up": dict(o.up),
             "sites": {t: len(rs) for t, rs in o.sites.items()},
             "demand": dict(o.demand),
-            "backlog": dict(o.backlog),
-            "last": o.last,
+            "backlog": {parent: dict(v) for parent, v in o.backlog.items() if v},
+            "last": dict(o.last),
+            "tiers": dict(o.tiers),
             "where": {t: sorted(rs) for t, rs in o.sites.items()},
         }
         if any(order.values()):
@@ -189,9 +209,11 @@ def rule_state(s: SharedState) -> dict[str, Any]:
     for name in ("holds", "waits", "queued"):
         out[name] = {r: v for r, v in out[name].items() if v}
     keys = [f"{P}:replicas"] if out["replicas"] else []
-    names = {"counters": "c", "sites": "q", "demand": "d", "backlog": "bl", "last": "last"}
+    names = {"counters": "c", "up": "up", "sites": "q", "demand": "d", "last": "last"}
+    names["tiers"] = "tiers"
     for m, order in models.items():
         keys += [f"{P}:{names[k]}:{m}" for k, v in order.items() if v and k in names]
+        keys += [f"{P}:bl:{m}{SEP}{parent}" for parent in order["backlog"]]
         keys += [f"{P}:w:{m}{SEP}{t}" for t in order["where"]]
     keys += [f"{P}:be:{b}" for b in out["slots"]]
     keys += [f"{P}:bm:{b}" for b in out["models_of"]]
@@ -230,7 +252,7 @@ def operations(seed: int) -> Iterator[Op]:
     expiries = 0
 
     def flushes(first: tuple[str, str] | None = None) -> tuple[Flush, ...]:
-        keys = [(m, t) for m in MODELS for t in TENANTS]
+        keys = [(m, t) for m in MODELS for t in NODES]
         chosen = rng.sample(keys, rng.randint(0, 3))
         if first is not None:
             chosen = [first, *[k for k in chosen if k != first]]
@@ -248,13 +270,19 @@ def operations(seed: int) -> Iterator[Op]:
     def credit() -> float:
         return dyadic(rng, 5) if rng.random() < 0.3 else 0.0
 
+    def place(t: str) -> Place:
+        tier, groups = PLACES[t][0] if rng.random() < 0.85 else rng.choice(PLACES[t])
+        path = tuple(Node(n, WEIGHTS.get(n, 1.0), credit()) for n in (*groups, t))
+        return Place(path, tier)
+
     def register(r: str) -> Op:
         holdings = [
             (b, rng.randint(0, 3), rng.randint(0, 150))
             for b in rng.sample(BACKENDS, rng.randint(0, 2))
         ]
         keys = rng.sample([(m, t) for m in MODELS for t in TENANTS], rng.randint(0, 3))
-        return "register", (r, LIVE, holdings, [(m, t, rng.randint(1, 4)) for m, t in keys])
+        waiting = [(m, place(t), rng.randint(1, 4)) for m, t in keys]
+        return "register", (r, LIVE, holdings, waiting)
 
     known = set(REPLICAS)
     for r in REPLICAS:
@@ -273,12 +301,12 @@ def operations(seed: int) -> Iterator[Op]:
                 for _ in range(n)
             )
             waiting = None if hold else n + rng.choice((0, 0, 1, 3))
-            claim = Claim(m, t, waiting, credit(), reqs, candidates(), flushes((m, t)))
+            claim = Claim(m, place(t), waiting, reqs, candidates(), flushes((m, t)))
             yield "claim", (r, LIVE, claim)
         elif x < 0.56:
-            yield "mark", (r, LIVE, m, t, True, credit(), rng.randint(0, 4))
+            yield "mark", (r, LIVE, m, t, place(t), rng.randint(0, 4))
         elif x < 0.64:
-            yield "mark", (r, LIVE, m, t, False, 0.0, 0)
+            yield "mark", (r, LIVE, m, t, None, 0)
         elif x < 0.72:
             yield "sync", (r, LIVE, list(flushes()))
         elif x < 0.94:  # releases (sometimes more than held) and bookings
@@ -383,12 +411,29 @@ def wake_outcomes(rule: SharedState) -> set[str]:
             r
             for m in rule.models_of[backend]
             if m in rule.orders
-            for t in rule.orders[m].backlog
-            for r in rule.orders[m].sites[t]
+            for rs in rule.orders[m].sites.values()
+            for r in rs
         }
         if waiting - replicas:
             seen.add("wake cut by the room")
     rule.wakes.clear()
+    return seen
+
+
+def tree_outcomes(rule: SharedState, ups: dict[str, dict[str, str]]) -> set[str]:
+    """What one operation shows of the tree: groups in the backlog (two under one parent),
+    nodes moved to another parent (a reload)."""
+    seen: set[str] = set()
+    for m, order in rule.orders.items():
+        for children in order.backlog.values():
+            groups = [c for c in children if c in order.backlog]
+            if groups:
+                seen.add("a group backlogged")
+            if len(groups) > 1 and len(set(children.values())) > 1:
+                seen.add("a group behind a group")
+        for node, parent in ups.get(m, {}).items():
+            if order.up.get(node) != parent:
+                seen.add("moved by a reload")
     return seen
 
 
@@ -401,8 +446,10 @@ def test_the_scripts_cover_every_outcome() -> None:
         rule = SharedState(clock=lambda: 0.0)
         for method, args in operations(seed):
             before = set(rule.leases)
+            ups = {m: dict(o.up) for m, o in rule.orders.items()}
             res = getattr(rule, method)(*args)
             seen |= wake_outcomes(rule)
+            seen |= tree_outcomes(rule, ups)
             if method != "leave" and before - set(rule.leases):
                 seen.add("reaped")
             if method == "claim":
@@ -415,6 +462,9 @@ def test_the_scripts_cover_every_outcome() -> None:
                     seen.add("order refused with room")
                 if res.backends and res.lower and kind == "claim":
                     seen.add("granted past tenants ahead")
+                tiers = rule.orders[args[2].model].tiers.values()
+                if res.status == "order" and max(tiers, default=-9) > args[2].place.tier:
+                    seen.add("order behind a higher tier")
                 seen.add(f"{res.status} room {min(res.room, 1)}")
     for outcome in (
         "claim ok 1",
@@ -438,6 +488,10 @@ def test_the_scripts_cover_every_outcome() -> None:
         "wake targeted",
         "wake targeted at several",
         "wake cut by the room",
+        "order behind a higher tier",
+        "a group backlogged",
+        "a group behind a group",
+        "moved by a reload",
     ):
         assert outcome in seen, (outcome, sorted(seen))
 
@@ -450,8 +504,8 @@ def test_lease_runs_out(lua: tuple[redis.Redis, Lua, Any]) -> None:
     rule = SharedState(clock=lambda: time.time() * 1000)
     lease = 1000
     steps: list[Op] = [
-        ("register", ("r0", lease, [("b0", 2, 40)], [("m0", "a", 3), ("m0", "b", 1)])),
-        ("register", ("r1", LIVE, [("b0", 1, 10)], [("m0", "a", 1)])),
+        ("register", ("r0", lease, [("b0", 2, 40)], [("m0", flat("a"), 3), ("m0", flat("b"), 1)])),
+        ("register", ("r1", LIVE, [("b0", 1, 10)], [("m0", flat("a"), 1)])),
         ("sync", ("r1", LIVE, [])),  # r0's lease still runs
     ]
     for method, args in steps:
@@ -465,5 +519,5 @@ def test_lease_runs_out(lua: tuple[redis.Redis, Lua, Any]) -> None:
     state = redis_state(client)
     assert same(state, rule_state(rule))
     assert state["slots"]["b0"] == (1, 10)
-    assert state["models"]["m0"]["backlog"].keys() == {"a"}
-    assert state["models"]["m0"]["last"] == "b"
+    assert state["models"]["m0"]["backlog"] == {"~t0": {"a": 0.0}}
+    assert state["models"]["m0"]["last"] == {"~t0": "b"}

@@ -221,7 +221,7 @@ def test_backend_url_loses_its_trailing_slash() -> None:
     assert parse_config(raw).backends[0].url == "http://127.0.0.1:8000"
 
 
-def test_caps_and_tiers_are_per_process_and_refused_with_a_cluster_section() -> None:
+def test_caps_are_per_process_and_refused_with_a_cluster_section_tiers_are_shared() -> None:
     tenant = {**MINIMAL["tenants"][0], "max_in_flight": 2, "tier": "batch"}
     parsed = parse_config({**MINIMAL, "tenants": [tenant]}).tenants[0]
     assert (parsed.max_in_flight, parsed.tier, parsed.priority) == (2, "batch", TIERS["batch"])
@@ -231,9 +231,10 @@ def test_caps_and_tiers_are_per_process_and_refused_with_a_cluster_section() -> 
     assert info.value.problems == [
         "tenants[0].max_in_flight: is not shared across replicas yet: not allowed with a "
         "cluster section, got 2",
-        "tenants[0].tier: is not shared across replicas yet: not allowed with a "
-        "cluster section, got 'batch'",
     ]
+    del tenant["max_in_flight"]
+    raw = {**MINIMAL, "tenants": [tenant], "cluster": {"url": "redis://h:1/0"}}
+    assert parse_config(raw).tenants[0].priority == TIERS["batch"]
 
 
 def test_tier_names_match_the_schedulers_tiers() -> None:

@@ -78,12 +78,18 @@ def test_tree_mistakes_are_reported_with_their_key_paths() -> None:
     assert any(p.startswith("tenants[0].tenants[2].weight") for p in got)
 
 
-def test_a_tree_needs_a_counting_policy_and_no_cluster() -> None:
+def test_a_tree_needs_a_counting_policy_and_is_shared_by_a_cluster() -> None:
     got = problems(config(TREE, scheduler={"policy": "fcfs"}))
     assert any(p.startswith("scheduler.policy: nested tenants need") for p in got)
     tree = [{"name": "org", "tenants": [{"name": "t", "api_keys": ["k"]}]}]
+    parsed = parse_config(config(tree, cluster={"url": "redis://127.0.0.1:6379/0"}))
+    assert parsed.hierarchical
+    tree[0]["tenants"][0]["max_in_flight"] = 2
     got = problems(config(tree, cluster={"url": "redis://127.0.0.1:6379/0"}))
-    assert any(p.startswith("tenants: nested tenants are not shared across replicas") for p in got)
+    assert got == [
+        "tenants[0].tenants[0].max_in_flight: is not shared across replicas yet: not allowed "
+        "with a cluster section, got 2"
+    ]
 
 
 def test_anonymous_tenant_must_be_a_leaf() -> None:
