@@ -30,10 +30,24 @@ from .conftest import RedisServer
 UNLIMITED = httpx.Limits(max_connections=None, max_keepalive_connections=None)
 
 
-def write_config(path: Path, sim_url: str, redis: RedisServer, **cluster: Any) -> Path:
+#: the faults' tenant configs: flat, and a tree with a batch tier (a under an interactive
+#: organisation, b under a batch one); the groups' counters are shared like the tenants'
+TENANTS: dict[str, list[dict[str, Any]]] = {
+    "flat": tenants(("a", 1), ("b", 1)),
+    "tree": [
+        {"name": "org-x", "weight": 2, "tenants": tenants(("a", 1))},
+        {"name": "org-y", "tier": "batch", "tenants": tenants(("b", 1))},
+    ],
+}
+NODES = {"flat": {b"a", b"b"}, "tree": {b"a", b"b", b"org-x", b"org-y"}}
+
+
+def write_config(
+    path: Path, sim_url: str, redis: RedisServer, tree: str = "flat", **cluster: Any
+) -> Path:
     raw = {
         "backends": [{"name": "sim", "url": sim_url, "max_num_seqs": 2, "max_kv_tokens": 4096}],
-        "tenants": tenants(("a", 1), ("b", 1)),
+        "tenants": TENANTS[tree],
         "limits": {"health_interval_s": 60},
         "cluster": {"url": redis.url, "lease_s": 1.0, **cluster},
     }
@@ -101,11 +115,12 @@ async def shared_again(
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("tree", ["flat", "tree"])
 async def test_killed_replica_returns_its_slots_and_the_other_keeps_serving(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path, tree: str
 ) -> None:
     async with SimServer(SimConfig(port=0, speed=20.0)) as sim:
-        cfg = write_config(tmp_path / "g.yaml", sim.url, redis_server)
+        cfg = write_config(tmp_path / "g.yaml", sim.url, redis_server, tree)
         async with gateway(cfg) as (_, out0), gateway(cfg) as (p1, out1):
             u0, u1 = url_of(out0[0]), url_of(out1[0])
             async with httpx.AsyncClient(timeout=60, limits=UNLIMITED) as http:
@@ -120,11 +135,12 @@ async def test_killed_replica_returns_its_slots_and_the_other_keeps_serving(
             assert await ledger(redis_server) == {b"s": b"0", b"k": b"0"}
 
 
+@pytest.mark.parametrize("tree", ["flat", "tree"])
 async def test_redis_stop_and_empty_restart_under_load(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path, tree: str
 ) -> None:
     async with SimServer(SimConfig(port=0, speed=20.0)) as sim:
-        cfg = write_config(tmp_path / "g.yaml", sim.url, redis_server)
+        cfg = write_config(tmp_path / "g.yaml", sim.url, redis_server, tree)
         async with gateway(cfg) as (_, out0), gateway(cfg) as (_, out1):
             u0, u1 = url_of(out0[0]), url_of(out1[0])
             async with httpx.AsyncClient(timeout=60, limits=UNLIMITED) as http:
@@ -151,7 +167,7 @@ async def test_redis_stop_and_empty_restart_under_load(
         finally:
             await raw.aclose()
         # both replicas re-merged: the counters were rebuilt from their views, not reset
-        assert set(counters) == {b"a", b"b"} and all(float(v) > 0 for v in counters.values())
+        assert set(counters) == NODES[tree] and all(float(v) > 0 for v in counters.values())
 
 
 async def test_workers_share_one_port(redis_server: RedisServer, tmp_path: Path) -> None:
