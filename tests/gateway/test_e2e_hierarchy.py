@@ -10,11 +10,12 @@ a wall-clock window: a slow machine changes how long the test takes, not what it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 
-from .conftest import MODEL, Stack, gateway_stack, wait_for
+from .conftest import MODEL, gateway_stack, wait_for
 
 PROMPT = "tell me a story " * 12
 MAX_TOKENS = 48
@@ -45,9 +46,13 @@ class Clients:
         self.stops: dict[str, asyncio.Event] = {}
         self.tasks: dict[str, list[asyncio.Task[None]]] = {}
 
-    def start(self, team: str, n: int) -> None:
+    def start(self, team: str, n: int, urls: Sequence[str] = ("",)) -> None:
+        """``n`` clients of ``team``, client ``k`` sending to ``urls[k % len(urls)]`` (the
+        default: the client's base URL)."""
         self.stops[team] = asyncio.Event()
-        self.tasks[team] = [asyncio.create_task(self._client(team)) for _ in range(n)]
+        self.tasks[team] = [
+            asyncio.create_task(self._client(team, urls[k % len(urls)])) for k in range(n)
+        ]
 
     async def stop(self, team: str) -> None:
         self.stops[team].set()
@@ -58,7 +63,7 @@ class Clients:
         mark = self.marks[self.done + count] = asyncio.Event()
         await mark.wait()
 
-    async def _client(self, team: str) -> None:
+    async def _client(self, team: str, url: str) -> None:
         body = {
             "model": MODEL,
             "prompt": PROMPT,
@@ -68,7 +73,9 @@ class Clients:
         }
         headers = {"Authorization": f"Bearer key-{team}"}
         while not self.stops[team].is_set():
-            async with self.http.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            async with self.http.stream(
+                "POST", f"{url}/v1/completions", json=body, headers=headers
+            ) as r:
                 assert r.status_code == 200
                 async for _ in r.aiter_bytes():
                     pass
@@ -78,18 +85,19 @@ class Clients:
                 mark.set()
 
 
-async def _service(stack: Stack, clients: Clients, teams: list[str], warm: int, n: int) -> dict:
-    """Each team's share of the ledger's service over ``n`` completions after ``warm``."""
-    pool = stack.state.dispatcher.core.pool(MODEL)
+async def service_shares(
+    service: Callable[[str], float], clients: Clients, teams: list[str], warm: int, n: int
+) -> dict[str, float]:
+    """Each team's share of the ledger's ``service`` over ``n`` completions after ``warm``."""
     await clients.until(warm)
-    start = {t: pool.service(t) for t in teams}
+    start = {t: service(t) for t in teams}
     await clients.until(n)
-    got = {t: pool.service(t) - start[t] for t in teams}
+    got = {t: service(t) - start[t] for t in teams}
     total = sum(got.values())
     return {t: v / total for t, v in got.items()}
 
 
-def _within(shares: dict[str, float], want: dict[str, float], rel: float = 0.10) -> bool:
+def within(shares: dict[str, float], want: dict[str, float], rel: float = 0.10) -> bool:
     return all(abs(shares[t] - w) <= rel * w for t, w in want.items())
 
 
@@ -105,16 +113,18 @@ async def test_orgs_and_teams_share_3_8_3_8_2_8_and_an_idle_teams_part_stays_in_
                 async with asyncio.timeout(300):
                     for team in ("a1", "a2", "b"):
                         clients.start(team, CLIENTS)
-                    all3 = await _service(stack, clients, ["a1", "a2", "b"], 3 * SLOTS, 24 * SLOTS)
+                    service = stack.state.dispatcher.core.pool(MODEL).service
+                    teams = ["a1", "a2", "b"]
+                    all3 = await service_shares(service, clients, teams, 3 * SLOTS, 24 * SLOTS)
                     await clients.stop("a2")  # team a2 goes idle
-                    two = await _service(stack, clients, ["a1", "b"], 3 * SLOTS, 24 * SLOTS)
+                    two = await service_shares(service, clients, teams[::2], 3 * SLOTS, 24 * SLOTS)
             finally:
                 for team in list(clients.tasks):
                     await clients.stop(team)
         await wait_for(lambda: stack.state.admission.in_flight() == 0 and d.core.held() == 0)
         assert d.core.total_queued() == 0 and not any(d.core.group_running.values())
-    assert _within(all3, {"a1": 3 / 8, "a2": 3 / 8, "b": 2 / 8}), all3
-    assert _within(two, {"a1": 3 / 4, "b": 1 / 4}), two
+    assert within(all3, {"a1": 3 / 8, "a2": 3 / 8, "b": 2 / 8}), all3
+    assert within(two, {"a1": 3 / 4, "b": 1 / 4}), two
 
 
 async def _send(http: httpx.AsyncClient, key: str, max_tokens: int) -> int:
