@@ -542,18 +542,9 @@ def _check_keys(r: _Reader, nodes: tuple[TenantNode, ...], where: dict[str, str]
 
 
 def _check_cluster(r: _Reader, config: GatewayConfig, cluster: ClusterConfig) -> None:
-    """With a ``cluster`` section: a lease of several syncs, a counter policy, and no
-    per-tenant cap on requests running at once (not shared across replicas yet)."""
+    """With a ``cluster`` section: a lease of several syncs and a counter policy."""
     if cluster.lease_s < 5 * cluster.sync_interval_s:
         r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
-    keys = _node_keys(config.tenants, "tenants")
-    for node in config.nodes():
-        if node.config.max_in_flight is not None:
-            r.fail(
-                f"{keys[node.path]}.max_in_flight",
-                "is not shared across replicas yet: not allowed with a cluster section",
-                node.config.max_in_flight,
-            )
     if config.scheduler.policy not in CLUSTER_POLICIES:
         r.fail(
             "scheduler.policy",

@@ -115,6 +115,11 @@ class ClusterCore(DispatchCore):
         #: arrival ends a hold for it (as the local lift does): what its entry into the
         #: shared backlog uses
         self._entry_credit: dict[tuple[str, str], float] = {}
+        #: tenants paused here because a claim found a node of their path at its cap over all
+        #: replicas; resumed when a replica says it fell below (``c:<node>``) or after
+        #: ``full_retry_ticks``
+        self._capped: set[str] = set()
+        self._capped_ticks = 0
 
     # -- LocalView ---------------------------------------------------------------------------
     def counter(self, model: str, node: str) -> float:
@@ -131,6 +136,19 @@ class ClusterCore(DispatchCore):
         # the share's two nodes are charged by every tenant of their tiers: always synced
         return node.startswith("~") or self._busy[(model, node)] > 0
 
+    def runs(self) -> dict[str, int]:
+        """Per capped node (``max_in_flight``): its requests running here and the slots held
+        here for its next ones (what the shared order counts against its cap)."""
+        if not self._caps:
+            return {}
+        out = {node: self._in_flight(node) for node in self._caps}
+        for hold in self._holds:
+            if hold.grant is not None:
+                for node in (hold.job.tenant, *self.path(hold.job.tenant)):
+                    if node in out:
+                        out[node] += 1
+        return out
+
     def groups(self, model: str, tenant: str) -> tuple[str, ...]:
         return tuple(n.name for n in self.place(model, tenant, credit=False).path[:-1])
 
@@ -142,11 +160,12 @@ class ClusterCore(DispatchCore):
         pool = self.pool(model)
         own = self.credit(model, tenant) if credit else 0.0
         names = pool.path(tenant)
+        caps = self._caps
         nodes = [
-            Node(g, pool.group_weight(g), pool.group_credit(g) if own > 0 else 0.0)
+            Node(g, pool.group_weight(g), pool.group_credit(g) if own > 0 else 0.0, caps.get(g, 0))
             for g in names[:-1]
         ]
-        nodes.append(Node(tenant, pool.weight(tenant), own))
+        nodes.append(Node(tenant, pool.weight(tenant), own, caps.get(tenant, 0)))
         tier = pool.tier(names[0])
         share = self.options.batch_min_share
         batch = TIERS["batch"]
@@ -163,7 +182,9 @@ class ClusterCore(DispatchCore):
 
     def wake(self, message: str) -> None:
         kind, _, name = message.partition(":")
-        if kind == "m":
+        if kind == "c":
+            self._uncap()
+        elif kind == "m":
             self._full.pop(name, None)
             self.pump(name)
         elif kind == "b":
@@ -182,7 +203,12 @@ class ClusterCore(DispatchCore):
     def tick(self) -> None:
         """Every sync interval: retry queues whose head was refused for its place in the order
         (the counters moved). A queue refused for want of room waits for the wake-up a release
-        sends, retried only every ``full_retry_ticks`` in case one was lost."""
+        sends, retried only every ``full_retry_ticks`` in case one was lost (as are tenants
+        paused for a cap reached at other replicas)."""
+        if self._capped:
+            self._capped_ticks += 1
+            if self._capped_ticks >= self.full_retry_ticks:
+                self._uncap()
         for model, pool in self._pools.items():
             if pool.total_queued() and model not in self._claiming:
                 skip = self._full.get(model)
@@ -190,6 +216,25 @@ class ClusterCore(DispatchCore):
                     self._full[model] = skip - 1
                     continue
                 self.pump(model)
+
+    def _cap(self, tenant: str) -> None:
+        """A claim found ``tenant`` (or a group above it) at its cap over all replicas: pass
+        over its queue here until a wake-up or a retry says the cap may have room."""
+        if tenant not in self._capped:
+            if not self._capped:
+                self._capped_ticks = 0
+            self._capped.add(tenant)
+            for pool in self._pools.values():
+                pool.pause(tenant)
+
+    def _uncap(self) -> None:
+        capped, self._capped = self._capped, set()
+        for tenant in capped:
+            if tenant not in self._paused:  # not at its cap here
+                for pool in self._pools.values():
+                    pool.resume(tenant)
+        if capped:
+            self.pump_all()
 
     # -- queue and running side: keep the store's view current ---------------------------------
     def submit(self, job: Job) -> None:
@@ -310,6 +355,9 @@ class ClusterCore(DispatchCore):
                     continue  # the store is down now: the next pass decides locally
                 if model in self._again:
                     continue
+                if res.status == "cap":
+                    self._cap(job.tenant)
+                    continue  # the next head here
                 if res.status == "full" or (res.status == "ok" and not res.room):
                     self._full[model] = self.full_retry_ticks
                     return  # wait for a wake-up (a slot freed)
@@ -348,6 +396,7 @@ class ClusterCore(DispatchCore):
                 and (not out or tenant == out[0].job.tenant)
                 and not sched.queued(tenant)
                 and tenant not in self._paused
+                and tenant not in self._capped
             ):
                 out.append(hold)
                 if len(out) == self.claim_batch:

@@ -58,12 +58,14 @@ def root(tier: int) -> str:
 @dataclass(frozen=True, slots=True)
 class Node:
     """One level of a tenant's place in the tenant tree: a group, or the tenant itself (last
-    in a path), with its weight and the counter units it may stay below the lift's floor when
-    it enters the backlog (a resubmitting tenant's credit, and its groups'; else 0)."""
+    in a path), with its weight, the counter units it may stay below the lift's floor when it
+    enters the backlog (a resubmitting tenant's credit, and its groups'; else 0) and its cap."""
 
     name: str
     weight: float = 1.0
     credit: float = 0.0
+    #: its ``max_in_flight``, all replicas together (0: none; claims check it)
+    cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,7 @@ class SyncResult:
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    status: str  # "ok" (all granted) | "full" | "order" (why the rest was refused)
+    status: str  # "ok" (all granted) | "full" | "order" | "cap" (why the rest was refused)
     counters: tuple[float, ...] = ()  # the counter of each node of the claim's path
     lower: int = 0  # backlogged nodes ahead of the claimant's (at the last check)
     backends: tuple[str, ...] = ()  # one per granted request, in order
@@ -320,6 +322,9 @@ class ReplicaState:
     waits: set[Key] = field(default_factory=set)
     #: (model, tenant) -> its requests waiting there, as the replica last said [P:rd:<replica>]
     queued: dict[Key, int] = field(default_factory=dict)
+    #: capped node -> its requests running there (and slots held for it), as the replica last
+    #: said plus those its claims were granted since [P:rr:<replica>]
+    runs: dict[str, int] = field(default_factory=dict)
 
 
 def _now_ms() -> float:
@@ -341,6 +346,10 @@ class SharedState:
         self.capacity: dict[str, int] = {}
         self.models_of: dict[str, set[str]] = {}
         self.replicas: dict[str, ReplicaState] = {}
+        #: capped node -> its requests running, all replicas together [P:run]
+        self.running: dict[str, int] = {}
+        #: capped node -> its cap, as the last claim naming it said [P:caps]
+        self.caps: dict[str, int] = {}
         self.wakes: list[tuple[str | None, str]] = []
 
     def order(self, model: str) -> ModelOrder:
@@ -356,14 +365,26 @@ class SharedState:
         return state
 
     # -- the operations (one script each) --------------------------------------------------
-    def sync(self, replica: str, lease_ms: float, flushes: Sequence[Flush]) -> SyncResult:
-        """Heartbeat and merge of a replica's charges (``SYNC``, every sync interval).
+    def sync(
+        self,
+        replica: str,
+        lease_ms: float,
+        flushes: Sequence[Flush],
+        runs: Sequence[tuple[str, int]] = (),
+    ) -> SyncResult:
+        """Heartbeat, merge of a replica's charges and its running requests per capped node
+        (``SYNC``, every sync interval).
 
         Charges are *added*, never set: replicas charge the same tenant concurrently, and each
-        sends only what it charged since its last flush. A replica whose lease ran out still
-        gets its charges counted; ``known`` False tells it to register again."""
+        sends only what it charged since its last flush. Running counts are *set*
+        (:meth:`_set_runs`): what runs at the replica now, whatever was lost. A replica whose
+        lease ran out still gets its charges counted (not its running counts); ``known`` False
+        tells it to register again."""
         known, _ = self._heartbeat(replica, lease_ms)
         live = len(self.leases)
+        if known:
+            for node, n in runs:
+                self._set_runs(replica, node, n)
         return SyncResult(known, live, self._flush(flushes))
 
     def register(
@@ -372,9 +393,11 @@ class SharedState:
         lease_ms: float,
         holdings: Iterable[tuple[str, int, int]],
         waiting: Iterable[tuple[str, Place, int]],
+        runs: Iterable[tuple[str, int]] = (),
     ) -> bool:
         """(Re)register a replica with its whole local state (``REGISTER``): the slots it holds,
-        ``(backend, seqs, kv)``, and where its tenants wait, ``(model, place, requests)``.
+        ``(backend, seqs, kv)``, its requests running per capped node, ``(node, n)``, and
+        where its tenants wait, ``(model, place, requests)``.
 
         This makes the shared state exact again after anything was lost (a reaped lease, a
         Redis that restarted empty, a round trip whose outcome is unknown, a reload that moved
@@ -385,6 +408,11 @@ class SharedState:
         for backend, seqs, kv in holdings:
             held = self.replicas.get(replica, ReplicaState()).holds.get(backend, [0, 0])
             self._add_slots(replica, backend, seqs - held[0], kv - held[1])
+        told = dict(runs)
+        for node in sorted(self.replicas.get(replica, ReplicaState()).runs.keys() - told.keys()):
+            self._set_runs(replica, node, 0)
+        for node, n in told.items():
+            self._set_runs(replica, node, n)
         wanted = [(model, place, n) for model, place, n in waiting]
         keep = {(model, place.tenant) for model, place, _ in wanted}
         state = self.replicas.get(replica)
@@ -392,7 +420,7 @@ class SharedState:
             if key not in keep:
                 self._unmark(replica, *key)
         for model, place, n in wanted:
-            bare = Place(tuple(Node(x.name, x.weight) for x in place.path), place.tier)
+            bare = Place(tuple(Node(x.name, x.weight, 0.0, x.cap) for x in place.path), place.tier)
             self._mark(replica, model, bare, n)
         self.leases[replica] = now + lease_ms
         return True
@@ -442,6 +470,10 @@ class SharedState:
         * each further one only while the tenant, charged for the ones before (each node of
           its path ``cost / weight``), still has nothing ahead and a candidate has room.
 
+        None of them while a capped node of its path (:attr:`Node.cap`) has as many requests
+        running over all replicas as its cap ("cap"); each grant counts one more running at
+        this replica for every capped node of the path (:meth:`_set_runs`).
+
         A *hold* books slots for the expected next requests of a busy tenant that waits
         nowhere (:meth:`gateway.core.DispatchCore.hold`): it does not enter the backlog, and
         the order check takes each node not in its parent's backlog with its counter as it
@@ -450,7 +482,7 @@ class SharedState:
         Every candidate's sequence limit and the claim's model are noted for it (what a
         release needs to know whom to wake: :meth:`_wake_for`). Afterwards what still waits
         here is the tenant's demand at this replica (none: it leaves the backlog here).
-        Returns the status ("ok": all granted; "full" or "order": why the first one not
+        Returns the status ("ok": all granted; "full", "order" or "cap": why the first one not
         granted was refused), the counter of each node of the path, how many nodes were ahead
         at the last check, the backend per granted request, the room the candidates still have
         for requests of the last one's size (none: the replica waits for a release's wake-up
@@ -472,10 +504,17 @@ class SharedState:
         for cand in claim.candidates:
             self.capacity[cand.name] = cand.max_seqs
             self.models_of.setdefault(cand.name, set()).add(model)
+        capped = [node for node in place.path if node.cap > 0]
+        for node in capped:
+            self.caps[node.name] = node.cap
+        runs = self.replica(replica).runs
         status, lower = "ok", 0
         granted: list[str] = []
         for j, (cost, size) in enumerate(claim.requests):
             tokens = max(1, size)
+            if any(self.running.get(node.name, 0) >= node.cap for node in capped):
+                status = "cap"
+                break
             ahead = order.ahead(place, cs)
             lower = len(ahead)
             if j > 0 and lower:
@@ -490,6 +529,8 @@ class SharedState:
                 break
             self._add_slots(replica, best, 1, tokens)
             granted.append(best)
+            for node in capped:
+                self._set_runs(replica, node.name, runs.get(node.name, 0) + 1)
             for i, node in enumerate(place.path):
                 cs[i] += cost / node.weight
                 order.set_counter(node.name, cs[i])
@@ -545,6 +586,8 @@ class SharedState:
                 self._add_slots(replica, backend, -seqs, -kv)
             for key in sorted(state.waits):
                 self._unmark(replica, *key)
+            for node in sorted(state.runs):
+                self._set_runs(replica, node, 0)
             del self.replicas[replica]
         self.leases.pop(replica, None)
 
@@ -608,6 +651,28 @@ class SharedState:
         else:
             state.queued.pop(key, None)
         self.order(model).add_demand(tenant, n - old)
+
+    def _set_runs(self, replica: str, node: str, n: int) -> None:
+        """A capped node has ``n`` requests running at ``replica`` (and slots held for it):
+        the difference moves its count over all replicas. A count that falls below the node's
+        cap wakes every replica (``c:<node>``): a claim refused for it may pass now."""
+        runs = self.replica(replica).runs
+        old = runs.get(node, 0)
+        if n == old:
+            return
+        if n > 0:
+            runs[node] = n
+        else:
+            runs.pop(node, None)
+        before = self.running.get(node, 0)
+        after = max(0, before + n - old)
+        if after > 0:
+            self.running[node] = after
+        else:
+            self.running.pop(node, None)
+        cap = self.caps.get(node)
+        if cap is not None and before >= cap > after:
+            self.wakes.append((None, f"c:{node}"))
 
     def _add_slots(self, replica: str, backend: str, seqs: int, kv: int) -> None:
         """Move slots between a backend and a replica's holdings. A replica never returns more

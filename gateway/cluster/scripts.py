@@ -11,20 +11,26 @@ Keys (``P`` is the configured prefix, hash-tagged so that every key lives in one
 fields of :class:`~gateway.cluster.rule.SharedState` in brackets)::
 
     P:replicas         zset   replica -> lease expiry (ms, Redis clock)     [leases]
-    P:c:<model>        hash   tenant -> counter                             [ModelOrder.counters]
+    P:c:<model>        hash   node -> counter (tenants and groups)     [ModelOrder.counters]
+    P:up:<model>       hash   node -> its parent (~t<tier> at the top)      [ModelOrder.up]
     P:q:<model>        hash   tenant -> how many replicas it waits at  [len ModelOrder.sites]
-    P:d:<model>        hash   tenant -> its requests waiting, all replicas  [ModelOrder.demand]
-    P:bl:<model>       zset   tenant -> counter, tenants waiting somewhere  [ModelOrder.backlog]
-    P:last:<model>     string the tenant that most recently left the backlog [ModelOrder.last]
+    P:d:<model>        hash   node -> requests waiting in its subtree       [ModelOrder.demand]
+    P:bl:<model>\\x1f<parent>  zset  child -> counter, backlogged children [ModelOrder.backlog]
+    P:last:<model>     hash   parent -> the child that last left its backlog  [ModelOrder.last]
+    P:tiers:<model>    zset   ~t<tier> -> tier, the tiers with a backlog     [ModelOrder.tiers]
     P:be:<backend>     hash   s -> sequences in flight, k -> KV tokens      [slots]
     P:cap              hash   backend -> its sequence limit, as the last claim said [capacity]
     P:bm:<backend>     set    the models claims named it a candidate for    [models_of]
+    P:run              hash   capped node -> requests running, all replicas  [running]
+    P:caps             hash   capped node -> its cap, as the last claim said  [caps]
     P:w:<model>\\x1f<tenant>  set  replicas where the tenant waits    [ModelOrder.sites]
     P:hold:<replica>   hash   <backend>\\x1fs / <backend>\\x1fk -> held   [ReplicaState.holds]
     P:rq:<replica>     set    <model>\\x1f<tenant> waiting there           [ReplicaState.waits]
     P:rd:<replica>     hash   <model>\\x1f<tenant> -> requests waiting     [ReplicaState.queued]
+    P:rr:<replica>     hash   capped node -> requests running there         [ReplicaState.runs]
     P:wake             channel  "b:<backend>" (slots freed, nobody known to wake first),
-                                "m:<model>" (backlog shrank): every replica       [wakes]
+                                "m:<model>" (backlog shrank), "c:<node>" (a capped node
+                                fell below its cap): every replica                [wakes]
     P:wake:<replica>   channel  "b:<backend>": slots freed, and a tenant waiting at the
                                 replica comes first for them                      [wakes]
 
@@ -120,14 +126,16 @@ local function leave(model, node)
     node = parent
   end
 end
--- a Place at args[i] (tier, levels, (name, weight, credit) per level); and the index after it
+-- a Place at args[i] (tier, levels, (name, weight, credit, cap) per level); and the index after
 local function place_at(args, i)
-  local p = {tier = args[i], n = tonumber(args[i + 1]), name = {}, weight = {}, credit = {}}
+  local p = {tier = args[i], n = tonumber(args[i + 1]), name = {}, weight = {}, credit = {},
+             cap = {}}
   for j = 1, p.n do
-    local b = i + 3 * j - 1
+    local b = i + 4 * j - 2
     p.name[j], p.weight[j], p.credit[j] = args[b], tonumber(args[b + 1]), tonumber(args[b + 2])
+    p.cap[j] = tonumber(args[b + 3])
   end
-  return p, i + 2 + 3 * p.n
+  return p, i + 2 + 4 * p.n
 end
 -- Place.parent
 local function parent_of(p, j)
@@ -264,6 +272,21 @@ local function add_slots(replica, backend, seqs, kv)
   redis.call('HSET', hold, backend .. SEP .. 's', hs + seqs, backend .. SEP .. 'k', hk + kv)
   if seqs < 0 then wake_for(backend) end
 end
+-- SharedState._set_runs
+local function set_runs(replica, node, n)
+  local rr = P .. ':rr:' .. replica
+  local old = num(redis.call('HGET', rr, node)) or 0
+  if n == old then return end
+  if n > 0 then redis.call('HSET', rr, node, n) else redis.call('HDEL', rr, node) end
+  local before = num(redis.call('HGET', P .. ':run', node)) or 0
+  local after = math.max(0, before + n - old)
+  if after > 0 then redis.call('HSET', P .. ':run', node, after)
+  else redis.call('HDEL', P .. ':run', node) end
+  local cap = num(redis.call('HGET', P .. ':caps', node))
+  if cap and before >= cap and cap > after then
+    redis.call('PUBLISH', P .. ':wake', 'c:' .. node)
+  end
+end
 -- SharedState._drop
 local function drop(replica)
   local hold = redis.call('HGETALL', P .. ':hold:' .. replica)
@@ -279,6 +302,9 @@ local function drop(replica)
     local model, tenant = split(m)
     unmark(replica, model, tenant)
   end
+  local rr = redis.call('HKEYS', P .. ':rr:' .. replica)
+  table.sort(rr, bytes_before)
+  for _, node in ipairs(rr) do set_runs(replica, node, 0) end
   redis.call('DEL', P .. ':rq:' .. replica)
   redis.call('DEL', P .. ':rd:' .. replica)
   redis.call('ZREM', P .. ':replicas', replica)
@@ -306,18 +332,24 @@ local function flush(args, from, to)
 end
 """
 
-#: SharedState.sync. ARGV: P, replica, lease_ms, (model, tenant, base, sent) per flush.
-#: Returns {known, live replicas, counter per flush...}.
+#: SharedState.sync. ARGV: P, replica, lease_ms, r, (node, requests running) per capped node
+#: (r), then (model, node, base, sent) per flush. Returns {known, live replicas, counter per
+#: flush...}.
 SYNC = r"""
-local known = heartbeat(ARGV[2], tonumber(ARGV[3]))
+local replica = ARGV[2]
+local known = heartbeat(replica, tonumber(ARGV[3]))
+local r = tonumber(ARGV[4])
+if known then
+  for i = 5, 4 + 2 * r, 2 do set_runs(replica, ARGV[i], tonumber(ARGV[i + 1])) end
+end
 local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas')}
-for _, c in ipairs(flush(ARGV, 4, #ARGV)) do out[#out + 1] = c end
+for _, c in ipairs(flush(ARGV, 5 + 2 * r, #ARGV)) do out[#out + 1] = c end
 return out
 """
 
-#: SharedState.register. ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, then
-#: per tenant waiting: model, requests waiting, its place (tier, levels, (name, weight, credit)
-#: per level). Returns 1.
+#: SharedState.register. ARGV: P, replica, lease_ms, n_holdings, (backend, seqs, kv) * n, r,
+#: (node, requests running) per capped node (r), then per tenant waiting: model, requests
+#: waiting, its place (tier, levels, (name, weight, credit, cap) per level). Returns 1.
 REGISTER = r"""
 local replica = ARGV[2]
 local known, now = heartbeat(replica, tonumber(ARGV[3]))
@@ -331,6 +363,15 @@ for _ = 1, n do
   add_slots(replica, backend, seqs - hs, kv - hk)
   i = i + 3
 end
+local told = {}
+for j = i + 1, i + 2 * tonumber(ARGV[i]), 2 do told[ARGV[j]] = tonumber(ARGV[j + 1]) end
+local rr = redis.call('HKEYS', P .. ':rr:' .. replica)
+table.sort(rr, bytes_before)
+for _, node in ipairs(rr) do
+  if not told[node] then set_runs(replica, node, 0) end
+end
+for j = i + 1, i + 2 * tonumber(ARGV[i]), 2 do set_runs(replica, ARGV[j], told[ARGV[j]]) end
+i = i + 1 + 2 * tonumber(ARGV[i])
 local want, entries = {}, {}
 while i <= #ARGV do
   local p, nxt = place_at(ARGV, i + 2)
@@ -351,7 +392,7 @@ return 1
 """
 
 #: SharedState.mark. ARGV: P, replica, lease_ms, model, tenant, on (1/0), requests waiting,
-#: and with on its place (tier, levels, (name, weight, credit) per level). Returns the tenant's
+#: and with on its place (tier, levels, (name, weight, credit, cap) per level). Returns the tenant's
 #: counter, or nil when the replica is unknown.
 MARK = r"""
 local replica, model, tenant = ARGV[2], ARGV[4], ARGV[5]
@@ -365,8 +406,8 @@ return tostring(counter(model, tenant))
 """
 
 #: SharedState.claim (the order check, the room rule, holds, batches). ARGV: P, replica,
-#: lease_ms, model, waiting ('h': a hold), the place (tier, levels, (name, weight, credit) per
-#: level), f, (model, node, base, sent) per flush, n, (cost, tokens) per request, (backend,
+#: lease_ms, model, waiting ('h': a hold), the place (tier, levels, (name, weight, credit,
+#: cap) per level), f, (model, node, base, sent) per flush, n, (cost, tokens) per request, (backend,
 #: max_seqs, max_kv) per candidate. Returns {status, lower, k, room, levels, counter per level,
 #: backend per granted request (k), counter per flush...}, or {'unknown'}.
 CLAIM = r"""
@@ -412,9 +453,23 @@ for k = first, #ARGV, 3 do  -- what SharedState._wake_for needs
   redis.call('SADD', P .. ':bm:' .. ARGV[k], model)
   redis.call('HSET', P .. ':cap', ARGV[k], ARGV[k + 1])
 end
+local capped = {}
+for j = 1, p.n do
+  if p.cap[j] > 0 then
+    capped[#capped + 1] = j
+    redis.call('HSET', P .. ':caps', p.name[j], p.cap[j])
+  end
+end
+local function at_cap()
+  for _, j in ipairs(capped) do
+    if (num(redis.call('HGET', P .. ':run', p.name[j])) or 0) >= p.cap[j] then return true end
+  end
+  return false
+end
 for j = 1, n do
   local cost = tonumber(ARGV[base - 1 + 2 * j])
   local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
+  if at_cap() then out[1] = 'cap' break end
   local lower = ahead(model, p, cs)
   out[2] = lower
   if j > 1 and lower > 0 then out[1] = 'order' break end
@@ -426,6 +481,10 @@ for j = 1, n do
   end
   add_slots(replica, best, 1, tokens)
   granted[#granted + 1] = best
+  for _, k in ipairs(capped) do
+    local rr = P .. ':rr:' .. replica
+    set_runs(replica, p.name[k], (num(redis.call('HGET', rr, p.name[k])) or 0) + 1)
+  end
   for k = 1, p.n do
     cs[k] = cs[k] + cost / p.weight[k]
     set_counter(model, p.name[k], cs[k])
@@ -506,8 +565,13 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def sync_args(flushes: Iterable[Flush]) -> list[Any]:
-    return _flush_args(flushes)
+def _runs_args(runs: Iterable[tuple[str, int]]) -> list[Any]:
+    pairs = list(runs)
+    return [len(pairs), *(x for pair in pairs for x in pair)]
+
+
+def sync_args(flushes: Iterable[Flush], runs: Iterable[tuple[str, int]] = ()) -> list[Any]:
+    return [*_runs_args(runs), *_flush_args(flushes)]
 
 
 def sync_reply(raw: Sequence[Any]) -> SyncResult:
@@ -517,17 +581,20 @@ def sync_reply(raw: Sequence[Any]) -> SyncResult:
 def _place_args(place: Place) -> list[Any]:
     out: list[Any] = [str(int(place.tier)), len(place.path)]
     for node in place.path:
-        out += [node.name, repr(float(node.weight)), repr(float(node.credit))]
+        out += [node.name, repr(float(node.weight)), repr(float(node.credit)), node.cap]
     return out
 
 
 def register_args(
-    holdings: Iterable[tuple[str, int, int]], waiting: Iterable[tuple[str, Place, int]]
+    holdings: Iterable[tuple[str, int, int]],
+    waiting: Iterable[tuple[str, Place, int]],
+    runs: Iterable[tuple[str, int]] = (),
 ) -> list[Any]:
     held = list(holdings)
     out: list[Any] = [len(held)]
     for backend, seqs, kv in held:
         out += [backend, seqs, kv]
+    out += _runs_args(runs)
     for model, place, n in waiting:
         out += [model, n, *_place_args(place)]
     return out

@@ -75,6 +75,7 @@ class LocalView(Protocol):
     def busy(self, model: str, node: str) -> bool: ...
     def place(self, model: str, tenant: str, credit: bool = True) -> Place: ...
     def groups(self, model: str, tenant: str) -> tuple[str, ...]: ...
+    def runs(self) -> dict[str, int]: ...
     def wake(self, message: str) -> None: ...
     def tick(self) -> None: ...
 
@@ -128,6 +129,7 @@ class ClusterStore:
         #: slots this replica holds per backend: [sequences, KV tokens] (the truth it registers)
         self.held: dict[str, list[int]] = {}
         self._marked: set[Key] = set()  # tenants Redis believes wait here
+        self._reported: dict[str, int] = {}  # capped node -> running here, as last sent
         self._sent: dict[Key, float] = {}  # local counter value Redis already reflects
         self._active: set[Key] = set()  # keys whose counter may still change here
         self._dirty: set[Key] = set()  # keys whose waiting state may have changed
@@ -357,12 +359,16 @@ class ClusterStore:
         flushes = [flush(key) for key in entries]
         # the whole round trip is one script call (scripts.BATCH) running the operations in order
         calls: list[tuple[str, list[Any]]] = []
+        runs = local.runs() if register or sync else {}
         if register:
             holdings = [(backend, seqs, kv) for backend, (seqs, kv) in self.held.items()]
             waiting = [(m, local.place(m, t, False), local.waiting(m, t)) for m, t in self._marked]
-            calls.append(("register", register_args(holdings, waiting)))
-        if sync:
-            calls.append(("sync", sync_args(flushes)))
+            calls.append(("register", register_args(holdings, waiting, runs.items())))
+        if sync:  # running counts that changed since the last report (all after a register)
+            told = runs if register else self._reported
+            changed = [(n, c) for n, c in runs.items() if told.get(n) != c]
+            changed += [(n, 0) for n in told if n not in runs]
+            calls.append(("sync", sync_args(flushes, changed)))
         calls += [(op.script, op.args) for op in (*marks, *ops)]
         n = len(calls)
         start = time.perf_counter()
@@ -394,6 +400,8 @@ class ClusterStore:
         self.up = True
         self._warned = False
         self._slow = False
+        if register or sync:
+            self._reported = runs
         i = 0
         if register:
             self._register_due = False

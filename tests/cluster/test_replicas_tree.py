@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from backends.sim.config import SimConfig
@@ -82,7 +83,8 @@ class Replicas:
                 text = (await http.get(f"{url}/metrics")).text
                 assert f'vtc_cluster_shared{{replica="r{i}"}} 1.0' in text
                 assert f'vtc_cluster_fallbacks_total{{replica="r{i}"}} 0.0' in text
-                assert f'vtc_cluster_slots_held{{backend="sim",replica="r{i}"}} 0.0' in text
+                held = f'vtc_cluster_slots_held{{backend="sim",replica="r{i}"}} '
+                assert all(line == held + "0.0" for line in text.splitlines() if held in line)
 
 
 @contextlib.asynccontextmanager
@@ -250,3 +252,54 @@ async def test_a_minimum_share_gives_batch_its_part_across_replicas(
         await r.assert_clean()
     assert len(both) >= 10, (both, r.order)
     assert 0.3 <= both.count("c") / len(both) <= 0.7, (both, r.order)
+
+
+# -- caps --------------------------------------------------------------------------------------
+
+
+async def _hold(http: httpx.AsyncClient, url: str, tenant: str) -> int:
+    """A request that runs until cancelled (the simulated backend at speed 1)."""
+    return await _send(http, url, tenant, 3000)
+
+
+async def test_a_cap_counts_the_requests_of_every_replica(redis_server: RedisServer) -> None:
+    """org-a (max_in_flight 2) has team a1 on replica 0 and a2 on replica 1, each sending 3
+    long requests; b sends 4 through both. Over both replicas org-a never runs more than 2,
+    its other requests wait (its queued head leads the order, yet b gets every other slot),
+    and when the clients go away nothing is left running, booked or counted."""
+    tree = [
+        {"name": "org-a", "max_in_flight": 2, "tenants": tenants(("a1", 1), ("a2", 1))},
+        {"name": "org-b", "tenants": tenants(("b", 1))},
+    ]
+    sim = {"speed": 1.0, "max_num_seqs": SEQS}
+    async with replicas(redis_server, {"tenants": tree}, seqs=SEQS, sim=sim) as r:
+        most = 0
+
+        def seen(replica: int, job: Job) -> None:
+            nonlocal most
+            most = max(most, r.running("a1") + r.running("a2"))
+
+        r.observe = seen
+        async with httpx.AsyncClient(timeout=60, limits=UNLIMITED) as http:
+            async with asyncio.timeout(60):
+                tasks = [
+                    asyncio.create_task(_hold(http, r.url(i), team))
+                    for _ in range(3)
+                    for i, team in enumerate(("a1", "a2"))
+                ]
+                await wait_for(lambda: r.running("a1") + r.running("a2") == 2)
+                await wait_for(lambda: r.queued("a1", "a2") == 4)
+                tasks += [asyncio.create_task(_hold(http, r.url(i % 2), "b")) for i in range(4)]
+                await wait_for(lambda: r.running("b") == SEQS - 2)
+                assert r.running("a1") + r.running("a2") == 2 and r.queued("a1", "a2") == 4
+                assert r.queued("b") == 2  # b's others wait for a slot, not for org-a
+                for task in tasks:  # clients go away: queued and running requests end
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        await r.assert_clean()
+        assert most == 2
+        raw = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await raw.hgetall("{vtc}:run") == {}  # no running request left counted
+        finally:
+            await raw.aclose()

@@ -50,6 +50,7 @@ PLACES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
     "e": [(-1, ("g4",)), (0, ("g4",))],
 }
 WEIGHTS = {"g1": 2.0, "g2": 1.0, "g3": 0.5, "g4": 4.0, "a": 1.0, "b": 2.0, "c": 0.5, "d": 1.0}
+CAPS = {"a": 1, "g2": 2, "d": 3}  # max_in_flight (a reload may lift one)
 NODES = (*TENANTS, "g1", "g2", "g3", "g4")
 PARENTS = ("~t0", "~t-1", "g1", "g2", "g3", "g4")
 BACKENDS = ("b0", "b1", "b2")
@@ -130,10 +131,13 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
         pipe.hgetall(f"{P}:be:{b}")
         pipe.smembers(f"{P}:bm:{b}")
     pipe.hgetall(f"{P}:cap")
+    pipe.hgetall(f"{P}:run")
+    pipe.hgetall(f"{P}:caps")
     for rep in REPLICAS:
         pipe.hgetall(f"{P}:hold:{rep}")
         pipe.smembers(f"{P}:rq:{rep}")
         pipe.hgetall(f"{P}:rd:{rep}")
+        pipe.hgetall(f"{P}:rr:{rep}")
     pipe.keys("*")
     res = iter(pipe.execute())
     out: dict[str, Any] = {"replicas": sorted(s.decode() for s in next(res))}
@@ -165,9 +169,13 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
     out["slots"] = slots
     out["models_of"] = models_of
     out["capacity"] = {k.decode(): int(v) for k, v in next(res).items()}
-    holds, waits, queued = {}, {}, {}
+    out["running"] = {k.decode(): int(v) for k, v in next(res).items()}
+    out["caps"] = {k.decode(): int(v) for k, v in next(res).items()}
+    holds, waits, queued, runs = {}, {}, {}, {}
     for rep in REPLICAS:
-        hold, rq, rd = next(res), next(res), next(res)
+        hold, rq, rd, rr = next(res), next(res), next(res), next(res)
+        if rr:
+            runs[rep] = {k.decode(): int(v) for k, v in rr.items()}
         held: dict[str, list[int]] = {}
         for f, v in hold.items():
             backend, kind = f.decode().split(SEP)
@@ -178,7 +186,7 @@ def redis_state(r: redis.Redis) -> dict[str, Any]:
             waits[rep] = sorted(tuple(m.decode().split(SEP)) for m in rq)
         if rd:
             queued[rep] = {tuple(f.decode().split(SEP)): int(v) for f, v in rd.items()}
-    out.update(holds=holds, waits=waits, queued=queued)
+    out.update(holds=holds, waits=waits, queued=queued, runs=runs)
     out["keys"] = sorted(k.decode() for k in next(res))
     return out
 
@@ -203,10 +211,13 @@ def rule_state(s: SharedState) -> dict[str, Any]:
     out["slots"] = {b: tuple(v) for b, v in s.slots.items()}
     out["models_of"] = {b: sorted(ms) for b, ms in s.models_of.items() if ms}
     out["capacity"] = dict(s.capacity)
+    out["running"] = dict(s.running)
+    out["caps"] = dict(s.caps)
     out["holds"] = {r: {b: tuple(v) for b, v in st.holds.items()} for r, st in s.replicas.items()}
     out["waits"] = {r: sorted(st.waits) for r, st in s.replicas.items()}
     out["queued"] = {r: dict(st.queued) for r, st in s.replicas.items()}
-    for name in ("holds", "waits", "queued"):
+    out["runs"] = {r: dict(st.runs) for r, st in s.replicas.items()}
+    for name in ("holds", "waits", "queued", "runs"):
         out[name] = {r: v for r, v in out[name].items() if v}
     keys = [f"{P}:replicas"] if out["replicas"] else []
     names = {"counters": "c", "up": "up", "sites": "q", "demand": "d", "last": "last"}
@@ -218,7 +229,9 @@ def rule_state(s: SharedState) -> dict[str, Any]:
     keys += [f"{P}:be:{b}" for b in out["slots"]]
     keys += [f"{P}:bm:{b}" for b in out["models_of"]]
     keys += [f"{P}:cap"] if out["capacity"] else []
-    for name, prefix in (("holds", "hold"), ("waits", "rq"), ("queued", "rd")):
+    keys += [f"{P}:run"] if out["running"] else []
+    keys += [f"{P}:caps"] if out["caps"] else []
+    for name, prefix in (("holds", "hold"), ("waits", "rq"), ("queued", "rd"), ("runs", "rr")):
         keys += [f"{P}:{prefix}:{r}" for r in out[name]]
     out["keys"] = sorted(keys)
     return out
@@ -272,8 +285,15 @@ def operations(seed: int) -> Iterator[Op]:
 
     def place(t: str) -> Place:
         tier, groups = PLACES[t][0] if rng.random() < 0.85 else rng.choice(PLACES[t])
-        path = tuple(Node(n, WEIGHTS.get(n, 1.0), credit()) for n in (*groups, t))
+        lifted = rng.random() < 0.1
+        path = tuple(
+            Node(n, WEIGHTS.get(n, 1.0), credit(), 0 if lifted else CAPS.get(n, 0))
+            for n in (*groups, t)
+        )
         return Place(path, tier)
+
+    def runs() -> list[tuple[str, int]]:
+        return [(n, rng.randint(0, 3)) for n in rng.sample(sorted(CAPS), rng.randint(0, 2))]
 
     def register(r: str) -> Op:
         holdings = [
@@ -282,7 +302,7 @@ def operations(seed: int) -> Iterator[Op]:
         ]
         keys = rng.sample([(m, t) for m in MODELS for t in TENANTS], rng.randint(0, 3))
         waiting = [(m, place(t), rng.randint(1, 4)) for m, t in keys]
-        return "register", (r, LIVE, holdings, waiting)
+        return "register", (r, LIVE, holdings, waiting, runs())
 
     known = set(REPLICAS)
     for r in REPLICAS:
@@ -308,7 +328,7 @@ def operations(seed: int) -> Iterator[Op]:
         elif x < 0.64:
             yield "mark", (r, LIVE, m, t, None, 0)
         elif x < 0.72:
-            yield "sync", (r, LIVE, list(flushes()))
+            yield "sync", (r, LIVE, list(flushes()), runs())
         elif x < 0.94:  # releases (sometimes more than held) and bookings
             seqs = rng.choice((-3, -2, -1, -1, 1))
             kv = seqs * rng.randint(0, 100)
@@ -492,6 +512,9 @@ def test_the_scripts_cover_every_outcome() -> None:
         "a group backlogged",
         "a group behind a group",
         "moved by a reload",
+        "claim cap 0",
+        "claim cap 1",
+        "wake every replica c",
     ):
         assert outcome in seen, (outcome, sorted(seen))
 

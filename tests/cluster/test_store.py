@@ -50,6 +50,9 @@ class FakeLocal:
     def groups(self, model: str, tenant: str) -> tuple[str, ...]:
         return ()
 
+    def runs(self) -> dict[str, int]:
+        return {}
+
     def wake(self, message: str) -> None:
         self.wakes.append(message)
 

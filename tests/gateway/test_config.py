@@ -221,20 +221,14 @@ def test_backend_url_loses_its_trailing_slash() -> None:
     assert parse_config(raw).backends[0].url == "http://127.0.0.1:8000"
 
 
-def test_caps_are_per_process_and_refused_with_a_cluster_section_tiers_are_shared() -> None:
+def test_caps_and_tiers_are_shared_by_a_cluster_section() -> None:
     tenant = {**MINIMAL["tenants"][0], "max_in_flight": 2, "tier": "batch"}
     parsed = parse_config({**MINIMAL, "tenants": [tenant]}).tenants[0]
     assert (parsed.max_in_flight, parsed.tier, parsed.priority) == (2, "batch", TIERS["batch"])
     assert parse_config(MINIMAL).tenants[0].priority == TIERS["interactive"] > TIERS["batch"]
-    with pytest.raises(ConfigError) as info:
-        parse_config({**MINIMAL, "tenants": [tenant], "cluster": {"url": "redis://h:1/0"}})
-    assert info.value.problems == [
-        "tenants[0].max_in_flight: is not shared across replicas yet: not allowed with a "
-        "cluster section, got 2",
-    ]
-    del tenant["max_in_flight"]
     raw = {**MINIMAL, "tenants": [tenant], "cluster": {"url": "redis://h:1/0"}}
-    assert parse_config(raw).tenants[0].priority == TIERS["batch"]
+    shared = parse_config(raw).tenants[0]
+    assert (shared.max_in_flight, shared.priority) == (2, TIERS["batch"])
 
 
 def test_tier_names_match_the_schedulers_tiers() -> None:

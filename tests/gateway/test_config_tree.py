@@ -84,12 +84,9 @@ def test_a_tree_needs_a_counting_policy_and_is_shared_by_a_cluster() -> None:
     tree = [{"name": "org", "tenants": [{"name": "t", "api_keys": ["k"]}]}]
     parsed = parse_config(config(tree, cluster={"url": "redis://127.0.0.1:6379/0"}))
     assert parsed.hierarchical
-    tree[0]["tenants"][0]["max_in_flight"] = 2
-    got = problems(config(tree, cluster={"url": "redis://127.0.0.1:6379/0"}))
-    assert got == [
-        "tenants[0].tenants[0].max_in_flight: is not shared across replicas yet: not allowed "
-        "with a cluster section, got 2"
-    ]
+    tree[0]["max_in_flight"] = 2
+    parsed = parse_config(config(tree, cluster={"url": "redis://127.0.0.1:6379/0"}))
+    assert parsed.tenants[0].max_in_flight == 2
 
 
 def test_anonymous_tenant_must_be_a_leaf() -> None:
