@@ -30,7 +30,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable
 
-from ..admission import AdmissionController, BackendSlots, Reservation
+from ..admission import AdmissionController, BackendSlots, Reservation, planned_output
 from ..core import DispatchCore, Grant, Hold
 from ..dispatcher import Dispatcher
 from ..scheduler import TIERS, Job, Scheduler
@@ -59,14 +59,27 @@ class ClusterAdmission(AdmissionController):
         super().__init__(backends)
         self._booked: dict[int, tuple[str, int]] = {}  # id(reservation) -> (backend, tokens)
 
+    @staticmethod
+    def booking(backend: BackendSlots, tokens: int, prompt: int, expect: int | None) -> int:
+        """KV tokens the shared ledger books for a request of ``tokens`` (``prompt`` + its
+        reserved output) on ``backend``: under ``predict`` admission its prompt, the output
+        planned for it (``expect``) and a block of rounding, as the local check plans (each
+        sync then replaces a replica's bookings by its ledger's current plan for what it
+        runs: :meth:`gateway.cluster.rule.SharedState.sync`); otherwise the whole
+        reservation."""
+        if backend.kv_admission == "predict":
+            return prompt + planned_output(tokens, prompt, expect) + backend.block_size
+        return tokens
+
     def reserve(
         self, backend: BackendSlots, tokens: int, prompt: int = 0, expect: int | None = None
     ) -> Reservation:
         reservation = super().reserve(backend, tokens, prompt, expect)
         if self.store is not None:
+            size = self.booking(backend, tokens, prompt, expect)
             if not self.claimed:
-                self.store.book(backend.name, tokens)
-            self._booked[id(reservation)] = (backend.name, tokens)
+                self.store.book(backend.name, size)
+            self._booked[id(reservation)] = (backend.name, size)
         return reservation
 
     def release(self, reservation: Reservation) -> None:
@@ -148,6 +161,16 @@ class ClusterCore(DispatchCore):
                     if node in out:
                         out[node] += 1
         return out
+
+    def kv(self) -> dict[str, int]:
+        """Per backend, the KV tokens this replica's admission ledger plans for what it runs
+        there (what the shared ledger counts for it after each sync)."""
+        return {b.name: b.reserved_tokens for b in self.admission.backends()}
+
+    def _size(self, job: Job, backend: BackendSlots) -> int:
+        """What a claim books for ``job`` (or a hold of its size) on ``backend``."""
+        tokens = job.prompt_tokens + job.max_tokens
+        return ClusterAdmission.booking(backend, tokens, job.prompt_tokens, self.expect(job))
 
     def groups(self, model: str, tenant: str) -> tuple[str, ...]:
         return tuple(n.name for n in self.place(model, tenant, credit=False).path[:-1])
@@ -320,15 +343,13 @@ class ClusterCore(DispatchCore):
                 if not store.up:
                     super().pump(model)
                     return
-                candidates = [
-                    Candidate(b.name, b.cap, b.max_kv_tokens)
-                    for b in self.admission.serving(model)
-                    if b.healthy
-                ]
-                if not candidates:
+                serving = [b for b in self.admission.serving(model) if b.healthy]
+                if not serving:
                     return
+                candidates = [Candidate(b.name, b.cap, b.kv_budget) for b in serving]
                 if holds:
-                    res = await self._claim_holds(model, store, holds, candidates)
+                    sizes = [self._size(h.job, serving[0]) for h in holds]
+                    res = await self._claim_holds(model, store, holds, sizes, candidates)
                     if res is None or model in self._again:
                         continue
                     if res.status == "full":
@@ -339,13 +360,18 @@ class ClusterCore(DispatchCore):
                     continue
                 assert job is not None
                 jobs = self._heads(sched, job)
-                # what each grant charges, as pop will (a busy tenant's expected output too)
-                requests = [(sched.dispatch_cost(j), j.prompt_tokens + j.max_tokens) for j in jobs]
+                # what each grant charges, as pop will (a busy tenant's expected output too),
+                # and books
+                booked = tuple(self._size(j, serving[0]) for j in jobs)
+                requests = [(sched.dispatch_cost(j), n) for j, n in zip(jobs, booked, strict=True)]
 
                 def on_result(
-                    res: ClaimResult, sched: Scheduler = sched, jobs: list[Job] = jobs
+                    res: ClaimResult,
+                    sched: Scheduler = sched,
+                    jobs: list[Job] = jobs,
+                    sizes: tuple[int, ...] = booked,
                 ) -> None:
-                    self._claimed(sched, jobs, res)
+                    self._claimed(sched, jobs, sizes, res)
 
                 try:
                     res = await store.claim(
@@ -404,11 +430,15 @@ class ClusterCore(DispatchCore):
         return out
 
     async def _claim_holds(
-        self, model: str, store: ClusterStore, holds: list[Hold], candidates: list[Candidate]
+        self,
+        model: str,
+        store: ClusterStore,
+        holds: list[Hold],
+        sizes: list[int],
+        candidates: list[Candidate],
     ) -> ClaimResult | None:
-        """Book slots for ``holds`` (one tenant's) in the shared ledger, checked against the
-        global order; None if Redis went down meanwhile."""
-        sizes = [h.job.prompt_tokens + h.job.max_tokens for h in holds]
+        """Book slots of ``sizes`` for ``holds`` (one tenant's) in the shared ledger, checked
+        against the global order; None if Redis went down meanwhile."""
 
         def on_result(res: ClaimResult) -> None:
             for hold, tokens, name in zip(holds, sizes, res.backends, strict=False):
@@ -463,7 +493,9 @@ class ClusterCore(DispatchCore):
             out.append(j)
         return out or [head]
 
-    def _claimed(self, sched: Scheduler, jobs: list[Job], res: ClaimResult) -> None:
+    def _claimed(
+        self, sched: Scheduler, jobs: list[Job], sizes: tuple[int, ...], res: ClaimResult
+    ) -> None:
         """A claim's reply, processed inside the store's writer: dispatch each granted job
         that is still the head of the fair order here, return the other slots."""
         store = self.store
@@ -473,12 +505,12 @@ class ClusterCore(DispatchCore):
         admission = self.admission
         assert isinstance(admission, ClusterAdmission)
         backends = {b.name: b for b in admission.backends()}
-        for job, name in zip(jobs, res.backends, strict=False):
+        for job, size, name in zip(jobs, sizes, res.backends, strict=False):
             backend = backends.get(name)
             live = self._is_live is None or self._is_live(job)
             if backend is None or not live or sched.peek(now) is not job:
                 # the job left meanwhile, or another tenant comes first here: give it back
-                store.release(name, job.prompt_tokens + job.max_tokens)
+                store.release(name, size)
                 continue
             admission.claimed = True
             try:

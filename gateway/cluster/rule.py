@@ -371,20 +371,29 @@ class SharedState:
         lease_ms: float,
         flushes: Sequence[Flush],
         runs: Sequence[tuple[str, int]] = (),
+        kv: Sequence[tuple[str, int]] = (),
     ) -> SyncResult:
-        """Heartbeat, merge of a replica's charges and its running requests per capped node
-        (``SYNC``, every sync interval).
+        """Heartbeat, merge of a replica's charges, its running requests per capped node and
+        its KV demand per backend (``SYNC``, every sync interval).
 
         Charges are *added*, never set: replicas charge the same tenant concurrently, and each
         sends only what it charged since its last flush. Running counts are *set*
-        (:meth:`_set_runs`): what runs at the replica now, whatever was lost. A replica whose
-        lease ran out still gets its charges counted (not its running counts); ``known`` False
-        tells it to register again."""
+        (:meth:`_set_runs`): what runs at the replica now, whatever was lost. So is the KV
+        demand of its requests on each backend ``(backend, tokens)``: what its own admission
+        ledger plans for them now (under ``predict``, each one's current use and predicted rest;
+        a claim books a request's prompt and predicted output, and the next sync replaces the
+        sum by this), so the backend's KV count follows the requests as they grow and end. A
+        replica whose lease ran out still gets its charges counted (not its running counts or
+        KV); ``known`` False tells it to register again."""
         known, _ = self._heartbeat(replica, lease_ms)
         live = len(self.leases)
         if known:
             for node, n in runs:
                 self._set_runs(replica, node, n)
+            state = self.replica(replica)
+            for backend, tokens in kv:
+                held = state.holds.get(backend, [0, 0])[1]
+                self._add_slots(replica, backend, 0, tokens - held)
         return SyncResult(known, live, self._flush(flushes))
 
     def register(

@@ -333,17 +333,23 @@ end
 """
 
 #: SharedState.sync. ARGV: P, replica, lease_ms, r, (node, requests running) per capped node
-#: (r), then (model, node, base, sent) per flush. Returns {known, live replicas, counter per
-#: flush...}.
+#: (r), k, (backend, KV tokens) per backend (k), then (model, node, base, sent) per flush.
+#: Returns {known, live replicas, counter per flush...}.
 SYNC = r"""
 local replica = ARGV[2]
 local known = heartbeat(replica, tonumber(ARGV[3]))
 local r = tonumber(ARGV[4])
+local k = tonumber(ARGV[5 + 2 * r])
 if known then
   for i = 5, 4 + 2 * r, 2 do set_runs(replica, ARGV[i], tonumber(ARGV[i + 1])) end
+  local hold = P .. ':hold:' .. replica
+  for i = 6 + 2 * r, 5 + 2 * r + 2 * k, 2 do
+    local held = num(redis.call('HGET', hold, ARGV[i] .. SEP .. 'k')) or 0
+    add_slots(replica, ARGV[i], 0, tonumber(ARGV[i + 1]) - held)
+  end
 end
 local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas')}
-for _, c in ipairs(flush(ARGV, 5 + 2 * r, #ARGV)) do out[#out + 1] = c end
+for _, c in ipairs(flush(ARGV, 6 + 2 * r + 2 * k, #ARGV)) do out[#out + 1] = c end
 return out
 """
 
@@ -570,8 +576,12 @@ def _runs_args(runs: Iterable[tuple[str, int]]) -> list[Any]:
     return [len(pairs), *(x for pair in pairs for x in pair)]
 
 
-def sync_args(flushes: Iterable[Flush], runs: Iterable[tuple[str, int]] = ()) -> list[Any]:
-    return [*_runs_args(runs), *_flush_args(flushes)]
+def sync_args(
+    flushes: Iterable[Flush],
+    runs: Iterable[tuple[str, int]] = (),
+    kv: Iterable[tuple[str, int]] = (),
+) -> list[Any]:
+    return [*_runs_args(runs), *_runs_args(kv), *_flush_args(flushes)]
 
 
 def sync_reply(raw: Sequence[Any]) -> SyncResult:

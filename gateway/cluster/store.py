@@ -76,6 +76,7 @@ class LocalView(Protocol):
     def place(self, model: str, tenant: str, credit: bool = True) -> Place: ...
     def groups(self, model: str, tenant: str) -> tuple[str, ...]: ...
     def runs(self) -> dict[str, int]: ...
+    def kv(self) -> dict[str, int]: ...
     def wake(self, message: str) -> None: ...
     def tick(self) -> None: ...
 
@@ -130,6 +131,7 @@ class ClusterStore:
         self.held: dict[str, list[int]] = {}
         self._marked: set[Key] = set()  # tenants Redis believes wait here
         self._reported: dict[str, int] = {}  # capped node -> running here, as last sent
+        self._reported_kv: dict[str, int] = {}  # backend -> KV demand here, as last sent
         self._sent: dict[Key, float] = {}  # local counter value Redis already reflects
         self._active: set[Key] = set()  # keys whose counter may still change here
         self._dirty: set[Key] = set()  # keys whose waiting state may have changed
@@ -360,15 +362,25 @@ class ClusterStore:
         # the whole round trip is one script call (scripts.BATCH) running the operations in order
         calls: list[tuple[str, list[Any]]] = []
         runs = local.runs() if register or sync else {}
+        kv = local.kv() if register or sync else {}
         if register:
-            holdings = [(backend, seqs, kv) for backend, (seqs, kv) in self.held.items()]
+            holdings = []  # the KV tokens its ledger plans for, else what it booked
+            for backend in {**self.held, **kv}:
+                seqs, tokens = self.held.get(backend, (0, 0))
+                holdings.append((backend, seqs, kv.get(backend, tokens)))
             waiting = [(m, local.place(m, t, False), local.waiting(m, t)) for m, t in self._marked]
             calls.append(("register", register_args(holdings, waiting, runs.items())))
-        if sync:  # running counts that changed since the last report (all after a register)
-            told = runs if register else self._reported
-            changed = [(n, c) for n, c in runs.items() if told.get(n) != c]
-            changed += [(n, 0) for n in told if n not in runs]
-            calls.append(("sync", sync_args(flushes, changed)))
+        if sync:  # running counts and KV demand that changed since the last report
+            calls.append(
+                (
+                    "sync",
+                    sync_args(
+                        flushes,
+                        _changed(runs, runs if register else self._reported),
+                        _changed(kv, kv if register else self._reported_kv),
+                    ),
+                )
+            )
         calls += [(op.script, op.args) for op in (*marks, *ops)]
         n = len(calls)
         start = time.perf_counter()
@@ -401,7 +413,9 @@ class ClusterStore:
         self._warned = False
         self._slow = False
         if register or sync:
-            self._reported = runs
+            self._reported, self._reported_kv = runs, kv
+            for backend, tokens in kv.items():  # what the ledger counts now, before the claims
+                self.held.setdefault(backend, [0, 0])[1] = tokens
         i = 0
         if register:
             self._register_due = False
@@ -492,6 +506,12 @@ class ClusterStore:
             except (RedisError, OSError):
                 if not self._closed:
                     await asyncio.sleep(max(self.sync_interval_s, 0.5))
+
+
+def _changed(now: dict[str, int], told: dict[str, int]) -> list[tuple[str, int]]:
+    """The counts of ``now`` that differ from ``told`` (those gone from it: 0)."""
+    out = [(k, n) for k, n in now.items() if told.get(k) != n]
+    return out + [(k, 0) for k in told if k not in now]
 
 
 def make_store(

@@ -95,17 +95,21 @@ async def replicas(
     seqs: int,
     sim: dict[str, Any] | None = None,
     n: int = 2,
+    backend: dict[str, Any] | None = None,
 ) -> AsyncIterator[Replicas]:
     """``n`` gateways configured with ``gateway`` (tenants, scheduler section...) in front of
     one simulated backend of ``seqs`` batch slots (``sim``: more SimConfig fields), sharing one
-    fair order through ``redis`` (None: each alone, no ``cluster`` section)."""
+    fair order through ``redis`` (None: each alone, no ``cluster`` section); ``backend``: more
+    fields of the backend's config entry."""
     async with contextlib.AsyncExitStack() as stack:
         sim_kw = {"speed": 4.0, **(sim or {})}
-        backend = await stack.enter_async_context(SimServer(SimConfig(port=0, **sim_kw)))
+        sim_url = (await stack.enter_async_context(SimServer(SimConfig(port=0, **sim_kw)))).url
         r = Replicas([], [], shared=redis is not None)
         for i in range(n):
             raw: dict[str, Any] = {
-                "backends": [{"name": "sim", "url": backend.url, "max_num_seqs": seqs}],
+                "backends": [
+                    {"name": "sim", "url": sim_url, "max_num_seqs": seqs, **(backend or {})}
+                ],
                 "limits": {"health_interval_s": 60},
                 **gateway,
             }

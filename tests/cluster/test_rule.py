@@ -328,7 +328,8 @@ def operations(seed: int) -> Iterator[Op]:
         elif x < 0.64:
             yield "mark", (r, LIVE, m, t, None, 0)
         elif x < 0.72:
-            yield "sync", (r, LIVE, list(flushes()), runs())
+            kv = [(b, rng.randint(0, 200)) for b in rng.sample(BACKENDS, rng.randint(0, 2))]
+            yield "sync", (r, LIVE, list(flushes()), runs(), kv)
         elif x < 0.94:  # releases (sometimes more than held) and bookings
             seqs = rng.choice((-3, -2, -1, -1, 1))
             kv = seqs * rng.randint(0, 100)

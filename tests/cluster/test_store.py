@@ -53,6 +53,9 @@ class FakeLocal:
     def runs(self) -> dict[str, int]:
         return {}
 
+    def kv(self) -> dict[str, int]:
+        return {}
+
     def wake(self, message: str) -> None:
         self.wakes.append(message)
 
