@@ -169,17 +169,6 @@ class ReplicaCore(ClusterCore):
         self._touch(*key)
         super().submit(job)
 
-    def commit(
-        self,
-        sched: Scheduler,
-        job: Job,
-        backend: BackendSlots,
-        now: float,
-        expect: int | None = None,
-    ) -> None:
-        super().commit(sched, job, backend, now, expect)
-        self._touch(job.model, job.tenant)
-
     def _touch(self, model: str, tenant: str) -> None:
         """As ``ClusterStore.touch``: the tenant's (and its groups') charges from now on are
         this replica's to flush; its waiting state may have changed."""
@@ -339,6 +328,7 @@ class ReplicaCore(ClusterCore):
                 self.commit(sched, job, admission.get(name), now)
             finally:
                 admission.claimed = False
+            self._touch(job.model, job.tenant)
 
     def _held(self, hold: Hold, tokens: int, name: str) -> None:
         """A hold claim's slot on ``name``: held for the expected request."""

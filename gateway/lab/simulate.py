@@ -36,6 +36,13 @@ Events, in virtual time:
 
 The run continues until every request has finished (the paper's benchmark waits for all
 responses), so throughput is measured over the whole run.
+
+Replicas (``SimConfig.replicas``): each gateway replica is its own core in front of the one
+engine, a request reaching one of them by ``SimConfig.ingress``. With ``vtc-local`` each
+schedules on its own, booking the whole backend; with a policy a cluster shares, each is a
+:class:`gateway.lab.replicas.ReplicaCore` claiming its slots from one shared fair order, the
+cluster's own rule (:class:`gateway.cluster.rule.SharedState`, in memory), as live replicas do
+through Redis: see :mod:`gateway.lab.replicas`.
 """
 
 from __future__ import annotations
