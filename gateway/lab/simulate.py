@@ -163,7 +163,8 @@ class SimResult:
     end_time: float = 0.0
     wall_seconds: float = 0.0
     max_engine_waiting: int = 0  # requests admitted by the gateway but queued inside the engine
-    #: tenant -> (lifts, counter units the lifts added), from the scheduler
+    #: tenant -> (lifts, counter units the lifts added), from the scheduler (none for replicas
+    #: sharing an order: the shared order lifts, not their schedulers)
     lifts: dict[str, tuple[int, float]] = field(default_factory=dict)
     #: tenant -> batch-slot seconds held (time-integral of the tenant's running requests)
     slot_seconds: dict[str, float] = field(default_factory=dict)
