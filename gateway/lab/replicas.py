@@ -80,8 +80,8 @@ class SharedOrder:
                         core.wake(message)
 
     def tick(self, now: float) -> None:
-        """A sync interval passed: every replica flushes its charges and reads the shared
-        counters back, then retries its refused queues."""
+        """Once a sync interval has passed (at an engine step's end): every replica flushes its
+        charges and reads the shared counters back, then retries its refused queues."""
         if now - self._synced_at < self.sync_s:
             return
         self._synced_at = now
