@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gateway.admission import KV_ADMISSION_MODES
-from gateway.scheduler import POLICIES, Prices
+from gateway.scheduler import CLUSTER_POLICIES, POLICIES, Prices
 
 from .simulate import DIRECT, ENGINE_KV_ADMISSION, LOCAL
 from .workloads import (
@@ -122,8 +122,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--replicas",
         type=int,
         default=1,
-        help="gateway replicas in front of the backend: policies share one fair order synced "
-        "every --sync-ms; the 'vtc-local' policy runs each replica on its own (default 1)",
+        help="gateway replicas in front of the backend: each claims its slots from one shared "
+        f"fair order, the cluster's own rule ({', '.join(CLUSTER_POLICIES)}); the 'vtc-local' "
+        "policy runs each replica on its own (default 1)",
     )
     sim.add_argument(
         "--ingress",
@@ -135,7 +136,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--sync-ms",
         type=float,
         default=10.0,
-        help="how often a replica's output charges reach the shared order (default 10)",
+        help="how often a replica syncs its output charges with the shared order (its claims "
+        "carry them too; the cluster's sync_interval_s; default 10, 0 = as they are made)",
     )
     sim.add_argument(
         "--quota-tpm",
@@ -223,7 +225,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from .simulate import SimConfig, simulate
 
     policies = [p.strip() for p in str(args.policy).split(",") if p.strip()]
-    known = (*POLICIES, LOCAL) if args.replicas > 1 else (*POLICIES, DIRECT)
+    known = (*CLUSTER_POLICIES, LOCAL) if args.replicas > 1 else (*POLICIES, DIRECT)
     bad = [p for p in policies if p not in known]
     if bad or not policies:
         print(f"unknown policy {', '.join(bad)}; expected {', '.join(known)}", file=sys.stderr)

@@ -36,6 +36,13 @@ Events, in virtual time:
 
 The run continues until every request has finished (the paper's benchmark waits for all
 responses), so throughput is measured over the whole run.
+
+Replicas (``SimConfig.replicas``): each gateway replica is its own core in front of the one
+engine, a request reaching one of them by ``SimConfig.ingress``. With ``vtc-local`` each
+schedules on its own, booking the whole backend; with a policy a cluster shares, each is a
+:class:`gateway.lab.replicas.ReplicaCore` claiming its slots from one shared fair order, the
+cluster's own rule (:class:`gateway.cluster.rule.SharedState`, in memory), as live replicas do
+through Redis: see :mod:`gateway.lab.replicas`.
 """
 
 from __future__ import annotations
@@ -52,9 +59,10 @@ from backends.sim.engine import EngineConfig, EngineCore
 from common.context import ContextError, output_cap
 from gateway.admission import AdmissionController, BackendSlots, KvAdmission, adapt_kv_scale
 from gateway.core import CoreOptions, DispatchCore, Grant, reserved_output
-from gateway.scheduler import Job, Prices, QueueRejected
+from gateway.scheduler import CLUSTER_POLICIES, Job, Prices, QueueRejected
 
 from .metrics import RequestRecord
+from .replicas import ReplicaCore, SharedOrder, SharedStats
 from .workloads import ClosedDraw, Workload
 
 MODEL = "sim-model"
@@ -93,8 +101,10 @@ class SimConfig:
     #: gateway's default ``scheduler.hold_ms``)
     hold_s: float = 0.05
     #: gateway replicas in front of the backend (see :func:`simulate`): with ``vtc`` and the
-    #: other policies they share one fair order whose output charges reach it only every
-    #: ``sync_s`` (``cluster.sync_interval_s``); ``vtc-local`` runs each replica on its own
+    #: other policies a cluster can share (``CLUSTER_POLICIES``) each replica claims its slots
+    #: from one shared fair order, the cluster's own rule (:mod:`gateway.lab.replicas`), its
+    #: output charges flushed with its claims and every ``sync_s``
+    #: (``cluster.sync_interval_s``); ``vtc-local`` runs each replica on its own
     replicas: int = 1
     #: which replica a request reaches: ``uniform`` (round robin), ``skewed`` (each tenant
     #: always the same replica, tenants dealt out in order) or ``TENANT=R,...``
@@ -153,10 +163,13 @@ class SimResult:
     end_time: float = 0.0
     wall_seconds: float = 0.0
     max_engine_waiting: int = 0  # requests admitted by the gateway but queued inside the engine
-    #: tenant -> (lifts, counter units the lifts added), from the scheduler
+    #: tenant -> (lifts, counter units the lifts added), from the scheduler (none for replicas
+    #: sharing an order: the shared order lifts, not their schedulers)
     lifts: dict[str, tuple[int, float]] = field(default_factory=dict)
     #: tenant -> batch-slot seconds held (time-integral of the tenant's running requests)
     slot_seconds: dict[str, float] = field(default_factory=dict)
+    #: replicas sharing one fair order: what they asked of it (None: no shared order)
+    shared: SharedStats | None = None
 
 
 #: The per-replica baseline of ``lab simulate --replicas``: every replica schedules on its own.
@@ -175,13 +188,21 @@ class _Run:
         self.local = policy == LOCAL
         if self.local and self.replicas < 2:
             raise ValueError(f"{LOCAL} needs replicas >= 2")
-        self.sync_s = config.sync_s if self.replicas > 1 and not self.local else 0.0
         direct = policy == DIRECT
         if direct and self.replicas > 1:
             raise ValueError(f"{DIRECT} is the engine alone: no replicas")
+        #: the replicas' shared fair order (None: one process, or vtc-local)
+        self.shared: SharedOrder | None = None
+        if self.replicas > 1 and not self.local:
+            if policy not in CLUSTER_POLICIES:
+                raise ValueError(
+                    f"{policy} cannot share its order across replicas (the cluster's policies: "
+                    f"{', '.join(CLUSTER_POLICIES)}; or {LOCAL})"
+                )
+            self.shared = SharedOrder(config.sync_s)
         self.cores: list[DispatchCore] = []
         options = config.core_options(policy)
-        for _ in range(self.replicas if self.local else 1):
+        for r in range(self.replicas):
             # vtc-local: each replica books the whole backend, unaware of the others
             backend = BackendSlots(
                 "sim",
@@ -190,18 +211,21 @@ class _Run:
                 _UNLIMITED if direct else cfg.kv_cache_tokens,
                 kv_admission="reserve" if direct else config.gateway_admission(),
             )
-            core = DispatchCore(
-                AdmissionController([backend]), self._granted, options, clock=lambda: self.now
-            )
+            core: DispatchCore
+            if self.shared is not None:  # replicas claim through the shared order
+                core = ReplicaCore(
+                    f"r{r}", self.shared, [backend], self._granted, options, lambda: self.now
+                )
+            else:
+                core = DispatchCore(
+                    AdmissionController([backend]), self._granted, options, clock=lambda: self.now
+                )
             configure_tenants(core, workload)
             self.cores.append(core)
         self.core = self.cores[0]
         self.admission = self.core.admission
         self._route = _ingress(config.ingress, list(workload.tenants), self.replicas)
         self.replica_of: dict[int, int] = {}  # request index -> replica
-        #: shared order: output charges per replica not yet synced (job index -> tokens)
-        self._unsynced: list[dict[int, int]] = [{} for _ in range(self.replicas)]
-        self._synced_at = 0.0
         self.workload = workload
         self.records = workload.new_records()
         #: request index -> (job, grant) while it runs
@@ -269,13 +293,14 @@ class _Run:
         self._limits[index] = limit
         replica = self._route(rec.tenant, index)
         self.replica_of[index] = replica
-        core = self.cores[replica] if self.local else self.core
+        core = self.cores[replica]
         try:
             core.submit(job)
         except QueueRejected as exc:
             self._end(index, "rejected", exc.retry_after)
             return
         core.pump(MODEL)
+        self._settle()
 
     def _end(self, index: int, status: str, retry_after: float = 0.0) -> None:
         """Record the outcome; a closed-loop client sends its next request ``think`` seconds
@@ -310,22 +335,10 @@ class _Run:
                         acc[tenant] = acc.get(tenant, 0.0) + n * dt
             self._slot_mark = t
 
-    def _core(self, index: int) -> DispatchCore:
-        return self.cores[self.replica_of[index]] if self.local else self.core
-
-    def _sync(self, t: float, index: int | None = None) -> None:
-        """Shared order: apply the output charges the replicas have made since the last sync
-        interval (all of them when one is due; only ``index``'s before it ends)."""
-        if not self.sync_s:
-            return
-        due = t - self._synced_at >= self.sync_s
-        if due:
-            self._synced_at = t
-        for pending in self._unsynced:
-            for i in list(pending) if due else ([index] if index in pending else []):
-                n = pending.pop(i)
-                job, grant = self.jobs[i]
-                self.core.on_output(job, grant, n)
+    def _settle(self) -> None:
+        """Shared order: deliver the wake-ups its last operations published."""
+        if self.shared is not None:
+            self.shared.settle()
 
     # -- engine ------------------------------------------------------------------------------
     def step(self, now: float, next_arrival: int) -> tuple[float, int]:
@@ -337,32 +350,36 @@ class _Run:
         self.now = end
         for core in self.cores:
             core.expire_holds(end)
-        self._sync(end)
-        records, unsynced = self.records, self._unsynced
+        self._settle()
+        records, cores, replica_of = self.records, self.cores, self.replica_of
+        # shared order with sync_s = 0: every charge reaches it as it is made
+        flush = self.shared is not None and not self.shared.sync_s
         for out in res.outputs:
             index = int(out.req_id)
             job, grant = self.jobs[index]
             rec = records[index]
-            core = self._core(index)
+            core = cores[replica_of[index]]
             if out.first_token:
                 rec.first_token_s = end
             if out.new_tokens:
-                if self.sync_s:  # charged locally, reaches the shared order at the next sync
-                    pending = unsynced[self.replica_of[index]]
-                    pending[index] = pending.get(index, 0) + out.new_tokens
-                else:
-                    core.on_output(job, grant, out.new_tokens)
+                core.on_output(job, grant, out.new_tokens)
+                if flush:
+                    cast(ReplicaCore, core).sync()
             if out.finished:
-                self._sync(end, index)
                 rec.finish_s = end
                 rec.output_tokens = job.output_tokens
                 del self.jobs[index]
                 core.release(job, grant)
+                self._settle()
                 self._end(index, "ok")
         if end >= self._feedback_at:
             self._feedback(end)
-        for core in self.cores:
-            core.pump(MODEL)
+        if self.shared is not None:
+            # replicas claim on their own events, wake-ups and sync ticks, as live ones do
+            self.shared.tick(end)
+        else:
+            for core in self.cores:
+                core.pump(MODEL)
         waiting = self.engine.num_waiting
         if waiting > self.max_engine_waiting and self.engine.num_running:
             self.max_engine_waiting = waiting
@@ -420,6 +437,7 @@ class _Run:
             self.now = nxt
             for core in self.cores:
                 core.expire_holds(nxt)
+            self._settle()
 
     def next_arrival(self, i: int) -> float | None:
         """The next event while the engine is idle: an arrival or a held slot lapsing."""
@@ -481,6 +499,7 @@ def simulate(
         max_engine_waiting=run.max_engine_waiting,
         lifts=_merged_lifts(run.cores),
         slot_seconds=run.slot_seconds,
+        shared=run.shared.stats if run.shared is not None else None,
     )
 
 
