@@ -376,8 +376,8 @@ class ClusterStore:
                     "sync",
                     sync_args(
                         flushes,
-                        _changed(runs, runs if register else self._reported),
-                        _changed(kv, kv if register else self._reported_kv),
+                        changed(runs, runs if register else self._reported),
+                        changed(kv, kv if register else self._reported_kv),
                     ),
                 )
             )
@@ -508,7 +508,7 @@ class ClusterStore:
                     await asyncio.sleep(max(self.sync_interval_s, 0.5))
 
 
-def _changed(now: dict[str, int], told: dict[str, int]) -> list[tuple[str, int]]:
+def changed(now: dict[str, int], told: dict[str, int]) -> list[tuple[str, int]]:
     """The counts of ``now`` that differ from ``told`` (those gone from it: 0)."""
     out = [(k, n) for k, n in now.items() if told.get(k) != n]
     return out + [(k, 0) for k in told if k not in now]

@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..admission import AdmissionController, BackendSlots, Reservation
-from ..cluster.dispatch import ClusterCore
+from ..cluster.dispatch import ClusterAdmission, ClusterCore
 from ..cluster.rule import Candidate, Claim, ClaimResult, Flush, SharedState
+from ..cluster.store import changed
 from ..core import CoreOptions, Grant, Hold
 from ..scheduler import Job, Scheduler
 
@@ -109,9 +110,10 @@ class ReplicaAdmission(AdmissionController):
         self, backend: BackendSlots, tokens: int, prompt: int = 0, expect: int | None = None
     ) -> Reservation:
         reservation = super().reserve(backend, tokens, prompt, expect)
+        size = ClusterAdmission.booking(backend, tokens, prompt, expect)
         if not self.claimed:
-            self.slots(backend.name, 1, tokens)
-        self._booked[id(reservation)] = (backend.name, tokens)
+            self.slots(backend.name, 1, size)
+        self._booked[id(reservation)] = (backend.name, size)
         return reservation
 
     def release(self, reservation: Reservation) -> None:
@@ -148,6 +150,10 @@ class ReplicaCore(ClusterCore):
         self._entry_credit = {}
         self._full = {}
         self._claiming = set()
+        self._capped = set()
+        self._capped_ticks = 0
+        #: running per capped node and KV per backend, as the last sync told the shared state
+        self._reported: tuple[dict[str, int], dict[str, int]] = ({}, {})
         self._sent: dict[Key, float] = {}  # local counter value the shared state reflects
         self._marked: set[Key] = set()  # (model, tenant) the shared state believes wait here
         self._dirty: set[Key] = set()  # (model, tenant) whose waiting state may have changed
@@ -209,9 +215,17 @@ class ReplicaCore(ClusterCore):
         self._sent[key] = remote
 
     def sync(self) -> None:
-        """Flush every charge made here since the last flush; read the shared counters back."""
+        """Flush every charge made here since the last flush, with what changed of the running
+        counts of capped nodes and of the KV this replica's ledger plans for (as
+        ``ClusterStore`` does); read the shared counters back."""
         keys = list(self._sent)
-        res = self.shared.state.sync(self.name, LEASE_MS, [self._flush(k) for k in keys])
+        runs, kv = self.runs(), self.kv()
+        told_runs, told_kv = self._reported
+        self._reported = (runs, kv)
+        flushes = [self._flush(k) for k in keys]
+        res = self.shared.state.sync(
+            self.name, LEASE_MS, flushes, changed(runs, told_runs), changed(kv, told_kv)
+        )
         self.stats.syncs += 1
         for key, remote in zip(keys, res.counters, strict=True):
             self._apply(key, remote)
@@ -236,15 +250,12 @@ class ReplicaCore(ClusterCore):
         holds = self._pending_holds(sched, model, now, passed)
         if job is None and not holds:
             return False
-        candidates = tuple(
-            Candidate(b.name, b.cap, b.max_kv_tokens)
-            for b in self.admission.serving(model)
-            if b.healthy
-        )
-        if not candidates:
+        serving = [b for b in self.admission.serving(model) if b.healthy]
+        if not serving:
             return False
+        candidates = tuple(Candidate(b.name, b.cap, b.kv_budget) for b in serving)
         if holds:
-            sizes = [h.job.prompt_tokens + h.job.max_tokens for h in holds]
+            sizes = [self._size(h.job, serving[0]) for h in holds]
             res = self._claim(
                 model, holds[0].job.tenant, [(0.0, s) for s in sizes], None, candidates
             )
@@ -259,12 +270,15 @@ class ReplicaCore(ClusterCore):
             return True
         assert job is not None
         jobs = self._heads(sched, job)
-        requests = [(sched.dispatch_cost(j), j.prompt_tokens + j.max_tokens) for j in jobs]
+        requests = [(sched.dispatch_cost(j), self._size(j, serving[0])) for j in jobs]
         res = self._claim(
             model, job.tenant, requests, self._demand(sched, job), candidates, sched, jobs
         )
         self.stats.claims += 1
         self.stats.granted += len(res.backends)
+        if res.status == "cap":
+            self._cap(job.tenant)
+            return True  # the next head here
         if res.status == "full" or (res.status == "ok" and not res.room):
             self._full[model] = self.full_retry_ticks
             return False
@@ -303,7 +317,7 @@ class ReplicaCore(ClusterCore):
             (self._marked.discard if len(res.backends) >= waiting else self._marked.add)(key)
             self._dirty.add(key)
         if sched is not None and jobs is not None:
-            self._commit_granted(sched, jobs, res)
+            self._commit_granted(sched, jobs, [size for _, size in requests], res)
         cost = sum(c for c, _ in requests[: len(res.backends)])
         for node, remote in zip(place.path, res.counters, strict=True):
             self._apply((model, node.name), remote, cost / node.weight)
@@ -313,14 +327,16 @@ class ReplicaCore(ClusterCore):
                 self._apply(other, remote)
         return res
 
-    def _commit_granted(self, sched: Scheduler, jobs: list[Job], res: ClaimResult) -> None:
+    def _commit_granted(
+        self, sched: Scheduler, jobs: list[Job], sizes: list[int], res: ClaimResult
+    ) -> None:
         """Dispatch each granted job that is still the head of the local order; give the
-        other slots back (``ClusterCore._claimed``)."""
+        other slots (``sizes`` booked) back (``ClusterCore._claimed``)."""
         now = self.clock()
         admission = self.admission
-        for job, name in zip(jobs, res.backends, strict=False):
+        for job, size, name in zip(jobs, sizes, res.backends, strict=False):
             if sched.peek(now) is not job:
-                admission.slots(name, -1, -(job.prompt_tokens + job.max_tokens))
+                admission.slots(name, -1, -size)
                 self.stats.returned += 1
                 continue
             admission.claimed = True

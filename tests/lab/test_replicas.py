@@ -52,12 +52,22 @@ def test_replicas_on_their_own_ignore_the_weights() -> None:
 
 def test_without_sync_delay_replicas_decide_like_one_process() -> None:
     """With every charge in the shared order as it is made, two replicas decide exactly as one
-    process whose KV check is the shared ledger's: the sum of the requests' reservations
-    (``prompt + max_tokens``, ``"reserve"``), whatever the backend's own admission mode (the
-    paper's engine, ``"peak"``, stays the engine's)."""
+    process when the KV check is a sum of bookings (``"reserve"``: the shared ledger's sum is
+    then the one process's; under ``"predict"`` the ledger adds up each replica's own plan, a
+    bound of the one process's; the paper's engine, ``"peak"``, stays the engine's)."""
     wl = workload()
     one = simulate(wl, "vtc", SimConfig(kv_admission="reserve", engine_kv_admission="peak"))
-    two = simulate(wl, "vtc", SimConfig(replicas=2, ingress="uniform", sync_s=0.0))
+    two = simulate(
+        wl,
+        "vtc",
+        SimConfig(
+            replicas=2,
+            ingress="uniform",
+            sync_s=0.0,
+            kv_admission="reserve",
+            engine_kv_admission="peak",
+        ),
+    )
     assert [(r.first_token_s, r.finish_s) for r in one.records] == [
         (r.first_token_s, r.finish_s) for r in two.records
     ]
