@@ -167,6 +167,11 @@ class ClusterCore(DispatchCore):
         there (what the shared ledger counts for it after each sync)."""
         return {b.name: b.reserved_tokens for b in self.admission.backends()}
 
+    def watched(self) -> tuple[list[str], list[str]]:
+        """The models and backends the sync's view covers: every backend and its models."""
+        backends = list(self.admission.backends())
+        return sorted({m for b in backends for m in b.models}), [b.name for b in backends]
+
     def _size(self, job: Job, backend: BackendSlots) -> int:
         """What a claim books for ``job`` (or a hold of its size) on ``backend``."""
         tokens = job.prompt_tokens + job.max_tokens
@@ -317,10 +322,49 @@ class ClusterCore(DispatchCore):
         if model in self._claiming:
             self._again.add(model)
             return
+        if self._grant_alone(model, store):
+            return
         self._claiming.add(model)
         task = asyncio.get_running_loop().create_task(self._claim_loop(model, store))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _grant_alone(self, model: str, store: ClusterStore) -> bool:
+        """Dispatch the one request waiting here without a round trip when nobody waits for
+        ``model`` anywhere (the store's view, at most two syncs old) and this replica's share
+        of the room it saw holds it (:meth:`ClusterStore.room_alone`): what an idle cluster
+        does with each request. The shared order hears it with the next round trip (a forced
+        claim: the lift, the booking and the charge). Not for a tenant under a cap, nor while
+        a busy tenant's next request is expected here (the shared order decides those)."""
+        sched = self._pools.get(model)
+        if sched is None or sched.total_queued() != 1:
+            return False
+        now = self.clock()
+        job = sched.peek(now)
+        if job is None or (self._is_live is not None and not self._is_live(job)):
+            return False
+        if self._caps and any(n in self._caps for n in (job.tenant, *self.path(job.tenant))):
+            return False
+        if next(self.open_holds(model, now), None) is not None:
+            return False
+        tokens = job.prompt_tokens + job.max_tokens
+        admission = self.admission
+        assert isinstance(admission, ClusterAdmission)
+        backend = admission.place(model, tokens, prompt=job.prompt_tokens, expect=self.expect(job))
+        if backend is None:
+            return False
+        size = self._size(job, backend)
+        if not store.room_alone(model, backend.name, backend.cap, backend.kv_budget, size):
+            return False
+        cost = sched.dispatch_cost(job)
+        admission.claimed = True
+        try:
+            self.commit(sched, job, backend, now)
+        finally:
+            admission.claimed = False
+        candidate = Candidate(backend.name, backend.cap, backend.kv_budget)
+        store.granted(model, job.tenant, cost, size, candidate)
+        return True
 
     async def _claim_loop(self, model: str, store: ClusterStore) -> None:
         """Claim for the head of ``model``'s queue until it empties or a claim is refused;

@@ -35,6 +35,9 @@ class ClusterCollector(Collector):
              "releases, backlog changes, syncs); one script call per round trip.", st.commands),
             (GaugeMetricFamily, "replicas", "Replicas holding a lease, as last seen.",
              st.live_replicas),
+            (CounterMetricFamily, "grants_alone", "Requests this replica dispatched without a "
+             "round trip (nobody waiting anywhere in its view, room in its share).",
+             st.alone),
         ):  # fmt: skip
             metric = family(f"vtc_cluster_{name}", doc, labels=["replica"])
             metric.add_metric([replica], value)

@@ -128,6 +128,9 @@ class Claim:
     candidates: tuple[Candidate, ...]
     #: the replica's unsent charges (the claimant's first)
     flushes: tuple[Flush, ...] = ()
+    #: the replica granted the requests already, on the first candidate (see
+    #: :meth:`SharedState.claim`)
+    forced: bool = False
 
     @property
     def tenant(self) -> str:
@@ -139,6 +142,10 @@ class SyncResult:
     known: bool  # whether the replica still held a lease (if not, it registers again)
     replicas: int  # live replicas
     counters: tuple[float, ...] = ()  # the shared counter per flush, in order
+    #: per model asked about: whether a tenant waits for it anywhere (its backlog)
+    waiting: tuple[bool, ...] = ()
+    #: per backend asked about: (sequences, KV tokens) booked, all replicas together
+    used: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +379,8 @@ class SharedState:
         flushes: Sequence[Flush],
         runs: Sequence[tuple[str, int]] = (),
         kv: Sequence[tuple[str, int]] = (),
+        models: Sequence[str] = (),
+        backends: Sequence[str] = (),
     ) -> SyncResult:
         """Heartbeat, merge of a replica's charges, its running requests per capped node and
         its KV demand per backend (``SYNC``, every sync interval).
@@ -384,7 +393,10 @@ class SharedState:
         a claim books a request's prompt and predicted output, and the next sync replaces the
         sum by this), so the backend's KV count follows the requests as they grow and end. A
         replica whose lease ran out still gets its charges counted (not its running counts or
-        KV); ``known`` False tells it to register again."""
+        KV); ``known`` False tells it to register again. The reply also says, per model of
+        ``models``, whether a tenant waits for it anywhere and, per backend of ``backends``,
+        its sequences and KV tokens booked: the view a replica grants from without asking
+        (a claim's ``forced``)."""
         known, _ = self._heartbeat(replica, lease_ms)
         live = len(self.leases)
         if known:
@@ -394,7 +406,10 @@ class SharedState:
             for backend, tokens in kv:
                 held = state.holds.get(backend, [0, 0])[1]
                 self._add_slots(replica, backend, 0, tokens - held)
-        return SyncResult(known, live, self._flush(flushes))
+        counters = self._flush(flushes)
+        waiting = tuple(bool(self.orders[m].tiers) if m in self.orders else False for m in models)
+        used = tuple((self.slots.get(b, [0, 0])[0], self.slots.get(b, [0, 0])[1]) for b in backends)
+        return SyncResult(known, live, counters, waiting, used)
 
     def register(
         self,
@@ -483,6 +498,10 @@ class SharedState:
         running over all replicas as its cap ("cap"); each grant counts one more running at
         this replica for every capped node of the path (:meth:`_set_runs`).
 
+        A *forced* claim reports requests the replica granted on its own (its view, at most one
+        sync old, had nobody waiting for the model and room on the backend: the first
+        candidate): it enters the backlog (the lift), books and charges them without any check.
+
         A *hold* books slots for the expected next requests of a busy tenant that waits
         nowhere (:meth:`gateway.core.DispatchCore.hold`): it does not enter the backlog, and
         the order check takes each node not in its parent's backlog with its counter as it
@@ -521,21 +540,14 @@ class SharedState:
         granted: list[str] = []
         for j, (cost, size) in enumerate(claim.requests):
             tokens = max(1, size)
-            if any(self.running.get(node.name, 0) >= node.cap for node in capped):
-                status = "cap"
-                break
-            ahead = order.ahead(place, cs)
-            lower = len(ahead)
-            if j > 0 and lower:
-                status = "order"
-                break
-            best, total = self._room(claim.candidates, tokens)
-            if best is None:
-                status = "full"
-                break
-            if lower and sum(max(1, order.demand.get(x, 0)) for x in ahead) > total - 1:
-                status = "order"
-                break
+            if claim.forced:  # granted already: booked on the backend it went to
+                best: str | None = claim.candidates[0].name
+            else:
+                status, low, best = self._check(order, place, cs, capped, claim, j, tokens)
+                lower = lower if low is None else low
+                if best is None:
+                    break
+            assert best is not None
             self._add_slots(replica, best, 1, tokens)
             granted.append(best)
             for node in capped:
@@ -558,6 +570,31 @@ class SharedState:
             self._room(claim.candidates, last)[1],
             tuple(self.order(f.model).counter(f.tenant) for f in claim.flushes),
         )
+
+    def _check(
+        self,
+        order: ModelOrder,
+        place: Place,
+        cs: list[float],
+        capped: list[Node],
+        claim: Claim,
+        j: int,
+        tokens: int,
+    ) -> tuple[str, int | None, str | None]:
+        """The checks of :meth:`claim` for its ``j``-th request: (status, nodes ahead (None:
+        not counted), the candidate to book, None if refused)."""
+        if any(self.running.get(node.name, 0) >= node.cap for node in capped):
+            return "cap", None, None
+        ahead = order.ahead(place, cs)
+        lower = len(ahead)
+        if j > 0 and lower:
+            return "order", lower, None
+        best, total = self._room(claim.candidates, tokens)
+        if best is None:
+            return "full", lower, None
+        if lower and sum(max(1, order.demand.get(x, 0)) for x in ahead) > total - 1:
+            return "order", lower, None
+        return "ok", lower, best
 
     def add_slots(self, replica: str, lease_ms: float, backend: str, seqs: int, kv: int) -> bool:
         """Book (+) or return (-) slots without any check (``SLOTS``): a release, or a request

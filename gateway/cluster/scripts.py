@@ -333,23 +333,36 @@ end
 """
 
 #: SharedState.sync. ARGV: P, replica, lease_ms, r, (node, requests running) per capped node
-#: (r), k, (backend, KV tokens) per backend (k), then (model, node, base, sent) per flush.
-#: Returns {known, live replicas, counter per flush...}.
+#: (r), k, (backend, KV tokens) per backend (k), m, model * m, b, backend * b, then (model,
+#: node, base, sent) per flush. Returns {known, live replicas, m, b, 1/0 per model (a tenant
+#: waits for it), (sequences, KV tokens) per backend, counter per flush...}.
 SYNC = r"""
 local replica = ARGV[2]
 local known = heartbeat(replica, tonumber(ARGV[3]))
 local r = tonumber(ARGV[4])
 local k = tonumber(ARGV[5 + 2 * r])
+local i = 6 + 2 * r + 2 * k
+local m = tonumber(ARGV[i])
+local b = tonumber(ARGV[i + 1 + m])
 if known then
-  for i = 5, 4 + 2 * r, 2 do set_runs(replica, ARGV[i], tonumber(ARGV[i + 1])) end
+  for j = 5, 4 + 2 * r, 2 do set_runs(replica, ARGV[j], tonumber(ARGV[j + 1])) end
   local hold = P .. ':hold:' .. replica
-  for i = 6 + 2 * r, 5 + 2 * r + 2 * k, 2 do
-    local held = num(redis.call('HGET', hold, ARGV[i] .. SEP .. 'k')) or 0
-    add_slots(replica, ARGV[i], 0, tonumber(ARGV[i + 1]) - held)
+  for j = 6 + 2 * r, 5 + 2 * r + 2 * k, 2 do
+    local held = num(redis.call('HGET', hold, ARGV[j] .. SEP .. 'k')) or 0
+    add_slots(replica, ARGV[j], 0, tonumber(ARGV[j + 1]) - held)
   end
 end
-local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas')}
-for _, c in ipairs(flush(ARGV, 6 + 2 * r + 2 * k, #ARGV)) do out[#out + 1] = c end
+local counters = flush(ARGV, i + 2 + m + b, #ARGV)
+local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas'), m, b}
+for j = i + 1, i + m do
+  out[#out + 1] = redis.call('EXISTS', P .. ':tiers:' .. ARGV[j])
+end
+for j = i + 2 + m, i + 1 + m + b do
+  local be = P .. ':be:' .. ARGV[j]
+  out[#out + 1] = num(redis.call('HGET', be, 's')) or 0
+  out[#out + 1] = num(redis.call('HGET', be, 'k')) or 0
+end
+for _, c in ipairs(counters) do out[#out + 1] = c end
 return out
 """
 
@@ -411,15 +424,17 @@ end
 return tostring(counter(model, tenant))
 """
 
-#: SharedState.claim (the order check, the room rule, holds, batches). ARGV: P, replica,
-#: lease_ms, model, waiting ('h': a hold), the place (tier, levels, (name, weight, credit,
-#: cap) per level), f, (model, node, base, sent) per flush, n, (cost, tokens) per request, (backend,
-#: max_seqs, max_kv) per candidate. Returns {status, lower, k, room, levels, counter per level,
-#: backend per granted request (k), counter per flush...}, or {'unknown'}.
+#: SharedState.claim (the order check, the room rule, holds, batches, forced grants). ARGV: P,
+#: replica, lease_ms, model, waiting ('h': a hold), forced (1/0), the place (tier, levels,
+#: (name, weight, credit, cap) per level), f, (model, node, base, sent) per flush, n, (cost,
+#: tokens) per request, (backend, max_seqs, max_kv) per candidate. Returns {status, lower, k,
+#: room, levels, counter per level, backend per granted request (k), counter per flush...}, or
+#: {'unknown'}.
 CLAIM = r"""
 local replica, model = ARGV[2], ARGV[4]
 local known = heartbeat(replica, tonumber(ARGV[3]))
-local p, i = place_at(ARGV, 6)
+local p, i = place_at(ARGV, 7)
+local forced = ARGV[6] == '1'
 local f = tonumber(ARGV[i])
 flush(ARGV, i + 1, i + 4 * f)
 if not known then return {'unknown'} end
@@ -475,15 +490,19 @@ end
 for j = 1, n do
   local cost = tonumber(ARGV[base - 1 + 2 * j])
   local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
-  if at_cap() then out[1] = 'cap' break end
-  local lower = ahead(model, p, cs)
-  out[2] = lower
-  if j > 1 and lower > 0 then out[1] = 'order' break end
-  local best, total = room_for(tokens)
-  if not best then out[1] = 'full' break end
-  if lower > 0 then  -- the demand ahead must still fit (more nodes than room: it cannot)
-    local _, need = ahead(model, p, cs, total)
-    if total - 1 < need then out[1] = 'order' break end
+  local best = ARGV[first]  -- forced: granted already, on the first candidate
+  if not forced then  -- SharedState._check
+    if at_cap() then out[1] = 'cap' break end
+    local lower = ahead(model, p, cs)
+    out[2] = lower
+    if j > 1 and lower > 0 then out[1] = 'order' break end
+    local total
+    best, total = room_for(tokens)
+    if not best then out[1] = 'full' break end
+    if lower > 0 then  -- the demand ahead must still fit (more nodes than room: it cannot)
+      local _, need = ahead(model, p, cs, total)
+      if total - 1 < need then out[1] = 'order' break end
+    end
   end
   add_slots(replica, best, 1, tokens)
   granted[#granted + 1] = best
@@ -580,12 +599,23 @@ def sync_args(
     flushes: Iterable[Flush],
     runs: Iterable[tuple[str, int]] = (),
     kv: Iterable[tuple[str, int]] = (),
+    models: Sequence[str] = (),
+    backends: Sequence[str] = (),
 ) -> list[Any]:
-    return [*_runs_args(runs), *_runs_args(kv), *_flush_args(flushes)]
+    out = [*_runs_args(runs), *_runs_args(kv), len(models), *models, len(backends), *backends]
+    return out + _flush_args(flushes)
 
 
 def sync_reply(raw: Sequence[Any]) -> SyncResult:
-    return SyncResult(bool(int(raw[0])), int(raw[1]), tuple(float(c) for c in raw[2:]))
+    m, b = int(raw[2]), int(raw[3])
+    used = raw[4 + m : 4 + m + 2 * b]
+    return SyncResult(
+        bool(int(raw[0])),
+        int(raw[1]),
+        tuple(float(c) for c in raw[4 + m + 2 * b :]),
+        tuple(bool(int(x)) for x in raw[4 : 4 + m]),
+        tuple((int(used[j]), int(used[j + 1])) for j in range(0, 2 * b, 2)),
+    )
 
 
 def _place_args(place: Place) -> list[Any]:
@@ -622,7 +652,8 @@ def mark_reply(raw: Any) -> float | None:
 
 def claim_args(claim: Claim) -> list[Any]:
     waiting = "h" if claim.waiting is None else claim.waiting
-    out: list[Any] = [claim.model, waiting, *_place_args(claim.place)]
+    out: list[Any] = [claim.model, waiting, "1" if claim.forced else "0"]
+    out += _place_args(claim.place)
     out += [len(claim.flushes), *_flush_args(claim.flushes), len(claim.requests)]
     for cost, tokens in claim.requests:
         out += [repr(float(cost)), tokens]

@@ -77,6 +77,7 @@ class LocalView(Protocol):
     def groups(self, model: str, tenant: str) -> tuple[str, ...]: ...
     def runs(self) -> dict[str, int]: ...
     def kv(self) -> dict[str, int]: ...
+    def watched(self) -> tuple[list[str], list[str]]: ...
     def wake(self, message: str) -> None: ...
     def tick(self) -> None: ...
 
@@ -89,6 +90,7 @@ class StoreStats:
     last_sync: float = 0.0  # monotonic time of the last successful round trip
     rtt_sum: float = 0.0
     live_replicas: int = 1
+    alone: int = 0  # requests granted without a round trip (ClusterStore.granted)
 
     def observe(self, seconds: float) -> None:
         self.rtt_sum += seconds
@@ -132,6 +134,17 @@ class ClusterStore:
         self._marked: set[Key] = set()  # tenants Redis believes wait here
         self._reported: dict[str, int] = {}  # capped node -> running here, as last sent
         self._reported_kv: dict[str, int] = {}  # backend -> KV demand here, as last sent
+        #: (when, model -> a tenant waits for it, backend -> (seqs, KV) booked), from the
+        #: last sync: what :meth:`room_alone` grants from
+        self._view: tuple[float, dict[str, bool], dict[str, tuple[int, int]]] | None = None
+        #: (backend, KV tokens) granted alone: not yet sent / sent after the view's sync
+        self._alone: list[tuple[str, int]] = []
+        #: how old a view may be to grant from (0: never grant without asking)
+        self.view_s = 0.0
+        self._alone_sent: list[tuple[str, int]] = []
+        #: charges of requests granted alone, made locally, that their forced claims charge:
+        #: left out of the next flush of the key
+        self._precharged: dict[Key, float] = {}
         self._sent: dict[Key, float] = {}  # local counter value Redis already reflects
         self._active: set[Key] = set()  # keys whose counter may still change here
         self._dirty: set[Key] = set()  # keys whose waiting state may have changed
@@ -211,12 +224,37 @@ class ClusterStore:
         (``requests`` holds its size). Raises :class:`ClusterUnavailable`."""
         if not self.up:
             raise ClusterUnavailable
+        return await self._claim(model, tenant, requests, waiting, candidates, on_result, hold)
+
+    def _claim(
+        self,
+        model: str,
+        tenant: str,
+        requests: Sequence[tuple[float, int]],
+        waiting: int,
+        candidates: Iterable[Candidate],
+        on_result: Callable[[ClaimResult], None] | None,
+        hold: bool = False,
+        forced: bool = False,
+    ) -> asyncio.Future[ClaimResult]:
+        """Queue a claim (see :meth:`claim`; ``forced``: see :meth:`granted`); its future."""
         waiting = max(waiting, len(requests))
         place = self.local.place(model, tenant)
-        claim = Claim(model, place, None if hold else waiting, tuple(requests), tuple(candidates))
+        claim = Claim(
+            model,
+            place,
+            None if hold else waiting,
+            tuple(requests),
+            tuple(candidates),
+            forced=forced,
+        )
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         key = (model, tenant)
         op = _Op("claim", [], key, claim=claim)
+        if forced:  # charged locally already: the claim charges it, the flushes must not
+            for node in place.path:
+                k = (model, node.name)
+                self._precharged[k] = self._precharged.get(k, 0.0) + requests[0][0] / node.weight
 
         def done(raw: Any) -> None:
             if isinstance(raw, BaseException):
@@ -230,16 +268,18 @@ class ClusterStore:
                 res = ClaimResult("full")
             else:
                 res = reply
-                for backend, (_, tokens) in zip(res.backends, requests, strict=False):
-                    held = self.held.setdefault(backend, [0, 0])
-                    held[0] += 1
-                    held[1] += tokens
+                if not forced:  # (a forced grant was counted when it was made)
+                    for backend, (_, tokens) in zip(res.backends, requests, strict=False):
+                        held = self.held.setdefault(backend, [0, 0])
+                        held[0] += 1
+                        held[1] += tokens
                 if not hold and len(res.backends) >= waiting:
                     self._marked.discard(key)
                     self._dirty.add(key)
-            on_result(res)  # the local pops (or, if a job left meanwhile, a release)
+            if on_result is not None:
+                on_result(res)  # the local pops (or, if a job left meanwhile, a release)
             if reply is not None:
-                cost = 0.0 if hold else sum(e for e, _ in requests[: len(res.backends)])
+                cost = 0.0 if hold or forced else sum(e for e, _ in requests[: len(res.backends)])
                 for node, remote in zip(place.path, res.counters, strict=True):
                     self._apply((model, node.name), remote, cost / node.weight)
                 path = {(model, node.name) for node in place.path}
@@ -252,7 +292,46 @@ class ClusterStore:
         op.on_result = done
         self._active.add(key)
         self._push(op)
-        return await fut
+        return fut
+
+    # -- granting without a round trip ------------------------------------------------------------
+    def room_alone(self, model: str, backend: str, cap: int, budget: int, tokens: int) -> bool:
+        """May this replica grant a request of ``tokens`` KV tokens of ``model`` on ``backend``
+        (``cap`` sequences, ``budget`` KV tokens) without asking? Yes while its view, from a
+        sync at most ``view_s`` old (two intervals), has nobody waiting for the model
+        anywhere, and this replica's share of the room the view saw (``1/N`` of it, ``N`` the
+        live replicas, so that replicas granting at once never book more than there was)
+        still holds it after what it granted alone since."""
+        view = self._view
+        if not self.up or view is None or time.monotonic() - view[0] > self.view_s:
+            return False
+        _, waiting, used = view
+        if waiting.get(model, True) or backend not in used:
+            return False
+        seqs, kv = used[backend]
+        mine = [0, 0]
+        for name, size in (*self._alone_sent, *self._alone):
+            if name == backend:
+                mine[0] += 1
+                mine[1] += size
+        n = max(1, self.stats.live_replicas)
+        return (cap - seqs) // n - mine[0] >= 1 and (budget - kv) // n - mine[1] >= tokens
+
+    def granted(
+        self, model: str, tenant: str, cost: float, tokens: int, backend: Candidate
+    ) -> None:
+        """This replica granted a request of ``tenant`` on ``backend`` without asking
+        (:meth:`room_alone`; the local pop charged ``cost`` priced tokens): the shared order
+        hears it with the next round trip, as a *forced* claim (it lifts the tenant as an
+        arrival, books the slot and charges it without any check)."""
+        held = self.held.setdefault(backend.name, [0, 0])
+        held[0] += 1
+        held[1] += tokens
+        self._alone.append((backend.name, tokens))
+        self.stats.alone += 1
+        waiting = self.local.waiting(model, tenant) + 1
+        fut = self._claim(model, tenant, [(cost, tokens)], waiting, [backend], None, forced=True)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def book(self, backend: str, tokens: int) -> None:
         """Book a slot without a check (local fallback, or a request moved between backends):
@@ -275,8 +354,13 @@ class ClusterStore:
 
     # -- the writer ---------------------------------------------------------------------------
     async def _writer(self) -> None:
+        """Send the queued operations as soon as there are any, one round trip at a time. The
+        sync (charges flushed, view refreshed, lease renewed) rides with the first round trip
+        once an interval has passed since the last one carried it; only a replica with nothing
+        else to say sends it alone, on the tick."""
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + self.sync_interval_s
+        synced = loop.time()  # when a round trip last carried the sync
         retry_s = max(self.sync_interval_s, 0.5)
         while not self._closed:
             now = loop.time()
@@ -300,10 +384,13 @@ class ClusterStore:
             if not self.up and not tick:
                 continue  # the registration that ends an outage carries the whole state
             was_up = self.up
+            full = not self.up or now - synced >= self.sync_interval_s
             try:
-                await self._batch(full=tick)
+                await self._batch(full=full)
             except ClusterUnavailable:
                 continue
+            if full:
+                synced = now
             if not was_up:
                 log.warning("cluster: Redis reachable again; shared fair order resumed")
             await asyncio.sleep(0)  # let granted handlers run before the next batch
@@ -331,12 +418,14 @@ class ClusterStore:
         before: dict[Key, float] = {}
 
         def flush(key: Key) -> Flush:
-            """``key``'s charges since its last flush; now counted as sent."""
+            """``key``'s charges since its last flush (less those a forced claim charges); now
+            counted as sent."""
             value = local.counter(*key)
             sent = self._sent.get(key, value)
             before.setdefault(key, sent)
             self._sent[key] = value
-            return Flush(key[0], key[1], sent, value - sent)
+            pre = self._precharged.pop(key, 0.0)
+            return Flush(key[0], key[1], sent, value - sent - pre)
 
         claimed: set[Key] = set()
         for op in ops:  # a claim carries the claimant's unsent charges, the first the others'
@@ -350,7 +439,13 @@ class ClusterStore:
                         if k != op.key and local.counter(*k) != self._sent.get(k)
                     ]
                 )
-                op.flushed = [op.key, *others]
+                # a forced claim flushes its groups too: every charge it makes is left out of
+                # the flushes of its own round trip (see ``_precharged``)
+                path = [
+                    (op.key[0], node.name)
+                    for node in (op.claim.place.path[:-1] if op.claim.forced else ())
+                ]
+                op.flushed = [op.key, *path, *(k for k in others if k not in path)]
                 claimed.update(op.flushed)
                 charges = tuple(flush(k) for k in op.flushed)
                 op.args = claim_args(dataclasses.replace(op.claim, flushes=charges))
@@ -370,7 +465,10 @@ class ClusterStore:
                 holdings.append((backend, seqs, kv.get(backend, tokens)))
             waiting = [(m, local.place(m, t, False), local.waiting(m, t)) for m, t in self._marked]
             calls.append(("register", register_args(holdings, waiting, runs.items())))
+        alone, self._alone = self._alone, []  # their forced claims go after the sync
+        built = time.monotonic()
         if sync:  # running counts and KV demand that changed since the last report
+            models, backends = local.watched()
             calls.append(
                 (
                     "sync",
@@ -378,6 +476,8 @@ class ClusterStore:
                         flushes,
                         changed(runs, runs if register else self._reported),
                         changed(kv, kv if register else self._reported_kv),
+                        models,
+                        backends,
                     ),
                 )
             )
@@ -393,6 +493,10 @@ class ClusterStore:
         except (RedisError, OSError) as exc:
             for key, sent in before.items():
                 self._sent[key] = sent
+            # every forced claim is lost (this round trip's and those queued): their charges
+            # go with the flushes after all
+            self._precharged.clear()
+            self._view, self._alone_sent = None, []
             if self.up and not self._slow and isinstance(exc, (RedisTimeout, TimeoutError)):
                 # one slow round trip (a loaded machine) is not an outage: its outcome is
                 # unknown, so re-register at once (that makes the ledger exact again); only if
@@ -429,6 +533,14 @@ class ClusterStore:
             stats.live_replicas = max(1, synced.replicas)
             for key, remote in zip(entries, synced.counters, strict=True):
                 self._apply(key, remote)
+            self._view = (
+                built,
+                dict(zip(models, synced.waiting, strict=True)),
+                dict(zip(backends, synced.used, strict=True)),
+            )
+            self._alone_sent = alone
+        else:
+            self._alone_sent += alone
         for op, raw in zip((*marks, *ops), results[i:], strict=True):
             if op.script == "mark":
                 marked = mark_reply(raw)

@@ -70,16 +70,27 @@ async def ledger(redis: aioredis.Redis) -> int:
     return int(await redis.hget(f"{PREFIX}:be:x", "s") or 0)
 
 
+async def next_round_trip(r: Replica) -> None:
+    stats = r.core.store.stats  # type: ignore[union-attr]
+    rounds = stats.round_trips
+    await wait_for(lambda: stats.round_trips > rounds)
+
+
 async def flushed(r: Replica, tenant: str, redis: aioredis.Redis) -> None:
     """Wait until Redis has ``tenant``'s local counter."""
     want = r.core.counter("m", tenant)
-    stats = r.core.store.stats  # type: ignore[union-attr]
     while True:
         raw = await redis.hget(f"{PREFIX}:c:m", tenant)
         if raw is not None and float(raw) == want:
             return
-        rounds = stats.round_trips
-        await wait_for(lambda rounds=rounds: stats.round_trips > rounds)  # type: ignore[misc]
+        await next_round_trip(r)
+
+
+async def booked(r: Replica, n: int, redis: aioredis.Redis) -> None:
+    """Wait until the shared ledger books ``n`` slots (a request granted alone reaches it with
+    the replica's next round trip)."""
+    while await ledger(redis) != n:
+        await next_round_trip(r)
 
 
 async def test_a_held_slot_is_booked_in_the_shared_ledger(redis_server: RedisServer) -> None:
@@ -134,6 +145,7 @@ async def test_no_hold_past_a_tenant_waiting_at_another_replica(
         core.submit(b_job)
         core.pump("m")
         await wait_for(lambda: r1.granted == [b_job])
+        await booked(r1, 1, redis)  # b's slot (granted alone: with the next round trip)
         c_job = job("c", 0.0)
         r2.core.submit(c_job)  # c waits at r2 (lifted to b's 10 as it joins the backlog)
         r2.core.pump("m")

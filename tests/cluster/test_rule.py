@@ -321,7 +321,8 @@ def operations(seed: int) -> Iterator[Op]:
                 for _ in range(n)
             )
             waiting = None if hold else n + rng.choice((0, 0, 1, 3))
-            claim = Claim(m, place(t), waiting, reqs, candidates(), flushes((m, t)))
+            forced = not hold and rng.random() < 0.1  # granted by the replica on its own
+            claim = Claim(m, place(t), waiting, reqs, candidates(), flushes((m, t)), forced)
             yield "claim", (r, LIVE, claim)
         elif x < 0.56:
             yield "mark", (r, LIVE, m, t, place(t), rng.randint(0, 4))
@@ -329,7 +330,8 @@ def operations(seed: int) -> Iterator[Op]:
             yield "mark", (r, LIVE, m, t, None, 0)
         elif x < 0.72:
             kv = [(b, rng.randint(0, 200)) for b in rng.sample(BACKENDS, rng.randint(0, 2))]
-            yield "sync", (r, LIVE, list(flushes()), runs(), kv)
+            views = rng.sample(MODELS, rng.randint(0, 2)), rng.sample(BACKENDS, rng.randint(0, 3))
+            yield "sync", (r, LIVE, list(flushes()), runs(), kv, *views)
         elif x < 0.94:  # releases (sometimes more than held) and bookings
             seqs = rng.choice((-3, -2, -1, -1, 1))
             kv = seqs * rng.randint(0, 100)
@@ -473,11 +475,14 @@ def test_the_scripts_cover_every_outcome() -> None:
             seen |= tree_outcomes(rule, ups)
             if method != "leave" and before - set(rule.leases):
                 seen.add("reaped")
+            if method == "sync":
+                seen.update(f"sync sees waiting {w}" for w in res.waiting)
             if method == "claim":
                 if res is None:
                     seen.add("claim unknown")
                     continue
                 kind = "hold" if args[2].waiting is None else "claim"
+                kind = "forced" if args[2].forced else kind
                 seen.add(f"{kind} {res.status} {min(len(res.backends), 2)}")
                 if res.status == "order" and not res.backends and res.lower:
                     seen.add("order refused with room")
@@ -513,6 +518,10 @@ def test_the_scripts_cover_every_outcome() -> None:
         "a group backlogged",
         "a group behind a group",
         "moved by a reload",
+        "sync sees waiting True",
+        "sync sees waiting False",
+        "forced ok 1",
+        "forced ok 2",
         "claim cap 0",
         "claim cap 1",
         "wake every replica c",

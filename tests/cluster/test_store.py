@@ -56,6 +56,9 @@ class FakeLocal:
     def kv(self) -> dict[str, int]:
         return {}
 
+    def watched(self) -> tuple[list[str], list[str]]:
+        return [], []
+
     def wake(self, message: str) -> None:
         self.wakes.append(message)
 
