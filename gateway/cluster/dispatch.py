@@ -330,12 +330,12 @@ class ClusterCore(DispatchCore):
         task.add_done_callback(self._tasks.discard)
 
     def _grant_alone(self, model: str, store: ClusterStore) -> bool:
-        """Dispatch the one request waiting here without a round trip when nobody waits for
-        ``model`` anywhere (the store's view, at most two syncs old) and this replica's share
-        of the room it saw holds it (:meth:`ClusterStore.room_alone`): what an idle cluster
-        does with each request. The shared order hears it with the next round trip (a forced
-        claim: the lift, the booking and the charge). Not for a tenant under a cap, nor while
-        a busy tenant's next request is expected here (the shared order decides those)."""
+        """Dispatch the one request waiting here without a round trip, on a slot this replica
+        leased, when nobody waits for ``model`` anywhere (the store's view, at most two syncs
+        old: :meth:`ClusterStore.lease_for`): what an idle cluster does with each request. The
+        shared order hears it with the next round trip (a forced claim: the lift, the charge,
+        the booking adjusted to the request). Not for a tenant under a cap, nor while a busy
+        tenant's next request is expected here (the shared order decides those)."""
         sched = self._pools.get(model)
         if sched is None or sched.total_queued() != 1:
             return False
@@ -347,14 +347,16 @@ class ClusterCore(DispatchCore):
             return False
         if next(self.open_holds(model, now), None) is not None:
             return False
-        tokens = job.prompt_tokens + job.max_tokens
         admission = self.admission
         assert isinstance(admission, ClusterAdmission)
-        backend = admission.place(model, tokens, prompt=job.prompt_tokens, expect=self.expect(job))
-        if backend is None:
-            return False
-        size = self._size(job, backend)
-        if not store.room_alone(model, backend.name, backend.cap, backend.kv_budget, size):
+        for backend in admission.serving(model):
+            if not backend.healthy:
+                continue
+            size = self._size(job, backend)
+            slot = store.lease_for(model, backend.name, size)
+            if slot is not None:
+                break
+        else:
             return False
         cost = sched.dispatch_cost(job)
         admission.claimed = True
@@ -362,9 +364,12 @@ class ClusterCore(DispatchCore):
             self.commit(sched, job, backend, now)
         finally:
             admission.claimed = False
-        candidate = Candidate(backend.name, backend.cap, backend.kv_budget)
-        store.granted(model, job.tenant, cost, size, candidate)
+        store.granted(model, job.tenant, cost, size, self._candidate(backend), slot)
         return True
+
+    @staticmethod
+    def _candidate(backend: BackendSlots) -> Candidate:
+        return Candidate(backend.name, backend.cap, backend.kv_budget)
 
     async def _claim_loop(self, model: str, store: ClusterStore) -> None:
         """Claim for the head of ``model``'s queue until it empties or a claim is refused;
@@ -390,7 +395,7 @@ class ClusterCore(DispatchCore):
                 serving = [b for b in self.admission.serving(model) if b.healthy]
                 if not serving:
                     return
-                candidates = [Candidate(b.name, b.cap, b.kv_budget) for b in serving]
+                candidates = [self._candidate(b) for b in serving]
                 if holds:
                     sizes = [self._size(h.job, serving[0]) for h in holds]
                     res = await self._claim_holds(model, store, holds, sizes, candidates)
@@ -561,6 +566,7 @@ class ClusterCore(DispatchCore):
                 self.commit(sched, job, backend, now)
             finally:
                 admission.claimed = False
+            store.lease(job.model, self._candidate(backend), size)  # while idle: the next one
 
 
 class ClusterDispatcher(Dispatcher):

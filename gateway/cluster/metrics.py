@@ -59,8 +59,17 @@ class ClusterCollector(Collector):
             "KV tokens this replica has booked per backend.",
             labels=["replica", "backend"],
         )
+        leased = GaugeMetricFamily(
+            "vtc_cluster_slots_leased",
+            "Of the slots held, those leased for requests to come (granted without a round "
+            "trip while nobody waits).",
+            labels=["replica", "backend"],
+        )
+        leases = store.leased()
         for backend, (seqs, tokens) in sorted(store.held.items()):
             slots.add_metric([replica, backend], seqs)
             kv.add_metric([replica, backend], tokens)
+            leased.add_metric([replica, backend], leases.get(backend, (0, 0))[0])
         yield slots
         yield kv
+        yield leased

@@ -128,8 +128,8 @@ class Claim:
     candidates: tuple[Candidate, ...]
     #: the replica's unsent charges (the claimant's first)
     flushes: tuple[Flush, ...] = ()
-    #: the replica granted the requests already, on the first candidate (see
-    #: :meth:`SharedState.claim`)
+    #: the replica granted the requests already, on slots it leased on the first candidate
+    #: (see :meth:`SharedState.claim`)
     forced: bool = False
 
     @property
@@ -498,9 +498,12 @@ class SharedState:
         running over all replicas as its cap ("cap"); each grant counts one more running at
         this replica for every capped node of the path (:meth:`_set_runs`).
 
-        A *forced* claim reports requests the replica granted on its own (its view, at most one
-        sync old, had nobody waiting for the model and room on the backend: the first
-        candidate): it enters the backlog (the lift), books and charges them without any check.
+        A *forced* claim reports requests the replica granted on its own, each on a slot it
+        leased (a hold claim made while nobody waited, which the order and the room rule
+        granted) on the first candidate, while its view (at most two syncs old) had nobody
+        waiting for the model: the tenant enters the backlog (the lift), the requests are
+        charged, and each one's ``tokens`` is the KV the leased slot's booking changes by (its
+        size less the slot's; no sequence is booked), all without any check.
 
         A *hold* books slots for the expected next requests of a busy tenant that waits
         nowhere (:meth:`gateway.core.DispatchCore.hold`): it does not enter the backlog, and
@@ -540,7 +543,7 @@ class SharedState:
         granted: list[str] = []
         for j, (cost, size) in enumerate(claim.requests):
             tokens = max(1, size)
-            if claim.forced:  # granted already: booked on the backend it went to
+            if claim.forced:  # granted already, on a slot leased on the backend it went to
                 best: str | None = claim.candidates[0].name
             else:
                 status, low, best = self._check(order, place, cs, capped, claim, j, tokens)
@@ -548,7 +551,10 @@ class SharedState:
                 if best is None:
                     break
             assert best is not None
-            self._add_slots(replica, best, 1, tokens)
+            if claim.forced:  # a leased slot becomes the request: its KV is adjusted
+                self._add_slots(replica, best, 0, size)
+            else:
+                self._add_slots(replica, best, 1, tokens)
             granted.append(best)
             for node in capped:
                 self._set_runs(replica, node.name, runs.get(node.name, 0) + 1)

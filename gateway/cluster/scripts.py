@@ -490,7 +490,7 @@ end
 for j = 1, n do
   local cost = tonumber(ARGV[base - 1 + 2 * j])
   local tokens = math.max(1, tonumber(ARGV[base + 2 * j]))
-  local best = ARGV[first]  -- forced: granted already, on the first candidate
+  local best = ARGV[first]  -- forced: granted already, on a slot leased there
   if not forced then  -- SharedState._check
     if at_cap() then out[1] = 'cap' break end
     local lower = ahead(model, p, cs)
@@ -504,7 +504,11 @@ for j = 1, n do
       if total - 1 < need then out[1] = 'order' break end
     end
   end
-  add_slots(replica, best, 1, tokens)
+  if forced then  -- a leased slot becomes the request: its KV is adjusted
+    add_slots(replica, best, 0, tonumber(ARGV[base + 2 * j]))
+  else
+    add_slots(replica, best, 1, tokens)
+  end
   granted[#granted + 1] = best
   for _, k in ipairs(capped) do
     local rr = P .. ':rr:' .. replica

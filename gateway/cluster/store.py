@@ -38,7 +38,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from .rule import Candidate, Claim, ClaimResult, Flush, Place
+from .rule import Candidate, Claim, ClaimResult, Flush, Node, Place
 from .scripts import (
     SCRIPTS,
     batch_args,
@@ -135,13 +135,15 @@ class ClusterStore:
         self._reported: dict[str, int] = {}  # capped node -> running here, as last sent
         self._reported_kv: dict[str, int] = {}  # backend -> KV demand here, as last sent
         #: (when, model -> a tenant waits for it, backend -> (seqs, KV) booked), from the
-        #: last sync: what :meth:`room_alone` grants from
+        #: last sync: what :meth:`lease_for` and :meth:`lease` go by
         self._view: tuple[float, dict[str, bool], dict[str, tuple[int, int]]] | None = None
-        #: (backend, KV tokens) granted alone: not yet sent / sent after the view's sync
-        self._alone: list[tuple[str, int]] = []
-        #: how old a view may be to grant from (0: never grant without asking)
-        self.view_s = 0.0
-        self._alone_sent: list[tuple[str, int]] = []
+        #: backend -> the KV tokens of each slot leased there and not used yet; leases in flight
+        self._lease: dict[str, list[int]] = {}
+        self._leasing: dict[str, int] = {}
+        #: how old a view may be to grant from (two sync intervals)
+        self.view_s = 2 * sync_interval_s
+        #: slots leased per backend at most
+        self.lease_slots = 2
         #: charges of requests granted alone, made locally, that their forced claims charge:
         #: left out of the next flush of the key
         self._precharged: dict[Key, float] = {}
@@ -235,11 +237,15 @@ class ClusterStore:
         candidates: Iterable[Candidate],
         on_result: Callable[[ClaimResult], None] | None,
         hold: bool = False,
+        place: Place | None = None,
         forced: bool = False,
     ) -> asyncio.Future[ClaimResult]:
-        """Queue a claim (see :meth:`claim`; ``forced``: see :meth:`granted`); its future."""
+        """Queue a claim (see :meth:`claim`; ``forced``: see :meth:`granted`; ``place`` given:
+        a lease, see :meth:`lease`); its future."""
         waiting = max(waiting, len(requests))
-        place = self.local.place(model, tenant)
+        leasing = place is not None
+        if place is None:
+            place = self.local.place(model, tenant)
         claim = Claim(
             model,
             place,
@@ -278,7 +284,7 @@ class ClusterStore:
                     self._dirty.add(key)
             if on_result is not None:
                 on_result(res)  # the local pops (or, if a job left meanwhile, a release)
-            if reply is not None:
+            if reply is not None and not leasing:
                 cost = 0.0 if hold or forced else sum(e for e, _ in requests[: len(res.backends)])
                 for node, remote in zip(place.path, res.counters, strict=True):
                     self._apply((model, node.name), remote, cost / node.weight)
@@ -290,48 +296,82 @@ class ClusterStore:
                 fut.set_result(res)
 
         op.on_result = done
-        self._active.add(key)
+        if not leasing:
+            self._active.add(key)
         self._push(op)
         return fut
 
-    # -- granting without a round trip ------------------------------------------------------------
-    def room_alone(self, model: str, backend: str, cap: int, budget: int, tokens: int) -> bool:
-        """May this replica grant a request of ``tokens`` KV tokens of ``model`` on ``backend``
-        (``cap`` sequences, ``budget`` KV tokens) without asking? Yes while its view, from a
-        sync at most ``view_s`` old (two intervals), has nobody waiting for the model
-        anywhere, and this replica's share of the room the view saw (``1/N`` of it, ``N`` the
-        live replicas, so that replicas granting at once never book more than there was)
-        still holds it after what it granted alone since."""
+    # -- leased slots: granting without a round trip -----------------------------------------
+    def lease_for(self, model: str, backend: str, tokens: int) -> int | None:
+        """The size of a slot this replica leased on ``backend`` that holds a request of
+        ``tokens`` KV tokens (the smallest), if it may grant one of ``model`` without asking:
+        while its view, from a sync at most ``view_s`` old, has nobody waiting for the model
+        anywhere. None: ask (claim)."""
+        if not self._idle(model):
+            return None
+        fits = [size for size in self._lease.get(backend, ()) if size >= tokens]
+        return min(fits) if fits else None
+
+    def leased(self) -> dict[str, tuple[int, int]]:
+        """backend -> (slots, KV tokens) leased there and not used yet."""
+        return {b: (len(sizes), sum(sizes)) for b, sizes in self._lease.items() if sizes}
+
+    def _idle(self, model: str) -> bool:
         view = self._view
         if not self.up or view is None or time.monotonic() - view[0] > self.view_s:
             return False
-        _, waiting, used = view
-        if waiting.get(model, True) or backend not in used:
-            return False
-        seqs, kv = used[backend]
-        mine = [0, 0]
-        for name, size in (*self._alone_sent, *self._alone):
-            if name == backend:
-                mine[0] += 1
-                mine[1] += size
-        n = max(1, self.stats.live_replicas)
-        return (cap - seqs) // n - mine[0] >= 1 and (budget - kv) // n - mine[1] >= tokens
+        return not view[1].get(model, True)
 
     def granted(
-        self, model: str, tenant: str, cost: float, tokens: int, backend: Candidate
+        self, model: str, tenant: str, cost: float, tokens: int, backend: Candidate, slot: int
     ) -> None:
-        """This replica granted a request of ``tenant`` on ``backend`` without asking
-        (:meth:`room_alone`; the local pop charged ``cost`` priced tokens): the shared order
-        hears it with the next round trip, as a *forced* claim (it lifts the tenant as an
-        arrival, books the slot and charges it without any check)."""
-        held = self.held.setdefault(backend.name, [0, 0])
-        held[0] += 1
-        held[1] += tokens
-        self._alone.append((backend.name, tokens))
+        """This replica granted a request of ``tenant`` needing ``tokens`` KV tokens on a slot
+        of ``slot`` it leased on ``backend`` (:meth:`lease_for`; the local pop charged ``cost``
+        priced tokens): the shared order hears it with the next round trip, as a *forced*
+        claim (the tenant's lift as an arrival, the charge, the slot's KV booking adjusted to
+        the request's), and another slot is leased."""
+        self._lease[backend.name].remove(slot)
+        self.held.setdefault(backend.name, [0, 0])[1] += tokens - slot
         self.stats.alone += 1
         waiting = self.local.waiting(model, tenant) + 1
-        fut = self._claim(model, tenant, [(cost, tokens)], waiting, [backend], None, forced=True)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        requests = [(cost, tokens - slot)]
+        fut = self._claim(model, tenant, requests, waiting, [backend], None, forced=True)
+        fut.add_done_callback(_retrieved)
+        self.lease(model, backend, slot)
+
+    def lease(self, model: str, backend: Candidate, size: int) -> None:
+        """Lease slots of ``size`` KV tokens on ``backend`` for requests of ``model`` to come
+        (up to ``lease_slots`` per backend, in one claim), while the view is idle and shows a
+        free sequence: a hold claim at a place below every tier, so that the order and the
+        room rule grant them only from what nobody waiting needs. They are returned once the
+        view shows a tenant waiting anywhere (:meth:`_return_leases`)."""
+        name = backend.name
+        view = self._view
+        if view is None or not self._idle(model):
+            return
+        want = self.lease_slots - len(self._lease.get(name, ())) - self._leasing.get(name, 0)
+        if want < 1 or view[2].get(name, (backend.max_seqs, 0))[0] >= backend.max_seqs:
+            return
+        self._leasing[name] = self._leasing.get(name, 0) + want
+
+        def on_result(res: ClaimResult) -> None:
+            for b in res.backends:
+                self._lease.setdefault(b, []).append(size)
+
+        def done(_: asyncio.Future[ClaimResult]) -> None:
+            self._leasing[name] -= want
+
+        requests = [(0.0, size)] * want
+        fut = self._claim(model, LEASE.tenant, requests, 0, [backend], on_result, True, LEASE)
+        fut.add_done_callback(done)
+        fut.add_done_callback(_retrieved)
+
+    def _return_leases(self) -> None:
+        """A tenant waits somewhere: the leased slots go back (the shared order decides)."""
+        for backend, sizes in self._lease.items():
+            for size in sizes:
+                self.release(backend, size)
+            sizes.clear()
 
     def book(self, backend: str, tokens: int) -> None:
         """Book a slot without a check (local fallback, or a request moved between backends):
@@ -429,7 +469,9 @@ class ClusterStore:
 
         claimed: set[Key] = set()
         for op in ops:  # a claim carries the claimant's unsent charges, the first the others'
-            if op.claim is not None and op.key is not None:
+            if op.claim is not None and op.claim.place is LEASE:
+                op.args = claim_args(op.claim)  # a lease: no charges
+            elif op.claim is not None and op.key is not None:
                 others = (
                     []
                     if claimed
@@ -458,6 +500,9 @@ class ClusterStore:
         calls: list[tuple[str, list[Any]]] = []
         runs = local.runs() if register or sync else {}
         kv = local.kv() if register or sync else {}
+        for backend, sizes in self._lease.items():  # leased slots are this replica's too
+            if sizes and (register or sync):
+                kv[backend] = kv.get(backend, 0) + sum(sizes)
         if register:
             holdings = []  # the KV tokens its ledger plans for, else what it booked
             for backend in {**self.held, **kv}:
@@ -465,7 +510,6 @@ class ClusterStore:
                 holdings.append((backend, seqs, kv.get(backend, tokens)))
             waiting = [(m, local.place(m, t, False), local.waiting(m, t)) for m, t in self._marked]
             calls.append(("register", register_args(holdings, waiting, runs.items())))
-        alone, self._alone = self._alone, []  # their forced claims go after the sync
         built = time.monotonic()
         if sync:  # running counts and KV demand that changed since the last report
             models, backends = local.watched()
@@ -496,7 +540,7 @@ class ClusterStore:
             # every forced claim is lost (this round trip's and those queued): their charges
             # go with the flushes after all
             self._precharged.clear()
-            self._view, self._alone_sent = None, []
+            self._view = None
             if self.up and not self._slow and isinstance(exc, (RedisTimeout, TimeoutError)):
                 # one slow round trip (a loaded machine) is not an outage: its outcome is
                 # unknown, so re-register at once (that makes the ledger exact again); only if
@@ -538,9 +582,8 @@ class ClusterStore:
                 dict(zip(models, synced.waiting, strict=True)),
                 dict(zip(backends, synced.used, strict=True)),
             )
-            self._alone_sent = alone
-        else:
-            self._alone_sent += alone
+            if any(synced.waiting):
+                self._return_leases()
         for op, raw in zip((*marks, *ops), results[i:], strict=True):
             if op.script == "mark":
                 marked = mark_reply(raw)
@@ -618,6 +661,16 @@ class ClusterStore:
             except (RedisError, OSError):
                 if not self._closed:
                     await asyncio.sleep(max(self.sync_interval_s, 0.5))
+
+
+#: The place of a lease's hold claim: below every tier, so only room nobody waiting needs.
+LEASE = Place((Node("~lease"),), -1000)
+
+
+def _retrieved(fut: asyncio.Future[ClaimResult]) -> None:
+    """Done callback of a claim nobody awaits: its exception (Redis down) is expected."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def changed(now: dict[str, int], told: dict[str, int]) -> list[tuple[str, int]]:

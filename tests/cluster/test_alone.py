@@ -1,7 +1,8 @@
 """An idle cluster dispatches without a round trip: a replica whose view (from its last sync)
-has nobody waiting for the model grants the request at once, within its share of the room it
-saw, and the shared order hears it with the next round trip (a forced claim: the lift, the
-booking and the charge). The request is charged once, and nothing stays booked.
+has nobody waiting for the model grants the request at once on a slot it leased (booked
+through the order and the room rule), and the shared order hears it with the next round trip
+(a forced claim: the lift, the charge, the booking adjusted to the request). The request is
+charged once, and nothing stays booked but the leased slots.
 
 The view's age limit is raised for the test (``view_s``): on a loaded machine a sync tick can
 come late, and the request then goes the claim's way, which is correct but not what is tested.
@@ -21,8 +22,8 @@ from .test_replicas_tree import UNLIMITED, replicas
 async def test_idle_requests_are_granted_alone_and_charged_once(
     redis_server: RedisServer,
 ) -> None:
-    gw = {"tenants": tenants(("a", 2))}
-    async with replicas(redis_server, gw, seqs=4) as r:
+    gw = {"tenants": tenants(("a", 2)), "scheduler": {"hold_ms": 0}}  # no holds: leases only
+    async with replicas(redis_server, gw, seqs=8) as r:
         stores = [s.dispatcher.core.store for s in r.states]
         for store in stores:
             assert store is not None
@@ -37,11 +38,11 @@ async def test_idle_requests_are_granted_alone_and_charged_once(
                     headers={"Authorization": "Bearer key-a"},
                 )
                 assert resp.status_code == 200
-        assert [s.stats.alone for s in stores if s is not None] == [5, 5]
+        # each replica's first request is claimed; the grant leases a slot for the next one
+        assert [s.stats.alone for s in stores if s is not None] == [4, 4]
         await r.assert_clean()
         raw = aioredis.Redis.from_url(redis_server.url)
         try:
-            await wait_for(lambda: all(s is not None and not s._alone for s in stores))
             # charged once: the shared counter is the service over the weight (a tenant alone
             # is never lifted), once the last flush reached Redis (with the next sync)
             service = sum(s.dispatcher.core.pool(MODEL).service("a") for s in r.states)
@@ -50,6 +51,11 @@ async def test_idle_requests_are_granted_alone_and_charged_once(
                 return float(await raw.hget(f"{{vtc}}:c:{MODEL}", "a") or 0)
 
             await until(shared, service / 2)
-            assert await raw.hgetall("{vtc}:be:sim") == {b"s": b"0", b"k": b"0"}
+            # nothing booked but the slots each replica leased for its next requests
+            leases = [s.leased().get("sim", (0, 0)) for s in stores if s is not None]
+            assert [n for n, _ in leases] == [s.lease_slots for s in stores if s is not None]
+            booked = await raw.hgetall("{vtc}:be:sim")
+            seqs, kv = sum(n for n, _ in leases), sum(kv for _, kv in leases)
+            assert booked == {b"s": str(seqs).encode(), b"k": str(kv).encode()}
         finally:
             await raw.aclose()

@@ -83,8 +83,17 @@ class Replicas:
                 text = (await http.get(f"{url}/metrics")).text
                 assert f'vtc_cluster_shared{{replica="r{i}"}} 1.0' in text
                 assert f'vtc_cluster_fallbacks_total{{replica="r{i}"}} 0.0' in text
-                held = f'vtc_cluster_slots_held{{backend="sim",replica="r{i}"}} '
-                assert all(line == held + "0.0" for line in text.splitlines() if held in line)
+                labels = f'{{backend="sim",replica="r{i}"}} '
+                held = [
+                    x for x in text.splitlines() if x.startswith("vtc_cluster_slots_held" + labels)
+                ]
+                leased = [
+                    x
+                    for x in text.splitlines()
+                    if x.startswith("vtc_cluster_slots_leased" + labels)
+                ]
+                # none but the slots leased for requests to come (an idle replica keeps one)
+                assert [x.split()[-1] for x in held] == [x.split()[-1] for x in leased]
 
 
 @contextlib.asynccontextmanager

@@ -321,7 +321,9 @@ def operations(seed: int) -> Iterator[Op]:
                 for _ in range(n)
             )
             waiting = None if hold else n + rng.choice((0, 0, 1, 3))
-            forced = not hold and rng.random() < 0.1  # granted by the replica on its own
+            forced = not hold and rng.random() < 0.1  # granted by the replica on leased slots
+            if forced:  # the KV each leased slot's booking changes by
+                reqs = tuple((cost, rng.randint(-60, 20)) for cost, _ in reqs)
             claim = Claim(m, place(t), waiting, reqs, candidates(), flushes((m, t)), forced)
             yield "claim", (r, LIVE, claim)
         elif x < 0.56:
