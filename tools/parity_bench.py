@@ -16,7 +16,9 @@ tenants the clients are spread over by API key, policy ``vtc``:
 
 * ``default``: no ``kv_admission`` key (whatever the gateway's default is);
 * ``reserve``, ``peak``, ...: ``kv_admission: MODE``;
-* ``adaptive``: the default admission with ``adaptive: true``.
+* ``adaptive``: the default admission with ``adaptive: true``;
+* ``cluster``, ``clusterN``: the default admission in cluster mode, one process or ``serve
+  --workers N``, sharing a ``redis-server`` started for the run.
 
 Measured after ``--warmup`` for ``--duration`` seconds: output tokens/s (streamed token chunks
 arriving in the window), requests completed in the window, request latency p50/p99 and TTFT
@@ -41,6 +43,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -56,9 +59,11 @@ from gateway.engines.vllm import parse_gauge_sum
 from gateway.lab.metrics import quantile
 
 from .loadgen import MODEL, count_marks, fmt, ints, start_gateway, start_sim, word_range
-from .procs import cpu_share, proc_sample, run_benchmark, running
+from .procs import cpu_share, proc_sample, run_benchmark, running, stop_process
 
 TENANTS = 4
+#: ``clusterN``: N workers sharing Redis (README, "Scaling out"), the default admission.
+CLUSTER_MODE = "cluster"
 #: A gateway path that sets no ``kv_admission`` key; ``adaptive`` sets ``adaptive: true``.
 DEFAULT_MODE = "default"
 ADAPTIVE_MODE = "adaptive"
@@ -323,6 +328,28 @@ def gateway_config(sim_url: str, mode: str, max_num_seqs: int) -> dict[str, Any]
     }
 
 
+async def _cluster_path(
+    sim: Any, path: str, seqs: int, workdir: Path, opts: ParityOptions
+) -> dict[str, Any]:
+    """``clusterN``: ``serve --workers N`` sharing one fair order through a ``redis-server``
+    started for the run (the default admission, shared)."""
+    from .cluster_bench import redis_server, start_gateways
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (Debian package redis-server)")
+    workers = int(path[len(CLUSTER_MODE) :] or 1)
+    async with redis_server(binary) as url:
+        cfg = gateway_config(sim.url, DEFAULT_MODE, seqs)
+        cfg["listen"]["admin_port"] = 0
+        cfg["cluster"] = {"url": url}
+        gw, _ = await start_gateways(cfg, workdir, workers if workers > 1 else None)
+        try:
+            return await run_path(gw.url, sim.url, opts, {"sim": sim.pid, "gateway": gw.pid})
+        finally:
+            await stop_process(gw.proc)
+
+
 def _ratios(row: dict[str, Any], direct: dict[str, Any] | None) -> dict[str, Any] | None:
     if direct is None:
         return None
@@ -355,6 +382,8 @@ async def parity_benchmark(opts: ParityOptions, log: Callable[[str], None]) -> d
                 async with running(start_sim(None, *sim_args)) as (sim,):
                     if path == DIRECT:
                         row = await run_path(sim.url, sim.url, opts, {"sim": sim.pid})
+                    elif path.startswith(CLUSTER_MODE):
+                        row = await _cluster_path(sim, path, seqs, Path(tmp), opts)
                     else:
                         cfg = gateway_config(sim.url, path, seqs)
                         async with running(start_gateway(cfg, Path(tmp), None, True, False)) as (
@@ -435,7 +464,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--modes",
         default=",".join(d.modes),
         help="gateway paths after direct: default (no kv_admission key), a kv_admission mode "
-        "(reserve, peak, ...), adaptive (default: %(default)s)",
+        "(reserve, peak, ...), adaptive, clusterN (N workers sharing a redis-server started "
+        "for the run) (default: %(default)s)",
     )
     p.add_argument("--clients", type=int, default=d.clients, help="closed-loop chat clients")
     p.add_argument("--duration", type=float, default=d.duration, help="measured seconds per path")

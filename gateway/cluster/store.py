@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -500,14 +501,23 @@ class ClusterStore:
         calls: list[tuple[str, list[Any]]] = []
         runs = local.runs() if register or sync else {}
         kv = local.kv() if register or sync else {}
-        for backend, sizes in self._lease.items():  # leased slots are this replica's too
-            if sizes and (register or sync):
+        if register or sync:
+            for backend, sizes in self._lease.items():  # leased slots are this replica's too
                 kv[backend] = kv.get(backend, 0) + sum(sizes)
+            # the KV changes made here already that this round trip's operations make in
+            # Redis after the report (releases, bookings, forced claims): left out of it
+            for op in ops:
+                for backend, tokens in _kv_changes(op):
+                    kv[backend] = kv.get(backend, 0) - tokens
         if register:
             holdings = []  # the KV tokens its ledger plans for, else what it booked
+            moved: Counter[str] = Counter()  # sequences this round trip's releases and
+            for op in ops:  # bookings move after the registration (made here already)
+                if op.script == "slots":
+                    moved[op.args[0]] += int(op.args[1])
             for backend in {**self.held, **kv}:
                 seqs, tokens = self.held.get(backend, (0, 0))
-                holdings.append((backend, seqs, kv.get(backend, tokens)))
+                holdings.append((backend, seqs - moved[backend], kv.get(backend, tokens)))
             waiting = [(m, local.place(m, t, False), local.waiting(m, t)) for m, t in self._marked]
             calls.append(("register", register_args(holdings, waiting, runs.items())))
         built = time.monotonic()
@@ -671,6 +681,17 @@ def _retrieved(fut: asyncio.Future[ClaimResult]) -> None:
     """Done callback of a claim nobody awaits: its exception (Redis down) is expected."""
     if not fut.cancelled():
         fut.exception()
+
+
+def _kv_changes(op: _Op) -> list[tuple[str, int]]:
+    """(backend, KV tokens) an operation adds to this replica's bookings that the local ledger
+    made already: a release or booking, or a forced claim's adjustment of its leased slots."""
+    if op.script == "slots":
+        return [(op.args[0], int(op.args[2]))]
+    claim = op.claim
+    if claim is not None and claim.forced:
+        return [(claim.candidates[0].name, tokens) for _, tokens in claim.requests]
+    return []
 
 
 def changed(now: dict[str, int], told: dict[str, int]) -> list[tuple[str, int]]:
