@@ -212,9 +212,9 @@ class ClusterCore(DispatchCore):
         kind, _, name = message.partition(":")
         if kind == "c":
             self._uncap()
-        elif kind == "m":
-            self._full.pop(name, None)
-            self.pump(name)
+        elif kind == "m":  # the order changed; a queue refused for want of room waits for room
+            if name not in self._full:
+                self.pump(name)
         elif kind == "b":
             for b in self.admission.backends():
                 if b.name == name:

@@ -38,10 +38,15 @@ however its replicas come and go.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 Key = tuple[str, str]  # (model, tenant)
 
@@ -334,6 +339,21 @@ class ReplicaState:
     runs: dict[str, int] = field(default_factory=dict)
 
 
+def _operation(method: Callable[..., T]) -> Callable[..., T]:
+    """One of :class:`SharedState`'s operations: its wake-ups go out when it ends (or, inside
+    :meth:`SharedState.batch`, when the batch ends)."""
+
+    @functools.wraps(method)
+    def run(self: SharedState, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if not self._batching:
+                self._wake_released()
+
+    return run
+
+
 def _now_ms() -> float:
     return float(time.time_ns() // 1_000_000)
 
@@ -358,6 +378,9 @@ class SharedState:
         #: capped node -> its cap, as the last claim naming it said [P:caps]
         self.caps: dict[str, int] = {}
         self.wakes: list[tuple[str | None, str]] = []
+        #: backends sequences returned to in the operation (or batch) running: woken after it
+        self._released: list[str] = []
+        self._batching = False
 
     def order(self, model: str) -> ModelOrder:
         order = self.orders.get(model)
@@ -372,6 +395,7 @@ class SharedState:
         return state
 
     # -- the operations (one script each) --------------------------------------------------
+    @_operation
     def sync(
         self,
         replica: str,
@@ -411,6 +435,7 @@ class SharedState:
         used = tuple((self.slots.get(b, [0, 0])[0], self.slots.get(b, [0, 0])[1]) for b in backends)
         return SyncResult(known, live, counters, waiting, used)
 
+    @_operation
     def register(
         self,
         replica: str,
@@ -449,6 +474,7 @@ class SharedState:
         self.leases[replica] = now + lease_ms
         return True
 
+    @_operation
     def mark(
         self,
         replica: str,
@@ -471,6 +497,7 @@ class SharedState:
             self._unmark(replica, model, tenant)
         return self.order(model).counter(tenant)
 
+    @_operation
     def claim(self, replica: str, lease_ms: float, claim: Claim) -> ClaimResult | None:
         """Claim batch slots for the next requests of a tenant at this replica (``CLAIM``).
 
@@ -602,6 +629,7 @@ class SharedState:
             return "order", lower, None
         return "ok", lower, best
 
+    @_operation
     def add_slots(self, replica: str, lease_ms: float, backend: str, seqs: int, kv: int) -> bool:
         """Book (+) or return (-) slots without any check (``SLOTS``): a release, or a request
         moved to another backend after its first refused it. An unknown replica books nothing
@@ -611,6 +639,7 @@ class SharedState:
             self._add_slots(replica, backend, seqs, kv)
         return known
 
+    @_operation
     def leave(self, replica: str) -> None:
         """A replica shutting down (``LEAVE``): its slots return at once instead of after its
         lease, its tenants leave the backlog. No heartbeat: nobody else is reaped."""
@@ -739,25 +768,48 @@ class SharedState:
         counts[1] = max(0, counts[1] + kv)
         held[0] += seqs
         held[1] += kv
-        if seqs < 0:
+        if seqs < 0 and backend not in self._released:
+            self._released.append(backend)
+
+    def _wake_released(self) -> None:
+        """At the end of an operation, or of a batch of them (:meth:`batch`): wake-ups for
+        the backends sequences returned to (:meth:`_wake_for`), on the state as it is then, so
+        that a release and the releasing replica's own claims in one round trip wake nobody
+        for room those claims took."""
+        released, self._released = self._released, []
+        for backend in released:
             self._wake_for(backend)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run several operations as one round trip (``BATCH``): their wake-ups come once,
+        after the last."""
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+            self._wake_released()
 
     def _wake_for(self, backend: str) -> None:
         """Who hears ``b:<backend>`` when sequences return to a backend: the replicas where the
         tenants first in the order wait (:meth:`ModelOrder.tenants_in_order`), for each model a
         claim named the backend a candidate for, as many tenants (in order) as their demand (at
         least one request each) takes to fill the backend's room now (its sequence limit as the last
-        claim said, less its sequences in flight; at least one). Each such replica hears it once:
+        claim said, less its sequences in flight). Each such replica hears it once:
         their claims are the ones the room rule lets pass first, and a replica further back hears a
         later release or ``m:<model>``, or retries on a tick. With no model or limit known for the
-        backend (no claim named it yet), every replica hears it."""
+        backend (no claim named it yet), every replica hears it; with no room left (claims in
+        the same round trip took it), nobody."""
         msg = f"b:{backend}"
         models = self.models_of.get(backend)
         cap = self.capacity.get(backend)
         if not models or cap is None:
             self.wakes.append((None, msg))
             return
-        room = max(1, cap - self.slots.get(backend, [0, 0])[0])
+        room = cap - self.slots.get(backend, [0, 0])[0]
+        if room <= 0:
+            return
         sent: set[str] = set()
         for model in models:
             order = self.orders.get(model, ModelOrder())

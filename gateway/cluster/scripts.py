@@ -230,7 +230,8 @@ local function wake_for(backend)
     redis.call('PUBLISH', P .. ':wake', msg)
     return
   end
-  local room = math.max(1, cap - (num(redis.call('HGET', be, 's')) or 0))
+  local room = cap - (num(redis.call('HGET', be, 's')) or 0)
+  if room <= 0 then return end
   local sent = {}
   for _, model in ipairs(models) do
     local need, d = 0, P .. ':d:' .. model
@@ -256,6 +257,13 @@ local function wake_for(backend)
     end
   end
 end
+-- backends sequences returned to in this script (SharedState._released): woken at its end
+local released, released_set = {}, {}
+-- SharedState._wake_released
+local function wake_released()
+  for _, backend in ipairs(released) do wake_for(backend) end
+  released, released_set = {}, {}
+end
 -- SharedState._add_slots (clamped: never below zero, never more returned than held)
 local function add_slots(replica, backend, seqs, kv)
   local be = P .. ':be:' .. backend
@@ -270,7 +278,10 @@ local function add_slots(replica, backend, seqs, kv)
   if k < 0 then k = 0 end
   redis.call('HSET', be, 's', s, 'k', k)
   redis.call('HSET', hold, backend .. SEP .. 's', hs + seqs, backend .. SEP .. 'k', hk + kv)
-  if seqs < 0 then wake_for(backend) end
+  if seqs < 0 and not released_set[backend] then
+    released_set[backend] = true
+    released[#released + 1] = backend
+  end
 end
 -- SharedState._set_runs
 local function set_runs(replica, node, n)
@@ -558,6 +569,7 @@ while i <= #ARGV do
   out[#out + 1] = f(a)
   i = i + 2 + n
 end
+wake_released()
 return out
 """
 
@@ -577,7 +589,10 @@ _FUNCTIONS = _COMMON + "".join(
 
 #: name -> the full script text: each operation alone, and ``batch``
 SCRIPTS = {
-    **{name: f"{_FUNCTIONS}return op_{name}(ARGV)\n" for name in OPERATIONS},
+    **{
+        name: f"{_FUNCTIONS}local reply = op_{name}(ARGV)\nwake_released()\nreturn reply\n"
+        for name in OPERATIONS
+    },
     "batch": _FUNCTIONS + BATCH,
 }
 

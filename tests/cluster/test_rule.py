@@ -390,7 +390,8 @@ def run_script(client: redis.Redis, lua: Lua, sub: Any, seed: int, rule: SharedS
     client.flushdb()
     for i, ops in enumerate(calls(seed)):
         where = f"seed {seed}, call {i}: {ops}"
-        expected = [getattr(rule, method)(*args) for method, args in ops]
+        with rule.batch():  # (one operation alone: the same)
+            expected = [getattr(rule, method)(*args) for method, args in ops]
         got = lua.batch(ops) if seed % 3 else [lua.call(ops[0])]
         assert same(got, expected), f"{where}\n lua:  {got}\n rule: {expected}"
         want_wakes = sorted((channel(r), msg) for r, msg in rule.wakes)
