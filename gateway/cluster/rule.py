@@ -266,11 +266,12 @@ class ModelOrder:
                 self.demand.pop(at, None)
             at = self.up.get(at)
 
-    def enter(self, place: Place) -> None:
+    def enter(self, place: Place, lift: bool = True) -> None:
         """A tenant waits somewhere at ``place``: first every node is put under the parent the
         place names (a reload may have moved it: its demand moves along, and out of its old
         parent's backlog it goes), then, from the tenant up, each node not yet in its parent's
-        backlog enters it, lifted (:meth:`lift`), as long as it has a tenant waiting below."""
+        backlog enters it, lifted (:meth:`lift`; not with ``lift`` False: a registration),
+        as long as it has a tenant waiting below."""
         path = place.path
         for i, node in enumerate(path):
             parent, old = place.parent(i), self.up.get(node.name)
@@ -290,7 +291,9 @@ class ModelOrder:
             siblings = self.backlog.setdefault(parent, {})
             if node.name in siblings:
                 continue
-            siblings[node.name] = self.lift(node.name, parent, node.credit)
+            siblings[node.name] = (
+                self.lift(node.name, parent, node.credit) if lift else self.counter(node.name)
+            )
             if i == 0:
                 self.tiers[parent] = place.tier
 
@@ -452,7 +455,10 @@ class SharedState:
         Redis that restarted empty, a round trip whose outcome is unknown, a reload that moved
         tenants): holdings are set to what the replica says (the difference moves the
         backend's counts), tenants no longer waiting there are unmarked (in name order), the
-        others marked in the order given, each entering the backlog lifted without credit."""
+        others marked in the order given, each entering the backlog with its counter as it is:
+        a tenant a replica registers as waiting has been waiting there all along (through an
+        outage, or a Redis that restarted empty), so it is not lifted, and what it is owed for
+        an outage's unfairness it keeps."""
         _, now = self._heartbeat(replica, lease_ms)
         for backend, seqs, kv in holdings:
             held = self.replicas.get(replica, ReplicaState()).holds.get(backend, [0, 0])
@@ -470,7 +476,7 @@ class SharedState:
                 self._unmark(replica, *key)
         for model, place, n in wanted:
             bare = Place(tuple(Node(x.name, x.weight, 0.0, x.cap) for x in place.path), place.tier)
-            self._mark(replica, model, bare, n)
+            self._mark(replica, model, bare, n, lift=False)
         self.leases[replica] = now + lease_ms
         return True
 
@@ -682,10 +688,12 @@ class SharedState:
             out.append(c)
         return tuple(out)
 
-    def _mark(self, replica: str, model: str, place: Place, waiting: int) -> None:
+    def _mark(
+        self, replica: str, model: str, place: Place, waiting: int, lift: bool = True
+    ) -> None:
         """The tenant waits at ``replica`` (``waiting`` requests, at least one counted), at
         ``place``: it enters the backlog at the first replica where it waits, and each mark
-        puts its nodes where the place says (:meth:`ModelOrder.enter`)."""
+        puts its nodes where the place says (:meth:`ModelOrder.enter`, with ``lift``)."""
         state = self.replica(replica)
         tenant = place.tenant
         key = (model, tenant)
@@ -693,7 +701,7 @@ class SharedState:
         if key not in state.waits:
             state.waits.add(key)
             order.sites.setdefault(tenant, set()).add(replica)
-        order.enter(place)
+        order.enter(place, lift)
         self._set_demand(replica, model, tenant, max(1, waiting))
 
     def _unmark(self, replica: str, model: str, tenant: str) -> None:

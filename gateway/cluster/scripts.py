@@ -142,8 +142,8 @@ local function parent_of(p, j)
   if j > 1 then return p.name[j - 1] end
   return '~t' .. p.tier
 end
--- ModelOrder.enter
-local function enter(model, p)
+-- ModelOrder.enter (nolift: a registration's)
+local function enter(model, p, nolift)
   local up = P .. ':up:' .. model
   for j = 1, p.n do
     local node, parent = p.name[j], parent_of(p, j)
@@ -162,7 +162,9 @@ local function enter(model, p)
     local node, parent = p.name[j], parent_of(p, j)
     if j < p.n and redis.call('EXISTS', bl(model, node)) == 0 then break end
     if not redis.call('ZSCORE', bl(model, parent), node) then
-      redis.call('ZADD', bl(model, parent), lift(model, node, parent, p.credit[j]), node)
+      local c
+      if nolift then c = counter(model, node) else c = lift(model, node, parent, p.credit[j]) end
+      redis.call('ZADD', bl(model, parent), c, node)
       if j == 1 then redis.call('ZADD', P .. ':tiers:' .. model, tonumber(p.tier), parent) end
     end
   end
@@ -198,13 +200,13 @@ local function set_demand(replica, model, tenant, n)
   add_demand(model, tenant, n - old)
 end
 -- SharedState._mark
-local function mark(replica, model, p, waiting)
+local function mark(replica, model, p, waiting, nolift)
   local tenant = p.name[p.n]
   if redis.call('SADD', P .. ':rq:' .. replica, model .. SEP .. tenant) == 1 then
     redis.call('SADD', P .. ':w:' .. model .. SEP .. tenant, replica)
     redis.call('HINCRBY', P .. ':q:' .. model, tenant, 1)
   end
-  enter(model, p)
+  enter(model, p, nolift)
   set_demand(replica, model, tenant, math.max(1, waiting))
 end
 -- SharedState._unmark
@@ -416,7 +418,7 @@ for _, m in ipairs(sorted_members(P .. ':rq:' .. replica)) do
     unmark(replica, model, tenant)
   end
 end
-for _, e in ipairs(entries) do mark(replica, e[1], e[3], e[2]) end
+for _, e in ipairs(entries) do mark(replica, e[1], e[3], e[2], true) end
 redis.call('ZADD', P .. ':replicas', now + tonumber(ARGV[3]), replica)
 return 1
 """

@@ -46,7 +46,7 @@ async def test_replicas_fill_the_batch_with_predicted_bookings(
     redis_server: RedisServer, mode: str, most: int
 ) -> None:
     gw = {"tenants": tenants(("a", 1), ("b", 1))}
-    sim = {"speed": 20.0, "max_num_seqs": SEQS, "max_model_len": CONTEXT}
+    sim = {"speed": 2.0, "max_num_seqs": SEQS, "max_model_len": CONTEXT}  # long enough to overlap
     sim |= {"kv_cache_tokens": KV, "median_output_tokens": 32}
     backend = {"max_kv_tokens": KV, "kv_admission": mode}
     async with replicas(redis_server, gw, seqs=SEQS, sim=sim, backend=backend) as r:

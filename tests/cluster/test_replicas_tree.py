@@ -62,10 +62,12 @@ class Replicas:
         return sum(s.dispatcher.core.pool(MODEL).service(tenant) for s in self.states)
 
     def settled(self) -> bool:
-        """Nothing running, held or queued at any replica."""
+        """Nothing running, held (or expected: a hold claim may still be in flight) or queued
+        at any replica."""
         return all(
             s.admission.in_flight() == 0
             and s.dispatcher.core.held() == 0
+            and s.dispatcher.core.next_hold_expiry() is None
             and s.dispatcher.core.total_queued() == 0
             for s in self.states
         )
