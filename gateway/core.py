@@ -486,6 +486,11 @@ class DispatchCore:
         """A reload changed tenants, weights or the tree (hook: a cluster replica tells the
         shared order where its waiting tenants sit now)."""
 
+    def arrived(self, job: Job) -> None:
+        """``job`` was just submitted: dispatch what its arrival lets in (hook: a cluster
+        replica skips the claim its arrival cannot change the answer to)."""
+        self.pump(job.model)
+
     def pump(self, model: str) -> None:
         """Dispatch ``model``'s queued jobs while the fair order's head fits on a backend."""
         sched = self._pools.get(model)

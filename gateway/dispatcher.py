@@ -101,7 +101,7 @@ class Dispatcher:
                 str(exc), retry_after=exc.retry_after, outcome="rejected_rate_limit"
             ) from exc
         self._waiting.add(job)
-        core.pump(job.model)
+        core.arrived(job)
         if fut.done():  # this pump granted it (an empty queue, a free slot): no wait, no timer
             return fut.result()
         try:

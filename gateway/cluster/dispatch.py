@@ -86,7 +86,7 @@ class ClusterAdmission(AdmissionController):
         super().release(reservation)
         booked = self._booked.pop(id(reservation), None)
         if booked is not None and self.store is not None:
-            self.store.release(*booked)
+            self.store.release(*booked, keep=True)
 
     def place(
         self,
@@ -133,6 +133,9 @@ class ClusterCore(DispatchCore):
         #: ``full_retry_ticks``
         self._capped: set[str] = set()
         self._capped_ticks = 0
+        #: model -> the tenant whose claim the shared order last refused outright (no room,
+        #: or another tenant first), while requests still wait here
+        self._refused: dict[str, str] = {}
 
     # -- LocalView ---------------------------------------------------------------------------
     def counter(self, model: str, node: str) -> float:
@@ -314,6 +317,21 @@ class ClusterCore(DispatchCore):
         self._done(job)
 
     # -- dispatch --------------------------------------------------------------------------------
+    def arrived(self, job: Job) -> None:
+        """A request joined a queue that waits already: if the head here is still the tenant
+        whose claim was just refused, the same claim would be refused again (what could change
+        the answer, a release or a change in the order, wakes this replica, and the tick
+        retries): no round trip for it. Its demand reaches the shared backlog with the next
+        round trip all the same (a mark)."""
+        tenant = self._refused.get(job.model)
+        if tenant is not None and job.model not in self._claiming:
+            sched = self._pools.get(job.model)
+            if sched is not None and sched.total_queued() > 1:
+                head = sched.peek(self.clock())
+                if head is not None and head.tenant == tenant:
+                    return
+        self.pump(job.model)
+
     def pump(self, model: str) -> None:
         store = self.store
         if store is None or not store.up:
@@ -367,6 +385,17 @@ class ClusterCore(DispatchCore):
         store.granted(model, job.tenant, cost, size, self._candidate(backend), slot)
         return True
 
+    def _leases_cover(self, model: str, store: ClusterStore, holds: list[Hold]) -> bool:
+        """Whether slots this replica leased on one backend fit every expected request of
+        ``holds`` while nobody waits for ``model`` anywhere: then a hold claim (a round trip
+        the request may arrive during) is not needed; each will be granted alone."""
+        for backend in self.admission.serving(model):
+            if backend.healthy:
+                sizes = [self._size(h.job, backend) for h in holds]
+                if store.leases_fit(model, backend.name, sizes):
+                    return True
+        return False
+
     @staticmethod
     def _candidate(backend: BackendSlots) -> Candidate:
         return Candidate(backend.name, backend.cap, backend.kv_budget)
@@ -387,6 +416,9 @@ class ClusterCore(DispatchCore):
                     self.cancel(job)  # its owner is gone and will withdraw it
                     continue
                 holds = self._pending_holds(sched, model, now, passed)
+                self._refused.pop(model, None)
+                if job is None and holds and self._leases_cover(model, store, holds):
+                    return  # idle: the expected requests will be granted on leased slots
                 if job is None and not holds:
                     return
                 if not store.up:
@@ -433,11 +465,14 @@ class ClusterCore(DispatchCore):
                 if res.status == "cap":
                     self._cap(job.tenant)
                     continue  # the next head here
-                if res.status == "full" or (res.status == "ok" and not res.room):
+                if res.status == "full" or not res.room:  # no room left, whatever the rest
                     self._full[model] = self.full_retry_ticks
+                    if not res.backends:
+                        self._refused[model] = job.tenant
                     return  # wait for a wake-up (a slot freed)
                 self._full.pop(model, None)
                 if not res.backends:
+                    self._refused[model] = job.tenant
                     return  # wait for a wake-up (the backlog changed) or the next tick
         finally:
             self._claiming.discard(model)

@@ -107,6 +107,9 @@ class _Op:
     claim: Claim | None = None
     #: a claim's flushed counters (the claimant's first), set when its batch is built
     flushed: list[Key] = field(default_factory=list)
+    #: news that may wait for the next round trip (the tick's at the latest): what a grant
+    #: on a leased slot tells the shared order, so it costs no round trip of its own
+    lazy: bool = False
 
 
 class ClusterStore:
@@ -240,9 +243,10 @@ class ClusterStore:
         hold: bool = False,
         place: Place | None = None,
         forced: bool = False,
+        lazy: bool = False,
     ) -> asyncio.Future[ClaimResult]:
         """Queue a claim (see :meth:`claim`; ``forced``: see :meth:`granted`; ``place`` given:
-        a lease, see :meth:`lease`); its future."""
+        a lease, see :meth:`lease`; ``lazy``: see :attr:`_Op.lazy`); its future."""
         waiting = max(waiting, len(requests))
         leasing = place is not None
         if place is None:
@@ -257,7 +261,7 @@ class ClusterStore:
         )
         fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         key = (model, tenant)
-        op = _Op("claim", [], key, claim=claim)
+        op = _Op("claim", [], key, claim=claim, lazy=lazy)
         if forced:  # charged locally already: the claim charges it, the flushes must not
             for node in place.path:
                 k = (model, node.name)
@@ -313,15 +317,30 @@ class ClusterStore:
         fits = [size for size in self._lease.get(backend, ()) if size >= tokens]
         return min(fits) if fits else None
 
+    def leases_fit(self, model: str, backend: str, tokens: list[int]) -> bool:
+        """Whether requests of ``model`` needing ``tokens`` KV tokens each could all be granted
+        alone on slots leased on ``backend`` (:meth:`lease_for`)."""
+        if not self._idle(model):
+            return False
+        free = sorted(self._lease.get(backend, ()))
+        for need in sorted(tokens):
+            i = next((i for i, size in enumerate(free) if size >= need), None)
+            if i is None:
+                return False
+            del free[i]
+        return True
+
     def leased(self) -> dict[str, tuple[int, int]]:
         """backend -> (slots, KV tokens) leased there and not used yet."""
         return {b: (len(sizes), sum(sizes)) for b, sizes in self._lease.items() if sizes}
 
-    def _idle(self, model: str) -> bool:
+    def _idle(self, model: str | None = None) -> bool:
+        """Whether the view is fresh (at most ``view_s`` old) and has nobody waiting for
+        ``model`` anywhere (None: for any model)."""
         view = self._view
         if not self.up or view is None or time.monotonic() - view[0] > self.view_s:
             return False
-        return not view[1].get(model, True)
+        return not (any(view[1].values()) if model is None else view[1].get(model, True))
 
     def granted(
         self, model: str, tenant: str, cost: float, tokens: int, backend: Candidate, slot: int
@@ -336,11 +355,11 @@ class ClusterStore:
         self.stats.alone += 1
         waiting = self.local.waiting(model, tenant) + 1
         requests = [(cost, tokens - slot)]
-        fut = self._claim(model, tenant, requests, waiting, [backend], None, forced=True)
+        fut = self._claim(model, tenant, requests, waiting, [backend], None, forced=True, lazy=True)
         fut.add_done_callback(_retrieved)
-        self.lease(model, backend, slot)
+        self.lease(model, backend, slot, lazy=True)
 
-    def lease(self, model: str, backend: Candidate, size: int) -> None:
+    def lease(self, model: str, backend: Candidate, size: int, lazy: bool = False) -> None:
         """Lease slots of ``size`` KV tokens on ``backend`` for requests of ``model`` to come
         (up to ``lease_slots`` per backend, in one claim), while the view is idle and shows a
         free sequence: a hold claim at a place below every tier, so that the order and the
@@ -357,13 +376,19 @@ class ClusterStore:
 
         def on_result(res: ClaimResult) -> None:
             for b in res.backends:
-                self._lease.setdefault(b, []).append(size)
+                leased = self._lease.setdefault(b, [])
+                if len(leased) < self.lease_slots:
+                    leased.append(size)
+                else:  # slots kept meanwhile (:meth:`release`) filled the leases already
+                    self._slots(b, -1, -size, lazy=True)
 
         def done(_: asyncio.Future[ClaimResult]) -> None:
             self._leasing[name] -= want
 
         requests = [(0.0, size)] * want
-        fut = self._claim(model, LEASE.tenant, requests, 0, [backend], on_result, True, LEASE)
+        fut = self._claim(
+            model, LEASE.tenant, requests, 0, [backend], on_result, True, LEASE, lazy=lazy
+        )
         fut.add_done_callback(done)
         fut.add_done_callback(_retrieved)
 
@@ -379,19 +404,34 @@ class ClusterStore:
         Redis hears of it now if up, else from the next registration."""
         self._slots(backend, 1, tokens)
 
-    def release(self, backend: str, tokens: int) -> None:
-        self._slots(backend, -1, -tokens)
+    def release(self, backend: str, tokens: int, keep: bool = False) -> None:
+        """Give back a slot of ``tokens`` KV tokens on ``backend``. ``keep`` (a request
+        ended): while the view shows nobody waiting anywhere, the slot stays leased instead
+        (up to ``lease_slots``), which costs nothing, or else goes back with the next tick's
+        round trip: nobody needs it sooner."""
+        idle = keep and self._idle()
+        if idle:
+            leased = self._lease.setdefault(backend, [])
+            if len(leased) < self.lease_slots:
+                leased.append(tokens)
+                return
+        self._slots(backend, -1, -tokens, lazy=idle)
 
-    def _slots(self, backend: str, seqs: int, tokens: int) -> None:
+    def _slots(self, backend: str, seqs: int, tokens: int, lazy: bool = False) -> None:
         held = self.held.setdefault(backend, [0, 0])
         held[0] = max(0, held[0] + seqs)
         held[1] = max(0, held[1] + tokens)
         if self.up:
-            self._push(_Op("slots", slots_args(backend, seqs, tokens)))
+            self._push(_Op("slots", slots_args(backend, seqs, tokens), lazy=lazy))
 
     def _push(self, op: _Op) -> None:
         self._ops.append(op)
-        self._kick.set()
+        if not op.lazy:
+            self._kick.set()
+
+    def _news(self) -> bool:
+        """Whether something queued must go out now (not only lazy news)."""
+        return bool(self._dirty) or any(not op.lazy for op in self._ops)
 
     # -- the writer ---------------------------------------------------------------------------
     async def _writer(self) -> None:
@@ -407,7 +447,7 @@ class ClusterStore:
             now = loop.time()
             if not self.up:  # only the tick tries again; news waits for the registration
                 await asyncio.sleep(max(0.0, next_tick - now))
-            elif not self._ops and not self._dirty and now < next_tick:
+            elif now < next_tick and not self._news():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(next_tick - now):
                         await self._kick.wait()
@@ -451,8 +491,9 @@ class ClusterStore:
                     marks.append(self._mark_op(key, want))
         self._dirty.clear()
         register = self._register_due or not self.up
-        if not (full or register or ops or marks):
-            return  # nothing to say between ticks
+        if not (full or register or marks) and all(op.lazy for op in ops):
+            self._ops[:0] = ops  # nothing to say between ticks that cannot wait for one
+            return
         if register:  # the registration carries the whole waiting set
             marks = []
             self._marked = {k for k in self._active if local.waiting(*k)}
