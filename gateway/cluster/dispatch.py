@@ -35,7 +35,7 @@ from ..core import DispatchCore, Grant, Hold
 from ..dispatcher import Dispatcher
 from ..scheduler import TIERS, Job, Scheduler
 from .rule import Candidate, ClaimResult, Node, Place
-from .store import ClusterStore, ClusterUnavailable
+from .store import ClusterStore, ClusterUnavailable, retrieved
 
 
 def default_replica_id() -> str:
@@ -454,10 +454,12 @@ class ClusterCore(DispatchCore):
                 ) -> None:
                     self._claimed(sched, jobs, sizes, res)
 
+                head = store.claim(
+                    model, job.tenant, requests, self._demand(sched, job), candidates, on_result
+                )
+                self._claim_runner_up(sched, job, store, serving[0], candidates)
                 try:
-                    res = await store.claim(
-                        model, job.tenant, requests, self._demand(sched, job), candidates, on_result
-                    )
+                    res = await head
                 except ClusterUnavailable:
                     continue  # the store is down now: the next pass decides locally
                 if model in self._again:
@@ -476,6 +478,44 @@ class ClusterCore(DispatchCore):
                     return  # wait for a wake-up (the backlog changed) or the next tick
         finally:
             self._claiming.discard(model)
+
+    def _claim_runner_up(
+        self,
+        sched: Scheduler,
+        head: Job,
+        store: ClusterStore,
+        backend: BackendSlots,
+        candidates: list[Candidate],
+    ) -> None:
+        """With the head's claim, in the same round trip, one for the next request of the
+        tenant that comes after the head's here (the least counter of the others waiting). The
+        counters here lag the other replicas' charges by up to a sync, so the shared order may
+        well put that tenant first; granted here, it needs no wake-up and claim of its own. The
+        shared order checks it like any claim, and the reply sets the local counters first, so
+        the grant is dispatched only if its job is the head here then (else the slot goes back:
+        :meth:`_claimed`)."""
+        best: tuple[float, str] | None = None
+        for tenant in sched.backlogged():
+            if tenant == head.tenant or tenant in self._paused or tenant in self._capped:
+                continue
+            c = sched.node_counter(tenant)
+            if best is None or c < best[0]:
+                best = (c, tenant)
+        if best is None:
+            return
+        (job,) = sched.queued_jobs(best[1], 1)
+        if self._is_live is not None and not self._is_live(job):
+            return
+        size = self._size(job, backend)
+
+        def on_result(res: ClaimResult) -> None:
+            self._claimed(sched, [job], (size,), res)
+
+        requests = [(sched.dispatch_cost(job), size)]
+        fut = store.claim(
+            job.model, job.tenant, requests, self._demand(sched, job), candidates, on_result
+        )
+        fut.add_done_callback(retrieved)
 
     def _demand(self, sched: Scheduler, job: Job) -> int:
         """What ``job``'s tenant waits for here: its queued requests and the expected ones

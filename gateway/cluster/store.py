@@ -209,44 +209,36 @@ class ClusterStore:
         self._register_due = True
         self._kick.set()
 
-    async def claim(
+    def claim(
         self,
         model: str,
         tenant: str,
         requests: Sequence[tuple[float, int]],
         waiting: int,
         candidates: Iterable[Candidate],
-        on_result: Callable[[ClaimResult], None],
-        hold: bool = False,
-    ) -> ClaimResult:
-        """Ask for slots for ``tenant``'s next requests, ``(cost, tokens)`` each: the head
-        request and those queued behind it, granted in order while the tenant keeps its place
-        (:meth:`gateway.cluster.rule.SharedState.claim`). The claim carries the tenant's unsent
-        charges. ``on_result`` runs synchronously inside the writer as the reply is processed
-        (so the local pops and the counter mirror move together); the result is also returned.
-        ``waiting``: the tenant's requests waiting here, these included (the demand that tenants
-        behind it in the order must leave room for). ``hold``: one slot for the expected next
-        request of a tenant waiting nowhere, checked against the order but charged nothing
-        (``requests`` holds its size). Raises :class:`ClusterUnavailable`."""
-        if not self.up:
-            raise ClusterUnavailable
-        return await self._claim(model, tenant, requests, waiting, candidates, on_result, hold)
-
-    def _claim(
-        self,
-        model: str,
-        tenant: str,
-        requests: Sequence[tuple[float, int]],
-        waiting: int,
-        candidates: Iterable[Candidate],
-        on_result: Callable[[ClaimResult], None] | None,
+        on_result: Callable[[ClaimResult], None] | None = None,
+        *,
         hold: bool = False,
         place: Place | None = None,
         forced: bool = False,
         lazy: bool = False,
     ) -> asyncio.Future[ClaimResult]:
-        """Queue a claim (see :meth:`claim`; ``forced``: see :meth:`granted`; ``place`` given:
-        a lease, see :meth:`lease`; ``lazy``: see :attr:`_Op.lazy`); its future."""
+        """Ask for slots for ``tenant``'s next requests, ``(cost, tokens)`` each: the head
+        request and those queued behind it, granted in order while the tenant keeps its place
+        (:meth:`gateway.cluster.rule.SharedState.claim`); queued at once, the future resolves
+        when the reply is in (:class:`ClusterUnavailable` if Redis is down or goes down). The
+        claim carries the tenant's unsent charges. ``on_result`` runs synchronously inside the
+        writer as the reply is processed (so the local pops and the counter mirror move
+        together), after the counters of the tenant's path are set to Redis's. ``waiting``:
+        the tenant's requests waiting here, these included (the demand that tenants behind it
+        in the order must leave room for). ``hold``: one slot for the expected next request of
+        a tenant waiting nowhere, checked against the order but charged nothing (``requests``
+        holds its size). ``forced``: see :meth:`granted`; ``place`` given: a lease, see
+        :meth:`lease`; ``lazy``: see :attr:`_Op.lazy`."""
+        if not self.up:
+            fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
+            fut.set_exception(ClusterUnavailable())
+            return fut
         waiting = max(waiting, len(requests))
         leasing = place is not None
         if place is None:
@@ -259,7 +251,7 @@ class ClusterStore:
             tuple(candidates),
             forced=forced,
         )
-        fut: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
+        fut = asyncio.get_running_loop().create_future()
         key = (model, tenant)
         op = _Op("claim", [], key, claim=claim, lazy=lazy)
         if forced:  # charged locally already: the claim charges it, the flushes must not
@@ -287,9 +279,10 @@ class ClusterStore:
                 if not hold and len(res.backends) >= waiting:
                     self._marked.discard(key)
                     self._dirty.add(key)
-            if on_result is not None:
-                on_result(res)  # the local pops (or, if a job left meanwhile, a release)
             if reply is not None and not leasing:
+                # the shared counters first (the script's charge for the grants taken out,
+                # which the local pops make next), so that the local order is the shared one
+                # when the grants are dispatched
                 cost = 0.0 if hold or forced else sum(e for e, _ in requests[: len(res.backends)])
                 for node, remote in zip(place.path, res.counters, strict=True):
                     self._apply((model, node.name), remote, cost / node.weight)
@@ -297,6 +290,8 @@ class ClusterStore:
                 for other, remote in zip(op.flushed[1:], res.flushed[1:], strict=True):
                     if other not in path:
                         self._apply(other, remote)
+            if on_result is not None:
+                on_result(res)  # the local pops (or, if a job left meanwhile, a release)
             if not fut.done():
                 fut.set_result(res)
 
@@ -355,8 +350,8 @@ class ClusterStore:
         self.stats.alone += 1
         waiting = self.local.waiting(model, tenant) + 1
         requests = [(cost, tokens - slot)]
-        fut = self._claim(model, tenant, requests, waiting, [backend], None, forced=True, lazy=True)
-        fut.add_done_callback(_retrieved)
+        fut = self.claim(model, tenant, requests, waiting, [backend], forced=True, lazy=True)
+        fut.add_done_callback(retrieved)
         self.lease(model, backend, slot, lazy=True)
 
     def lease(self, model: str, backend: Candidate, size: int, lazy: bool = False) -> None:
@@ -386,11 +381,12 @@ class ClusterStore:
             self._leasing[name] -= want
 
         requests = [(0.0, size)] * want
-        fut = self._claim(
-            model, LEASE.tenant, requests, 0, [backend], on_result, True, LEASE, lazy=lazy
-        )
+        fut = self.claim(
+            model, LEASE.tenant, requests, 0, [backend], on_result,
+            hold=True, place=LEASE, lazy=lazy,
+        )  # fmt: skip
         fut.add_done_callback(done)
-        fut.add_done_callback(_retrieved)
+        fut.add_done_callback(retrieved)
 
     def _return_leases(self) -> None:
         """A tenant waits somewhere: the leased slots go back (the shared order decides)."""
@@ -718,7 +714,7 @@ class ClusterStore:
 LEASE = Place((Node("~lease"),), -1000)
 
 
-def _retrieved(fut: asyncio.Future[ClaimResult]) -> None:
+def retrieved(fut: asyncio.Future[ClaimResult]) -> None:
     """Done callback of a claim nobody awaits: its exception (Redis down) is expected."""
     if not fut.cancelled():
         fut.exception()
