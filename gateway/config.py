@@ -542,15 +542,9 @@ def _check_keys(r: _Reader, nodes: tuple[TenantNode, ...], where: dict[str, str]
 
 
 def _check_cluster(r: _Reader, config: GatewayConfig, cluster: ClusterConfig) -> None:
-    """With a ``cluster`` section: a lease of several syncs and a counter policy."""
+    """With a ``cluster`` section: a lease of several syncs."""
     if cluster.lease_s < 5 * cluster.sync_interval_s:
         r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)
-    if config.scheduler.policy not in CLUSTER_POLICIES:
-        r.fail(
-            "scheduler.policy",
-            f"must be one of {', '.join(CLUSTER_POLICIES)} with a cluster section",
-            config.scheduler.policy,
-        )
 
 
 def parse_tenant_tree(raw: Any, where: str = "tenants") -> tuple[TenantNode, ...]:

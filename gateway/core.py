@@ -340,6 +340,11 @@ class DispatchCore:
         """Waiting jobs of a tenant or of a group's whole subtree, in every pool."""
         return sum(p.queued_under(node) for p in self._pools.values())
 
+    def queued_elsewhere(self, node: str) -> int:
+        """Jobs of a tenant or of a group's subtree waiting at other gateway processes, which
+        count against its ``max_queued`` too (hook: a cluster replica's view; none here)."""
+        return 0
+
     def total_queued(self) -> int:
         return sum(p.total_queued() for p in self._pools.values())
 

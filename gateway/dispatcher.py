@@ -123,16 +123,17 @@ class Dispatcher:
         limits = core.tenant_limits().get(tenant)
         if limits is None:  # removed by a reload after this request was authenticated
             raise Unauthorized(TENANT_REMOVED)
-        if limits.max_queued is not None and core.queued(tenant) >= limits.max_queued:
+        cap = limits.max_queued
+        if cap is not None and core.queued(tenant) + core.queued_elsewhere(tenant) >= cap:
             raise RateLimited(
-                f"too many queued requests for this tenant (limit {limits.max_queued})",
+                f"too many queued requests for this tenant (limit {cap})",
                 retry_after=1.0,
                 outcome="rejected_queue_full",
             )
         groups = core.group_limits()
         for name in core.path(tenant) if groups else ():
             cap = groups[name].max_queued
-            if cap is not None and core.queued_under(name) >= cap:
+            if cap is not None and core.queued_under(name) + core.queued_elsewhere(name) >= cap:
                 raise RateLimited(
                     f"too many queued requests for group {name!r} (limit {cap})",
                     retry_after=1.0,

@@ -34,8 +34,13 @@ from ..admission import AdmissionController, BackendSlots, Reservation, planned_
 from ..core import DispatchCore, Grant, Hold
 from ..dispatcher import Dispatcher
 from ..scheduler import TIERS, Job, Scheduler
-from .rule import Candidate, ClaimResult, Node, Place
+from ..scheduler.baselines import RPMScheduler
+from .rule import TALLY, Candidate, ClaimResult, Node, Place
 from .store import ClusterStore, ClusterUnavailable, retrieved
+
+SEP = "\x1f"
+QUEUED = f"{TALLY}q{SEP}"  # + tenant: requests queued at a replica
+ADMITTED = f"{TALLY}a{SEP}"  # + model, SEP, tenant: admitted at a replica in the last minute
 
 
 def default_replica_id() -> str:
@@ -138,11 +143,23 @@ class ClusterCore(DispatchCore):
         self._refused: dict[str, str] = {}
 
     # -- LocalView ---------------------------------------------------------------------------
+    # A policy whose order is not its counters' (``fcfs``, ``rpm``) shares none: they read 0
+    # here and are charged nothing in claims, so the shared order has every tenant of a tier
+    # level with the others (it keeps the tiers, the caps and the room rule), and each replica
+    # serves its own queue in its policy's order.
     def counter(self, model: str, node: str) -> float:
-        return self.pool(model).node_counter(node)
+        pool = self.pool(model)
+        return pool.node_counter(node) if pool.counts_order else 0.0
 
     def set_counter(self, model: str, node: str, value: float) -> None:
-        self.pool(model).set_node_counter(node, value)
+        pool = self.pool(model)
+        if pool.counts_order:
+            pool.set_node_counter(node, value)
+
+    @staticmethod
+    def _cost(sched: Scheduler, job: Job) -> float:
+        """What the shared order charges for dispatching ``job`` (as the pop will here)."""
+        return sched.dispatch_cost(job) if sched.counts_order else 0.0
 
     def waiting(self, model: str, tenant: str) -> int:
         pool = self._pools.get(model)
@@ -154,16 +171,57 @@ class ClusterCore(DispatchCore):
 
     def runs(self) -> dict[str, int]:
         """Per capped node (``max_in_flight``): its requests running here and the slots held
-        here for its next ones (what the shared order counts against its cap)."""
-        if not self._caps:
-            return {}
+        here for its next ones (what the shared order counts against its cap); and the tallies
+        other replicas limit against (:meth:`tallies`)."""
         out = {node: self._in_flight(node) for node in self._caps}
-        for hold in self._holds:
+        for hold in self._holds if out else ():
             if hold.grant is not None:
                 for node in (hold.job.tenant, *self.path(hold.job.tenant)):
                     if node in out:
                         out[node] += 1
+        out.update(self.tallies())
         return out
+
+    def tallies(self) -> dict[str, int]:
+        """Counts limited over all replicas (:data:`gateway.cluster.rule.TALLY`): per tenant
+        its requests queued here (``~q<SEP><tenant>``: ``max_queued``) and, under ``rpm``, per
+        model and tenant those admitted here in the last minute (``~a<SEP><model><SEP>``
+        ``<tenant>``)."""
+        queued: Counter[str] = Counter()
+        out: dict[str, int] = {}
+        now = self.clock()
+        for model, pool in self._pools.items():
+            for tenant in pool.backlogged():
+                queued[tenant] += pool.queued(tenant)
+            if isinstance(pool, RPMScheduler):
+                for tenant, n in pool.admitted(now).items():
+                    out[f"{ADMITTED}{model}{SEP}{tenant}"] = n
+        out.update((f"{QUEUED}{tenant}", n) for tenant, n in queued.items())
+        return out
+
+    def queued_elsewhere(self, node: str) -> int:
+        store = self.store
+        if store is None:
+            return 0
+        if node in self._tenants:
+            return store.tally_elsewhere(f"{QUEUED}{node}")
+        return sum(  # a group: its tenants'
+            n for t, n in store.tallies_elsewhere(QUEUED).items() if node in self.path(t)
+        )
+
+    def pool(self, model: str) -> Scheduler:
+        new = model not in self._pools
+        sched = super().pool(model)
+        if new and isinstance(sched, RPMScheduler):  # the limit counts every replica's
+
+            def elsewhere(tenant: str, model: str = model) -> int:
+                store = self.store
+                return (
+                    0 if store is None else store.tally_elsewhere(f"{ADMITTED}{model}{SEP}{tenant}")
+                )
+
+            sched.elsewhere = elsewhere
+        return sched
 
     def kv(self) -> dict[str, int]:
         """Per backend, the KV tokens this replica's admission ledger plans for what it runs
@@ -376,7 +434,7 @@ class ClusterCore(DispatchCore):
                 break
         else:
             return False
-        cost = sched.dispatch_cost(job)
+        cost = self._cost(sched, job)
         admission.claimed = True
         try:
             self.commit(sched, job, backend, now)
@@ -444,7 +502,7 @@ class ClusterCore(DispatchCore):
                 # what each grant charges, as pop will (a busy tenant's expected output too),
                 # and books
                 booked = tuple(self._size(j, serving[0]) for j in jobs)
-                requests = [(sched.dispatch_cost(j), n) for j, n in zip(jobs, booked, strict=True)]
+                requests = [(self._cost(sched, j), n) for j, n in zip(jobs, booked, strict=True)]
 
                 def on_result(
                     res: ClaimResult,
@@ -511,7 +569,7 @@ class ClusterCore(DispatchCore):
         def on_result(res: ClaimResult) -> None:
             self._claimed(sched, [job], (size,), res)
 
-        requests = [(sched.dispatch_cost(job), size)]
+        requests = [(self._cost(sched, job), size)]
         fut = store.claim(
             job.model, job.tenant, requests, self._demand(sched, job), candidates, on_result
         )

@@ -55,6 +55,14 @@ Key = tuple[str, str]  # (model, tenant)
 ORDER_TOLERANCE = 1e-9
 
 
+#: The first character of a *tally*'s name: a count each replica reports with its running
+#: requests per capped node (``runs``, set per replica and summed over replicas, as those are)
+#: that no claim checks, and that every sync's reply returns summed: what a replica limits
+#: against what waits or was admitted elsewhere (``max_queued``, the ``rpm`` policy's limit).
+#: No configured name starts with it.
+TALLY = "~"
+
+
 def root(tier: int) -> str:
     """The name of a tier's root in the shared order (no configured name starts with ``~``)."""
     return f"~t{tier}"
@@ -151,6 +159,9 @@ class SyncResult:
     waiting: tuple[bool, ...] = ()
     #: per backend asked about: (sequences, KV tokens) booked, all replicas together
     used: tuple[tuple[int, int], ...] = ()
+    #: every tally (a reported count named ``~...``: :data:`TALLY`), all replicas together,
+    #: in name order
+    tallies: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +434,7 @@ class SharedState:
         KV); ``known`` False tells it to register again. The reply also says, per model of
         ``models``, whether a tenant waits for it anywhere and, per backend of ``backends``,
         its sequences and KV tokens booked: the view a replica grants from without asking
-        (a claim's ``forced``)."""
+        (a claim's ``forced``), and every tally (:data:`TALLY`) summed over the replicas."""
         known, _ = self._heartbeat(replica, lease_ms)
         live = len(self.leases)
         if known:
@@ -436,7 +447,8 @@ class SharedState:
         counters = self._flush(flushes)
         waiting = tuple(bool(self.orders[m].tiers) if m in self.orders else False for m in models)
         used = tuple((self.slots.get(b, [0, 0])[0], self.slots.get(b, [0, 0])[1]) for b in backends)
-        return SyncResult(known, live, counters, waiting, used)
+        tallies = tuple(sorted((n, c) for n, c in self.running.items() if n.startswith(TALLY)))
+        return SyncResult(known, live, counters, waiting, used, tallies)
 
     @_operation
     def register(

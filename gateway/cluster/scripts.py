@@ -346,9 +346,10 @@ end
 """
 
 #: SharedState.sync. ARGV: P, replica, lease_ms, r, (node, requests running) per capped node
-#: (r), k, (backend, KV tokens) per backend (k), m, model * m, b, backend * b, then (model,
-#: node, base, sent) per flush. Returns {known, live replicas, m, b, 1/0 per model (a tenant
-#: waits for it), (sequences, KV tokens) per backend, counter per flush...}.
+#: or tally (r), k, (backend, KV tokens) per backend (k), m, model * m, b, backend * b, then
+#: (model, node, base, sent) per flush. Returns {known, live replicas, m, b, t, 1/0 per model
+#: (a tenant waits for it), (sequences, KV tokens) per backend, (name, sum) per tally (t),
+#: counter per flush...}.
 SYNC = r"""
 local replica = ARGV[2]
 local known = heartbeat(replica, tonumber(ARGV[3]))
@@ -366,7 +367,15 @@ if known then
   end
 end
 local counters = flush(ARGV, i + 2 + m + b, #ARGV)
-local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas'), m, b}
+local tallies = {}
+local run = redis.call('HGETALL', P .. ':run')
+for j = 1, #run, 2 do
+  if string.sub(run[j], 1, 1) == '~' then
+    tallies[#tallies + 1] = run[j]
+    tallies[#tallies + 1] = run[j + 1]
+  end
+end
+local out = {known and 1 or 0, redis.call('ZCARD', P .. ':replicas'), m, b, #tallies / 2}
 for j = i + 1, i + m do
   out[#out + 1] = redis.call('EXISTS', P .. ':tiers:' .. ARGV[j])
 end
@@ -375,6 +384,7 @@ for j = i + 2 + m, i + 1 + m + b do
   out[#out + 1] = num(redis.call('HGET', be, 's')) or 0
   out[#out + 1] = num(redis.call('HGET', be, 'k')) or 0
 end
+for _, x in ipairs(tallies) do out[#out + 1] = x end
 for _, c in ipairs(counters) do out[#out + 1] = c end
 return out
 """
@@ -628,14 +638,16 @@ def sync_args(
 
 
 def sync_reply(raw: Sequence[Any]) -> SyncResult:
-    m, b = int(raw[2]), int(raw[3])
-    used = raw[4 + m : 4 + m + 2 * b]
+    m, b, t = int(raw[2]), int(raw[3]), int(raw[4])
+    used = raw[5 + m : 5 + m + 2 * b]
+    tallies = raw[5 + m + 2 * b : 5 + m + 2 * b + 2 * t]
     return SyncResult(
         bool(int(raw[0])),
         int(raw[1]),
-        tuple(float(c) for c in raw[4 + m + 2 * b :]),
-        tuple(bool(int(x)) for x in raw[4 : 4 + m]),
+        tuple(float(c) for c in raw[5 + m + 2 * b + 2 * t :]),
+        tuple(bool(int(x)) for x in raw[5 : 5 + m]),
         tuple((int(used[j]), int(used[j + 1])) for j in range(0, 2 * b, 2)),
+        tuple(sorted((_text(tallies[j]), int(tallies[j + 1])) for j in range(0, 2 * t, 2))),
     )
 
 

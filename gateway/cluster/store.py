@@ -136,7 +136,10 @@ class ClusterStore:
         #: slots this replica holds per backend: [sequences, KV tokens] (the truth it registers)
         self.held: dict[str, list[int]] = {}
         self._marked: set[Key] = set()  # tenants Redis believes wait here
-        self._reported: dict[str, int] = {}  # capped node -> running here, as last sent
+        #: capped node -> running here, tally -> its count here, as last sent
+        self._reported: dict[str, int] = {}
+        #: every tally summed over the replicas, as the last sync said (:data:`rule.TALLY`)
+        self._tallies: dict[str, int] = {}
         self._reported_kv: dict[str, int] = {}  # backend -> KV demand here, as last sent
         #: (when, model -> a tenant waits for it, backend -> (seqs, KV) booked), from the
         #: last sync: what :meth:`lease_for` and :meth:`lease` go by
@@ -286,6 +289,8 @@ class ClusterStore:
                 cost = 0.0 if hold or forced else sum(e for e, _ in requests[: len(res.backends)])
                 for node, remote in zip(place.path, res.counters, strict=True):
                     self._apply((model, node.name), remote, cost / node.weight)
+                    if cost:  # a grant given back unpopped is refunded by the next flush,
+                        self._active.add((model, node.name))  # the groups' charge too
                 path = {(model, node.name) for node in place.path}
                 for other, remote in zip(op.flushed[1:], res.flushed[1:], strict=True):
                     if other not in path:
@@ -300,6 +305,26 @@ class ClusterStore:
             self._active.add(key)
         self._push(op)
         return fut
+
+    # -- tallies: counts limited over every replica ---------------------------------------------
+    def tally_elsewhere(self, name: str) -> int:
+        """The tally ``name`` (:data:`gateway.cluster.rule.TALLY`) at the other replicas, as
+        the last sync summed it less what this replica reported (0 while Redis is down: each
+        replica limits on its own then)."""
+        if not self.up:
+            return 0
+        return max(0, self._tallies.get(name, 0) - self._reported.get(name, 0))
+
+    def tallies_elsewhere(self, prefix: str) -> dict[str, int]:
+        """:meth:`tally_elsewhere` for every tally named ``prefix...``, by the rest of its
+        name (those above 0)."""
+        out = {}
+        for name in self._tallies if self.up else ():
+            if name.startswith(prefix):
+                n = self.tally_elsewhere(name)
+                if n > 0:
+                    out[name[len(prefix) :]] = n
+        return out
 
     # -- leased slots: granting without a round trip -----------------------------------------
     def lease_for(self, model: str, backend: str, tokens: int) -> int | None:
@@ -629,6 +654,7 @@ class ClusterStore:
                 dict(zip(models, synced.waiting, strict=True)),
                 dict(zip(backends, synced.used, strict=True)),
             )
+            self._tallies = dict(synced.tallies)
             if any(synced.waiting):
                 self._return_leases()
         for op, raw in zip((*marks, *ops), results[i:], strict=True):

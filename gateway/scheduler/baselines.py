@@ -13,13 +13,14 @@ policy; they just do not influence the order.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .interface import Job, Prices, QueueRejected, Scheduler
 
 
 class FCFSScheduler(Scheduler):
     name = "fcfs"
+    counts_order = False
 
     def __init__(self, prices: Prices | None = None) -> None:
         super().__init__(prices)
@@ -91,18 +92,35 @@ class RPMScheduler(FCFSScheduler):
             raise ValueError(f"rpm_limit must be >= 1, got {rpm_limit!r}")
         self.rpm_limit = rpm_limit
         self._recent: dict[str, deque[float]] = {}
+        #: requests of a tenant admitted in the window elsewhere (other cluster replicas, as
+        #: their last sync said); they count against the limit too
+        self.elsewhere: Callable[[str], int] | None = None
 
-    def _admit(self, job: Job, now: float) -> None:
-        recent = self._recent.get(job.tenant)
+    def _window(self, tenant: str, now: float) -> deque[float]:
+        """The tenant's admission times within the last minute."""
+        recent = self._recent.get(tenant)
         if recent is None:
-            recent = self._recent[job.tenant] = deque()
+            recent = self._recent[tenant] = deque()
         horizon = now - self.window_s
         while recent and recent[0] <= horizon:
             recent.popleft()
-        if len(recent) >= self.rpm_limit:
+        return recent
+
+    def admitted(self, now: float) -> dict[str, int]:
+        """Per tenant, its requests admitted here within the last minute (those with any)."""
+        out = {t: len(self._window(t, now)) for t in list(self._recent)}
+        return {t: n for t, n in out.items() if n}
+
+    def _admit(self, job: Job, now: float) -> None:
+        recent = self._window(job.tenant, now)
+        others = self.elsewhere(job.tenant) if self.elsewhere is not None else 0
+        if len(recent) + others >= self.rpm_limit:
+            # (when only other replicas' admissions fill the window, their times are unknown
+            # here: the average spacing the limit allows)
+            wait = recent[0] + self.window_s - now if recent else self.window_s / self.rpm_limit
             raise QueueRejected(
                 f"tenant {job.tenant!r} is over its limit of {self.rpm_limit} requests per minute",
-                retry_after=recent[0] + self.window_s - now,
+                retry_after=wait,
             )
         recent.append(now)
         super()._admit(job, now)

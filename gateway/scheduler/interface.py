@@ -142,6 +142,9 @@ class Scheduler(ABC):
     #: whether the policy has a lift at all; a cluster replica turns it off on its pools while
     #: the shared order does the lift)
     lift: bool = False
+    #: whether the counters decide the order (the policy is fair by them); a cluster shares
+    #: the counters of such a policy only, and for the others only tiers and capacity
+    counts_order: bool = True
     #: an arrival this soon (seconds) after one of its tenant's requests finished is a
     #: resubmission (a concurrency-limited client sending its next request); 0: none is (the
     #: busy-tenant rules are off)

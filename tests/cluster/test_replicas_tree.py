@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
@@ -196,17 +197,20 @@ async def _send(http: httpx.AsyncClient, url: str, tenant: str, max_tokens: int)
     return resp.status_code
 
 
+@pytest.mark.parametrize("policy", ["vtc", "fcfs"])
 async def test_a_batch_tier_waits_for_interactive_work_on_the_other_replica(
-    redis_server: RedisServer,
+    redis_server: RedisServer, policy: str
 ) -> None:
     """c (tier batch) sends only through replica 0, a and b (interactive) only through replica
     1. With the interactive tier idle c takes every slot and queues more; then a and b flood
     replica 1: no replica dispatches c while an interactive request waits at any replica, and
-    the interactive requests overtake c's queued ones although replica 0 never sees them."""
+    the interactive requests overtake c's queued ones although replica 0 never sees them.
+    Under ``fcfs`` too (strict priority bands; no counters are shared)."""
     ts = tenants(("a", 1), ("b", 1), ("c", BATCH_WEIGHT))
     ts[2]["tier"] = "batch"
     sim = {"speed": 4.0, "max_num_seqs": SEQS}
-    async with replicas(redis_server, {"tenants": ts}, seqs=SEQS, sim=sim) as r:
+    gw = {"tenants": ts, "scheduler": {"policy": policy}}
+    async with replicas(redis_server, gw, seqs=SEQS, sim=sim) as r:
         log: list[tuple[str, int, int]] = []  # (tenant, interactive queued, batch queued)
 
         def seen(replica: int, job: Job) -> None:
@@ -229,6 +233,13 @@ async def test_a_batch_tier_waits_for_interactive_work_on_the_other_replica(
                 statuses = await asyncio.gather(*inter, *batch)
         assert statuses == [200] * (12 + 2 * SEQS)
         await r.assert_clean()
+        if policy == "fcfs":  # no counters shared: the order within a tier is each replica's
+            raw = aioredis.Redis.from_url(redis_server.url)
+            try:
+                counters = await raw.hgetall(f"{{vtc}}:c:{MODEL}")
+            finally:
+                await raw.aclose()
+            assert all(float(v) == 0 for v in counters.values()), counters
     assert [t for t, _, _ in log[:SEQS]] == ["c"] * SEQS, log
     later = log[SEQS:]
     # no batch dispatch, at either replica, while an interactive request waited

@@ -51,6 +51,7 @@ PLACES: dict[str, list[tuple[int, tuple[str, ...]]]] = {
 }
 WEIGHTS = {"g1": 2.0, "g2": 1.0, "g3": 0.5, "g4": 4.0, "a": 1.0, "b": 2.0, "c": 0.5, "d": 1.0}
 CAPS = {"a": 1, "g2": 2, "d": 3}  # max_in_flight (a reload may lift one)
+TALLIES = ("~q\x1fa", "~q\x1fb", "~a\x1fm0\x1fa")  # counts summed for each replica's view
 NODES = (*TENANTS, "g1", "g2", "g3", "g4")
 PARENTS = ("~t0", "~t-1", "g1", "g2", "g3", "g4")
 BACKENDS = ("b0", "b1", "b2")
@@ -292,8 +293,9 @@ def operations(seed: int) -> Iterator[Op]:
         )
         return Place(path, tier)
 
-    def runs() -> list[tuple[str, int]]:
-        return [(n, rng.randint(0, 3)) for n in rng.sample(sorted(CAPS), rng.randint(0, 2))]
+    def runs() -> list[tuple[str, int]]:  # capped nodes' running requests, and tallies
+        names = [*sorted(CAPS), *TALLIES]
+        return [(n, rng.randint(0, 3)) for n in rng.sample(names, rng.randint(0, 3))]
 
     def register(r: str) -> Op:
         holdings = [

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis import asyncio as aioredis
 
-from gateway.cluster.rule import Candidate, ClaimResult, Place, flat
+from gateway.cluster.rule import Candidate, ClaimResult, Node, Place, flat
 from gateway.cluster.store import ClusterStore, ClusterUnavailable
 
 from ..gateway.conftest import wait_for
@@ -276,6 +276,46 @@ async def test_dead_replica_slots_return_within_the_lease(redis_server: RedisSer
             assert be == {b"s": b"1", b"k": b"100"}  # r1's slot only: nothing leaked, none < 0
             # b's place in the queue went too
             assert await raw.zscore("{vtc}:bl:m\x1f~t0", "b") is None
+        finally:
+            await raw.aclose()
+
+
+class TeamLocal(FakeLocal):
+    """Every tenant in one group ``g``: a claim's path and its flushes cover two levels."""
+
+    def place(self, model: str, tenant: str, credit: bool = True) -> Place:
+        return Place((Node("g"), Node(tenant)))
+
+    def groups(self, model: str, tenant: str) -> tuple[str, ...]:
+        return ("g",)
+
+
+async def test_a_grant_given_back_unused_leaves_no_charge(redis_server: RedisServer) -> None:
+    """A claim's script charges its grants; the reply lowers the local counters by as much,
+    for the local pop to add it back. A grant given back instead (its job is no longer the
+    head here: another tenant came first meanwhile) was never served: the next round trips
+    must take the charge out of the shared counters at every level of the path, the group's
+    too, and the local counters must agree with them (a replica whose counters stayed a grant
+    below the shared ones would ask for the wrong tenant forever)."""
+    async with replica(redis_server, "r1") as (s1, l1):
+        team = TeamLocal()
+        team.waiting_set = l1.waiting_set
+        s1.local = team
+        await arrive(s1, team, "a")
+        res = await s1.claim(M, "a", [(30.0, 100)], 2, ONE_SLOT)
+        assert res.backends == ("b0",)
+        s1.release("b0", 100)  # given back: no local pop charges it
+        raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+
+            async def shared() -> dict[str, str]:
+                return await raw.hgetall("{vtc}:c:m")
+
+            deadline = time.monotonic() + 5
+            while (c := await shared()) != {"g": "0", "a": "0"}:
+                assert time.monotonic() < deadline, c
+                await _settled(s1)
+            assert (team.counter(M, "g"), team.counter(M, "a")) == (0.0, 0.0)
         finally:
             await raw.aclose()
 
