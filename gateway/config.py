@@ -508,7 +508,7 @@ def parse_config(raw: Any) -> GatewayConfig:
             sc.batch_min_share,
         )
     if config.cluster is not None:
-        _check_cluster(r, config, config.cluster)
+        _check_cluster(r, config.cluster)
     if not config.backends:
         r.fail("backends", "at least one backend is required", show=False)
     if not config.tenants:
@@ -541,7 +541,7 @@ def _check_keys(r: _Reader, nodes: tuple[TenantNode, ...], where: dict[str, str]
             seen[digest] = tenant.name
 
 
-def _check_cluster(r: _Reader, config: GatewayConfig, cluster: ClusterConfig) -> None:
+def _check_cluster(r: _Reader, cluster: ClusterConfig) -> None:
     """With a ``cluster`` section: a lease of several syncs."""
     if cluster.lease_s < 5 * cluster.sync_interval_s:
         r.fail("cluster.lease_s", "must be at least 5 sync intervals", cluster.lease_s)

@@ -150,6 +150,14 @@ SLOTS = 8
 CLIENTS = 8  # per team: more than any team's share of the 8 slots
 
 
+def start_orgs(clients: Clients, r: Replicas) -> None:
+    """The organisations' clients: a1's through replica 0 only, a2's through replica 1 only,
+    b's through both (alternate clients)."""
+    clients.start("a1", CLIENTS, [r.url(0)])
+    clients.start("a2", CLIENTS, [r.url(1)])
+    clients.start("b", CLIENTS, [r.url(0), r.url(1)])
+
+
 async def test_orgs_and_teams_share_3_8_3_8_2_8_with_org_a_split_across_replicas(
     redis_server: RedisServer,
 ) -> None:
@@ -165,9 +173,7 @@ async def test_orgs_and_teams_share_3_8_3_8_2_8_with_org_a_split_across_replicas
             clients = Clients(http)
             try:
                 async with asyncio.timeout(100):  # within pytest's timeout, with a trace
-                    clients.start("a1", CLIENTS, [r.url(0)])
-                    clients.start("a2", CLIENTS, [r.url(1)])
-                    clients.start("b", CLIENTS, [r.url(0), r.url(1)])
+                    start_orgs(clients, r)
                     teams = ["a1", "a2", "b"]
                     all3 = await service_shares(r.service, clients, teams, 3 * SLOTS, 16 * SLOTS)
                     await clients.stop("a2")  # team a2 goes idle
@@ -199,9 +205,7 @@ async def test_the_tree_shares_come_back_after_redis_restarts_empty(
             clients = Clients(http)
             try:
                 async with asyncio.timeout(100):  # within pytest's timeout, with a trace
-                    clients.start("a1", CLIENTS, [r.url(0)])
-                    clients.start("a2", CLIENTS, [r.url(1)])
-                    clients.start("b", CLIENTS, [r.url(0), r.url(1)])
+                    start_orgs(clients, r)
                     await clients.until(3 * SLOTS)
                     redis_server.stop()
                     await wait_for(shared(False), limit_s=30)
